@@ -1,0 +1,167 @@
+package shards
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/ipfs/go-cid"
+	mh "github.com/multiformats/go-multihash"
+)
+
+// Store is a content-addressed store of blocks and manifests. Every read is
+// verified against the CID it was asked for. Implementations are safe for
+// concurrent use.
+type Store interface {
+	// Put stores data under the CID of the given codec (CodecBlock or
+	// CodecManifest) and returns that CID.
+	Put(codec uint64, data []byte) (cid.Cid, error)
+	// Add streams content expected to hash to c into the store. Nothing is
+	// stored unless the bytes match c: a mismatch returns ErrCorrupt.
+	Add(c cid.Cid, r io.Reader) error
+	// Get returns the verified bytes of c, ErrNotFound, or ErrCorrupt.
+	Get(c cid.Cid) ([]byte, error)
+	// Has reports whether c is stored (without verifying it).
+	Has(c cid.Cid) (bool, error)
+	// Remove deletes c; removing an absent CID is not an error.
+	Remove(c cid.Cid) error
+	// List returns every stored CID.
+	List() ([]cid.Cid, error)
+}
+
+// Errors of a Store. They are wrapped with the CID concerned.
+var (
+	ErrNotFound = errors.New("not in store")
+	ErrCorrupt  = errors.New("content does not match its CID")
+)
+
+// FileStore is a Store in a folder: one file per CID, named by the CID's
+// string form. Writes go to a temporary file that is renamed into place only
+// once complete and verified, so a crash never leaves a partial block under a
+// real name.
+type FileStore struct {
+	dir string
+}
+
+var _ Store = (*FileStore)(nil)
+
+// OpenFileStore opens (creating if needed) a store in dir.
+func OpenFileStore(dir string) (*FileStore, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("block store: %w", err)
+	}
+	return &FileStore{dir: dir}, nil
+}
+
+// Dir is the store's folder.
+func (s *FileStore) Dir() string { return s.dir }
+
+// Path is where c is (or would be) stored. Callers that load from a path
+// must still verify, or use Get.
+func (s *FileStore) Path(c cid.Cid) string { return filepath.Join(s.dir, c.String()) }
+
+// Put implements Store.
+func (s *FileStore) Put(codec uint64, data []byte) (cid.Cid, error) {
+	c := sum(codec, data)
+	if ok, _ := s.Has(c); ok {
+		return c, nil
+	}
+	return c, s.write(c, func(w io.Writer) error { _, err := w.Write(data); return err })
+}
+
+// Add implements Store.
+func (s *FileStore) Add(c cid.Cid, r io.Reader) error {
+	if err := checkCID(c); err != nil {
+		return err
+	}
+	return s.write(c, func(w io.Writer) error {
+		h := sha256.New()
+		if _, err := io.Copy(io.MultiWriter(w, h), r); err != nil {
+			return err
+		}
+		got, _ := mh.Encode(h.Sum(nil), mh.SHA2_256)
+		if !cid.NewCidV1(c.Prefix().Codec, got).Equals(c) {
+			return fmt.Errorf("%s: %w", c, ErrCorrupt)
+		}
+		return nil
+	})
+}
+
+func (s *FileStore) write(c cid.Cid, fill func(io.Writer) error) error {
+	f, err := os.CreateTemp(s.dir, ".tmp-*")
+	if err != nil {
+		return fmt.Errorf("block store: %w", err)
+	}
+	tmp := f.Name()
+	err = fill(f)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, s.Path(c))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("block store: put %s: %w", c, err)
+	}
+	return nil
+}
+
+// Get implements Store.
+func (s *FileStore) Get(c cid.Cid) ([]byte, error) {
+	data, err := os.ReadFile(s.Path(c))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", c, ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("block store: %w", err)
+	}
+	if !verify(c, data) {
+		return nil, fmt.Errorf("%s (%d bytes in %s): %w", c, len(data), s.dir, ErrCorrupt)
+	}
+	return data, nil
+}
+
+// Has implements Store.
+func (s *FileStore) Has(c cid.Cid) (bool, error) {
+	_, err := os.Stat(s.Path(c))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// Remove implements Store.
+func (s *FileStore) Remove(c cid.Cid) error {
+	err := os.Remove(s.Path(c))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+// List implements Store. Files that are not named by a CID are ignored.
+func (s *FileStore) List() ([]cid.Cid, error) {
+	entries, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []cid.Cid
+	for _, e := range entries {
+		if e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		if c, err := cid.Decode(e.Name()); err == nil {
+			out = append(out, c)
+		}
+	}
+	return out, nil
+}
