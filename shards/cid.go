@@ -11,8 +11,8 @@ import (
 // bytes (raw); manifests are JSON, so their CIDs say so and a peer can tell
 // one from the other before fetching.
 const (
-	CodecBlock    = cid.Raw  // 0x55
-	CodecManifest = 0x0200 // multicodec "json"
+	CodecBlock    = cid.Raw // 0x55
+	CodecManifest = 0x0200  // multicodec "json"
 )
 
 // BlockCID is the CID of a block's bytes: CIDv1, raw codec, sha2-256.

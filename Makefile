@@ -1,0 +1,68 @@
+# infermesh — `make demo` and `make test` are all a new machine needs.
+
+GO          ?= go
+BIN         := bin/infermesh
+PKG         := github.com/infermesh/infermesh
+
+# onnxruntime's shared library: the linux/x64 build inside the npm package
+# onnxruntime-node (C API 1.24, which onnxruntime_go v1.27 speaks), fetched
+# once into an ignored folder and checked against its sha256. Set ORT_LIB to
+# use another build (a CUDA one, another platform's).
+ORT_VERSION := 1.24.1
+ORT_SHA256  := 53ef1ac028dd1b05554b8da28d9159eb3876f99868193d2aaa6e67f0243c23d4
+ORT_DIR     := $(CURDIR)/.cache/onnxruntime
+ifeq ($(origin ORT_LIB), undefined)
+ORT_LIB     := $(ORT_DIR)/libonnxruntime.so.1
+ORT_FETCH   := $(ORT_LIB)
+endif
+export ORT_LIB
+
+LDFLAGS     := -X $(PKG)/shards.DefaultLibraryPath=$(ORT_LIB)
+# Race detector on where affordable: everything but the onnxruntime-heavy
+# model tests, which run without it (cgo calls dominate; -race triples them).
+RACE_PKGS   := ./protocol/... ./shards ./cmd/...
+
+.PHONY: all build ort test test-race lint bench demo clean models
+
+all: build
+
+build: ort
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/infermesh
+
+ort: $(ORT_FETCH)
+	@test -f "$(ORT_LIB)" || { echo "ORT_LIB=$(ORT_LIB) does not exist: unset it to let make fetch onnxruntime $(ORT_VERSION), or point it at libonnxruntime.so"; exit 1; }
+
+# Fetched through the npm registry (reachable where release pages may not
+# be), into a temporary folder, and moved into place only once its sha256
+# matches.
+$(ORT_DIR)/libonnxruntime.so.1:
+	@case "$$(uname -s)/$$(uname -m)" in Linux/x86_64) ;; *) \
+	  echo "no bundled onnxruntime for $$(uname -s)/$$(uname -m): install onnxruntime 1.24 and set ORT_LIB=/path/to/libonnxruntime.so"; exit 1;; esac
+	@command -v npm >/dev/null || { echo "npm is needed to fetch onnxruntime (apt-get install npm), or set ORT_LIB=/path/to/libonnxruntime.so"; exit 1; }
+	@echo "fetching onnxruntime $(ORT_VERSION) (npm package onnxruntime-node, ~85 MB) into $(ORT_DIR)"
+	@mkdir -p $(ORT_DIR)
+	@tmp=$$(mktemp -d $(ORT_DIR)/.fetch-XXXXXX) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd $$tmp && npm pack --silent onnxruntime-node@$(ORT_VERSION) >/dev/null) && \
+	  tar -xzf $$tmp/onnxruntime-node-$(ORT_VERSION).tgz -C $$tmp package/bin/napi-v6/linux/x64/libonnxruntime.so.1 && \
+	  echo "$(ORT_SHA256)  $$tmp/package/bin/napi-v6/linux/x64/libonnxruntime.so.1" | sha256sum -c --quiet - && \
+	  mv $$tmp/package/bin/napi-v6/linux/x64/libonnxruntime.so.1 $@
+
+test: ort
+	$(GO) vet ./...
+	$(GO) test -race -count=1 $(RACE_PKGS)
+	$(GO) test -count=1 -timeout 15m ./...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@2025.1.1 ./...
+
+bench: build
+	$(GO) test -run '^$$' -bench . -benchtime 200x -count 1 ./shards/...
+	$(BIN) bench --out BENCHMARKS.md
+
+demo: build
+	$(BIN) demo
+
+clean:
+	rm -rf bin demo

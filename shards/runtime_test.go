@@ -1,0 +1,110 @@
+package shards_test
+
+import (
+	"slices"
+	"testing"
+
+	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
+)
+
+func TestSpanRunAndSession(t *testing.T) {
+	rt := openRuntime(t)
+	model := tinyModel(t, t.TempDir())
+	span, err := rt.LoadSpan(model, 0, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer span.Close()
+
+	x := protocol.NewTensor([]int64{1, 2}, []float32{3, 4})
+	out, err := span.Run(shards.Tensors{"x": x})
+	if err != nil {
+		t.Fatal(err)
+	}
+	z, _ := protocol.View[float32](out["z"])
+	if !slices.Equal(z, []float32{8, 6}) {
+		t.Fatalf("z = %v, want [8 6]", z)
+	}
+
+	if rows, _ := protocol.View[int64](out["rows"]); !slices.Equal(rows, []int64{1, 2}) {
+		t.Fatalf("a single pass starts from empty state: rows = %v, want [1 2]", rows)
+	}
+
+	// A session carries s_out into s_in: step i sees i+1 rows of state.
+	sess := span.NewSession()
+	defer sess.Close()
+	for i := range 3 {
+		out, err := sess.Step(shards.Tensors{"x": x})
+		if err != nil {
+			t.Fatalf("step %d: %v", i, err)
+		}
+		if rows, _ := protocol.View[int64](out["rows"]); !slices.Equal(rows, []int64{int64(i + 1), 2}) {
+			t.Fatalf("step %d: rows = %v", i, rows)
+		}
+	}
+	if sess.Steps() != 3 {
+		t.Fatalf("Steps() = %d", sess.Steps())
+	}
+}
+
+func TestSpanSplitEqualsWhole(t *testing.T) {
+	rt := openRuntime(t)
+	model := tinyModel(t, t.TempDir())
+	first, err := rt.LoadSpan(model, 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	second, err := rt.LoadSpan(model, 1, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	if got := names(first.Outputs()); !slices.Equal(got, []string{"y"}) {
+		t.Fatalf("first span outputs %v, want [y]", got)
+	}
+	x := protocol.NewTensor([]int64{2, 2}, []float32{1, 2, 3, 4})
+	mid, err := first.Run(shards.Tensors{"x": x})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := second.Run(mid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	z, _ := protocol.View[float32](out["z"])
+	if !slices.Equal(z, []float32{4, 2, 8, 6}) {
+		t.Fatalf("z = %v", z)
+	}
+}
+
+func TestSpanRejectsBadInputs(t *testing.T) {
+	rt := openRuntime(t)
+	span, err := rt.LoadSpan(tinyModel(t, t.TempDir()), 0, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer span.Close()
+	for name, in := range map[string]shards.Tensors{
+		"missing":     {},
+		"wrong dtype": {"x": protocol.NewTensor([]int64{1, 2}, []int64{1, 2})},
+		"wrong rank":  {"x": protocol.NewTensor([]int64{2}, []float32{1, 2})},
+		"wrong dim":   {"x": protocol.NewTensor([]int64{1, 3}, []float32{1, 2, 3})},
+		"short data":  {"x": {DType: protocol.Float32, Shape: []int64{1, 2}, Data: make([]byte, 7)}},
+	} {
+		if _, err := span.Run(in); err == nil {
+			t.Errorf("%s: no error", name)
+		} else {
+			t.Logf("%s: %v", name, err)
+		}
+	}
+}
+
+func names(ts []shards.TensorSpec) []string {
+	var out []string
+	for _, t := range ts {
+		out = append(out, t.Name)
+	}
+	return out
+}

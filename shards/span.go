@@ -1,0 +1,373 @@
+package shards
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	ort "github.com/yalue/onnxruntime_go"
+
+	"github.com/infermesh/infermesh/protocol"
+)
+
+// Tensors maps tensor names to tensors: the inputs and outputs of a pass.
+type Tensors = map[string]*protocol.Tensor
+
+// Runner runs a span of blocks: single passes, and sessions that keep
+// per-session state (KV caches) between steps. Implementations are safe for
+// concurrent use; each Session is used by one caller at a time.
+type Runner interface {
+	// Run does one stateless pass: state inputs start empty and state
+	// outputs are dropped. It returns the span's outputs.
+	Run(inputs Tensors) (Tensors, error)
+	// NewSession starts a session whose state lives until Close.
+	NewSession() Session
+}
+
+// Session is one generation (or stream) through a span: each Step feeds the
+// previous step's state outputs back as state inputs.
+type Session interface {
+	Step(inputs Tensors) (Tensors, error)
+	// Steps is the number of steps run so far.
+	Steps() int
+	Close() error
+}
+
+// Span is blocks [Start, End) of a model loaded into onnxruntime sessions.
+type Span struct {
+	manifest   *Manifest
+	start, end int
+	blocks     []*loadedBlock
+	inputs     []TensorSpec // what a caller sends in (state excluded)
+	outputs    []TensorSpec // what the span hands on
+	state      []stateSlot  // every state pair of the span, in block order
+	specByName map[string]TensorSpec
+}
+
+var _ Runner = (*Span)(nil)
+
+type loadedBlock struct {
+	spec    BlockSpec
+	session *ort.DynamicAdvancedSession
+	// fp16 outputs must be pre-allocated: onnxruntime_go copies
+	// onnxruntime-allocated float16 outputs short.
+	halfOutputs []int
+}
+
+type stateSlot struct {
+	pair StatePair
+	spec TensorSpec // of the state input
+}
+
+// LoadSpan loads blocks [start, end) of a model directory, verifying each
+// block against its CID.
+func (rt *Runtime) LoadSpan(m *Model, start, end int) (*Span, error) {
+	if start < 0 || end > len(m.Manifest.Blocks) || start >= end {
+		return nil, fmt.Errorf("span [%d,%d) out of range: model %s has %d blocks", start, end, m.ID, len(m.Manifest.Blocks))
+	}
+	data := make([][]byte, 0, end-start)
+	for i := start; i < end; i++ {
+		b, err := m.Block(i)
+		if err != nil {
+			return nil, err
+		}
+		data = append(data, b)
+	}
+	return rt.LoadBlocks(m.Manifest, start, end, data)
+}
+
+// LoadWhole loads the unsplit model DIR/full.onnx as a one-block span with
+// the same inputs and outputs as the blocked model (see Manifest.Whole).
+func (rt *Runtime) LoadWhole(m *Model) (*Span, error) {
+	data, err := os.ReadFile(filepath.Join(m.Dir, WholeFile))
+	if err != nil {
+		return nil, err
+	}
+	return rt.LoadBlocks(m.Manifest.Whole(BlockCID(data), int64(len(data))), 0, 1, [][]byte{data})
+}
+
+// LoadONNX loads a standalone ONNX model as a one-block span whose inputs
+// and outputs are its graph's.
+func (rt *Runtime) LoadONNX(data []byte) (*Span, error) {
+	in, out, err := DescribeONNX(data)
+	if err != nil {
+		return nil, err
+	}
+	m := &Manifest{Format: ManifestFormat, Name: "onnx", Inputs: in, Outputs: out,
+		Blocks: []BlockSpec{{CID: BlockCID(data).String(), Size: int64(len(data)), Inputs: in, Outputs: out}}}
+	return rt.LoadBlocks(m, 0, 1, [][]byte{data})
+}
+
+// LoadBlocks loads blocks [start, end) of manifest m from their bytes
+// (data[i] is block start+i). Each block is checked against its CID and its
+// ONNX graph against the manifest's declared inputs and outputs.
+func (rt *Runtime) LoadBlocks(m *Manifest, start, end int, data [][]byte) (_ *Span, err error) {
+	if start < 0 || end > len(m.Blocks) || start >= end || len(data) != end-start {
+		return nil, fmt.Errorf("span [%d,%d) of %d blocks with %d block files", start, end, len(m.Blocks), len(data))
+	}
+	s := &Span{manifest: m, start: start, end: end, inputs: m.SpanInputs(start), outputs: m.SpanOutputs(end), specByName: map[string]TensorSpec{}}
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+	opts, err := rt.sessionOptions()
+	if err != nil {
+		return nil, err
+	}
+	defer opts.Destroy()
+	for i := start; i < end; i++ {
+		b, err := loadBlock(m.Blocks[i], data[i-start], opts)
+		if err != nil {
+			return nil, fmt.Errorf("block %d (%s): %w", i, m.Blocks[i].CID, err)
+		}
+		s.blocks = append(s.blocks, b)
+		for _, t := range b.spec.Inputs {
+			s.specByName[t.Name] = t
+		}
+		for _, p := range b.spec.State {
+			s.state = append(s.state, stateSlot{pair: p, spec: s.specByName[p.Input]})
+		}
+	}
+	return s, nil
+}
+
+func loadBlock(spec BlockSpec, data []byte, opts *ort.SessionOptions) (*loadedBlock, error) {
+	c, err := ParseCID(spec.CID)
+	if err != nil {
+		return nil, err
+	}
+	if !verify(c, data) {
+		return nil, fmt.Errorf("%w (%d bytes)", ErrCorrupt, len(data))
+	}
+	in, out, err := DescribeONNX(data)
+	if err != nil {
+		return nil, err
+	}
+	if err := sameNames("input", spec.Inputs, in); err != nil {
+		return nil, err
+	}
+	if err := sameNames("output", spec.Outputs, out); err != nil {
+		return nil, err
+	}
+	b := &loadedBlock{spec: spec}
+	for i, t := range spec.Outputs {
+		if t.DType == protocol.Float16 || t.DType == protocol.BFloat16 {
+			b.halfOutputs = append(b.halfOutputs, i)
+		}
+	}
+	b.session, err = ort.NewDynamicAdvancedSessionWithONNXData(data, names(spec.Inputs), names(spec.Outputs), opts)
+	if err != nil {
+		return nil, fmt.Errorf("onnxruntime refused the block: %w", err)
+	}
+	return b, nil
+}
+
+// sameNames checks that the manifest declares exactly the graph's tensors.
+func sameNames(kind string, declared, graph []TensorSpec) error {
+	have := map[string]protocol.DType{}
+	for _, t := range graph {
+		have[t.Name] = t.DType
+	}
+	for _, t := range declared {
+		dt, ok := have[t.Name]
+		if !ok {
+			return fmt.Errorf("manifest declares %s %q, which the ONNX graph lacks", kind, t.Name)
+		}
+		if dt != t.DType {
+			return fmt.Errorf("manifest declares %s %q as %v, the ONNX graph as %v", kind, t.Name, t.DType, dt)
+		}
+	}
+	if len(declared) != len(graph) {
+		return fmt.Errorf("manifest declares %d %ss, the ONNX graph has %d", len(declared), kind, len(graph))
+	}
+	return nil
+}
+
+func names(ts []TensorSpec) []string {
+	out := make([]string, len(ts))
+	for i, t := range ts {
+		out[i] = t.Name
+	}
+	return out
+}
+
+// Start and End are the span's block range [Start, End).
+func (s *Span) Start() int { return s.start }
+
+// End is one past the span's last block.
+func (s *Span) End() int { return s.end }
+
+// Inputs are the tensors a caller sends in.
+func (s *Span) Inputs() []TensorSpec { return s.inputs }
+
+// Outputs are the tensors the span returns.
+func (s *Span) Outputs() []TensorSpec { return s.outputs }
+
+// Run implements Runner.
+func (s *Span) Run(inputs Tensors) (Tensors, error) {
+	sess := s.NewSession()
+	defer sess.Close()
+	return sess.Step(inputs)
+}
+
+// NewSession implements Runner.
+func (s *Span) NewSession() Session { return &spanSession{span: s} }
+
+// Close releases the span's onnxruntime sessions. Sessions of the span must
+// not be used afterwards.
+func (s *Span) Close() error {
+	var errs []error
+	for _, b := range s.blocks {
+		if b.session != nil {
+			errs = append(errs, b.session.Destroy())
+		}
+	}
+	s.blocks = nil
+	return errors.Join(errs...)
+}
+
+type spanSession struct {
+	span  *Span
+	mu    sync.Mutex
+	state map[string]ort.Value // state input name -> value to feed next step
+	steps int
+}
+
+func (ss *spanSession) Steps() int {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	return ss.steps
+}
+
+func (ss *spanSession) Close() error {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	destroyAll(ss.state)
+	ss.state = nil
+	return nil
+}
+
+func destroyAll(vals map[string]ort.Value) {
+	for _, v := range vals {
+		v.Destroy()
+	}
+}
+
+// Step implements Session: it runs every block of the span in order. Tensors
+// stay onnxruntime values between blocks; only the span's inputs and outputs
+// cross into protocol.Tensors.
+func (ss *spanSession) Step(inputs Tensors) (Tensors, error) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	s := ss.span
+	if s.blocks == nil {
+		return nil, errors.New("span is closed")
+	}
+	// Check and bind the caller's inputs.
+	dims := map[string]int64{}
+	for _, spec := range s.inputs {
+		t, ok := inputs[spec.Name]
+		if !ok {
+			return nil, fmt.Errorf("missing input %q", spec.Name)
+		}
+		if err := bindDims(spec, t, dims); err != nil {
+			return nil, err
+		}
+	}
+	live := map[string]ort.Value{} // every value this step created
+	defer func() { destroyAll(live) }()
+	for _, spec := range s.inputs {
+		v, err := toValue(inputs[spec.Name])
+		if err != nil {
+			return nil, fmt.Errorf("input %q: %w", spec.Name, err)
+		}
+		live[spec.Name] = v
+	}
+	// State from the last step, or zeros on the first.
+	for _, st := range s.state {
+		if v, ok := ss.state[st.pair.Input]; ok {
+			live[st.pair.Input] = v
+			delete(ss.state, st.pair.Input)
+			continue
+		}
+		v, err := toValue(zeros(st.spec, dims))
+		if err != nil {
+			return nil, fmt.Errorf("initial state %q: %w", st.pair.Input, err)
+		}
+		live[st.pair.Input] = v
+	}
+	for i, b := range s.blocks {
+		if err := b.run(live, dims); err != nil {
+			return nil, fmt.Errorf("block %d: %w", s.start+i, err)
+		}
+	}
+	// Keep state outputs for the next step; hand back the span's outputs.
+	next := map[string]ort.Value{}
+	for _, st := range s.state {
+		next[st.pair.Input] = live[st.pair.Output]
+		delete(live, st.pair.Output)
+	}
+	out := Tensors{}
+	for _, spec := range s.outputs {
+		v, ok := live[spec.Name]
+		if !ok {
+			destroyAll(next)
+			return nil, fmt.Errorf("output %q was not produced", spec.Name)
+		}
+		t, err := fromValue(v)
+		if err != nil {
+			destroyAll(next)
+			return nil, fmt.Errorf("output %q: %w", spec.Name, err)
+		}
+		out[spec.Name] = t
+	}
+	destroyAll(ss.state)
+	ss.state = next
+	ss.steps++
+	return out, nil
+}
+
+// run executes one block: inputs are looked up in live by name and outputs
+// added to it.
+func (b *loadedBlock) run(live map[string]ort.Value, dims map[string]int64) error {
+	in := make([]ort.Value, len(b.spec.Inputs))
+	for i, t := range b.spec.Inputs {
+		v, ok := live[t.Name]
+		if !ok {
+			return fmt.Errorf("input %q is not available", t.Name)
+		}
+		in[i] = v
+	}
+	out := make([]ort.Value, len(b.spec.Outputs))
+	for _, i := range b.halfOutputs {
+		spec := b.spec.Outputs[i]
+		for _, d := range spec.Shape {
+			if _, ok := dims[d.Param]; d.Param != "" && !ok {
+				return fmt.Errorf("float16 output %q has unbound dimension %q: onnxruntime_go cannot return float16 outputs of unknown shape", spec.Name, d.Param)
+			}
+		}
+		v, err := toValue(zeros(spec, dims))
+		if err != nil {
+			return err
+		}
+		out[i] = v
+	}
+	if err := b.session.Run(in, out); err != nil {
+		for _, v := range out {
+			if v != nil {
+				v.Destroy()
+			}
+		}
+		return err
+	}
+	for i, t := range b.spec.Outputs {
+		if old, ok := live[t.Name]; ok {
+			old.Destroy()
+		}
+		live[t.Name] = out[i]
+	}
+	return nil
+}
