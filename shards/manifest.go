@@ -174,6 +174,9 @@ func (m *Manifest) Validate() error {
 		if err != nil {
 			return bad("block %d: %v", i, err)
 		}
+		if b.CID != c.String() {
+			return bad("block %d: CID %q is not in canonical form %s", i, b.CID, c)
+		}
 		if c.Prefix().Codec != CodecBlock {
 			return bad("block %d: CID %s is not a raw block CID", i, c)
 		}
@@ -203,6 +206,9 @@ func (m *Manifest) Validate() error {
 		}
 	}
 	for _, t := range m.Outputs {
+		if err := t.validate(); err != nil {
+			return bad("model output: %v", err)
+		}
 		if !available[t.Name] {
 			return bad("model output %q is produced by no block", t.Name)
 		}
