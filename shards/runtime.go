@@ -43,6 +43,16 @@ type RuntimeConfig struct {
 	// Provider is the execution provider: "" or "cpu", or "cuda". When CUDA
 	// cannot be loaded the runtime falls back to CPU with one warning.
 	Provider string
+	// SessionPerBlock runs each block of a span in its own onnxruntime
+	// session. By default a span's blocks are fused into one graph and run
+	// as one session (see fuse.go), which saves a Run and a thread pool per
+	// block; this switch exists to measure that.
+	SessionPerBlock bool
+	// Spin lets onnxruntime's worker threads spin while waiting for work.
+	// It shaves latency off one busy session, but a node runs many sessions
+	// (spans, models) in one process, and spinning threads then starve each
+	// other: off by default.
+	Spin bool
 	// Logger receives warnings; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -165,6 +175,12 @@ func (rt *Runtime) sessionOptions() (*ort.SessionOptions, error) {
 	if err := opts.SetInterOpNumThreads(1); err != nil {
 		opts.Destroy()
 		return nil, err
+	}
+	if !rt.cfg.Spin {
+		if err := opts.AddSessionConfigEntry("session.intra_op.allow_spinning", "0"); err != nil {
+			opts.Destroy()
+			return nil, err
+		}
 	}
 	if strings.EqualFold(rt.cfg.Provider, "cuda") && rt.useCUDA(opts) {
 		return opts, nil

@@ -113,51 +113,109 @@ func (rt *Runtime) LoadBlocks(m *Manifest, start, end int, data [][]byte) (_ *Sp
 			s.Close()
 		}
 	}()
+	for i := start; i < end; i++ {
+		if err := checkBlock(m.Blocks[i], data[i-start]); err != nil {
+			return nil, fmt.Errorf("block %d (%s): %w", i, m.Blocks[i].CID, err)
+		}
+		for _, t := range m.Blocks[i].Inputs {
+			s.specByName[t.Name] = t
+		}
+		for _, p := range m.Blocks[i].State {
+			s.state = append(s.state, stateSlot{pair: p, spec: s.specByName[p.Input]})
+		}
+	}
 	opts, err := rt.sessionOptions()
 	if err != nil {
 		return nil, err
 	}
 	defer opts.Destroy()
+	if end-start > 1 && !rt.cfg.SessionPerBlock {
+		spec := s.fusedSpec()
+		fused, ok, err := fuse(data, spec.Inputs, spec.Outputs)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			b, err := newLoadedBlock(spec, fused, opts)
+			if err != nil {
+				return nil, fmt.Errorf("blocks %d-%d fused: %w", start, end-1, err)
+			}
+			s.blocks = []*loadedBlock{b}
+			return s, nil
+		}
+		rt.log.Debug("blocks define clashing names; one session per block", "blocks", fmt.Sprintf("%d-%d", start, end-1))
+	}
 	for i := start; i < end; i++ {
-		b, err := loadBlock(m.Blocks[i], data[i-start], opts)
+		b, err := newLoadedBlock(m.Blocks[i], data[i-start], opts)
 		if err != nil {
 			return nil, fmt.Errorf("block %d (%s): %w", i, m.Blocks[i].CID, err)
 		}
 		s.blocks = append(s.blocks, b)
-		for _, t := range b.spec.Inputs {
-			s.specByName[t.Name] = t
-		}
-		for _, p := range b.spec.State {
-			s.state = append(s.state, stateSlot{pair: p, spec: s.specByName[p.Input]})
-		}
 	}
 	return s, nil
 }
 
-func loadBlock(spec BlockSpec, data []byte, opts *ort.SessionOptions) (*loadedBlock, error) {
+// fusedSpec is the interface of the span's blocks merged into one graph:
+// the span inputs some block reads, the span outputs some block produces
+// (an input passed through to later hops is not a graph output), and all
+// state.
+func (s *Span) fusedSpec() BlockSpec {
+	read, produced := map[string]bool{}, map[string]TensorSpec{}
+	for _, b := range s.manifest.Blocks[s.start:s.end] {
+		for _, t := range b.Inputs {
+			read[t.Name] = true
+		}
+		for _, t := range b.Outputs {
+			produced[t.Name] = t
+		}
+	}
+	var spec BlockSpec
+	for _, t := range s.inputs {
+		if read[t.Name] {
+			spec.Inputs = append(spec.Inputs, t)
+		}
+	}
+	for _, t := range s.outputs {
+		if _, ok := produced[t.Name]; ok {
+			spec.Outputs = append(spec.Outputs, produced[t.Name])
+		}
+	}
+	for _, st := range s.state {
+		spec.Inputs = append(spec.Inputs, st.spec)
+		spec.Outputs = append(spec.Outputs, produced[st.pair.Output])
+		spec.State = append(spec.State, st.pair)
+	}
+	return spec
+}
+
+// checkBlock verifies a block's bytes against its CID, and its ONNX graph's
+// inputs and outputs against those the manifest declares.
+func checkBlock(spec BlockSpec, data []byte) error {
 	c, err := ParseCID(spec.CID)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if !verify(c, data) {
-		return nil, fmt.Errorf("%w (%d bytes)", ErrCorrupt, len(data))
+		return fmt.Errorf("%w (%d bytes)", ErrCorrupt, len(data))
 	}
 	in, out, err := DescribeONNX(data)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if err := sameNames("input", spec.Inputs, in); err != nil {
-		return nil, err
+		return err
 	}
-	if err := sameNames("output", spec.Outputs, out); err != nil {
-		return nil, err
-	}
+	return sameNames("output", spec.Outputs, out)
+}
+
+func newLoadedBlock(spec BlockSpec, data []byte, opts *ort.SessionOptions) (*loadedBlock, error) {
 	b := &loadedBlock{spec: spec}
 	for i, t := range spec.Outputs {
 		if t.DType == protocol.Float16 || t.DType == protocol.BFloat16 {
 			b.halfOutputs = append(b.halfOutputs, i)
 		}
 	}
+	var err error
 	b.session, err = ort.NewDynamicAdvancedSessionWithONNXData(data, names(spec.Inputs), names(spec.Outputs), opts)
 	if err != nil {
 		return nil, fmt.Errorf("onnxruntime refused the block: %w", err)

@@ -100,6 +100,9 @@ func (s *FileStore) write(c cid.Cid, fill func(io.Writer) error) error {
 	tmp := f.Name()
 	err = fill(f)
 	if err == nil {
+		err = f.Chmod(0o644) // CreateTemp makes 0600; blocks are not secret
+	}
+	if err == nil {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
