@@ -22,7 +22,7 @@ func fuse(blocks [][]byte, inputs, outputs []TensorSpec) (_ []byte, ok bool, err
 	merged := &onnxpb.GraphProto{Name: proto.String("span")}
 	model := &onnxpb.ModelProto{Graph: merged}
 	opsets := map[string]int64{}
-	defined := map[string]bool{}  // tensors produced inside: initializers, node outputs
+	defined := map[string]bool{} // tensors produced inside: initializers, node outputs
 	declared := map[string]*onnxpb.ValueInfoProto{}
 	nodeNames := map[string]bool{}
 	for i, data := range blocks {
