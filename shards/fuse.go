@@ -18,18 +18,16 @@ import (
 // outputs plus its state). fuse returns ok=false, and the caller keeps one
 // session per block, when two blocks define the same name: blocks cut from
 // one graph never do, but blocks of unrelated origin might.
-func fuse(blocks [][]byte, inputs, outputs []TensorSpec) (_ []byte, ok bool, err error) {
+// The parsed blocks are modified (node names made unique) and must not be
+// used afterwards.
+func fuse(blocks []*onnxpb.ModelProto, inputs, outputs []TensorSpec) (_ []byte, ok bool, err error) {
 	merged := &onnxpb.GraphProto{Name: proto.String("span")}
 	model := &onnxpb.ModelProto{Graph: merged}
 	opsets := map[string]int64{}
 	defined := map[string]bool{} // tensors produced inside: initializers, node outputs
 	declared := map[string]*onnxpb.ValueInfoProto{}
 	nodeNames := map[string]bool{}
-	for i, data := range blocks {
-		m, err := ParseONNX(data)
-		if err != nil {
-			return nil, false, fmt.Errorf("block %d: %w", i, err)
-		}
+	for i, m := range blocks {
 		g := m.GetGraph()
 		model.IrVersion = proto.Int64(max(model.GetIrVersion(), m.GetIrVersion()))
 		for _, o := range m.GetOpsetImport() {

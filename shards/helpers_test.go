@@ -129,3 +129,22 @@ func withIntOutput(tb testing.TB, model []byte, name string, rank int) []byte {
 	}
 	return b
 }
+
+// clashModel is two blocks that both name their weight "k" (y = x + k,
+// z = y * k): legal apart, clashing if merged into one graph.
+func clashModel(tb testing.TB, dir string) *shards.Model {
+	tb.Helper()
+	b0 := (&tinyGraph{}).in("x", "batch", 2).out("y", "batch", 2).
+		constant("k", []int64{2}, 1, -1).node("Add", []string{"x", "k"}, []string{"y"}).bytes(tb)
+	b1 := (&tinyGraph{}).in("y", "batch", 2).out("z", "batch", 2).
+		constant("k", []int64{2}, 3, 5).node("Mul", []string{"y", "k"}, []string{"z"}).bytes(tb)
+	in0, out0, _ := shards.DescribeONNX(b0)
+	in1, out1, _ := shards.DescribeONNX(b1)
+	m := &shards.Manifest{Name: "clash", Inputs: in0, Outputs: out1,
+		Blocks: []shards.BlockSpec{{Inputs: in0, Outputs: out0}, {Inputs: in1, Outputs: out1}}}
+	model, err := shards.WriteModel(dir, m, [][]byte{b0, b1})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return model
+}

@@ -108,3 +108,60 @@ func names(ts []shards.TensorSpec) []string {
 	}
 	return out
 }
+
+// Fused (one session) and per-block (one session each) runs of a span give
+// the same results; blocks with clashing names fall back to per-block.
+func TestFusedEqualsPerBlock(t *testing.T) {
+	fused := openRuntime(t)
+	perBlock, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1, SessionPerBlock: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name         string
+		model        func(testing.TB, string) *shards.Model
+		fusedSession int
+	}{
+		{"distinct names", tinyModel, 1},
+		{"clashing names", clashModel, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := tc.model(t, t.TempDir())
+			a, err := fused.LoadSpan(m, 0, 2)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			b, err := perBlock.LoadSpan(m, 0, 2)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			if a.Sessions() != tc.fusedSession || b.Sessions() != 2 {
+				t.Fatalf("sessions: fused %d (want %d), per-block %d (want 2)", a.Sessions(), tc.fusedSession, b.Sessions())
+			}
+			sa, sb := a.NewSession(), b.NewSession()
+			defer sa.Close()
+			defer sb.Close()
+			x := protocol.NewTensor([]int64{2, 2}, []float32{1, 2, 3, 4})
+			for step := range 3 {
+				oa, err := sa.Step(shards.Tensors{"x": x})
+				if err != nil {
+					t.Fatal(err)
+				}
+				ob, err := sb.Step(shards.Tensors{"x": x})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(oa) != len(ob) {
+					t.Fatalf("outputs %v vs %v", oa, ob)
+				}
+				for name, ta := range oa {
+					if d, err := protocol.MaxAbsDiff(ta, ob[name]); err != nil || d != 0 {
+						t.Fatalf("step %d output %s differs by %v (%v)", step, name, d, err)
+					}
+				}
+			}
+		})
+	}
+}

@@ -10,6 +10,7 @@ import (
 	ort "github.com/yalue/onnxruntime_go"
 
 	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards/onnxpb"
 )
 
 // Tensors maps tensor names to tensors: the inputs and outputs of a pass.
@@ -113,10 +114,13 @@ func (rt *Runtime) LoadBlocks(m *Manifest, start, end int, data [][]byte) (_ *Sp
 			s.Close()
 		}
 	}()
+	parsed := make([]*onnxpb.ModelProto, 0, end-start)
 	for i := start; i < end; i++ {
-		if err := checkBlock(m.Blocks[i], data[i-start]); err != nil {
+		p, err := checkBlock(m.Blocks[i], data[i-start])
+		if err != nil {
 			return nil, fmt.Errorf("block %d (%s): %w", i, m.Blocks[i].CID, err)
 		}
+		parsed = append(parsed, p)
 		for _, t := range m.Blocks[i].Inputs {
 			s.specByName[t.Name] = t
 		}
@@ -131,7 +135,7 @@ func (rt *Runtime) LoadBlocks(m *Manifest, start, end int, data [][]byte) (_ *Sp
 	defer opts.Destroy()
 	if end-start > 1 && !rt.cfg.SessionPerBlock {
 		spec := s.fusedSpec()
-		fused, ok, err := fuse(data, spec.Inputs, spec.Outputs)
+		fused, ok, err := fuse(parsed, spec.Inputs, spec.Outputs)
 		if err != nil {
 			return nil, err
 		}
@@ -189,23 +193,31 @@ func (s *Span) fusedSpec() BlockSpec {
 }
 
 // checkBlock verifies a block's bytes against its CID, and its ONNX graph's
-// inputs and outputs against those the manifest declares.
-func checkBlock(spec BlockSpec, data []byte) error {
+// inputs and outputs against those the manifest declares. It returns the
+// parsed model.
+func checkBlock(spec BlockSpec, data []byte) (*onnxpb.ModelProto, error) {
 	c, err := ParseCID(spec.CID)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if !verify(c, data) {
-		return fmt.Errorf("%w (%d bytes)", ErrCorrupt, len(data))
+		return nil, fmt.Errorf("%w (%d bytes)", ErrCorrupt, len(data))
 	}
-	in, out, err := DescribeONNX(data)
+	m, err := ParseONNX(data)
 	if err != nil {
-		return err
+		return nil, err
+	}
+	in, out, err := DescribeGraph(m.GetGraph())
+	if err != nil {
+		return nil, err
 	}
 	if err := sameNames("input", spec.Inputs, in); err != nil {
-		return err
+		return nil, err
 	}
-	return sameNames("output", spec.Outputs, out)
+	if err := sameNames("output", spec.Outputs, out); err != nil {
+		return nil, err
+	}
+	return m, nil
 }
 
 func newLoadedBlock(spec BlockSpec, data []byte, opts *ort.SessionOptions) (*loadedBlock, error) {
@@ -257,6 +269,10 @@ func (s *Span) Start() int { return s.start }
 
 // End is one past the span's last block.
 func (s *Span) End() int { return s.end }
+
+// Sessions is the number of onnxruntime sessions the span runs: 1 when its
+// blocks were fused, else one per block.
+func (s *Span) Sessions() int { return len(s.blocks) }
 
 // Inputs are the tensors a caller sends in.
 func (s *Span) Inputs() []TensorSpec { return s.inputs }
