@@ -1,7 +1,9 @@
 package shards_test
 
 import (
+	"errors"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/infermesh/infermesh/protocol"
@@ -163,5 +165,21 @@ func TestFusedEqualsPerBlock(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A missing library is one error line that says how to fix it.
+func TestFindLibraryExplains(t *testing.T) {
+	_, err := shards.FindLibrary("/nonexistent/libonnxruntime.so")
+	if !errors.Is(err, shards.ErrNoRuntime) {
+		t.Fatalf("err = %v, want ErrNoRuntime", err)
+	}
+	msg := err.Error()
+	if strings.Contains(msg, "\n") || !strings.Contains(msg, "make ort") || !strings.Contains(msg, "ORT_LIB") {
+		t.Fatalf("error does not say how to fix it in one line: %q", msg)
+	}
+	t.Setenv("ORT_LIB", "/also/missing.so")
+	if _, err := shards.FindLibrary(""); err == nil || !strings.Contains(err.Error(), "/also/missing.so") {
+		t.Fatalf("ORT_LIB not honoured: %v", err)
 	}
 }
