@@ -57,9 +57,14 @@ lint:
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
 
+# The figures of BENCHMARKS.md: Go benchmarks, then the interleaved
+# blocks-vs-whole decode comparison on an 8-layer, dim-512 GPT.
+BENCH_MODEL := .cache/bench/gpt-l8-d512
 bench: build
-	$(GO) test -run '^$$' -bench . -benchtime 200x -count 1 ./shards/...
-	$(BIN) bench --out BENCHMARKS.md
+	$(GO) test -run '^$$' -bench . -benchtime 100x -count 1 ./shards/...
+	@test -f $(BENCH_MODEL)/manifest.json || $(BIN) shard build gpt --layers 8 --dim 512 --seed 1 --out $(BENCH_MODEL)
+	$(BIN) shard bench $(BENCH_MODEL) --threads 1
+	$(BIN) shard bench $(BENCH_MODEL)
 
 demo: build
 	$(BIN) demo

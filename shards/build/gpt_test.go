@@ -127,11 +127,30 @@ func TestGPTBlocksEqualWhole(t *testing.T) {
 // through the blocks with their KV caches, and checks every step against
 // recomputing the whole sequence without a cache and against full.onnx
 // decoding with its own cache.
+//
+// It runs twice: with the span's blocks fused into one onnxruntime session
+// (what a node does) and with one session per block, each block keeping its
+// own KV cache (what a chain of peers does).
 func TestGPTDecodeWithCache(t *testing.T) {
-	const steps = 64
-	rt := openRuntime(t)
 	m := buildGPT(t, gpt8)
+	for _, perBlock := range []bool{false, true} {
+		name := map[bool]string{false: "fused", true: "session-per-block"}[perBlock]
+		t.Run(name, func(t *testing.T) {
+			rt, err := shards.OpenRuntime(shards.RuntimeConfig{SessionPerBlock: perBlock})
+			if err != nil {
+				t.Fatal(err)
+			}
+			testDecodeWithCache(t, rt, m, perBlock)
+		})
+	}
+}
+
+func testDecodeWithCache(t *testing.T, rt *shards.Runtime, m *shards.Model, perBlock bool) {
+	const steps = 64
 	blocks := loadSpan(t, rt, m, 0, len(m.Manifest.Blocks))
+	if want := map[bool]int{false: 1, true: len(m.Manifest.Blocks)}[perBlock]; blocks.Sessions() != want {
+		t.Fatalf("span runs %d onnxruntime sessions, want %d", blocks.Sessions(), want)
+	}
 	cached := newSession(t, blocks)
 	whole := newSession(t, loadWhole(t, rt, m))
 
