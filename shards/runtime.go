@@ -61,10 +61,9 @@ type RuntimeConfig struct {
 // use. onnxruntime's environment is process-wide: the first Runtime opened
 // fixes the library path for the life of the process.
 type Runtime struct {
-	cfg      RuntimeConfig
-	log      *slog.Logger
-	cudaOnce sync.Once
-	cudaOK   bool
+	cfg  RuntimeConfig
+	log  *slog.Logger
+	cuda bool // the CUDA provider was asked for and loads
 }
 
 var env struct {
@@ -92,7 +91,21 @@ func OpenRuntime(cfg RuntimeConfig) (*Runtime, error) {
 	if err := initEnvironment(cfg.LibraryPath); err != nil {
 		return nil, err
 	}
-	return &Runtime{cfg: cfg, log: log.With("subsystem", "runtime")}, nil
+	rt := &Runtime{cfg: cfg, log: log.With("subsystem", "runtime")}
+	if strings.EqualFold(cfg.Provider, "cuda") {
+		// Probe once: the npm build of onnxruntime knows CUDA but ships no
+		// provider libraries, and then every block would fail the same way.
+		probe, err := ort.NewSessionOptions()
+		if err == nil {
+			err = appendCUDA(probe)
+			probe.Destroy()
+		}
+		rt.cuda = err == nil
+		if err != nil {
+			rt.log.Warn("CUDA execution provider unavailable; running on CPU", "err", err)
+		}
+	}
+	return rt, nil
 }
 
 func initEnvironment(want string) error {
@@ -104,7 +117,7 @@ func initEnvironment(want string) error {
 	path, err := FindLibrary(want)
 	if err == nil {
 		ort.SetSharedLibraryPath(path)
-		if ierr := ort.InitializeEnvironment(ort.WithLogLevelError()); ierr != nil {
+		if ierr := ort.InitializeEnvironment(ort.WithLogLevelFatal()); ierr != nil {
 			err = fmt.Errorf("%w: cannot load %s (infermesh needs onnxruntime 1.24.x): %v; run `make ort` or set %s to a 1.24 build of libonnxruntime.so",
 				ErrNoRuntime, path, ierr, LibraryEnv)
 		}
@@ -182,35 +195,13 @@ func (rt *Runtime) sessionOptions() (*ort.SessionOptions, error) {
 			return nil, err
 		}
 	}
-	if strings.EqualFold(rt.cfg.Provider, "cuda") && rt.useCUDA(opts) {
-		return opts, nil
+	if rt.cuda {
+		if err := appendCUDA(opts); err != nil {
+			opts.Destroy()
+			return nil, err
+		}
 	}
 	return opts, nil
-}
-
-// useCUDA appends the CUDA provider. The first failure is logged once and
-// the runtime stays on CPU from then on: the npm build of onnxruntime knows
-// CUDA but ships no provider libraries.
-func (rt *Runtime) useCUDA(opts *ort.SessionOptions) bool {
-	rt.cudaOnce.Do(func() {
-		probe, err := ort.NewSessionOptions()
-		if err == nil {
-			err = appendCUDA(probe)
-			probe.Destroy()
-		}
-		rt.cudaOK = err == nil
-		if err != nil {
-			rt.log.Warn("CUDA execution provider unavailable; running on CPU", "err", err)
-		}
-	})
-	if !rt.cudaOK {
-		return false
-	}
-	if err := appendCUDA(opts); err != nil {
-		rt.log.Warn("CUDA execution provider failed; running this block on CPU", "err", err)
-		return false
-	}
-	return true
 }
 
 func appendCUDA(opts *ort.SessionOptions) error {
@@ -222,16 +213,10 @@ func appendCUDA(opts *ort.SessionOptions) error {
 	return opts.AppendExecutionProviderCUDA(cuda)
 }
 
-// Provider reports the execution provider blocks actually run on.
+// Provider reports the execution provider blocks run on: "cuda" or "cpu".
 func (rt *Runtime) Provider() string {
-	if strings.EqualFold(rt.cfg.Provider, "cuda") {
-		opts, err := rt.sessionOptions()
-		if err == nil {
-			opts.Destroy()
-		}
-		if rt.cudaOK {
-			return "cuda"
-		}
+	if rt.cuda {
+		return "cuda"
 	}
 	return "cpu"
 }

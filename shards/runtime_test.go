@@ -2,12 +2,14 @@ package shards_test
 
 import (
 	"errors"
+	"log/slog"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
+	"github.com/infermesh/infermesh/shards/onnxpb"
 )
 
 func TestSpanRunAndSession(t *testing.T) {
@@ -181,5 +183,64 @@ func TestFindLibraryExplains(t *testing.T) {
 	t.Setenv("ORT_LIB", "/also/missing.so")
 	if _, err := shards.FindLibrary(""); err == nil || !strings.Contains(err.Error(), "/also/missing.so") {
 		t.Fatalf("ORT_LIB not honoured: %v", err)
+	}
+}
+
+// onnxruntime_go copies onnxruntime-allocated float16 outputs short; the
+// runtime pre-allocates them from the bound symbolic dimensions.
+func TestFloat16Output(t *testing.T) {
+	rt := openRuntime(t)
+	g := (&tinyGraph{}).in("x", "batch", 3).
+		node("Cast", []string{"x"}, []string{"h"}, intAttr("to", int64(protocol.Float16)))
+	g.g.Output = append(g.g.Output, vinfo("h", onnxpb.TensorProto_FLOAT16, "batch", 3))
+	data := g.bytes(t)
+	span, err := rt.LoadONNX(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer span.Close()
+	x := protocol.NewTensor([]int64{2, 3}, []float32{1, -2, 0.5, 3, 65504, 0})
+	out, err := span.Run(shards.Tensors{"x": x})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := out["h"]
+	if h.DType != protocol.Float16 || !slices.Equal(h.Shape, []int64{2, 3}) {
+		t.Fatalf("h = %v", h)
+	}
+	got, _ := h.Float64s()
+	if !slices.Equal(got, []float64{1, -2, 0.5, 3, 65504, 0}) {
+		t.Fatalf("h = %v", got)
+	}
+}
+
+// Asking for CUDA from a library without its provider (the npm build) runs
+// on CPU after one warning.
+func TestCUDAFallsBackToCPU(t *testing.T) {
+	var logs strings.Builder
+	rt, err := shards.OpenRuntime(shards.RuntimeConfig{Provider: "cuda", IntraOpThreads: 1,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := tinyModel(t, t.TempDir())
+	for range 3 {
+		span, err := rt.LoadSpan(m, 0, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := span.Run(shards.Tensors{"x": protocol.NewTensor([]int64{1, 2}, []float32{1, 2})}); err != nil {
+			t.Fatal(err)
+		}
+		span.Close()
+	}
+	if rt.Provider() == "cuda" {
+		t.Skip("this onnxruntime has a working CUDA provider; nothing to fall back from")
+	}
+	if n := strings.Count(logs.String(), "CUDA execution provider unavailable"); n != 1 {
+		t.Fatalf("%d warnings, want exactly 1:\n%s", n, logs.String())
+	}
+	if _, err := shards.OpenRuntime(shards.RuntimeConfig{Provider: "tpu"}); err == nil {
+		t.Fatal("unknown provider accepted")
 	}
 }
