@@ -244,3 +244,24 @@ func TestCUDAFallsBackToCPU(t *testing.T) {
 		t.Fatal("unknown provider accepted")
 	}
 }
+
+// Scalar outputs are pre-allocated too: onnxruntime_go cannot wrap a rank-0
+// output that onnxruntime allocated.
+func TestScalarOutput(t *testing.T) {
+	rt := openRuntime(t)
+	g := (&tinyGraph{}).in("x", "batch", 3).
+		node("ReduceSum", []string{"x"}, []string{"s"}, intAttr("keepdims", 0))
+	g.g.Output = append(g.g.Output, vinfo("s", onnxpb.TensorProto_FLOAT))
+	span, err := rt.LoadONNX(g.bytes(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer span.Close()
+	out, err := span.Run(shards.Tensors{"x": protocol.NewTensor([]int64{2, 3}, []float32{1, 2, 3, 4, 5, 6})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := out["s"].Float64s(); len(out["s"].Shape) != 0 || !slices.Equal(got, []float64{21}) {
+		t.Fatalf("s = %v %v", out["s"], got)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sync"
 
 	ort "github.com/yalue/onnxruntime_go"
@@ -52,9 +53,10 @@ var _ Runner = (*Span)(nil)
 type loadedBlock struct {
 	spec    BlockSpec
 	session *ort.DynamicAdvancedSession
-	// fp16 outputs must be pre-allocated: onnxruntime_go copies
-	// onnxruntime-allocated float16 outputs short.
-	halfOutputs []int
+	// Outputs that must be pre-allocated: onnxruntime_go copies float16
+	// outputs that onnxruntime allocates short, and cannot wrap scalar
+	// (rank-0) ones at all.
+	preallocated []int
 }
 
 type stateSlot struct {
@@ -223,8 +225,8 @@ func checkBlock(spec BlockSpec, data []byte) (*onnxpb.ModelProto, error) {
 func newLoadedBlock(spec BlockSpec, data []byte, opts *ort.SessionOptions) (*loadedBlock, error) {
 	b := &loadedBlock{spec: spec}
 	for i, t := range spec.Outputs {
-		if t.DType == protocol.Float16 || t.DType == protocol.BFloat16 {
-			b.halfOutputs = append(b.halfOutputs, i)
+		if t.DType == protocol.Float16 || t.DType == protocol.BFloat16 || len(t.Shape) == 0 {
+			b.preallocated = append(b.preallocated, i)
 		}
 	}
 	var err error
@@ -326,8 +328,21 @@ func (ss *spanSession) Close() error {
 
 func destroyAll(vals map[string]ort.Value) {
 	for _, v := range vals {
-		v.Destroy()
+		destroy(v)
 	}
+}
+
+// destroy releases a value. onnxruntime_go can leave a typed nil pointer in
+// an output slot when converting that output failed, so nil is checked
+// through the interface.
+func destroy(v ort.Value) {
+	if v == nil {
+		return
+	}
+	if rv := reflect.ValueOf(v); rv.Kind() == reflect.Pointer && rv.IsNil() {
+		return
+	}
+	v.Destroy()
 }
 
 // Step implements Session: it runs every block of the span in order. Tensors
@@ -416,11 +431,11 @@ func (b *loadedBlock) run(live map[string]ort.Value, dims map[string]int64) erro
 		in[i] = v
 	}
 	out := make([]ort.Value, len(b.spec.Outputs))
-	for _, i := range b.halfOutputs {
+	for _, i := range b.preallocated {
 		spec := b.spec.Outputs[i]
 		for _, d := range spec.Shape {
 			if _, ok := dims[d.Param]; d.Param != "" && !ok {
-				return fmt.Errorf("float16 output %q has unbound dimension %q: onnxruntime_go cannot return float16 outputs of unknown shape", spec.Name, d.Param)
+				return fmt.Errorf("%v output %q has unbound dimension %q: onnxruntime_go cannot return such outputs unless their shape is known", spec.DType, spec.Name, d.Param)
 			}
 		}
 		v, err := toValue(zeros(spec, dims))
@@ -431,15 +446,13 @@ func (b *loadedBlock) run(live map[string]ort.Value, dims map[string]int64) erro
 	}
 	if err := b.session.Run(in, out); err != nil {
 		for _, v := range out {
-			if v != nil {
-				v.Destroy()
-			}
+			destroy(v)
 		}
 		return err
 	}
 	for i, t := range b.spec.Outputs {
 		if old, ok := live[t.Name]; ok {
-			old.Destroy()
+			destroy(old)
 		}
 		live[t.Name] = out[i]
 	}

@@ -93,8 +93,26 @@ func fromValue(v ort.Value) (*protocol.Tensor, error) {
 		return viewTensor(protocol.Bool, x.GetShape(), x.GetData()), nil
 	case *ort.Scalar[float32]:
 		return scalarTensor(protocol.Float32, x.GetData()), nil
+	case *ort.Scalar[float64]:
+		return scalarTensor(protocol.Float64, x.GetData()), nil
 	case *ort.Scalar[int64]:
 		return scalarTensor(protocol.Int64, x.GetData()), nil
+	case *ort.Scalar[int32]:
+		return scalarTensor(protocol.Int32, x.GetData()), nil
+	case *ort.Scalar[int16]:
+		return scalarTensor(protocol.Int16, x.GetData()), nil
+	case *ort.Scalar[int8]:
+		return scalarTensor(protocol.Int8, x.GetData()), nil
+	case *ort.Scalar[uint8]:
+		return scalarTensor(protocol.Uint8, x.GetData()), nil
+	case *ort.Scalar[uint16]:
+		return scalarTensor(protocol.Uint16, x.GetData()), nil
+	case *ort.Scalar[uint32]:
+		return scalarTensor(protocol.Uint32, x.GetData()), nil
+	case *ort.Scalar[uint64]:
+		return scalarTensor(protocol.Uint64, x.GetData()), nil
+	case *ort.Scalar[bool]:
+		return scalarTensor(protocol.Bool, x.GetData()), nil
 	case *ort.CustomDataTensor:
 		return &protocol.Tensor{DType: protocol.DType(x.DataType()), Shape: append([]int64(nil), x.GetShape()...), Data: x.GetData()}, nil
 	}
