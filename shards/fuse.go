@@ -2,7 +2,9 @@ package shards
 
 import (
 	"fmt"
+	"sort"
 
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/infermesh/infermesh/shards/onnxpb"
@@ -14,87 +16,101 @@ import (
 // that is addressed, verified and transferred; fusing is only how a node
 // executes the span it serves.
 //
-// inputs and outputs are the fused graph's interface (the span's inputs and
-// outputs plus its state). fuse returns ok=false, and the caller keeps one
-// session per block, when two blocks define the same name: blocks cut from
-// one graph never do, but blocks of unrelated origin might.
-// The parsed blocks are modified (node names made unique) and must not be
-// used afterwards.
-func fuse(blocks []*onnxpb.ModelProto, inputs, outputs []TensorSpec) (_ []byte, ok bool, err error) {
-	merged := &onnxpb.GraphProto{Name: proto.String("span")}
-	model := &onnxpb.ModelProto{Graph: merged}
+// The merge works on the protobuf wire: a graph's repeated fields
+// concatenate, so the blocks' nodes, weights and value infos are copied as
+// bytes, never decoded. inputs and outputs are the fused graph's interface
+// (the span's inputs and outputs plus its state). fuse returns ok=false, and
+// the caller keeps one session per block, when two blocks define the same
+// tensor or node name (blocks cut from one graph never do, blocks of
+// unrelated origin might) or use local functions or sparse weights.
+func fuse(blocks []*scannedModel, inputs, outputs []TensorSpec) (_ []byte, ok bool, err error) {
+	var ir int64
 	opsets := map[string]int64{}
-	defined := map[string]bool{} // tensors produced inside: initializers, node outputs
-	declared := map[string]*onnxpb.ValueInfoProto{}
+	defined := map[string]bool{} // tensors produced inside: weights, node outputs
 	nodeNames := map[string]bool{}
-	for i, m := range blocks {
-		g := m.GetGraph()
-		model.IrVersion = proto.Int64(max(model.GetIrVersion(), m.GetIrVersion()))
-		for _, o := range m.GetOpsetImport() {
+	declared := map[string]*onnxpb.ValueInfoProto{}
+	var body []byte
+	for _, b := range blocks {
+		if b.hasExtras {
+			return nil, false, nil
+		}
+		ir = max(ir, b.irVersion)
+		for _, raw := range b.opsets {
+			var o onnxpb.OperatorSetIdProto
+			if err := proto.Unmarshal(raw, &o); err != nil {
+				return nil, false, fmt.Errorf("%w: opset import: %v", ErrNotONNX, err)
+			}
 			opsets[o.GetDomain()] = max(opsets[o.GetDomain()], o.GetVersion())
 		}
-		if len(m.GetFunctions()) > 0 || len(g.GetSparseInitializer()) > 0 {
-			return nil, false, nil // rare; not worth merging their name spaces
-		}
-		for _, t := range g.GetInitializer() {
-			if defined[t.GetName()] {
+		for name := range b.initializer {
+			if defined[name] {
 				return nil, false, nil
 			}
-			defined[t.GetName()] = true
+			defined[name] = true
 		}
-		for _, n := range g.GetNode() {
-			for _, out := range n.GetOutput() {
-				if out != "" && defined[out] {
-					return nil, false, nil
-				}
-				defined[out] = true
+		for _, name := range b.nodeOutputs {
+			if name != "" && defined[name] {
+				return nil, false, nil
 			}
-			if name := n.GetName(); name != "" {
-				if nodeNames[name] {
-					n.Name = proto.String(fmt.Sprintf("b%d/%s", i, name))
-				}
-				nodeNames[n.GetName()] = true
-			}
+			defined[name] = true
 		}
-		for _, vi := range append(append(g.GetInput(), g.GetOutput()...), g.GetValueInfo()...) {
+		for _, name := range b.nodeNames {
+			if name != "" && nodeNames[name] {
+				return nil, false, nil
+			}
+			nodeNames[name] = true
+		}
+		for _, vi := range append(append([]*onnxpb.ValueInfoProto(nil), b.inputs...), b.outputs...) {
 			if _, ok := declared[vi.GetName()]; !ok {
 				declared[vi.GetName()] = vi
 			}
 		}
-		merged.Node = append(merged.Node, g.GetNode()...)
-		merged.Initializer = append(merged.Initializer, g.GetInitializer()...)
-		merged.ValueInfo = append(merged.ValueInfo, g.GetValueInfo()...)
+		body = append(body, b.body...)
+	}
+
+	graph := protowire.AppendTag(nil, 2, protowire.BytesType) // GraphProto.name
+	graph = protowire.AppendString(graph, "span")
+	graph = append(graph, body...)
+	appendInfo := func(field protowire.Number, t TensorSpec, wantDefined bool) error {
+		vi, ok := declared[t.Name]
+		if !ok || defined[t.Name] != wantDefined {
+			return fmt.Errorf("fused span: %q is not an %s of its blocks", t.Name, map[bool]string{false: "input", true: "output"}[wantDefined])
+		}
+		b, err := proto.Marshal(vi)
+		if err != nil {
+			return err
+		}
+		graph = protowire.AppendTag(graph, field, protowire.BytesType)
+		graph = protowire.AppendBytes(graph, b)
+		return nil
 	}
 	for _, t := range inputs {
-		vi, ok := declared[t.Name]
-		if !ok || defined[t.Name] {
-			return nil, false, fmt.Errorf("fused span input %q is not an input of its blocks", t.Name)
+		if err := appendInfo(graphInput, t, false); err != nil {
+			return nil, false, err
 		}
-		merged.Input = append(merged.Input, vi)
 	}
 	for _, t := range outputs {
-		vi, ok := declared[t.Name]
-		if !ok || !defined[t.Name] {
-			return nil, false, fmt.Errorf("fused span output %q is produced by none of its blocks", t.Name)
+		if err := appendInfo(graphOutput, t, true); err != nil {
+			return nil, false, err
 		}
-		merged.Output = append(merged.Output, vi)
 	}
-	for domain, v := range opsets {
-		model.OpsetImport = append(model.OpsetImport, &onnxpb.OperatorSetIdProto{Domain: proto.String(domain), Version: proto.Int64(v)})
-	}
-	// Deterministic order: the default domain first, then by name.
-	sortOpsets(model.OpsetImport)
-	out, err := proto.Marshal(model)
-	if err != nil {
-		return nil, false, err
-	}
-	return out, true, nil
-}
 
-func sortOpsets(o []*onnxpb.OperatorSetIdProto) {
-	for i := 1; i < len(o); i++ {
-		for j := i; j > 0 && o[j].GetDomain() < o[j-1].GetDomain(); j-- {
-			o[j], o[j-1] = o[j-1], o[j]
-		}
+	model := protowire.AppendTag(nil, modelIRVersion, protowire.VarintType)
+	model = protowire.AppendVarint(model, uint64(ir))
+	domains := make([]string, 0, len(opsets))
+	for d := range opsets {
+		domains = append(domains, d)
 	}
+	sort.Strings(domains) // deterministic bytes; "" (the default domain) first
+	for _, d := range domains {
+		b, err := proto.Marshal(&onnxpb.OperatorSetIdProto{Domain: proto.String(d), Version: proto.Int64(opsets[d])})
+		if err != nil {
+			return nil, false, err
+		}
+		model = protowire.AppendTag(model, modelOpsetImport, protowire.BytesType)
+		model = protowire.AppendBytes(model, b)
+	}
+	model = protowire.AppendTag(model, modelGraph, protowire.BytesType)
+	model = protowire.AppendBytes(model, graph)
+	return model, true, nil
 }

@@ -29,11 +29,11 @@ func ParseONNX(data []byte) (*onnxpb.ModelProto, error) {
 // DescribeONNX returns the graph inputs (initializers excluded) and outputs
 // of an ONNX model as TensorSpecs.
 func DescribeONNX(data []byte) (inputs, outputs []TensorSpec, err error) {
-	m, err := ParseONNX(data)
+	m, err := scanONNX(data)
 	if err != nil {
 		return nil, nil, err
 	}
-	return DescribeGraph(m.GetGraph())
+	return m.describe()
 }
 
 // DescribeGraph is DescribeONNX on a parsed graph.

@@ -11,7 +11,6 @@ import (
 	ort "github.com/yalue/onnxruntime_go"
 
 	"github.com/infermesh/infermesh/protocol"
-	"github.com/infermesh/infermesh/shards/onnxpb"
 )
 
 // Tensors maps tensor names to tensors: the inputs and outputs of a pass.
@@ -116,7 +115,7 @@ func (rt *Runtime) LoadBlocks(m *Manifest, start, end int, data [][]byte) (_ *Sp
 			s.Close()
 		}
 	}()
-	parsed := make([]*onnxpb.ModelProto, 0, end-start)
+	parsed := make([]*scannedModel, 0, end-start)
 	for i := start; i < end; i++ {
 		p, err := checkBlock(m.Blocks[i], data[i-start])
 		if err != nil {
@@ -197,7 +196,7 @@ func (s *Span) fusedSpec() BlockSpec {
 // checkBlock verifies a block's bytes against its CID, and its ONNX graph's
 // inputs and outputs against those the manifest declares. It returns the
 // parsed model.
-func checkBlock(spec BlockSpec, data []byte) (*onnxpb.ModelProto, error) {
+func checkBlock(spec BlockSpec, data []byte) (*scannedModel, error) {
 	c, err := ParseCID(spec.CID)
 	if err != nil {
 		return nil, err
@@ -205,11 +204,11 @@ func checkBlock(spec BlockSpec, data []byte) (*onnxpb.ModelProto, error) {
 	if !verify(c, data) {
 		return nil, fmt.Errorf("%w (%d bytes)", ErrCorrupt, len(data))
 	}
-	m, err := ParseONNX(data)
+	m, err := scanONNX(data)
 	if err != nil {
 		return nil, err
 	}
-	in, out, err := DescribeGraph(m.GetGraph())
+	in, out, err := m.describe()
 	if err != nil {
 		return nil, err
 	}
