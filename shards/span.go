@@ -148,7 +148,7 @@ func (rt *Runtime) LoadBlocks(m *Manifest, start, end int, data [][]byte) (_ *Sp
 			s.blocks = []*loadedBlock{b}
 			return s, nil
 		}
-		rt.log.Debug("blocks define clashing names; one session per block", "blocks", fmt.Sprintf("%d-%d", start, end-1))
+		rt.log.Debug("blocks cannot be fused (clashing names, functions or sparse weights); one session per block", "blocks", fmt.Sprintf("%d-%d", start, end-1))
 	}
 	for i := start; i < end; i++ {
 		b, err := newLoadedBlock(m.Blocks[i], data[i-start], opts)
