@@ -218,6 +218,11 @@ func checkBlock(spec BlockSpec, data []byte) (*scannedModel, error) {
 	if err := sameNames("output", spec.Outputs, out); err != nil {
 		return nil, err
 	}
+	if len(in) == 0 {
+		// onnxruntime_go cannot run a session without inputs, and a block
+		// that computes constants has no reason to be a block.
+		return nil, errors.New("block has no inputs")
+	}
 	return m, nil
 }
 

@@ -42,7 +42,7 @@ func TestShardJourney(t *testing.T) {
 		}
 	}
 
-	out = mustRun(t, "shard", "run", dir, "--random", "--compare", filepath.Join(dir, "full.onnx"))
+	out = mustRun(t, "shard", "run", dir, "--random", "--batch", "2", "--dim-size", "3", "--compare", filepath.Join(dir, "full.onnx"))
 	var report struct {
 		MaxAbsDiff *float64 `json:"max_abs_diff"`
 		Outputs    map[string]struct {
@@ -57,7 +57,7 @@ func TestShardJourney(t *testing.T) {
 	if report.MaxAbsDiff == nil || *report.MaxAbsDiff > 1e-5 {
 		t.Fatalf("max_abs_diff = %v", report.MaxAbsDiff)
 	}
-	if l := report.Outputs["logits"]; l.DType != "float32" || len(l.Data) != 2*2*256 {
+	if l := report.Outputs["logits"]; l.DType != "float32" || len(l.Data) != 2*3*256 {
 		t.Fatalf("logits: %s %v with %d values", l.DType, l.Shape, len(l.Data))
 	}
 
@@ -79,6 +79,29 @@ func TestShardJourney(t *testing.T) {
 	out = mustRun(t, "demo", "--dir", t.TempDir(), "--layers", "2", "--dim", "64", "--hops", "2", "--tokens", "6", "--prompts", "a|bc|def")
 	if !strings.Contains(out, "every token matches the pipelined blocks") {
 		t.Fatalf("demo: %s", out)
+	}
+}
+
+// shard split on a built model's full.onnx: the blocks it writes chain to
+// the same outputs, by its own check and by shard run --compare.
+func TestShardSplit(t *testing.T) {
+	dir := t.TempDir()
+	mustRun(t, "shard", "build", "mlp", "--layers", "6", "--dim", "32", "--out", filepath.Join(dir, "mlp"))
+	out := mustRun(t, "shard", "split", filepath.Join(dir, "mlp", "full.onnx"), "--blocks", "3", "--out", filepath.Join(dir, "split"))
+	if !strings.Contains(out, "verified: max abs diff") || strings.Count(out, "block ") != 3 {
+		t.Fatalf("split output:\n%s", out)
+	}
+	out = mustRun(t, "shard", "run", filepath.Join(dir, "split"), "--random", "--batch", "2", "--compare", filepath.Join(dir, "mlp", "full.onnx"), "--quiet")
+	if !strings.Contains(out, `"max_abs_diff": 0`) {
+		t.Fatalf("run --compare: %s", out)
+	}
+	code, _, errs := run(t, "shard", "split", filepath.Join(dir, "mlp", "full.onnx"), "--at", "nonexistent", "--out", filepath.Join(dir, "bad"))
+	if code != 1 || !strings.Contains(errs, "nonexistent") {
+		t.Fatalf("--at of an unknown tensor: exit %d, %s", code, errs)
+	}
+	code, _, errs = run(t, "shard", "split", filepath.Join(dir, "mlp", "manifest.json"), "--blocks", "2", "--out", filepath.Join(dir, "bad"))
+	if code != 1 || !strings.Contains(errs, "not an ONNX model") {
+		t.Fatalf("split of a JSON file: exit %d, %s", code, errs)
 	}
 }
 

@@ -159,9 +159,10 @@ func shardRun(_ context.Context, e *env, args []string) error {
 		"Runs every block in sequence and prints the outputs as JSON ({name: {dtype, shape, data}}).\n"+
 			"The input file has the same form. With --compare, also runs the whole model and prints the max abs difference.")
 	input := fs.String("input", "", "JSON file of input tensors ({name: {dtype, shape, data}}); - for stdin")
-	random := fs.Bool("random", false, "use seeded random inputs instead of --input (symbolic dims = --dim-size)")
+	random := fs.Bool("random", false, "use seeded random inputs instead of --input")
 	seed := fs.Uint64("seed", 1, "seed for --random")
-	dimSize := fs.Int64("dim-size", 2, "size of every symbolic dimension with --random")
+	batch := fs.Int64("batch", 1, "with --random: size of symbolic first dimensions (batch)")
+	dimSize := fs.Int64("dim-size", 32, "with --random: size of the other symbolic dimensions")
 	compare := fs.String("compare", "", "an unsplit ONNX model to compare against (e.g. DIR/full.onnx)")
 	quiet := fs.Bool("quiet", false, "print only shapes and the comparison, not the data")
 	var rf runtimeFlags
@@ -177,7 +178,7 @@ func shardRun(_ context.Context, e *env, args []string) error {
 	var inputs shards.Tensors
 	switch {
 	case *random:
-		inputs = randomInputs(m.Manifest, *seed, *dimSize)
+		inputs = randomInputs(m.Manifest, *seed, *batch, *dimSize)
 	case *input != "":
 		if inputs, err = readTensors(*input); err != nil {
 			return err
@@ -271,8 +272,9 @@ func readTensors(path string) (shards.Tensors, error) {
 func readAllStdin() ([]byte, error) { return io.ReadAll(os.Stdin) }
 
 // randomInputs makes seeded inputs for a manifest: floats in [-1, 1), ints in
-// [0, 8) (valid token IDs and positions), masks of ones.
-func randomInputs(m *shards.Manifest, seed uint64, dimSize int64) shards.Tensors {
+// [0, 8) (valid token IDs and positions), masks of ones. Symbolic first
+// dimensions are batch, the others dimSize.
+func randomInputs(m *shards.Manifest, seed uint64, batch, dimSize int64) shards.Tensors {
 	rng := rand.New(rand.NewPCG(seed, 0))
 	dims := map[string]int64{}
 	in := shards.Tensors{}
@@ -284,6 +286,8 @@ func randomInputs(m *shards.Manifest, seed uint64, dimSize int64) shards.Tensors
 				shape[i] = d.Size
 			case dims[d.Param] != 0:
 				shape[i] = dims[d.Param]
+			case i == 0:
+				shape[i], dims[d.Param] = batch, batch
 			default:
 				shape[i], dims[d.Param] = dimSize, dimSize
 			}
