@@ -126,4 +126,3 @@ func parse(fs *flag.FlagSet, args []string, minPos, maxPos int) ([]string, error
 	}
 	return pos, nil
 }
-
