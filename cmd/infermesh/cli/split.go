@@ -75,7 +75,7 @@ func shardSplit(_ context.Context, e *env, args []string) error {
 	for _, kv := range dims {
 		k, v, ok := strings.Cut(kv, "=")
 		if !ok {
-			return fmt.Errorf("--dims %q: want INPUT=D0:D1:...", kv)
+			return fmt.Errorf("--dims %q: want INPUT=D0:D1 (numbers or names, colon-separated)", kv)
 		}
 		for _, d := range strings.Split(v, ":") {
 			if n, err := strconv.ParseInt(d, 10, 64); err == nil {
