@@ -29,7 +29,8 @@ func fuse(blocks []*scannedModel, inputs, outputs []TensorSpec) (_ []byte, ok bo
 	defined := map[string]bool{} // tensors produced inside: weights, node outputs
 	nodeNames := map[string]bool{}
 	declared := map[string]*onnxpb.ValueInfoProto{}
-	var body []byte
+	var body [][]byte
+	size := 0
 	for _, b := range blocks {
 		if b.hasExtras {
 			return nil, false, nil
@@ -66,11 +67,17 @@ func fuse(blocks []*scannedModel, inputs, outputs []TensorSpec) (_ []byte, ok bo
 			}
 		}
 		body = append(body, b.body...)
+		for _, f := range b.body {
+			size += len(f)
+		}
 	}
 
-	graph := protowire.AppendTag(nil, 2, protowire.BytesType) // GraphProto.name
+	graph := make([]byte, 0, size+4096)
+	graph = protowire.AppendTag(graph, 2, protowire.BytesType) // GraphProto.name
 	graph = protowire.AppendString(graph, "span")
-	graph = append(graph, body...)
+	for _, f := range body {
+		graph = append(graph, f...)
+	}
 	appendInfo := func(field protowire.Number, t TensorSpec, wantDefined bool) error {
 		vi, ok := declared[t.Name]
 		if !ok || defined[t.Name] != wantDefined {
@@ -95,7 +102,8 @@ func fuse(blocks []*scannedModel, inputs, outputs []TensorSpec) (_ []byte, ok bo
 		}
 	}
 
-	model := protowire.AppendTag(nil, modelIRVersion, protowire.VarintType)
+	model := make([]byte, 0, len(graph)+256)
+	model = protowire.AppendTag(model, modelIRVersion, protowire.VarintType)
 	model = protowire.AppendVarint(model, uint64(ir))
 	domains := make([]string, 0, len(opsets))
 	for d := range opsets {

@@ -39,7 +39,7 @@ type scannedModel struct {
 	irVersion   int64
 	opsets      [][]byte // raw OperatorSetIdProto messages
 	hasExtras   bool     // local functions or sparse initializers
-	body        []byte   // graph fields node, initializer, value_info, as on the wire
+	body        [][]byte // graph fields node, initializer, value_info, as on the wire (slices of the model's bytes, not copies)
 	inputs      []*onnxpb.ValueInfoProto
 	outputs     []*onnxpb.ValueInfoProto
 	initializer map[string]bool
@@ -79,7 +79,7 @@ func scanONNX(data []byte) (*scannedModel, error) {
 		}
 		switch num {
 		case graphNode:
-			s.body = append(s.body, raw...)
+			s.body = append(s.body, raw)
 			return walk(v, func(n protowire.Number, t protowire.Type, v []byte, _ []byte) error {
 				if t == protowire.BytesType && n == nodeOutput {
 					s.nodeOutputs = append(s.nodeOutputs, string(v))
@@ -89,7 +89,7 @@ func scanONNX(data []byte) (*scannedModel, error) {
 				return nil
 			})
 		case graphInitializer:
-			s.body = append(s.body, raw...)
+			s.body = append(s.body, raw)
 			return walk(v, func(n protowire.Number, t protowire.Type, v []byte, _ []byte) error {
 				if t == protowire.BytesType && n == tensorName {
 					s.initializer[string(v)] = true
@@ -97,7 +97,7 @@ func scanONNX(data []byte) (*scannedModel, error) {
 				return nil
 			})
 		case graphValueInfo:
-			s.body = append(s.body, raw...)
+			s.body = append(s.body, raw)
 		case graphSparseInitializer:
 			s.hasExtras = true
 		case graphInput, graphOutput:

@@ -1,6 +1,7 @@
 package shards
 
 import (
+	"bytes"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -40,7 +41,7 @@ func TestScanAgreesWithDecode(t *testing.T) {
 		t.Fatalf("scan: %+v", s)
 	}
 	var back onnxpb.GraphProto
-	if err := proto.Unmarshal(s.body, &back); err != nil || len(back.Node) != 1 || len(back.Initializer) != 1 {
+	if err := proto.Unmarshal(bytes.Join(s.body, nil), &back); err != nil || len(back.Node) != 1 || len(back.Initializer) != 1 {
 		t.Fatalf("body does not decode to the nodes and weights: %v", err)
 	}
 }
