@@ -48,11 +48,13 @@ type RuntimeConfig struct {
 	// as one session (see fuse.go), which saves a Run and a thread pool per
 	// block; this switch exists to measure that.
 	SessionPerBlock bool
-	// Spin lets onnxruntime's worker threads spin while waiting for work.
-	// It shaves latency off one busy session, but a node runs many sessions
-	// (spans, models) in one process, and spinning threads then starve each
-	// other: off by default.
-	Spin bool
+	// NoSpin stops onnxruntime's worker threads from spinning while they
+	// wait for work. Spinning makes one busy session about a third faster
+	// on this kind of machine (see BENCHMARKS.md), but several sessions
+	// running at once in one process then starve each other's threads. The
+	// runtime turns spinning off by itself for spans that run one session
+	// per block; set NoSpin when one process runs several spans at once.
+	NoSpin bool
 	// Logger receives warnings; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -170,9 +172,9 @@ func LibraryPath() string {
 // Version is onnxruntime's version string, once a Runtime is open.
 func Version() string { return ort.GetVersion() }
 
-// sessionOptions builds the options every block session of this runtime
-// uses. The caller destroys them.
-func (rt *Runtime) sessionOptions() (*ort.SessionOptions, error) {
+// sessionOptions builds the options of a session of this runtime; spin says
+// whether its threads may spin. The caller destroys them.
+func (rt *Runtime) sessionOptions(spin bool) (*ort.SessionOptions, error) {
 	opts, err := ort.NewSessionOptions()
 	if err != nil {
 		return nil, err
@@ -189,7 +191,7 @@ func (rt *Runtime) sessionOptions() (*ort.SessionOptions, error) {
 		opts.Destroy()
 		return nil, err
 	}
-	if !rt.cfg.Spin {
+	if !spin || rt.cfg.NoSpin {
 		if err := opts.AddSessionConfigEntry("session.intra_op.allow_spinning", "0"); err != nil {
 			opts.Destroy()
 			return nil, err

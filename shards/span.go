@@ -136,11 +136,6 @@ func (rt *Runtime) loadBlocks(m *Manifest, start, end int, data [][]byte, verifi
 			s.state = append(s.state, stateSlot{pair: p, spec: s.specByName[p.Input]})
 		}
 	}
-	opts, err := rt.sessionOptions()
-	if err != nil {
-		return nil, err
-	}
-	defer opts.Destroy()
 	if end-start > 1 && !rt.cfg.SessionPerBlock {
 		spec := s.fusedSpec()
 		fused, ok, err := fuse(parsed, spec.Inputs, spec.Outputs)
@@ -148,6 +143,11 @@ func (rt *Runtime) loadBlocks(m *Manifest, start, end int, data [][]byte, verifi
 			return nil, err
 		}
 		if ok {
+			opts, err := rt.sessionOptions(true)
+			if err != nil {
+				return nil, err
+			}
+			defer opts.Destroy()
 			b, err := newLoadedBlock(spec, fused, opts)
 			if err != nil {
 				return nil, fmt.Errorf("blocks %d-%d fused: %w", start, end-1, err)
@@ -157,6 +157,13 @@ func (rt *Runtime) loadBlocks(m *Manifest, start, end int, data [][]byte, verifi
 		}
 		rt.log.Debug("blocks cannot be fused (clashing names, functions or sparse weights); one session per block", "blocks", fmt.Sprintf("%d-%d", start, end-1))
 	}
+	// One session per block: their thread pools would spin against each
+	// other, so only a lone block may spin.
+	opts, err := rt.sessionOptions(end-start == 1)
+	if err != nil {
+		return nil, err
+	}
+	defer opts.Destroy()
 	for i := start; i < end; i++ {
 		b, err := newLoadedBlock(m.Blocks[i], data[i-start], opts)
 		if err != nil {

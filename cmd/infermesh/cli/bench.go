@@ -53,7 +53,7 @@ func shardBench(ctx context.Context, e *env, args []string) error {
 	// Three ways to run the same model: the blocks fused into one session
 	// (what a node does with the span it serves), one session per block,
 	// and the unsplit full.onnx.
-	perBlockRT, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: rf.threads, Provider: rf.provider, Spin: rf.spin, SessionPerBlock: true})
+	perBlockRT, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: rf.threads, Provider: rf.provider, NoSpin: rf.noSpin, SessionPerBlock: true})
 	if err != nil {
 		return err
 	}
@@ -91,8 +91,8 @@ func shardBench(ctx context.Context, e *env, args []string) error {
 		perStep[name] = append(perStep[name], d...)
 	}
 	fused, perBlock, whole := median(perStep["fused"]), median(perStep["per-block"]), median(perStep["whole"])
-	e.printf("model %s (%s): %d blocks, %s; %d rounds of %d steps after a %d-token prompt, threads %d, spin %v\n\n",
-		m.ID, m.Manifest.Name, n, humanBytes(m.Manifest.TotalSize()), *rounds, *steps, *prompt, rf.threads, rf.spin)
+	e.printf("model %s (%s): %d blocks, %s; %d rounds of %d steps after a %d-token prompt, threads %d, no-spin %v\n\n",
+		m.ID, m.Manifest.Name, n, humanBytes(m.Manifest.TotalSize()), *rounds, *steps, *prompt, rf.threads, rf.noSpin)
 	e.printf("| measure | value |\n|---|---|\n")
 	e.printf("| decode step, %d blocks fused into one session (median) | %s |\n", n, fused.Round(time.Microsecond))
 	e.printf("| decode step, %d blocks, one session each (median) | %s |\n", n, perBlock.Round(time.Microsecond))

@@ -32,6 +32,9 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 	if _, err := parse(fs, args, 0, 0); err != nil {
 		return err
 	}
+	// Every hop lives in this one process: their thread pools must not spin
+	// against each other on a machine with few cores.
+	rf.noSpin = true
 	rt, err := rf.open()
 	if err != nil {
 		return err

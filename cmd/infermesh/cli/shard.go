@@ -33,17 +33,17 @@ func runShard(ctx context.Context, e *env, args []string) error {
 type runtimeFlags struct {
 	threads  int
 	provider string
-	spin     bool
+	noSpin   bool
 }
 
 func (r *runtimeFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&r.threads, "threads", 0, "onnxruntime intra-op threads per block (0 = one per core)")
 	fs.StringVar(&r.provider, "provider", "cpu", "execution provider: cpu or cuda (falls back to cpu)")
-	fs.BoolVar(&r.spin, "spin", false, "let onnxruntime threads spin while idle (faster alone, worse beside other sessions)")
+	fs.BoolVar(&r.noSpin, "no-spin", false, "stop onnxruntime threads spinning while idle (slower alone, better beside other busy sessions)")
 }
 
 func (r *runtimeFlags) open() (*shards.Runtime, error) {
-	return shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: r.threads, Provider: r.provider, Spin: r.spin})
+	return shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: r.threads, Provider: r.provider, NoSpin: r.noSpin})
 }
 
 func shardBuild(_ context.Context, e *env, args []string) error {
