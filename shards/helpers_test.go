@@ -7,7 +7,9 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
+	"github.com/infermesh/infermesh/shards/internal/onnxtest"
 	"github.com/infermesh/infermesh/shards/onnxpb"
 )
 
@@ -15,27 +17,13 @@ import (
 // package need a few ops, not the model builder.
 type tinyGraph struct{ g onnxpb.GraphProto }
 
-func vinfo(name string, elem onnxpb.TensorProto_DataType, dims ...any) *onnxpb.ValueInfoProto {
-	shape := &onnxpb.TensorShapeProto{}
-	for _, d := range dims {
-		switch d := d.(type) {
-		case int:
-			shape.Dim = append(shape.Dim, &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: int64(d)}})
-		case string:
-			shape.Dim = append(shape.Dim, &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimParam{DimParam: d}})
-		}
-	}
-	return &onnxpb.ValueInfoProto{Name: proto.String(name), Type: &onnxpb.TypeProto{Value: &onnxpb.TypeProto_TensorType{
-		TensorType: &onnxpb.TypeProto_Tensor{ElemType: proto.Int32(int32(elem)), Shape: shape}}}}
-}
-
 func (t *tinyGraph) in(name string, dims ...any) *tinyGraph {
-	t.g.Input = append(t.g.Input, vinfo(name, onnxpb.TensorProto_FLOAT, dims...))
+	t.g.Input = append(t.g.Input, onnxtest.ValueInfo(name, protocol.Float32, dims...))
 	return t
 }
 
 func (t *tinyGraph) out(name string, dims ...any) *tinyGraph {
-	t.g.Output = append(t.g.Output, vinfo(name, onnxpb.TensorProto_FLOAT, dims...))
+	t.g.Output = append(t.g.Output, onnxtest.ValueInfo(name, protocol.Float32, dims...))
 	return t
 }
 
@@ -57,17 +45,7 @@ func (t *tinyGraph) constant(name string, dims []int64, vals ...float32) *tinyGr
 func (t *tinyGraph) bytes(tb testing.TB) []byte {
 	tb.Helper()
 	t.g.Name = proto.String("tiny")
-	m := &onnxpb.ModelProto{IrVersion: proto.Int64(8), Graph: &t.g,
-		OpsetImport: []*onnxpb.OperatorSetIdProto{{Domain: proto.String(""), Version: proto.Int64(17)}}}
-	b, err := proto.Marshal(m)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return b
-}
-
-func intAttr(name string, v int64) *onnxpb.AttributeProto {
-	return &onnxpb.AttributeProto{Name: proto.String(name), Type: onnxpb.AttributeProto_INT.Enum(), I: proto.Int64(v)}
+	return onnxtest.Marshal(tb, onnxtest.Model(&t.g, 17))
 }
 
 // tinyModel writes a two-block model: block 0 adds a bias to x, block 1
@@ -79,7 +57,7 @@ func tinyModel(tb testing.TB, dir string) *shards.Model {
 		constant("bias", []int64{2}, 1, -1).node("Add", []string{"x", "bias"}, []string{"y"}).bytes(tb)
 	b1 := (&tinyGraph{}).in("y", "batch", 2).in("s_in", "past", 2).out("z", "batch", 2).out("s_out", "total", 2).
 		constant("two", []int64{1}, 2).node("Mul", []string{"y", "two"}, []string{"z"}).
-		node("Concat", []string{"s_in", "y"}, []string{"s_out"}, intAttr("axis", 0)).
+		node("Concat", []string{"s_in", "y"}, []string{"s_out"}, onnxtest.IntAttr("axis", 0)).
 		node("Shape", []string{"s_out"}, []string{"rows"}).bytes(tb)
 	b1 = withIntOutput(tb, b1, "rows", 2)
 	specs := func(data []byte) ([]shards.TensorSpec, []shards.TensorSpec) {
@@ -122,7 +100,7 @@ func withIntOutput(tb testing.TB, model []byte, name string, rank int) []byte {
 	for i := range dims {
 		dims[i] = "?"
 	}
-	m.Graph.Output = append(m.Graph.Output, vinfo(name, onnxpb.TensorProto_INT64, dims...))
+	m.Graph.Output = append(m.Graph.Output, onnxtest.ValueInfo(name, protocol.Int64, dims...))
 	b, err := proto.Marshal(&m)
 	if err != nil {
 		tb.Fatal(err)

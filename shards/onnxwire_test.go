@@ -6,6 +6,8 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards/internal/onnxtest"
 	"github.com/infermesh/infermesh/shards/onnxpb"
 )
 
@@ -15,10 +17,10 @@ func TestScanAgreesWithDecode(t *testing.T) {
 		Name: proto.String("g"),
 		Initializer: []*onnxpb.TensorProto{{Name: proto.String("w"), Dims: []int64{1},
 			DataType: proto.Int32(1), RawData: []byte{0, 0, 128, 63}}},
-		Input: []*onnxpb.ValueInfoProto{tensorInfo("x", 1, "batch", 4), tensorInfo("w", 1, 1)},
+		Input: []*onnxpb.ValueInfoProto{onnxtest.ValueInfo("x", protocol.Float32, "batch", 4), onnxtest.ValueInfo("w", protocol.Float32, 1)},
 		Node: []*onnxpb.NodeProto{{OpType: proto.String("Mul"), Name: proto.String("mul"),
 			Input: []string{"x", "w"}, Output: []string{"y"}}},
-		Output: []*onnxpb.ValueInfoProto{tensorInfo("y", 1, "batch", 4)},
+		Output: []*onnxpb.ValueInfoProto{onnxtest.ValueInfo("y", protocol.Float32, "batch", 4)},
 	}
 	data, err := proto.Marshal(&onnxpb.ModelProto{IrVersion: proto.Int64(3), Graph: g,
 		OpsetImport: []*onnxpb.OperatorSetIdProto{{Version: proto.Int64(13)}}})
@@ -46,23 +48,9 @@ func TestScanAgreesWithDecode(t *testing.T) {
 	}
 }
 
-func tensorInfo(name string, elem int32, dims ...any) *onnxpb.ValueInfoProto {
-	shape := &onnxpb.TensorShapeProto{}
-	for _, d := range dims {
-		switch d := d.(type) {
-		case int:
-			shape.Dim = append(shape.Dim, &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: int64(d)}})
-		case string:
-			shape.Dim = append(shape.Dim, &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimParam{DimParam: d}})
-		}
-	}
-	return &onnxpb.ValueInfoProto{Name: proto.String(name), Type: &onnxpb.TypeProto{Value: &onnxpb.TypeProto_TensorType{
-		TensorType: &onnxpb.TypeProto_Tensor{ElemType: proto.Int32(elem), Shape: shape}}}}
-}
-
 func FuzzScanONNX(f *testing.F) {
 	data, _ := proto.Marshal(&onnxpb.ModelProto{IrVersion: proto.Int64(8), Graph: &onnxpb.GraphProto{
-		Input: []*onnxpb.ValueInfoProto{tensorInfo("x", 1, "b", 2)}, Output: []*onnxpb.ValueInfoProto{tensorInfo("x", 1, "b", 2)}}})
+		Input: []*onnxpb.ValueInfoProto{onnxtest.ValueInfo("x", protocol.Float32, "b", 2)}, Output: []*onnxpb.ValueInfoProto{onnxtest.ValueInfo("x", protocol.Float32, "b", 2)}}})
 	f.Add(data)
 	f.Add([]byte("not onnx"))
 	f.Fuzz(func(t *testing.T, b []byte) {

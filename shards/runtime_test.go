@@ -9,7 +9,7 @@ import (
 
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
-	"github.com/infermesh/infermesh/shards/onnxpb"
+	"github.com/infermesh/infermesh/shards/internal/onnxtest"
 )
 
 func TestSpanRunAndSession(t *testing.T) {
@@ -191,8 +191,8 @@ func TestFindLibraryExplains(t *testing.T) {
 func TestFloat16Output(t *testing.T) {
 	rt := openRuntime(t)
 	g := (&tinyGraph{}).in("x", "batch", 3).
-		node("Cast", []string{"x"}, []string{"h"}, intAttr("to", int64(protocol.Float16)))
-	g.g.Output = append(g.g.Output, vinfo("h", onnxpb.TensorProto_FLOAT16, "batch", 3))
+		node("Cast", []string{"x"}, []string{"h"}, onnxtest.IntAttr("to", int64(protocol.Float16)))
+	g.g.Output = append(g.g.Output, onnxtest.ValueInfo("h", protocol.Float16, "batch", 3))
 	data := g.bytes(t)
 	span, err := rt.LoadONNX(data)
 	if err != nil {
@@ -250,8 +250,8 @@ func TestCUDAFallsBackToCPU(t *testing.T) {
 func TestScalarOutput(t *testing.T) {
 	rt := openRuntime(t)
 	g := (&tinyGraph{}).in("x", "batch", 3).
-		node("ReduceSum", []string{"x"}, []string{"s"}, intAttr("keepdims", 0))
-	g.g.Output = append(g.g.Output, vinfo("s", onnxpb.TensorProto_FLOAT))
+		node("ReduceSum", []string{"x"}, []string{"s"}, onnxtest.IntAttr("keepdims", 0))
+	g.g.Output = append(g.g.Output, onnxtest.ValueInfo("s", protocol.Float32))
 	span, err := rt.LoadONNX(g.bytes(t))
 	if err != nil {
 		t.Fatal(err)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
+	"github.com/infermesh/infermesh/shards/internal/onnxtest"
 	"github.com/infermesh/infermesh/shards/onnxpb"
 	"github.com/infermesh/infermesh/shards/split"
 )
@@ -35,27 +36,13 @@ type graphBuilder struct {
 
 func newGraph() *graphBuilder { return &graphBuilder{opset: 17} }
 
-func vinfo(name string, elem protocol.DType, dims ...any) *onnxpb.ValueInfoProto {
-	shape := &onnxpb.TensorShapeProto{Dim: []*onnxpb.TensorShapeProto_Dimension{}}
-	for _, d := range dims {
-		switch d := d.(type) {
-		case int:
-			shape.Dim = append(shape.Dim, &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: int64(d)}})
-		case string:
-			shape.Dim = append(shape.Dim, &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimParam{DimParam: d}})
-		}
-	}
-	return &onnxpb.ValueInfoProto{Name: proto.String(name), Type: &onnxpb.TypeProto{Value: &onnxpb.TypeProto_TensorType{
-		TensorType: &onnxpb.TypeProto_Tensor{ElemType: proto.Int32(int32(elem)), Shape: shape}}}}
-}
-
 // untyped declares a graph output by name only.
 func untyped(name string) *onnxpb.ValueInfoProto {
 	return &onnxpb.ValueInfoProto{Name: proto.String(name)}
 }
 
 func (b *graphBuilder) in(name string, dims ...any) *graphBuilder {
-	b.g.Input = append(b.g.Input, vinfo(name, protocol.Float32, dims...))
+	b.g.Input = append(b.g.Input, onnxtest.ValueInfo(name, protocol.Float32, dims...))
 	return b
 }
 
@@ -95,8 +82,7 @@ func (b *graphBuilder) constant(name string, dims ...int64) *graphBuilder {
 
 func (b *graphBuilder) model() *onnxpb.ModelProto {
 	b.g.Name = proto.String("unit")
-	return &onnxpb.ModelProto{IrVersion: proto.Int64(8), Graph: &b.g,
-		OpsetImport: []*onnxpb.OperatorSetIdProto{{Domain: proto.String(""), Version: proto.Int64(b.opset)}}}
+	return onnxtest.Model(&b.g, b.opset)
 }
 
 func (b *graphBuilder) bytes(t testing.TB) []byte {
@@ -106,14 +92,6 @@ func (b *graphBuilder) bytes(t testing.TB) []byte {
 		t.Fatal(err)
 	}
 	return data
-}
-
-func intAttr(name string, v int64) *onnxpb.AttributeProto {
-	return &onnxpb.AttributeProto{Name: proto.String(name), Type: onnxpb.AttributeProto_INT.Enum(), I: proto.Int64(v)}
-}
-
-func graphAttr(name string, g *onnxpb.GraphProto) *onnxpb.AttributeProto {
-	return &onnxpb.AttributeProto{Name: proto.String(name), Type: onnxpb.AttributeProto_GRAPH.Enum(), G: g}
 }
 
 // shuffle returns the model with its nodes listed in a random order.

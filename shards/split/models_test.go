@@ -156,37 +156,11 @@ func TestSplitSileroVAD(t *testing.T) {
 // and through full.onnx, and returns the largest difference.
 func sessionsAgree(t *testing.T, rt *shards.Runtime, m *shards.Model, frames []*protocol.Tensor) float64 {
 	t.Helper()
-	whole, err := rt.LoadWhole(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer whole.Close()
-	ws := whole.NewSession()
-	defer ws.Close()
-	var hops []shards.Session
-	for i := range m.Manifest.Blocks {
-		sp, err := rt.LoadSpan(m, i, i+1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer sp.Close()
-		s := sp.NewSession()
-		defer s.Close()
-		hops = append(hops, s)
-	}
+	c := openChain(t, rt, m)
 	worst := 0.0
-	for step, f := range frames {
+	for _, f := range frames {
 		in := shards.Tensors{"input": f, "sr": protocol.NewTensor[int64](nil, []int64{16000})}
-		want, err := ws.Step(in)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got := in
-		for i, h := range hops {
-			if got, err = h.Step(got); err != nil {
-				t.Fatalf("step %d block %d: %v", step, i, err)
-			}
-		}
+		want, got := c.step(t, in)
 		d, err := protocol.MaxAbsDiff(want["output"], got["output"])
 		if err != nil {
 			t.Fatal(err)
@@ -269,24 +243,7 @@ func TestSplitBuiltGPT(t *testing.T) {
 // logits.
 func decodeAgrees(t *testing.T, rt *shards.Runtime, m *shards.Model, _ []shards.TensorSpec) float64 {
 	t.Helper()
-	whole, err := rt.LoadWhole(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer whole.Close()
-	ws := whole.NewSession()
-	defer ws.Close()
-	var hops []shards.Session
-	for i := range m.Manifest.Blocks {
-		sp, err := rt.LoadSpan(m, i, i+1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer sp.Close()
-		s := sp.NewSession()
-		defer s.Close()
-		hops = append(hops, s)
-	}
+	c := openChain(t, rt, m)
 	worst, pos := 0.0, int64(0)
 	for _, seq := range []int64{5, 1, 1, 1} {
 		ids, positions := make([]int64, seq), make([]int64, seq)
@@ -303,16 +260,7 @@ func decodeAgrees(t *testing.T, rt *shards.Runtime, m *shards.Model, _ []shards.
 			"position_ids":   protocol.NewTensor([]int64{1, seq}, positions),
 			"attention_mask": protocol.NewTensor([]int64{1, pos}, mask),
 		}
-		want, err := ws.Step(in)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got := in
-		for i, h := range hops {
-			if got, err = h.Step(got); err != nil {
-				t.Fatalf("block %d: %v", i, err)
-			}
-		}
+		want, got := c.step(t, in)
 		d, err := protocol.MaxAbsDiff(want["logits"], got["logits"])
 		if err != nil {
 			t.Fatal(err)
@@ -320,4 +268,47 @@ func decodeAgrees(t *testing.T, rt *shards.Runtime, m *shards.Model, _ []shards.
 		worst = max(worst, d)
 	}
 	return worst
+}
+
+// hopChain is a model run two ways: one session per block, each hop handed
+// only what the previous hop sent on (as peers would), and one session on
+// full.onnx.
+type hopChain struct {
+	whole shards.Session
+	hops  []shards.Session
+}
+
+func openChain(t *testing.T, rt *shards.Runtime, m *shards.Model) *hopChain {
+	t.Helper()
+	open := func(load func() (*shards.Span, error)) shards.Session {
+		sp, err := load()
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := sp.NewSession()
+		t.Cleanup(func() { s.Close(); sp.Close() })
+		return s
+	}
+	c := &hopChain{whole: open(func() (*shards.Span, error) { return rt.LoadWhole(m) })}
+	for i := range m.Manifest.Blocks {
+		c.hops = append(c.hops, open(func() (*shards.Span, error) { return rt.LoadSpan(m, i, i+1) }))
+	}
+	return c
+}
+
+// step runs one step both ways and returns full.onnx's outputs and the last
+// hop's.
+func (c *hopChain) step(t *testing.T, in shards.Tensors) (want, got shards.Tensors) {
+	t.Helper()
+	want, err := c.whole.Step(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = in
+	for i, h := range c.hops {
+		if got, err = h.Step(got); err != nil {
+			t.Fatalf("block %d: %v", i, err)
+		}
+	}
+	return want, got
 }

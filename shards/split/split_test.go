@@ -11,6 +11,7 @@ import (
 
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
+	"github.com/infermesh/infermesh/shards/internal/onnxtest"
 	"github.com/infermesh/infermesh/shards/onnxpb"
 	"github.com/infermesh/infermesh/shards/split"
 )
@@ -80,15 +81,15 @@ func TestBlocksAutomatic(t *testing.T) {
 func ifGraph() *graphBuilder {
 	b := newGraph().in("x", 2, 3).out("y")
 	b.g.Initializer = append(b.g.Initializer, &onnxpb.TensorProto{Name: proto.String("zero"), DataType: proto.Int32(int32(protocol.Float32)), FloatData: []float32{0}})
-	b.node("ReduceMean", []string{"x"}, []string{"m"}, intAttr("keepdims", 1))
+	b.node("ReduceMean", []string{"x"}, []string{"m"}, onnxtest.IntAttr("keepdims", 1))
 	b.node("Greater", []string{"m", "zero"}, []string{"c"})
 	b.node("Mul", []string{"x", "x"}, []string{"h"})
 	branch := func(op, out string) *onnxpb.GraphProto {
 		return &onnxpb.GraphProto{Name: proto.String(out),
 			Node:   []*onnxpb.NodeProto{{OpType: proto.String(op), Input: []string{"h", "x"}, Output: []string{out}}},
-			Output: []*onnxpb.ValueInfoProto{vinfo(out, protocol.Float32, 2, 3)}}
+			Output: []*onnxpb.ValueInfoProto{onnxtest.ValueInfo(out, protocol.Float32, 2, 3)}}
 	}
-	b.node("If", []string{"c"}, []string{"z"}, graphAttr("then_branch", branch("Add", "t")), graphAttr("else_branch", branch("Sub", "e")))
+	b.node("If", []string{"c"}, []string{"z"}, onnxtest.GraphAttr("then_branch", branch("Add", "t")), onnxtest.GraphAttr("else_branch", branch("Sub", "e")))
 	b.node("Relu", []string{"z"}, []string{"y"})
 	return b
 }
@@ -255,8 +256,8 @@ func TestComputedConstantsAreCopied(t *testing.T) {
 	// blocks that read it, never cut, and never makes a block of its own.
 	b := newGraph().in("x", "batch", 4).out("y")
 	b.constant("c", 4, 4)
-	b.node("Cast", []string{"c"}, []string{"c64"}, intAttr("to", int64(protocol.Float64)))
-	b.node("Cast", []string{"c64"}, []string{"c32"}, intAttr("to", int64(protocol.Float32)))
+	b.node("Cast", []string{"c"}, []string{"c64"}, onnxtest.IntAttr("to", int64(protocol.Float64)))
+	b.node("Cast", []string{"c64"}, []string{"c32"}, onnxtest.IntAttr("to", int64(protocol.Float32)))
 	b.node("Transpose", []string{"c32"}, []string{"w2"})
 	b.node("MatMul", []string{"x", "w2"}, []string{"h"})
 	b.node("Tanh", []string{"h"}, []string{"g"})

@@ -46,6 +46,16 @@ func (r *runtimeFlags) open() (*shards.Runtime, error) {
 	return shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: r.threads, Provider: r.provider, NoSpin: r.noSpin})
 }
 
+// loadAll opens the runtime and loads every block of m as one span.
+func (r *runtimeFlags) loadAll(m *shards.Model) (*shards.Runtime, *shards.Span, error) {
+	rt, err := r.open()
+	if err != nil {
+		return nil, nil, err
+	}
+	span, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
+	return rt, span, err
+}
+
 func shardBuild(_ context.Context, e *env, args []string) error {
 	fs := newFlags(e, "infermesh shard build", "mlp|gpt --out DIR [flags]",
 		"Writes a deterministic test model: manifest.json, blocks/ and the same model unsplit as full.onnx.")
@@ -187,11 +197,7 @@ func shardRun(_ context.Context, e *env, args []string) error {
 		fs.Usage()
 		return errUsage
 	}
-	rt, err := rf.open()
-	if err != nil {
-		return err
-	}
-	span, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
+	rt, span, err := rf.loadAll(m)
 	if err != nil {
 		return err
 	}
@@ -342,11 +348,7 @@ func shardGenerate(_ context.Context, e *env, args []string) error {
 	if m.Manifest.Decoder == nil || m.Manifest.Decoder.Tokenizer != "bytes" {
 		return fmt.Errorf("model %s is not a byte-level text model (no decoder with tokenizer \"bytes\")", m.ID)
 	}
-	rt, err := rf.open()
-	if err != nil {
-		return err
-	}
-	span, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
+	_, span, err := rf.loadAll(m)
 	if err != nil {
 		return err
 	}
