@@ -141,7 +141,7 @@ func compareOnRandom(rt *shards.Runtime, m *shards.Model) (float64, error) {
 		return 0, err
 	}
 	defer blocks.Close()
-	in := randomInputs(m.Manifest, 7, 2, 5)
+	in := shards.RandomInputs(m.Manifest, 7, 2, 5)
 	out, err := blocks.Run(in)
 	if err != nil {
 		return 0, err

@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -188,7 +187,7 @@ func shardRun(_ context.Context, e *env, args []string) error {
 	var inputs shards.Tensors
 	switch {
 	case *random:
-		inputs = randomInputs(m.Manifest, *seed, *batch, *dimSize)
+		inputs = shards.RandomInputs(m.Manifest, *seed, *batch, *dimSize)
 	case *input != "":
 		if inputs, err = readTensors(*input); err != nil {
 			return err
@@ -276,52 +275,6 @@ func readTensors(path string) (shards.Tensors, error) {
 }
 
 func readAllStdin() ([]byte, error) { return io.ReadAll(os.Stdin) }
-
-// randomInputs makes seeded inputs for a manifest: floats in [-1, 1), ints in
-// [0, 8) (valid token IDs and positions), masks of ones. Symbolic first
-// dimensions are batch, the others dimSize.
-func randomInputs(m *shards.Manifest, seed uint64, batch, dimSize int64) shards.Tensors {
-	rng := rand.New(rand.NewPCG(seed, 0))
-	dims := map[string]int64{}
-	in := shards.Tensors{}
-	for _, spec := range m.Inputs {
-		shape := make([]int64, len(spec.Shape))
-		for i, d := range spec.Shape {
-			switch {
-			case d.Param == "":
-				shape[i] = d.Size
-			case dims[d.Param] != 0:
-				shape[i] = dims[d.Param]
-			case i == 0:
-				shape[i], dims[d.Param] = batch, batch
-			default:
-				shape[i], dims[d.Param] = dimSize, dimSize
-			}
-		}
-		n := int(protocol.NumElements(shape))
-		switch spec.DType {
-		case protocol.Float32:
-			v := make([]float32, n)
-			for i := range v {
-				v[i] = rng.Float32()*2 - 1
-			}
-			in[spec.Name] = protocol.NewTensor(shape, v)
-		case protocol.Int64:
-			v := make([]int64, n)
-			for i := range v {
-				if strings.Contains(spec.Name, "mask") {
-					v[i] = 1
-				} else {
-					v[i] = rng.Int64N(8)
-				}
-			}
-			in[spec.Name] = protocol.NewTensor(shape, v)
-		default:
-			in[spec.Name] = &protocol.Tensor{DType: spec.DType, Shape: shape, Data: make([]byte, n*spec.DType.Size())}
-		}
-	}
-	return in
-}
 
 func shardGenerate(_ context.Context, e *env, args []string) error {
 	fs := newFlags(e, "infermesh shard generate", "DIR --prompt TEXT [--tokens N]",
