@@ -45,9 +45,10 @@ type Accelerator struct {
 
 // ServedSpan is a contiguous range of a model's blocks that a peer serves.
 type ServedSpan struct {
-	Model string `json:"model"` // model ID (CID of the manifest)
-	Start int    `json:"start"` // first block
-	End   int    `json:"end"`   // one past the last block
+	Model  string `json:"model"`  // model ID (CID of the manifest)
+	Blocks int    `json:"blocks"` // how many blocks the model has, so a reader can see what nobody serves
+	Start  int    `json:"start"`  // first block
+	End    int    `json:"end"`    // one past the last block
 	// BlockMicros is the measured time of one pass through each served
 	// block (End-Start entries), batch 1 (one token for decoders), in
 	// microseconds. Throughput follows: 1e6 / sum over a span.
@@ -122,8 +123,8 @@ func DecodeCapacityRecord(b []byte) (*CapacityRecord, error) {
 		return nil, fmt.Errorf("%w: trailing data", ErrBadRecord)
 	}
 	for _, s := range r.Models {
-		if s.Model == "" || s.Start < 0 || s.End <= s.Start || len(s.BlockMicros) != s.End-s.Start {
-			return nil, fmt.Errorf("%w: span %q [%d,%d) with %d timings", ErrBadRecord, s.Model, s.Start, s.End, len(s.BlockMicros))
+		if s.Model == "" || s.Start < 0 || s.End <= s.Start || s.End > s.Blocks || len(s.BlockMicros) != s.End-s.Start {
+			return nil, fmt.Errorf("%w: span %q [%d,%d) of %d blocks with %d timings", ErrBadRecord, s.Model, s.Start, s.End, s.Blocks, len(s.BlockMicros))
 		}
 	}
 	if r.Expires <= 0 {
