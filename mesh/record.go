@@ -6,10 +6,10 @@ import (
 	"fmt"
 	"time"
 
+	dhtrecord "github.com/libp2p/go-libp2p-record"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/record"
-	dhtrecord "github.com/libp2p/go-libp2p-record"
 
 	"github.com/infermesh/infermesh/protocol"
 )
