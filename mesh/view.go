@@ -1,0 +1,337 @@
+package mesh
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	dht "github.com/libp2p/go-libp2p-kad-dht"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/infermesh/infermesh/protocol"
+)
+
+// View answers, for a model, which peers serve each of its blocks, with
+// their capacity records and estimated RTTs: the input of routing. It caches
+// what it learns from the DHT, refreshes the models it was asked about in
+// the background, and forgets models nobody asked about (at most MaxModels
+// are kept). Records are checked for expiry on every read.
+type View struct {
+	m *Mesh
+
+	mu      sync.Mutex
+	models  map[string]*modelEntry
+	records map[peer.ID]*recordEntry
+}
+
+type modelEntry struct {
+	id        cid.Cid
+	providers map[peer.ID]bool
+	refreshed time.Time // last DHT refresh
+	used      time.Time // last lookup
+	inflight  chan struct{}
+	err       error
+}
+
+type recordEntry struct {
+	rec     *protocol.CapacityRecord
+	fetched time.Time
+}
+
+// ModelView is one model's coverage at a moment.
+type ModelView struct {
+	Model string
+	// Blocks is the model's block count, as its servers advertise it (0
+	// when nobody serves it).
+	Blocks int
+	// Peers serving some span of the model, nearest first.
+	Peers []PeerView
+	// ByBlock lists, for each block, the indexes in Peers of who serves it.
+	ByBlock [][]int
+	// Uncovered lists the blocks nobody serves.
+	Uncovered []int
+	// Updated is when the view last refreshed the model from the DHT.
+	Updated time.Time
+}
+
+// PeerView is a peer serving part of a model.
+type PeerView struct {
+	ID     peer.ID
+	Span   protocol.ServedSpan
+	Record *protocol.CapacityRecord
+	// RTT is the estimated round trip from this node: from network
+	// coordinates, or 0 for this node itself.
+	RTT time.Duration
+}
+
+// Complete reports whether every block has at least one server.
+func (v *ModelView) Complete() bool { return v.Blocks > 0 && len(v.Uncovered) == 0 }
+
+func newView(m *Mesh) *View {
+	return &View{m: m, models: map[string]*modelEntry{}, records: map[peer.ID]*recordEntry{}}
+}
+
+// learn records a capacity record obtained outside a lookup (our own).
+func (v *View) learn(p peer.ID, rec *protocol.CapacityRecord) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.records[p] = &recordEntry{rec: rec, fetched: time.Now()}
+	for _, s := range rec.Models {
+		if e, ok := v.models[s.Model]; ok {
+			e.providers[p] = true
+		}
+	}
+}
+
+// Model returns the coverage of a model. The first lookup of a model waits
+// for the DHT; after that the view answers from memory at once (expired
+// records left out) and refreshes in the background when its copy is older
+// than the refresh interval.
+func (v *View) Model(ctx context.Context, id cid.Cid) (*ModelView, error) {
+	key := id.String()
+	v.mu.Lock()
+	e, ok := v.models[key]
+	if !ok {
+		e = &modelEntry{id: id, providers: map[peer.ID]bool{}}
+		v.models[key] = e
+		v.evictLocked()
+	}
+	e.used = time.Now()
+	if time.Since(e.refreshed) >= v.m.cfg.ViewRefresh {
+		v.startRefreshLocked(e)
+	}
+	if !e.refreshed.IsZero() {
+		mv := v.buildLocked(e)
+		v.mu.Unlock()
+		return mv, nil
+	}
+	wait := e.inflight
+	v.mu.Unlock()
+	select {
+	case <-wait:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if e.refreshed.IsZero() {
+		return nil, fmt.Errorf("model %s: %w", id, e.err)
+	}
+	return v.buildLocked(e), nil
+}
+
+// startRefreshLocked refreshes e in the background unless a refresh is
+// already running.
+func (v *View) startRefreshLocked(e *modelEntry) {
+	if e.inflight != nil || v.m.ctx.Err() != nil {
+		return
+	}
+	done := make(chan struct{})
+	e.inflight = done
+	v.m.wg.Go(func() {
+		err := v.refresh(v.m.ctx, e)
+		v.mu.Lock()
+		e.err = err
+		e.inflight = nil
+		v.mu.Unlock()
+		close(done)
+	})
+}
+
+// Bounds of one refresh: parallel record fetches, and how long to look for
+// providers and fetch records.
+const (
+	refreshConcurrency = 16
+	findTimeout        = 2 * time.Second
+	fetchTimeout       = 3 * time.Second
+)
+
+// refresh finds the model's providers and fetches the records that are
+// older than the refresh interval.
+func (v *View) refresh(ctx context.Context, e *modelEntry) error {
+	// A provider lookup can wait on peers that just vanished; past
+	// findTimeout the view goes on with the providers found so far plus
+	// those it knew, rather than wait for the stragglers.
+	found := map[peer.ID]bool{}
+	fctx, cancel := context.WithTimeout(ctx, findTimeout)
+	for ai := range v.m.dht.FindProvidersAsync(fctx, e.id, 0) {
+		found[ai.ID] = true
+	}
+	cancel()
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("find providers of %s: %w", e.id, err)
+	}
+	ctx, cancel = context.WithTimeout(ctx, fetchTimeout)
+	defer cancel()
+	v.mu.Lock()
+	for p := range e.providers { // peers that pushed or were found before
+		found[p] = true
+	}
+	var stale []peer.ID
+	for p := range found {
+		r, ok := v.records[p]
+		if p == v.m.host.ID() && ok {
+			continue // our own record is always current
+		}
+		if !ok || time.Since(r.fetched) >= v.m.cfg.ViewRefresh {
+			stale = append(stale, p)
+		}
+	}
+	v.mu.Unlock()
+
+	type result struct {
+		p   peer.ID
+		rec *protocol.CapacityRecord
+	}
+	results := make(chan result, len(stale))
+	sem := make(chan struct{}, refreshConcurrency)
+	var wg sync.WaitGroup
+	for _, p := range stale {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			data, err := v.m.dht.GetValue(ctx, CapacityKey(p), dht.Quorum(1))
+			if err != nil {
+				results <- result{p, nil}
+				return
+			}
+			_, rec, err := OpenCapacity(data) // the DHT validated it already
+			if err != nil {
+				rec = nil
+			}
+			results <- result{p, rec}
+		})
+	}
+	wg.Wait()
+	close(results)
+
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	now := time.Now()
+	for r := range results {
+		if r.rec == nil {
+			delete(v.records, r.p)
+			continue
+		}
+		if old, ok := v.records[r.p]; !ok || r.rec.Seq >= old.rec.Seq {
+			v.records[r.p] = &recordEntry{rec: r.rec, fetched: now}
+		} else {
+			old.fetched = now
+		}
+	}
+	e.providers = map[peer.ID]bool{}
+	for p := range found {
+		if r, ok := v.records[p]; ok {
+			if _, serves := r.rec.Span(e.id.String()); serves {
+				e.providers[p] = true
+			}
+		}
+	}
+	e.refreshed = now
+	return nil
+}
+
+// buildLocked assembles the model view from cached records, skipping
+// expired ones.
+func (v *View) buildLocked(e *modelEntry) *ModelView {
+	now := time.Now()
+	self := v.m.host.ID()
+	myCoord := v.m.coords.Self()
+	mv := &ModelView{Model: e.id.String(), Updated: e.refreshed}
+	for p := range e.providers {
+		r, ok := v.records[p]
+		if !ok || r.rec.Check(now) != nil {
+			continue
+		}
+		span, ok := r.rec.Span(mv.Model)
+		if !ok {
+			continue
+		}
+		pv := PeerView{ID: p, Span: span, Record: r.rec}
+		if p != self && r.rec.Coord != nil {
+			pv.RTT = EstimateRTT(myCoord, *r.rec.Coord)
+		}
+		mv.Peers = append(mv.Peers, pv)
+		mv.Blocks = max(mv.Blocks, span.Blocks)
+	}
+	sort.Slice(mv.Peers, func(i, j int) bool {
+		a, b := mv.Peers[i], mv.Peers[j]
+		if a.RTT != b.RTT {
+			return a.RTT < b.RTT
+		}
+		return a.ID < b.ID
+	})
+	mv.ByBlock = make([][]int, mv.Blocks)
+	for i, p := range mv.Peers {
+		for b := p.Span.Start; b < p.Span.End && b < mv.Blocks; b++ {
+			mv.ByBlock[b] = append(mv.ByBlock[b], i)
+		}
+	}
+	for b, who := range mv.ByBlock {
+		if len(who) == 0 {
+			mv.Uncovered = append(mv.Uncovered, b)
+		}
+	}
+	return mv
+}
+
+// evictLocked drops the least recently used models beyond MaxModels, and
+// records no kept model refers to.
+func (v *View) evictLocked() {
+	if len(v.models) <= v.m.cfg.MaxModels {
+		return
+	}
+	keys := make([]string, 0, len(v.models))
+	for k := range v.models {
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b string) int { return v.models[a].used.Compare(v.models[b].used) })
+	for _, k := range keys[:len(keys)-v.m.cfg.MaxModels] {
+		if v.models[k].inflight == nil {
+			delete(v.models, k)
+		}
+	}
+	keep := map[peer.ID]bool{v.m.host.ID(): true}
+	for _, e := range v.models {
+		for p := range e.providers {
+			keep[p] = true
+		}
+	}
+	for p := range v.records {
+		if !keep[p] {
+			delete(v.records, p)
+		}
+	}
+}
+
+// modelIdle is how long the view keeps refreshing a model nobody looked up.
+const modelIdle = 10 * time.Minute
+
+// refreshLoop keeps recently used models fresh, so that lookups are
+// answered from memory.
+func (v *View) refreshLoop() {
+	t := time.NewTicker(v.m.cfg.ViewRefresh)
+	defer t.Stop()
+	for {
+		select {
+		case <-v.m.ctx.Done():
+			return
+		case <-t.C:
+		}
+		v.mu.Lock()
+		for k, e := range v.models {
+			if time.Since(e.used) > modelIdle {
+				delete(v.models, k)
+				continue
+			}
+			if time.Since(e.refreshed) >= v.m.cfg.ViewRefresh {
+				v.startRefreshLocked(e)
+			}
+		}
+		v.mu.Unlock()
+	}
+}
