@@ -17,7 +17,8 @@ ORT_FETCH   := $(ORT_LIB)
 endif
 export ORT_LIB
 
-LDFLAGS     := -X $(PKG)/shards.DefaultLibraryPath=$(ORT_LIB)
+VERSION     := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS     := -X $(PKG)/shards.DefaultLibraryPath=$(ORT_LIB) -X $(PKG)/node.Version=$(VERSION)
 
 .PHONY: all build ort test test-race lint bench demo clean models
 

@@ -171,6 +171,7 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 		return nil, err
 	}
 	m.view = newView(m)
+	m.host.SetStreamHandler(RecordProtocol, m.handleRecord)
 	if err := m.connectBootstrap(ctx); err != nil {
 		return nil, err
 	}
@@ -270,6 +271,8 @@ func (m *Mesh) Publish(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	m.view.learn(m.host.ID(), rec)
+	m.push(ctx, data)
 	if err := m.dht.PutValue(ctx, CapacityKey(m.host.ID()), data); err != nil {
 		// A lone node has nobody to store on; its own copy is kept and
 		// served when peers arrive and ask.
@@ -278,7 +281,6 @@ func (m *Mesh) Publish(ctx context.Context) error {
 		}
 		m.log.Debug("capacity record kept locally until peers arrive", "err", err)
 	}
-	m.view.learn(m.host.ID(), rec)
 	return nil
 }
 

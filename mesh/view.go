@@ -75,14 +75,21 @@ func newView(m *Mesh) *View {
 	return &View{m: m, models: map[string]*modelEntry{}, records: map[peer.ID]*recordEntry{}}
 }
 
-// learn records a capacity record obtained outside a lookup (our own).
+// learn takes a capacity record obtained outside a lookup (our own, or one
+// pushed by its peer) if it is newer than what the view holds, and updates
+// which cached models the peer serves.
 func (v *View) learn(p peer.ID, rec *protocol.CapacityRecord) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	if old, ok := v.records[p]; ok && old.rec.Seq > rec.Seq {
+		return
+	}
 	v.records[p] = &recordEntry{rec: rec, fetched: time.Now()}
-	for _, s := range rec.Models {
-		if e, ok := v.models[s.Model]; ok {
+	for id, e := range v.models {
+		if _, serves := rec.Span(id); serves {
 			e.providers[p] = true
+		} else {
+			delete(e.providers, p)
 		}
 	}
 }
@@ -214,8 +221,7 @@ func (v *View) refresh(ctx context.Context, e *modelEntry) error {
 	now := time.Now()
 	for r := range results {
 		if r.rec == nil {
-			delete(v.records, r.p)
-			continue
+			continue // keep what we had: it still expires on time
 		}
 		if old, ok := v.records[r.p]; !ok || r.rec.Seq >= old.rec.Seq {
 			v.records[r.p] = &recordEntry{rec: r.rec, fetched: now}

@@ -8,15 +8,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/infermesh/infermesh/node"
 	"io"
 	"os"
 	"os/signal"
 	"sort"
 	"syscall"
 )
-
-// Version is set at build time with -ldflags.
-var Version = "dev"
 
 // command is one subcommand: name, one-line summary, and its entry point.
 type command struct {
@@ -37,10 +35,12 @@ var errUsage = errors.New("usage")
 
 func topCommands() []command {
 	return []command{
+		{"node", "run a mesh node (`node init` creates its data directory)", runNode},
+		{"peers", "show who serves each block of a model, as the local node sees it", runPeers},
 		{"shard", "build, split, inspect and run content-addressed model blocks", runShard},
 		{"demo", "build a model and run pipelined generation through its blocks", runDemo},
 		{"version", "print the version", func(_ context.Context, e *env, _ []string) error {
-			e.printf("infermesh %s\n", Version)
+			e.printf("infermesh %s\n", node.Version)
 			return nil
 		}},
 	}

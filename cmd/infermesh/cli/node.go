@@ -1,0 +1,286 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/infermesh/infermesh/node"
+)
+
+func runNode(ctx context.Context, e *env, args []string) error {
+	if len(args) > 0 && args[0] == "init" {
+		return nodeInit(e, args[1:])
+	}
+	return nodeRun(ctx, e, args)
+}
+
+// replaceList is a list flag whose first use replaces the configured list
+// (then appends), so a flag overrides the config file rather than adding
+// to it.
+type replaceList struct {
+	list *[]string
+	set  bool
+}
+
+func (r *replaceList) String() string {
+	if r.list == nil {
+		return ""
+	}
+	return strings.Join(*r.list, ",")
+}
+
+func (r *replaceList) Set(s string) error {
+	if !r.set {
+		*r.list, r.set = nil, true
+	}
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			*r.list = append(*r.list, p)
+		}
+	}
+	return nil
+}
+
+// configFlags binds every Config field to a flag, with the config's
+// current values as defaults.
+func configFlags(fs *flag.FlagSet, c *node.Config) {
+	fs.Var(&replaceList{list: &c.Listen}, "listen", "QUIC listen multiaddrs (repeatable or comma list)")
+	fs.Var(&replaceList{list: &c.Bootstrap}, "bootstrap", "bootstrap peers, multiaddrs ending in /p2p/ID (repeatable)")
+	fs.Var(&replaceList{list: &c.Serve}, "serve", "serve a local blocked model: DIR or DIR:START-END, blocks inclusive (repeatable)")
+	fs.BoolVar(&c.NoMDNS, "no-mdns", c.NoMDNS, "do not look for peers on the LAN with mDNS")
+	fs.BoolVar(&c.NoNAT, "no-nat", c.NoNAT, "no port mapping, AutoNAT service or hole punching")
+	fs.StringVar(&c.DHTMode, "dht-mode", c.DHTMode, "DHT mode: auto, server or client")
+	fs.StringVar(&c.API, "api", c.API, "local HTTP API address (loopback only)")
+	fs.Var(&c.RecordTTL, "record-ttl", "how long a capacity record is valid")
+	fs.Var(&c.ViewRefresh, "view-refresh", "how often the view re-reads models from the DHT")
+	fs.IntVar(&c.Threads, "threads", c.Threads, "onnxruntime intra-op threads per session (0 = one per core)")
+	fs.StringVar(&c.Provider, "provider", c.Provider, "execution provider: cpu or cuda")
+	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
+}
+
+// dataDirArg finds --data in args before the flags are parsed: the config
+// file it names supplies the other flags' defaults.
+func dataDirArg(args []string) string {
+	for i, a := range args {
+		a = strings.TrimLeft(a, "-")
+		if v, ok := strings.CutPrefix(a, "data="); ok {
+			return v
+		}
+		if a == "data" && i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return node.DefaultDataDir()
+}
+
+func nodeInit(e *env, args []string) error {
+	fs := newFlags(e, "infermesh node init", "[--data DIR] [config flags]",
+		"Writes a default config and a new Ed25519 identity into the data directory.")
+	data := fs.String("data", node.DefaultDataDir(), "data directory")
+	cfg := node.DefaultConfig()
+	configFlags(fs, &cfg)
+	if _, err := parse(fs, args, 0, 0); err != nil {
+		return err
+	}
+	id, err := node.Init(*data, cfg)
+	if err != nil {
+		return err
+	}
+	e.printf("initialised node %s in %s\nrun it with: infermesh node --data %s\n", id, *data, *data)
+	return nil
+}
+
+func nodeRun(ctx context.Context, e *env, args []string) error {
+	dataDir := dataDirArg(args)
+	cfg, err := node.LoadConfig(dataDir)
+	if err != nil && !isHelp(args) {
+		return err
+	}
+	fs := newFlags(e, "infermesh node", "[init] [--data DIR] [config flags]",
+		"Runs a node: joins the mesh, serves the spans given with --serve, answers the local API.\n"+
+			"Flags override the data directory's config.json. `infermesh node init` creates one.")
+	fs.String("data", dataDir, "data directory")
+	configFlags(fs, &cfg)
+	if _, err := parse(fs, args, 0, 0); err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: logLevel(cfg.LogLevel)}))
+
+	// The first SIGINT/SIGTERM stops the node gracefully; a second exits at
+	// once.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		select {
+		case <-sigs:
+		case <-ctx.Done():
+			return
+		}
+		log.Info("stopping; signal again to exit at once")
+		cancel()
+		select {
+		case <-sigs:
+			log.Warn("exiting at once")
+			os.Exit(130)
+		case <-time.After(time.Minute):
+		}
+	}()
+
+	n, err := node.New(ctx, cfg, node.Options{DataDir: dataDir, Logger: log})
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	log.Info("leaving the mesh")
+	return n.Close()
+}
+
+func isHelp(args []string) bool {
+	for _, a := range args {
+		if a == "-h" || a == "--help" || a == "-help" {
+			return true
+		}
+	}
+	return false
+}
+
+func logLevel(s string) slog.Level {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return slog.LevelInfo
+	}
+	return l
+}
+
+// apiBase finds a running node's API: --api if given, else the address the
+// node wrote into its data directory.
+func apiBase(api, dataDir string) (string, error) {
+	if api == "" {
+		b, err := os.ReadFile(filepath.Join(dataDir, node.APIFile))
+		if err != nil {
+			return "", fmt.Errorf("no running node found in %s (start one with `infermesh node`, or pass --api ADDR)", dataDir)
+		}
+		api = strings.TrimSpace(string(b))
+	}
+	if !strings.Contains(api, "://") {
+		api = "http://" + api
+	}
+	return strings.TrimSuffix(api, "/"), nil
+}
+
+// getJSON fetches a node API path into v, turning API errors into Go errors.
+func getJSON(ctx context.Context, url string, v any) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("node API: %w", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		var apiErr struct {
+			Error struct{ Code, Message string } `json:"error"`
+		}
+		if json.Unmarshal(body, &apiErr) == nil && apiErr.Error.Message != "" {
+			return fmt.Errorf("node API: %s (%s)", apiErr.Error.Message, apiErr.Error.Code)
+		}
+		return fmt.Errorf("node API: %s", resp.Status)
+	}
+	return json.Unmarshal(body, v)
+}
+
+func runPeers(ctx context.Context, e *env, args []string) error {
+	fs := newFlags(e, "infermesh peers", "[--model CID] [--data DIR | --api ADDR]",
+		"Shows the coverage of a model (or of every model the local node serves): for each block, who\n"+
+			"serves it, their throughput, load and estimated RTT. Blocks nobody serves are flagged.")
+	model := fs.String("model", "", "model ID (default: the models the local node serves)")
+	data := fs.String("data", node.DefaultDataDir(), "data directory of the local node")
+	api := fs.String("api", "", "the local node's API address (default: read from the data directory)")
+	asJSON := fs.Bool("json", false, "print the API's JSON")
+	if _, err := parse(fs, args, 0, 0); err != nil {
+		return err
+	}
+	base, err := apiBase(*api, *data)
+	if err != nil {
+		return err
+	}
+	var covs []node.Coverage
+	var connected []string
+	if *model != "" {
+		var c node.Coverage
+		if err := getJSON(ctx, base+"/v1/peers?model="+*model, &c); err != nil {
+			return err
+		}
+		covs = []node.Coverage{c}
+	} else {
+		var r node.PeersResponse
+		if err := getJSON(ctx, base+"/v1/peers", &r); err != nil {
+			return err
+		}
+		covs, connected = r.Models, r.Connected
+	}
+	if *asJSON {
+		enc := json.NewEncoder(e.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(covs)
+	}
+	for _, c := range covs {
+		printCoverage(e, c)
+	}
+	if *model == "" {
+		if len(covs) == 0 {
+			e.printf("this node serves no model; pass --model CID to see one's coverage\n")
+		}
+		e.printf("connected to %d peers\n", len(connected))
+	}
+	return nil
+}
+
+func printCoverage(e *env, c node.Coverage) {
+	state := "complete"
+	if !c.Complete {
+		state = "INCOMPLETE"
+		if c.Blocks == 0 {
+			state = "nobody serves it"
+		}
+	}
+	e.printf("model %s: %d blocks, %d peers, %s\n", c.Model, c.Blocks, len(c.Peers), state)
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "  PEER\tBLOCKS\tPASS\tPASSES/S\tLOAD\tRTT\n")
+	for _, p := range c.Peers {
+		fmt.Fprintf(tw, "  %s\t%d-%d\t%.0f µs\t%.0f\t%d running, %d queued\t%.1f ms\n", p.ID, p.Start, p.End-1,
+			p.PassMicros, p.Throughput, p.Load.InFlight, p.Load.Queued, p.RTTMillis)
+	}
+	tw.Flush()
+	e.printf("  block servers:")
+	for b, who := range c.ByBlock {
+		e.printf(" %d:%d", b, len(who))
+	}
+	e.printf("\n")
+	if len(c.Uncovered) > 0 {
+		e.printf("  !! blocks nobody serves: %v\n", c.Uncovered)
+	}
+}

@@ -1,0 +1,189 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
+)
+
+// Status is GET /v1/status: this node.
+type Status struct {
+	ID           string                 `json:"id"`
+	Version      string                 `json:"version"`
+	Addrs        []string               `json:"addrs"`
+	Serving      []protocol.ServedSpan  `json:"serving"`
+	Load         protocol.Load          `json:"load"`
+	Accelerators []protocol.Accelerator `json:"accelerators"`
+	Coord        protocol.Coordinate    `json:"coord"`
+	Connected    int                    `json:"connected_peers"`
+}
+
+// Coverage is GET /v1/peers?model=CID: who serves each block of a model.
+type Coverage struct {
+	Model     string     `json:"model"`
+	Blocks    int        `json:"blocks"`
+	Complete  bool       `json:"complete"`
+	Uncovered []int      `json:"uncovered"`
+	Peers     []PeerInfo `json:"peers"`
+	ByBlock   [][]int    `json:"by_block"` // for each block, indexes into peers
+	Updated   time.Time  `json:"updated"`
+}
+
+// PeerInfo is one server of a model.
+type PeerInfo struct {
+	ID         string        `json:"id"`
+	Start      int           `json:"start"`
+	End        int           `json:"end"`     // exclusive
+	PassMicros float64       `json:"pass_us"` // one pass through its span, measured by the peer
+	Throughput float64       `json:"passes_per_s"`
+	Load       protocol.Load `json:"load"`
+	RTTMillis  float64       `json:"rtt_ms"` // estimated from network coordinates; 0 for this node
+	Version    string        `json:"version"`
+	Addrs      []string      `json:"addrs"`
+}
+
+// PeersResponse is GET /v1/peers without a model: the coverage of every
+// model this node serves, and its connected peers.
+type PeersResponse struct {
+	Models    []Coverage `json:"models"`
+	Connected []string   `json:"connected"`
+}
+
+func (n *Node) startAPI() error {
+	addr := n.cfg.API
+	if addr == "" {
+		addr = DefaultAPI
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("api address %q: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		// Until the API has authentication (bearer tokens), it is for the
+		// machine's own apps only.
+		return fmt.Errorf("api address %q: only loopback addresses are allowed for now", addr)
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("api: %w", err)
+	}
+	n.apiLn = ln
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", n.handleStatus)
+	mux.HandleFunc("GET /v1/peers", n.handlePeers)
+	n.api = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	n.wg.Go(func() {
+		if err := n.api.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			n.log.Error("api stopped", "err", err)
+		}
+	})
+	if err := os.WriteFile(filepath.Join(n.opts.DataDir, APIFile), []byte(ln.Addr().String()+"\n"), 0o644); err != nil {
+		return err
+	}
+	n.log.Info("api listening", "addr", "http://"+ln.Addr().String())
+	return nil
+}
+
+// Status describes this node.
+func (n *Node) Status() Status {
+	a := n.advert()
+	st := Status{ID: n.mesh.ID().String(), Version: Version, Serving: a.Models, Load: a.Load, Accelerators: a.Accelerators,
+		Coord: n.mesh.Coord(), Connected: len(n.mesh.Host().Network().Peers())}
+	for _, addr := range n.mesh.Host().Addrs() {
+		st.Addrs = append(st.Addrs, addr.String()+"/p2p/"+st.ID)
+	}
+	if st.Serving == nil {
+		st.Serving = []protocol.ServedSpan{}
+	}
+	return st
+}
+
+func (n *Node) handleStatus(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, n.Status())
+}
+
+func (n *Node) handlePeers(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 15*time.Second)
+	defer cancel()
+	if m := r.URL.Query().Get("model"); m != "" {
+		id, err := shards.ParseCID(m)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+			return
+		}
+		cov, err := n.Coverage(ctx, id.String())
+		if err != nil {
+			writeError(w, http.StatusServiceUnavailable, "unavailable", err.Error())
+			return
+		}
+		writeJSON(w, http.StatusOK, cov)
+		return
+	}
+	resp := PeersResponse{Models: []Coverage{}, Connected: []string{}}
+	for _, id := range n.ServedModels() {
+		cov, err := n.Coverage(ctx, id.String())
+		if err != nil {
+			writeError(w, http.StatusServiceUnavailable, "unavailable", err.Error())
+			return
+		}
+		resp.Models = append(resp.Models, *cov)
+	}
+	for _, p := range sortedPeers(n.mesh.Host().Network().Peers()) {
+		resp.Connected = append(resp.Connected, p.String())
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// Coverage is the view's coverage of a model, as the API shows it.
+func (n *Node) Coverage(ctx context.Context, model string) (*Coverage, error) {
+	id, err := shards.ParseCID(model)
+	if err != nil {
+		return nil, err
+	}
+	mv, err := n.mesh.View().Model(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return coverageOf(mv), nil
+}
+
+func coverageOf(mv *mesh.ModelView) *Coverage {
+	c := &Coverage{Model: mv.Model, Blocks: mv.Blocks, Complete: mv.Complete(), Uncovered: mv.Uncovered, ByBlock: mv.ByBlock,
+		Updated: mv.Updated, Peers: []PeerInfo{}}
+	if c.Uncovered == nil {
+		c.Uncovered = []int{}
+	}
+	for _, p := range mv.Peers {
+		pass := sum(p.Span.BlockMicros)
+		pi := PeerInfo{ID: p.ID.String(), Start: p.Span.Start, End: p.Span.End, PassMicros: pass, Load: p.Record.Load,
+			RTTMillis: float64(p.RTT.Microseconds()) / 1000, Version: p.Record.Version, Addrs: p.Record.Addrs}
+		if pass > 0 {
+			pi.Throughput = 1e6 / pass
+		}
+		c.Peers = append(c.Peers, pi)
+	}
+	return c
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+// writeError writes {"error": {"code", "message"}}.
+func writeError(w http.ResponseWriter, status int, code, msg string) {
+	writeJSON(w, status, map[string]any{"error": map[string]string{"code": code, "message": msg}})
+}

@@ -1,0 +1,166 @@
+package node
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/infermesh/infermesh/mesh"
+)
+
+// Files in a node's data directory.
+const (
+	ConfigFile   = "config.json"  // the node's Config
+	IdentityFile = "identity.key" // its libp2p Ed25519 private key
+	APIFile      = "api"          // the API address of the running node, for `infermesh peers`
+)
+
+// DefaultDataDir is where a node keeps its state: ~/.infermesh.
+func DefaultDataDir() string {
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".infermesh")
+	}
+	return ".infermesh"
+}
+
+// Config is a node's configuration, stored as DATA/config.json; every field
+// is also a flag of `infermesh node`. Zero values mean the default named on
+// each field.
+type Config struct {
+	// Listen are QUIC multiaddrs (default /ip4/0.0.0.0/udp/4001/quic-v1 and
+	// the IPv6 equivalent).
+	Listen []string `json:"listen"`
+	// Bootstrap are peers to join through, as multiaddrs ending in /p2p/ID.
+	Bootstrap []string `json:"bootstrap"`
+	// MDNS finds peers on the LAN (default on; NoMDNS turns it off).
+	NoMDNS bool `json:"no_mdns"`
+	// NoNAT turns off port mapping, the AutoNAT service and hole punching.
+	NoNAT bool `json:"no_nat"`
+	// DHTMode is auto (default: server once reachable), server or client.
+	DHTMode string `json:"dht_mode"`
+	// API is the local HTTP API's address (default 127.0.0.1:8700).
+	API string `json:"api"`
+	// Serve lists local blocked models to serve, as DIR or DIR:START-END
+	// (blocks START to END inclusive).
+	Serve []string `json:"serve"`
+	// RecordTTL is how long a capacity record is valid (default 5m).
+	RecordTTL Duration `json:"record_ttl"`
+	// ViewRefresh is how often the view re-reads models (default 5s).
+	ViewRefresh Duration `json:"view_refresh"`
+	// Threads is onnxruntime's intra-op threads per session (0 = per core).
+	Threads int `json:"threads"`
+	// Provider is the execution provider, cpu (default) or cuda.
+	Provider string `json:"provider"`
+	// LogLevel is debug, info (default), warn or error.
+	LogLevel string `json:"log_level"`
+}
+
+// DefaultAPI is the local API's default address.
+const DefaultAPI = "127.0.0.1:8700"
+
+// Duration is a time.Duration written in JSON as "5m", "30s".
+type Duration time.Duration
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// String implements flag.Value.
+func (d *Duration) String() string { return time.Duration(*d).String() }
+
+// Set implements flag.Value.
+func (d *Duration) Set(s string) error { return d.UnmarshalText([]byte(s)) }
+
+// DefaultConfig is what `infermesh node init` writes.
+func DefaultConfig() Config {
+	return Config{Listen: mesh.DefaultListenAddrs, API: DefaultAPI, DHTMode: "auto", Provider: "cpu", LogLevel: "info",
+		RecordTTL: Duration(mesh.DefaultRecordTTL), ViewRefresh: Duration(mesh.DefaultViewRefresh)}
+}
+
+// LoadConfig reads DATA/config.json.
+func LoadConfig(dataDir string) (Config, error) {
+	b, err := os.ReadFile(filepath.Join(dataDir, ConfigFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return Config{}, fmt.Errorf("no node in %s: run `infermesh node init --data %s` first", dataDir, dataDir)
+	}
+	if err != nil {
+		return Config{}, err
+	}
+	cfg := DefaultConfig()
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return Config{}, fmt.Errorf("%s: %w", filepath.Join(dataDir, ConfigFile), err)
+	}
+	return cfg, cfg.Validate()
+}
+
+// Validate checks the fields that can be checked without starting.
+func (c *Config) Validate() error {
+	switch c.DHTMode {
+	case "", "auto", "server", "client":
+	default:
+		return fmt.Errorf("dht mode %q: want auto, server or client", c.DHTMode)
+	}
+	for _, s := range c.Serve {
+		if _, _, _, err := ParseServe(s); err != nil {
+			return err
+		}
+	}
+	if time.Duration(c.RecordTTL) < 0 || time.Duration(c.ViewRefresh) < 0 {
+		return errors.New("record_ttl and view_refresh must not be negative")
+	}
+	return nil
+}
+
+// Init creates a data directory: a default config (with overrides applied
+// by the caller) and a new identity. It refuses to overwrite an identity.
+func Init(dataDir string, cfg Config) (string, error) {
+	if err := cfg.Validate(); err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		return "", err
+	}
+	id, err := createIdentity(filepath.Join(dataDir, IdentityFile))
+	if err != nil {
+		return "", err
+	}
+	b, err := json.MarshalIndent(cfg, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	return id, os.WriteFile(filepath.Join(dataDir, ConfigFile), append(b, '\n'), 0o644)
+}
+
+// ParseServe parses a --serve value: DIR, or DIR:START-END with START and
+// END inclusive block indexes. end is -1 for "to the last block".
+func ParseServe(s string) (dir string, start, end int, err error) {
+	dir, rng, found := strings.Cut(s, ":")
+	if dir == "" {
+		return "", 0, 0, fmt.Errorf("--serve %q: no directory", s)
+	}
+	if !found {
+		return dir, 0, -1, nil
+	}
+	a, b, ok := strings.Cut(rng, "-")
+	start, err1 := strconv.Atoi(a)
+	last, err2 := strconv.Atoi(b)
+	if !ok || err1 != nil || err2 != nil || start < 0 || last < start {
+		return "", 0, 0, fmt.Errorf("--serve %q: want DIR or DIR:START-END, e.g. models/gpt:0-4", s)
+	}
+	return dir, start, last + 1, nil
+}

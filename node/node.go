@@ -1,0 +1,297 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
+)
+
+// Version is the software version a node advertises; the build sets it.
+var Version = "dev"
+
+// Options are the parts of a node that are not configuration.
+type Options struct {
+	// DataDir holds the identity and config (DefaultDataDir when empty).
+	DataDir string
+	// Logger; nil means slog.Default().
+	Logger *slog.Logger
+	// MeasureRounds is how many timed passes per served block the start-up
+	// benchmark runs (default 5).
+	MeasureRounds int
+}
+
+// Node is a running infermesh node: it serves spans of local models, is a
+// member of the mesh, and answers the local HTTP API.
+type Node struct {
+	cfg  Config
+	opts Options
+	log  *slog.Logger
+
+	rt     *shards.Runtime
+	served []*servedSpan
+	mesh   *mesh.Mesh
+	api    *http.Server
+	apiLn  net.Listener
+
+	mu       sync.Mutex
+	inFlight int
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// servedSpan is a span of a local model this node serves.
+type servedSpan struct {
+	model  *shards.Model
+	span   *shards.Span
+	start  int
+	end    int
+	micros []float64
+}
+
+// New starts a node: it loads and verifies the spans it serves, measures
+// them, joins the mesh, announces them and starts the API. On failure
+// half-way it closes what it started.
+func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if opts.DataDir == "" {
+		opts.DataDir = DefaultDataDir()
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.MeasureRounds <= 0 {
+		opts.MeasureRounds = 5
+	}
+	n := &Node{cfg: cfg, opts: opts, log: opts.Logger}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	defer func() {
+		if err != nil {
+			n.Close()
+		}
+	}()
+	key, err := loadIdentity(filepath.Join(opts.DataDir, IdentityFile))
+	if err != nil {
+		return nil, err
+	}
+	if err := n.loadSpans(ctx); err != nil {
+		return nil, err
+	}
+	bootstrap, err := parseBootstrap(cfg.Bootstrap)
+	if err != nil {
+		return nil, err
+	}
+	n.mesh, err = mesh.New(ctx, mesh.Config{
+		Key: key, ListenAddrs: cfg.Listen, Bootstrap: bootstrap, MDNS: !cfg.NoMDNS, NAT: !cfg.NoNAT,
+		DHTMode: cfg.DHTMode, RecordTTL: time.Duration(cfg.RecordTTL), ViewRefresh: time.Duration(cfg.ViewRefresh),
+		Version: Version, Logger: n.log,
+	}, n.advert)
+	if err != nil {
+		return nil, err
+	}
+	n.log.Info("node started", "peer", n.mesh.ID(), "addrs", n.mesh.Host().Addrs())
+	if err := n.mesh.Publish(ctx); err != nil {
+		n.log.Warn("first capacity record not stored yet", "err", err)
+	}
+	if err := n.mesh.Provide(ctx, n.provided()...); err != nil {
+		n.log.Warn("provider records not stored yet", "err", err)
+	}
+	if err := n.startAPI(); err != nil {
+		return nil, err
+	}
+	n.wg.Go(n.coverageLog)
+	return n, nil
+}
+
+// loadSpans opens, verifies, loads and measures every --serve span.
+func (n *Node) loadSpans(ctx context.Context) error {
+	if len(n.cfg.Serve) == 0 {
+		return nil
+	}
+	var err error
+	n.rt, err = shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: n.cfg.Threads, Provider: n.cfg.Provider, Logger: n.log})
+	if err != nil {
+		return err
+	}
+	for _, s := range n.cfg.Serve {
+		dir, start, end, _ := ParseServe(s)
+		m, err := shards.OpenModel(dir)
+		if err != nil {
+			return err
+		}
+		if end < 0 {
+			end = len(m.Manifest.Blocks)
+		}
+		if end > len(m.Manifest.Blocks) {
+			return fmt.Errorf("--serve %s: model %s has %d blocks (0-%d)", s, m.ID, len(m.Manifest.Blocks), len(m.Manifest.Blocks)-1)
+		}
+		// LoadSpan reads every block through the store, which verifies it
+		// against its CID: nothing unverified is announced.
+		span, err := n.rt.LoadSpan(m, start, end)
+		if err != nil {
+			return fmt.Errorf("--serve %s: %w", s, err)
+		}
+		micros, err := MeasureBlocks(ctx, n.rt, m, start, end, n.opts.MeasureRounds)
+		if err != nil {
+			span.Close()
+			return fmt.Errorf("--serve %s: measuring blocks: %w", s, err)
+		}
+		n.served = append(n.served, &servedSpan{model: m, span: span, start: start, end: end, micros: micros})
+		n.log.Info("serving", "model", m.ID, "name", m.Manifest.Name, "blocks", fmt.Sprintf("%d-%d of %d", start, end-1, len(m.Manifest.Blocks)),
+			"pass_us", fmt.Sprintf("%.0f", sum(micros)))
+	}
+	return nil
+}
+
+func sum(v []float64) float64 {
+	t := 0.0
+	for _, x := range v {
+		t += x
+	}
+	return t
+}
+
+func parseBootstrap(addrs []string) ([]peer.AddrInfo, error) {
+	var out []peer.AddrInfo
+	for _, a := range addrs {
+		ai, err := peer.AddrInfoFromString(a)
+		if err != nil {
+			return nil, fmt.Errorf("bootstrap peer %q: %w (want a multiaddr ending in /p2p/PEER_ID)", a, err)
+		}
+		out = append(out, *ai)
+	}
+	return out, nil
+}
+
+// provided lists the CIDs this node announces: each served model and every
+// block of its spans.
+func (n *Node) provided() []cid.Cid {
+	var out []cid.Cid
+	for _, s := range n.served {
+		out = append(out, s.model.ID)
+		for _, b := range s.model.Manifest.Blocks[s.start:s.end] {
+			if c, err := shards.ParseCID(b.CID); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+// advert is what the mesh publishes about this node.
+func (n *Node) advert() mesh.Advert {
+	a := mesh.Advert{Accelerators: Accelerators()}
+	for _, s := range n.served {
+		a.Models = append(a.Models, protocol.ServedSpan{Model: s.model.ID.String(), Blocks: len(s.model.Manifest.Blocks),
+			Start: s.start, End: s.end, BlockMicros: s.micros})
+	}
+	n.mu.Lock()
+	a.Load.InFlight = n.inFlight
+	n.mu.Unlock()
+	return a
+}
+
+// Mesh is the node's mesh membership.
+func (n *Node) Mesh() *mesh.Mesh { return n.mesh }
+
+// APIAddr is the address the HTTP API listens on.
+func (n *Node) APIAddr() string { return n.apiLn.Addr().String() }
+
+// ServedModels are the IDs of the models this node serves spans of.
+func (n *Node) ServedModels() []cid.Cid {
+	var out []cid.Cid
+	for _, s := range n.served {
+		out = append(out, s.model.ID)
+	}
+	return out
+}
+
+// coverageLog logs each served model's coverage when it changes, so the
+// operator sees in the log what the mesh serves.
+func (n *Node) coverageLog() {
+	last := map[string]string{}
+	t := time.NewTicker(max(time.Duration(n.cfg.ViewRefresh), time.Second))
+	defer t.Stop()
+	for {
+		for _, id := range n.ServedModels() {
+			ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+			mv, err := n.mesh.View().Model(ctx, id)
+			cancel()
+			if err != nil {
+				continue
+			}
+			summary := coverageSummary(mv)
+			if summary != last[mv.Model] {
+				last[mv.Model] = summary
+				n.log.Info("coverage", "model", mv.Model, "state", summary)
+			}
+		}
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// coverageSummary is one line: complete or which blocks nobody serves, and
+// how many peers serve each block.
+func coverageSummary(mv *mesh.ModelView) string {
+	var b strings.Builder
+	if mv.Complete() {
+		fmt.Fprintf(&b, "complete, %d peers", len(mv.Peers))
+	} else {
+		fmt.Fprintf(&b, "INCOMPLETE (nobody serves blocks %v), %d peers", mv.Uncovered, len(mv.Peers))
+	}
+	b.WriteString("; servers per block:")
+	for _, who := range mv.ByBlock {
+		fmt.Fprintf(&b, " %d", len(who))
+	}
+	return b.String()
+}
+
+// Close leaves the mesh gracefully (an empty record first), stops the API
+// and unloads the spans.
+func (n *Node) Close() error {
+	var errs []error
+	n.cancel()
+	if n.api != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		errs = append(errs, n.api.Shutdown(ctx))
+		cancel()
+		os.Remove(filepath.Join(n.opts.DataDir, APIFile))
+	}
+	n.wg.Wait()
+	if n.mesh != nil {
+		errs = append(errs, n.mesh.Close())
+	}
+	for _, s := range n.served {
+		errs = append(errs, s.span.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// sortedPeers orders peer IDs for stable output.
+func sortedPeers(ps []peer.ID) []peer.ID {
+	sort.Slice(ps, func(i, j int) bool { return ps[i] < ps[j] })
+	return ps
+}
