@@ -30,12 +30,6 @@ type testNode struct {
 	advert Advert
 }
 
-func (n *testNode) setModels(spans ...protocol.ServedSpan) {
-	n.mu.Lock()
-	n.advert.Models = spans
-	n.mu.Unlock()
-}
-
 // startNode starts a mesh node on loopback QUIC with test timings.
 func startNode(t testing.TB, bootstrap []peer.AddrInfo, ttl time.Duration, spans ...protocol.ServedSpan) *testNode {
 	t.Helper()

@@ -63,8 +63,9 @@ type PeerView struct {
 	ID     peer.ID
 	Span   protocol.ServedSpan
 	Record *protocol.CapacityRecord
-	// RTT is the estimated round trip from this node: from network
-	// coordinates, or 0 for this node itself.
+	// RTT is the estimated round trip from this node, from network
+	// coordinates: 0 for this node itself, UnknownRTT (negative) when either
+	// coordinate is missing or unusable.
 	RTT time.Duration
 }
 
@@ -258,16 +259,20 @@ func (v *View) buildLocked(e *modelEntry) *ModelView {
 			continue
 		}
 		pv := PeerView{ID: p, Span: span, Record: r.rec}
-		if p != self && r.rec.Coord != nil {
+		switch {
+		case p == self:
+		case r.rec.Coord != nil:
 			pv.RTT = EstimateRTT(myCoord, *r.rec.Coord)
+		default:
+			pv.RTT = UnknownRTT
 		}
 		mv.Peers = append(mv.Peers, pv)
 		mv.Blocks = max(mv.Blocks, span.Blocks)
 	}
 	sort.Slice(mv.Peers, func(i, j int) bool {
 		a, b := mv.Peers[i], mv.Peers[j]
-		if a.RTT != b.RTT {
-			return a.RTT < b.RTT
+		if a.RTT != b.RTT { // unknown distances last
+			return (a.RTT >= 0 && (b.RTT < 0 || a.RTT < b.RTT))
 		}
 		return a.ID < b.ID
 	})

@@ -47,7 +47,7 @@ type PeerInfo struct {
 	PassMicros float64       `json:"pass_us"` // one pass through its span, measured by the peer
 	Throughput float64       `json:"passes_per_s"`
 	Load       protocol.Load `json:"load"`
-	RTTMillis  float64       `json:"rtt_ms"` // estimated from network coordinates; 0 for this node
+	RTTMillis  float64       `json:"rtt_ms"` // estimated from network coordinates; 0 for this node, -1 unknown
 	Version    string        `json:"version"`
 	Addrs      []string      `json:"addrs"`
 }
@@ -167,6 +167,9 @@ func coverageOf(mv *mesh.ModelView) *Coverage {
 		pass := sum(p.Span.BlockMicros)
 		pi := PeerInfo{ID: p.ID.String(), Start: p.Span.Start, End: p.Span.End, PassMicros: pass, Load: p.Record.Load,
 			RTTMillis: float64(p.RTT.Microseconds()) / 1000, Version: p.Record.Version, Addrs: p.Record.Addrs}
+		if p.RTT < 0 {
+			pi.RTTMillis = -1
+		}
 		if pass > 0 {
 			pi.Throughput = 1e6 / pass
 		}

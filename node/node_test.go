@@ -93,6 +93,20 @@ func TestTenNodesSeeCoverage(t *testing.T) {
 	}
 	t.Logf("all %d nodes see complete, correct coverage %s after the last node started", len(nodes), time.Since(started).Round(time.Millisecond))
 
+	// And it stays so while the views refresh in the background.
+	for round := range 6 {
+		time.Sleep(500 * time.Millisecond)
+		for i, n := range nodes {
+			cov, err := n.Coverage(context.Background(), m.ID.String())
+			if err != nil {
+				t.Fatalf("round %d node %d: %v", round, i, err)
+			}
+			if ok, why := coverageMatches(cov, want, len(m.Manifest.Blocks)); !ok {
+				t.Fatalf("round %d node %d: coverage regressed: %s", round, i, why)
+			}
+		}
+	}
+
 	cov, _ := nodes[1].Coverage(context.Background(), m.ID.String())
 	for _, p := range cov.Peers {
 		if p.PassMicros <= 0 || p.Throughput <= 0 || p.Version != Version || len(p.Addrs) == 0 {

@@ -271,8 +271,12 @@ func printCoverage(e *env, c node.Coverage) {
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "  PEER\tBLOCKS\tPASS\tPASSES/S\tLOAD\tRTT\n")
 	for _, p := range c.Peers {
-		fmt.Fprintf(tw, "  %s\t%d-%d\t%.0f µs\t%.0f\t%d running, %d queued\t%.1f ms\n", p.ID, p.Start, p.End-1,
-			p.PassMicros, p.Throughput, p.Load.InFlight, p.Load.Queued, p.RTTMillis)
+		rtt := fmt.Sprintf("%.1f ms", p.RTTMillis)
+		if p.RTTMillis < 0 {
+			rtt = "?"
+		}
+		fmt.Fprintf(tw, "  %s\t%d-%d\t%.0f µs\t%.0f\t%d running, %d queued\t%s\n", p.ID, p.Start, p.End-1,
+			p.PassMicros, p.Throughput, p.Load.InFlight, p.Load.Queued, rtt)
 	}
 	tw.Flush()
 	e.printf("  block servers:")
