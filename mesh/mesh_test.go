@@ -3,13 +3,16 @@ package mesh
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	mh "github.com/multiformats/go-multihash"
 
 	"github.com/infermesh/infermesh/protocol"
@@ -38,6 +41,7 @@ func startNode(t testing.TB, bootstrap []peer.AddrInfo, ttl time.Duration, spans
 	m, err := New(context.Background(), Config{
 		Key: key, ListenAddrs: []string{"/ip4/127.0.0.1/udp/0/quic-v1"}, Bootstrap: bootstrap, DHTMode: "server",
 		RecordTTL: ttl, ViewRefresh: 500 * time.Millisecond, CoordEvery: time.Second, Version: "test",
+		Logger: slog.New(slog.DiscardHandler),
 	}, func() Advert { n.mu.Lock(); defer n.mu.Unlock(); return n.advert })
 	if err != nil {
 		t.Fatal(err)
@@ -186,5 +190,52 @@ func TestMeshCoverageAndLeaving(t *testing.T) {
 	for i, n := range rest {
 		waitFor(t, limit, fmt.Sprintf("node %d drops the killed node", i), func() (bool, string) { return coverageIs(n, model, want, blocks) })
 		t.Logf("node %d dropped the killed node %s after it died", i, time.Since(killedAt).Round(time.Millisecond))
+	}
+}
+
+// The mesh speaks only its own DHT: no node registers or is seen
+// advertising a protocol of the public IPFS DHT (/ipfs/kad/...), and every
+// node has the private one. Capacity records and provider records were put
+// and fetched before the check, so the DHT has been exercised.
+func TestOnlyPrivateDHT(t *testing.T) {
+	model := testModel(t, "private")
+	c := newCluster(t)
+	boot := c.start(t, nil, time.Minute)
+	for i := range 4 {
+		n := c.start(t, []peer.AddrInfo{addrInfo(boot.Mesh)}, time.Minute, span(model, 4, i, i+1))
+		if err := n.Publish(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if err := n.Provide(context.Background(), model); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := "/infermesh/kad/1.0.0"
+	for i, n := range c.nodes {
+		waitFor(t, 10*time.Second, fmt.Sprintf("node %d sees 4 servers", i), func() (bool, string) {
+			mv, err := n.View().Model(context.Background(), model)
+			if err != nil {
+				return false, err.Error()
+			}
+			return len(mv.Peers) == 4, fmt.Sprintf("%d servers", len(mv.Peers))
+		})
+		h := n.Host()
+		own := h.Mux().Protocols()
+		if !slices.Contains(own, libp2pprotocol.ID(want)) {
+			t.Errorf("node %d does not speak %s: %v", i, want, own)
+		}
+		for _, p := range own {
+			if strings.HasPrefix(string(p), "/ipfs/kad") || strings.HasPrefix(string(p), "/ipfs/lan/kad") {
+				t.Errorf("node %d speaks %s", i, p)
+			}
+		}
+		for _, other := range h.Peerstore().Peers() {
+			protos, _ := h.Peerstore().GetProtocols(other)
+			for _, p := range protos {
+				if strings.Contains(string(p), "/kad/") && string(p) != want {
+					t.Errorf("node %d saw %s advertise %s", i, other, p)
+				}
+			}
+		}
 	}
 }
