@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"time"
 
@@ -22,8 +23,11 @@ import (
 //
 //	uvarint length | signed envelope (the same bytes as the DHT value)
 //
-// The listener accepts it only if the envelope is signed by the stream's
-// remote peer and passes the capacity validator.
+// The listener accepts it if it passes the capacity validator for the key
+// of the peer that signed it. A record that changes what its peer serves
+// (a new peer, a new span, a goodbye) is news: the listener passes it on,
+// once, to its own connected peers, so joins and leaves flood the connected
+// mesh in a few round trips instead of waiting for each view's refresh.
 const RecordProtocol = "/infermesh/record/1.0.0"
 
 // Bounds of a record push.
@@ -43,18 +47,32 @@ func (m *Mesh) handleRecord(s network.Stream) {
 		return
 	}
 	from := s.Conn().RemotePeer()
-	rec, err := CapacityValidator{}.check(CapacityKey(from), data)
+	signer, _, err := OpenCapacity(data)
 	if err != nil {
-		m.log.Debug("refused pushed record", "peer", from, "err", err)
+		m.log.Debug("refused pushed record", "from", from, "err", err)
 		return
 	}
-	m.view.learn(from, rec)
+	rec, err := CapacityValidator{}.check(CapacityKey(signer), data)
+	if err != nil {
+		m.log.Debug("refused pushed record", "from", from, "signer", signer, "err", err)
+		return
+	}
+	if signer == m.host.ID() {
+		return
+	}
+	if m.view.learn(signer, rec) {
+		m.wg.Go(func() {
+			ctx, cancel := context.WithTimeout(m.ctx, pushTimeout)
+			defer cancel()
+			m.push(ctx, data, from, signer)
+		})
+	}
 }
 
-// push sends the sealed record to every connected peer, at most
-// pushConcurrency at a time, and waits for them or the context.
-func (m *Mesh) push(ctx context.Context, data []byte) {
-	peers := m.host.Network().Peers()
+// push sends the sealed record to every connected peer but those in skip,
+// at most pushConcurrency at a time, and waits for them or the context.
+func (m *Mesh) push(ctx context.Context, data []byte, skip ...peer.ID) {
+	peers := slices.DeleteFunc(m.host.Network().Peers(), func(p peer.ID) bool { return slices.Contains(skip, p) })
 	sem := make(chan struct{}, pushConcurrency)
 	var wg sync.WaitGroup
 	for _, p := range peers {

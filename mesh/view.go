@@ -77,14 +77,18 @@ func newView(m *Mesh) *View {
 }
 
 // learn takes a capacity record obtained outside a lookup (our own, or one
-// pushed by its peer) if it is newer than what the view holds, and updates
-// which cached models the peer serves.
-func (v *View) learn(p peer.ID, rec *protocol.CapacityRecord) {
+// pushed to us) if it is newer than what the view holds, and updates which
+// cached models the peer serves. It reports whether the record changes what
+// the peer serves (a new peer, a new span, a goodbye): such news is worth
+// passing on.
+func (v *View) learn(p peer.ID, rec *protocol.CapacityRecord) (news bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if old, ok := v.records[p]; ok && old.rec.Seq > rec.Seq {
-		return
+	old, ok := v.records[p]
+	if ok && old.rec.Seq >= rec.Seq {
+		return false
 	}
+	news = !ok || !sameSpans(old.rec.Models, rec.Models)
 	v.records[p] = &recordEntry{rec: rec, fetched: time.Now()}
 	for id, e := range v.models {
 		if _, serves := rec.Span(id); serves {
@@ -93,6 +97,13 @@ func (v *View) learn(p peer.ID, rec *protocol.CapacityRecord) {
 			delete(e.providers, p)
 		}
 	}
+	return news
+}
+
+func sameSpans(a, b []protocol.ServedSpan) bool {
+	return slices.EqualFunc(a, b, func(x, y protocol.ServedSpan) bool {
+		return x.Model == y.Model && x.Start == y.Start && x.End == y.End && x.Blocks == y.Blocks
+	})
 }
 
 // Model returns the coverage of a model. The first lookup of a model waits
