@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 
 	"net/http"
 	"os"
@@ -168,8 +169,41 @@ func TestNodeProcesses(t *testing.T) {
 		}
 		t.Logf("node %d:\n%s", i, table)
 	}
+
+	// Acceptance 4: a SIGKILLed node (record TTL 6 s) disappears from every
+	// view within its record's expiry plus a refresh.
+	const ttl = 6 * time.Second
+	doomed := startNodeProc(t, bin, "--serve", model, "--bootstrap", b, "--record-ttl", ttl.String())
+	withDoomed := map[[2]int]bool{{0, 2}: true, {2, 4}: true, {4, 6}: true, {0, 6}: true}
+	for i, n := range nodes {
+		waitPeers(t, bin, n, id, withDoomed, 20*time.Second, fmt.Sprintf("node %d sees the fourth node", i))
+	}
+	killed := time.Now()
+	doomed.cmd.Process.Signal(syscall.SIGKILL)
+	for i, n := range nodes {
+		waitPeers(t, bin, n, id, want, ttl+500*time.Millisecond+6*time.Second, fmt.Sprintf("node %d drops the killed node", i))
+		t.Logf("node %d dropped the SIGKILLed node %s after the kill", i, time.Since(killed).Round(100*time.Millisecond))
+	}
+
 	for _, n := range nodes {
 		n.stop(t)
+	}
+}
+
+// waitPeers polls `infermesh peers --json` until it shows exactly the
+// spans in want.
+func waitPeers(t *testing.T, bin string, n *nodeProc, model string, want map[[2]int]bool, within time.Duration, what string) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		out, err := exec.Command(bin, "peers", "--data", n.data, "--model", model, "--json").CombinedOutput()
+		if err == nil && showsSpans(out, want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %s; last output:\n%s", what, within, out)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 
