@@ -29,6 +29,8 @@ import (
 //   - heap_MB_per_node, rss_MB_per_node: memory per node.
 //
 // Run: go test -run '^$' -bench MeshScale -benchtime 1x ./mesh/
+// (one iteration per size and -count 1: memory figures of a second
+// iteration in the same process include the first one's leftovers).
 func BenchmarkMeshScale(b *testing.B) {
 	for _, n := range []int{10, 50} {
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
@@ -126,8 +128,8 @@ func meshScale(b *testing.B, n int) {
 	b.ReportMetric(ms(pct(cold, 95)), "cold_lookup_p95_ms")
 	b.ReportMetric(float64(pct(warm, 50).Nanoseconds())/1e3, "warm_lookup_p50_us")
 	b.ReportMetric(float64(pct(warm, 95).Nanoseconds())/1e3, "warm_lookup_p95_us")
-	b.ReportMetric(float64(heap1-heap0)/float64(n-1)/(1<<20), "heap_MB_per_node")
-	b.ReportMetric(float64(rss1-rss0)/float64(n-1)/(1<<20), "rss_MB_per_node")
+	b.ReportMetric((float64(heap1)-float64(heap0))/float64(n-1)/(1<<20), "heap_MB_per_node")
+	b.ReportMetric((float64(rss1)-float64(rss0))/float64(n-1)/(1<<20), "rss_MB_per_node")
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
