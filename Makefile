@@ -61,6 +61,7 @@ lint:
 BENCH_MODEL := .cache/bench/gpt-l8-d512
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 100x -count 1 ./shards/...
+	$(GO) test -run '^$$' -bench MeshScale -benchtime 1x -count 1 ./mesh/
 	@test -f $(BENCH_MODEL)/manifest.json || $(BIN) shard build gpt --layers 8 --dim 512 --seed 1 --out $(BENCH_MODEL)
 	$(BIN) shard bench $(BENCH_MODEL) --threads 1
 	$(BIN) shard bench $(BENCH_MODEL)
