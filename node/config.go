@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -120,6 +121,17 @@ func (c *Config) Validate() error {
 			return err
 		}
 	}
+	if c.API != "" {
+		host, _, err := net.SplitHostPort(c.API)
+		if err != nil {
+			return fmt.Errorf("api address %q: %w", c.API, err)
+		}
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			// Until the API has authentication (bearer tokens), it is for
+			// the machine's own apps only.
+			return fmt.Errorf("api address %q: only loopback addresses are allowed for now", c.API)
+		}
+	}
 	if time.Duration(c.RecordTTL) < 0 || time.Duration(c.ViewRefresh) < 0 {
 		return errors.New("record_ttl and view_refresh must not be negative")
 	}
@@ -137,7 +149,7 @@ func Init(dataDir string, cfg Config) (string, error) {
 	}
 	id, err := createIdentity(filepath.Join(dataDir, IdentityFile))
 	if err != nil {
-		return "", err
+		return id, err
 	}
 	b, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {

@@ -1,0 +1,111 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseServe(t *testing.T) {
+	for _, c := range []struct {
+		in         string
+		dir        string
+		start, end int
+		bad        bool
+	}{
+		{"models/gpt", "models/gpt", 0, -1, false},
+		{"models/gpt:0-4", "models/gpt", 0, 5, false},
+		{"m:3-3", "m", 3, 4, false},
+		{"m:4-3", "", 0, 0, true},
+		{"m:-1-3", "", 0, 0, true},
+		{"m:a-b", "", 0, 0, true},
+		{":0-1", "", 0, 0, true},
+		{"m:5", "", 0, 0, true},
+	} {
+		dir, s, e, err := ParseServe(c.in)
+		if (err != nil) != c.bad || (!c.bad && (dir != c.dir || s != c.start || e != c.end)) {
+			t.Errorf("ParseServe(%q) = %q %d %d %v", c.in, dir, s, e, err)
+		}
+	}
+}
+
+func TestInitAndLoadConfig(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := LoadConfig(dir); err == nil || !strings.Contains(err.Error(), "node init") {
+		t.Fatalf("LoadConfig of an empty dir: %v", err)
+	}
+	cfg := DefaultConfig()
+	cfg.Serve = []string{"models/gpt:0-3"}
+	cfg.RecordTTL = Duration(90 * time.Second)
+	id, err := Init(dir, cfg)
+	if err != nil || !strings.HasPrefix(id, "12D3KooW") {
+		t.Fatalf("Init = %q, %v", id, err)
+	}
+	got, err := LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Serve[0] != "models/gpt:0-3" || time.Duration(got.RecordTTL) != 90*time.Second || got.API != DefaultAPI {
+		t.Fatalf("config round trip: %+v", got)
+	}
+	if info, _ := os.Stat(filepath.Join(dir, IdentityFile)); info.Mode().Perm() != 0o600 {
+		t.Fatalf("identity mode %v", info.Mode())
+	}
+	// A second init keeps the identity.
+	if id2, err := Init(dir, cfg); err == nil || id2 != id {
+		t.Fatalf("second Init = %q, %v; want an error naming %s", id2, err, id)
+	}
+	os.WriteFile(filepath.Join(dir, ConfigFile), []byte(`{"dht_mode":"sometimes"}`), 0o644)
+	if _, err := LoadConfig(dir); err == nil {
+		t.Fatal("bad dht_mode accepted")
+	}
+}
+
+func TestAPI(t *testing.T) {
+	n := startTestNode(t, nil)
+	t.Cleanup(func() { n.Close() })
+	base := "http://" + n.APIAddr()
+	get := func(path string, want int, v any) {
+		t.Helper()
+		resp, err := http.Get(base + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Fatalf("GET %s: %s, want %d", path, resp.Status, want)
+		}
+		if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+	}
+	var st Status
+	get("/v1/status", 200, &st)
+	if st.ID != n.Mesh().ID().String() || len(st.Addrs) == 0 || len(st.Accelerators) == 0 || st.Accelerators[len(st.Accelerators)-1].Kind != "cpu" {
+		t.Fatalf("status: %+v", st)
+	}
+	var e struct{ Error struct{ Code, Message string } }
+	get("/v1/peers?model=not-a-cid", 400, &e)
+	if e.Error.Code != "bad_request" || e.Error.Message == "" {
+		t.Fatalf("error body: %+v", e)
+	}
+	var cov Coverage
+	get("/v1/peers?model="+testModelID, 200, &cov)
+	if cov.Complete || cov.Blocks != 0 || len(cov.Peers) != 0 {
+		t.Fatalf("coverage of a model nobody serves: %+v", cov)
+	}
+
+	cfg := DefaultConfig()
+	cfg.API = "0.0.0.0:0"
+	if _, err := New(context.Background(), cfg, Options{DataDir: t.TempDir()}); err == nil || !strings.Contains(err.Error(), "loopback") {
+		t.Fatalf("non-loopback API: %v", err)
+	}
+}
+
+// testModelID is a well-formed model ID that nobody serves.
+const testModelID = "bagaaierarzu5a4zqyjoxw3ya63bxa6lj2zoxwxaysqmsydcae6lkcckh32wa"
