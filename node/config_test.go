@@ -89,7 +89,9 @@ func TestAPI(t *testing.T) {
 	if st.ID != n.Mesh().ID().String() || len(st.Addrs) == 0 || len(st.Accelerators) == 0 || st.Accelerators[len(st.Accelerators)-1].Kind != "cpu" {
 		t.Fatalf("status: %+v", st)
 	}
-	var e struct{ Error struct{ Code, Message string } }
+	var e struct {
+		Error struct{ Code, Message string }
+	}
 	get("/v1/peers?model=not-a-cid", 400, &e)
 	if e.Error.Code != "bad_request" || e.Error.Message == "" {
 		t.Fatalf("error body: %+v", e)
