@@ -74,3 +74,22 @@ func FuzzTensorJSON(f *testing.F) {
 		}
 	})
 }
+
+func TestMaxAbsDiff(t *testing.T) {
+	nan, inf := float32(math.NaN()), float32(math.Inf(1))
+	a := protocol.NewTensor([]int64{4}, []float32{1, nan, inf, 2})
+	b := protocol.NewTensor([]int64{4}, []float32{1.5, nan, inf, 2})
+	if d, err := protocol.MaxAbsDiff(a, b); err != nil || d != 0.5 {
+		t.Fatalf("diff = %v, %v; want 0.5 (NaNs and equal infinities agree)", d, err)
+	}
+	c := protocol.NewTensor([]int64{4}, []float32{1, 0, inf, 2})
+	if d, _ := protocol.MaxAbsDiff(a, c); !math.IsInf(d, 1) {
+		t.Fatalf("NaN against a number: %v, want +Inf", d)
+	}
+	if _, err := protocol.MaxAbsDiff(a, protocol.NewTensor([]int64{2, 2}, []float32{1, 2, 3, 4})); err == nil {
+		t.Fatal("different shapes compared")
+	}
+	if _, err := protocol.MaxAbsDiff(a, protocol.NewTensor([]int64{4}, []float64{1, 2, 3, 4})); err == nil {
+		t.Fatal("different dtypes compared")
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
+	"slices"
 	"unsafe"
 )
 
@@ -202,10 +203,15 @@ func Float16ToFloat32(h uint16) float32 {
 }
 
 // MaxAbsDiff returns the largest absolute element-wise difference between two
-// tensors of the same shape, converting both to float64.
+// tensors of the same type and shape, converting both to float64. NaNs in
+// the same place agree, as do equal infinities; a NaN against a number is an
+// infinite difference.
 func MaxAbsDiff(a, b *Tensor) (float64, error) {
-	if fmt.Sprint(a.Shape) != fmt.Sprint(b.Shape) {
-		return 0, fmt.Errorf("tensor: shapes differ: %v vs %v", a.Shape, b.Shape)
+	if a == nil || b == nil {
+		return 0, fmt.Errorf("tensor: missing tensor to compare")
+	}
+	if a.DType != b.DType || !slices.Equal(a.Shape, b.Shape) {
+		return 0, fmt.Errorf("tensor: %v differs from %v", a, b)
 	}
 	x, err := a.Float64s()
 	if err != nil {
@@ -217,11 +223,13 @@ func MaxAbsDiff(a, b *Tensor) (float64, error) {
 	}
 	worst := 0.0
 	for i := range x {
-		d := math.Abs(x[i] - y[i])
-		if math.IsNaN(d) {
+		switch {
+		case x[i] == y[i], math.IsNaN(x[i]) && math.IsNaN(y[i]):
+		case math.IsNaN(x[i]) || math.IsNaN(y[i]):
 			return math.Inf(1), nil
+		default:
+			worst = max(worst, math.Abs(x[i]-y[i]))
 		}
-		worst = max(worst, d)
 	}
 	return worst, nil
 }

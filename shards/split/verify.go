@@ -3,8 +3,6 @@ package split
 import (
 	"errors"
 	"fmt"
-	"math"
-	"slices"
 
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
@@ -84,7 +82,7 @@ func (s *splitter) verify(model *shards.Model, rep *Report) (err error) {
 			out shards.Tensors
 		}{{"block by block", got}, {"as one span", fused}} {
 			for _, o := range man.Outputs {
-				d, err := maxAbsDiff(want[o.Name], run.out[o.Name])
+				d, err := protocol.MaxAbsDiff(want[o.Name], run.out[o.Name])
 				if err != nil {
 					return fmt.Errorf("%w: output %q (%s, step %d): %v", ErrMismatch, o.Name, run.how, step, err)
 				}
@@ -100,32 +98,3 @@ func (s *splitter) verify(model *shards.Model, rep *Report) (err error) {
 	return nil
 }
 
-// maxAbsDiff compares two tensors element-wise; NaNs in the same place
-// agree, as do equal infinities.
-func maxAbsDiff(want, got *protocol.Tensor) (float64, error) {
-	if want == nil || got == nil {
-		return 0, errors.New("missing")
-	}
-	if want.DType != got.DType || !slices.Equal(want.Shape, got.Shape) {
-		return 0, fmt.Errorf("got %v, want %v", got, want)
-	}
-	x, err := want.Float64s()
-	if err != nil {
-		return 0, err
-	}
-	y, err := got.Float64s()
-	if err != nil {
-		return 0, err
-	}
-	worst := 0.0
-	for i := range x {
-		switch {
-		case x[i] == y[i], math.IsNaN(x[i]) && math.IsNaN(y[i]):
-		case math.IsNaN(x[i]) || math.IsNaN(y[i]):
-			return math.Inf(1), nil
-		default:
-			worst = max(worst, math.Abs(x[i]-y[i]))
-		}
-	}
-	return worst, nil
-}
