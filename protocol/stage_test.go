@@ -1,0 +1,149 @@
+package protocol_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"io"
+	"slices"
+	"testing"
+
+	"github.com/infermesh/infermesh/protocol"
+)
+
+func TestStageFrameGolden(t *testing.T) {
+	m := &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: 7, Requester: "R", Model: "M", Step: 2,
+		Route: []protocol.Hop{{Peer: "A", Start: 0, End: 2}}},
+		Tensors: []protocol.NamedTensor{{Name: "x", Tensor: protocol.NewTensor([]int64{2}, []float32{1, -2})}}}
+	var buf bytes.Buffer
+	if err := protocol.WriteMessage(&buf, m); err != nil {
+		t.Fatal(err)
+	}
+	header := `{"id":7,"requester":"R","model":"M","step":2,"route":[{"peer":"A","start":0,"end":2}],"hop":0,"tensors":[{"name":"x","dtype":"float32","shape":[2],"wire":"float32"}]}`
+	want := binary.LittleEndian.AppendUint32(nil, uint32(1+2+len(header)+8))
+	want = append(want, 1) // kind: request
+	want = binary.AppendUvarint(want, uint64(len(header)))
+	want = append(want, header...)
+	want = append(want, 0, 0, 0x80, 0x3f, 0, 0, 0, 0xc0) // 1.0, -2.0 float32 LE
+	if !bytes.Equal(buf.Bytes(), want) {
+		t.Fatalf("frame bytes changed:\n got %s\nwant %s", hex.EncodeToString(buf.Bytes()), hex.EncodeToString(want))
+	}
+	got, err := protocol.ReadMessage(bytes.NewReader(want), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Kind != protocol.KindRequest || got.Header.ID != 7 || got.Header.Route[0].End != 2 || len(got.Tensors) != 1 {
+		t.Fatalf("decoded %+v", got)
+	}
+	x, _ := protocol.View[float32](got.Tensors[0].Tensor)
+	if !slices.Equal(x, []float32{1, -2}) {
+		t.Fatalf("x = %v", x)
+	}
+}
+
+func TestStageRoundTripFP16AndSeveralFrames(t *testing.T) {
+	big := make([]float32, 100_000)
+	for i := range big {
+		big[i] = float32(i%100) / 8
+	}
+	msgs := []*protocol.Message{
+		{Kind: protocol.KindRequest, Header: protocol.Header{ID: 1, FP16: true}, Tensors: []protocol.NamedTensor{
+			{Name: "h", Tensor: protocol.NewTensor([]int64{1, 100_000}, big)},
+			{Name: "mask", Tensor: protocol.NewTensor([]int64{1, 3}, []int64{1, 1, 0})},
+		}},
+		{Kind: protocol.KindError, Header: protocol.Header{ID: 1, Code: protocol.CodeBusy, Message: "full", Hop: 2}},
+		{Kind: protocol.KindClose, Header: protocol.Header{Session: "s"}},
+	}
+	var buf bytes.Buffer
+	for _, m := range msgs {
+		if err := protocol.WriteMessage(&buf, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if buf.Len() > 100_000*2+1000 {
+		t.Fatalf("fp16 frame is %d bytes: not halved", buf.Len())
+	}
+	for i, want := range msgs {
+		got, err := protocol.ReadMessage(&buf, 0)
+		if err != nil {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+		if got.Kind != want.Kind || got.Header.ID != want.Header.ID || len(got.Tensors) != len(want.Tensors) {
+			t.Fatalf("frame %d: %+v", i, got)
+		}
+		for j, tw := range want.Tensors {
+			if d, err := protocol.MaxAbsDiff(tw.Tensor, got.Tensors[j].Tensor); err != nil || d != 0 {
+				t.Fatalf("frame %d tensor %s: diff %v %v", i, tw.Name, d, err)
+			}
+		}
+	}
+	if _, err := protocol.ReadMessage(&buf, 0); err != io.EOF {
+		t.Fatalf("after the last frame: %v, want io.EOF", err)
+	}
+}
+
+func TestReadMessageRefuses(t *testing.T) {
+	var good bytes.Buffer
+	protocol.WriteMessage(&good, &protocol.Message{Kind: protocol.KindResult, Header: protocol.Header{ID: 3},
+		Tensors: []protocol.NamedTensor{{Name: "y", Tensor: protocol.NewTensor([]int64{4}, []int32{1, 2, 3, 4})}}})
+	g := good.Bytes()
+	frame := func(kind byte, header string, body []byte) []byte {
+		b := binary.LittleEndian.AppendUint32(nil, uint32(1+len(binary.AppendUvarint(nil, uint64(len(header))))+len(header)+len(body)))
+		b = append(b, kind)
+		b = binary.AppendUvarint(b, uint64(len(header)))
+		return append(append(b, header...), body...)
+	}
+	cases := map[string][]byte{
+		"truncated body":   g[:len(g)-3],
+		"truncated header": g[:12],
+		"huge length":      append(binary.LittleEndian.AppendUint32(nil, 0xffffffff), g[4:]...),
+		"unknown kind":     frame(9, `{"id":1}`, nil),
+		"unknown field":    frame(1, `{"id":1,"evil":true}`, nil),
+		"not json":         frame(1, `{{{`, nil),
+		"body too long":    frame(3, `{"id":1,"tensors":[{"name":"y","dtype":"int32","shape":[1],"wire":"int32"}]}`, make([]byte, 8)),
+		"body too short":   frame(3, `{"id":1,"tensors":[{"name":"y","dtype":"int32","shape":[4],"wire":"int32"}]}`, make([]byte, 8)),
+		"negative dim":     frame(3, `{"id":1,"tensors":[{"name":"y","dtype":"int32","shape":[-4],"wire":"int32"}]}`, nil),
+		"overflowing dims": frame(3, `{"id":1,"tensors":[{"name":"y","dtype":"int32","shape":[4294967296,4294967296],"wire":"int32"}]}`, nil),
+		"bad wire type":    frame(3, `{"id":1,"tensors":[{"name":"y","dtype":"int64","shape":[1],"wire":"float16"}]}`, make([]byte, 2)),
+	}
+	for name, b := range cases {
+		_, err := protocol.ReadMessage(bytes.NewReader(b), 1<<20)
+		if err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := protocol.ReadMessage(bytes.NewReader(g), 10); !errors.Is(err, protocol.ErrBadFrame) {
+		t.Errorf("frame over the caller's limit: %v", err)
+	}
+}
+
+func TestRemoteErrorIs(t *testing.T) {
+	var err error = &protocol.RemoteError{Code: protocol.CodeBusy, Message: "full", Hop: 1, Peer: "12D3KooWabcdefgh"}
+	if !errors.Is(err, protocol.ErrBusy) || errors.Is(err, protocol.ErrDeadline) {
+		t.Fatalf("errors.Is on %v", err)
+	}
+}
+
+func FuzzReadMessage(f *testing.F) {
+	var b bytes.Buffer
+	protocol.WriteMessage(&b, &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: 1, FP16: true},
+		Tensors: []protocol.NamedTensor{{Name: "x", Tensor: protocol.NewTensor([]int64{2}, []float32{1, 2})}}})
+	f.Add(b.Bytes())
+	f.Add([]byte{1, 0, 0, 0, 1})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		m, err := protocol.ReadMessage(bytes.NewReader(data), 1<<20)
+		if err != nil {
+			return
+		}
+		for _, nt := range m.Tensors {
+			if err := nt.Validate(); err != nil {
+				t.Fatalf("decoded an invalid tensor: %v", err)
+			}
+		}
+		var out bytes.Buffer
+		if err := protocol.WriteMessage(&out, m); err != nil {
+			t.Fatalf("re-encoding: %v", err)
+		}
+	})
+}
