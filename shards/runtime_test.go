@@ -50,6 +50,17 @@ func TestSpanRunAndSession(t *testing.T) {
 	if sess.Steps() != 3 {
 		t.Fatalf("Steps() = %d", sess.Steps())
 	}
+	// A failed step leaves the session's state as it was.
+	if _, err := sess.Step(shards.Tensors{"x": protocol.NewTensor([]int64{1, 3}, []float32{1, 2, 3})}); err == nil {
+		t.Fatal("bad step accepted")
+	}
+	out, err = sess.Step(shards.Tensors{"x": x})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rows, _ := protocol.View[int64](out["rows"]); !slices.Equal(rows, []int64{4, 2}) {
+		t.Fatalf("after a failed step: rows = %v, want [4 2]", rows)
+	}
 }
 
 func TestSpanSplitEqualsWhole(t *testing.T) {

@@ -393,11 +393,13 @@ func (ss *spanSession) Step(inputs Tensors) (Tensors, error) {
 		}
 		live[spec.Name] = v
 	}
-	// State from the last step, or zeros on the first.
+	// State from the last step, or zeros on the first. The session keeps
+	// owning its state until the step succeeds: a failed step leaves the
+	// session as it was, so the step can be retried.
 	for _, st := range s.state {
 		if v, ok := ss.state[st.pair.Input]; ok {
 			live[st.pair.Input] = v
-			delete(ss.state, st.pair.Input)
+			defer delete(live, st.pair.Input) // not this step's to destroy
 			continue
 		}
 		v, err := toValue(zeros(st.spec, dims))
