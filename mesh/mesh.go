@@ -118,6 +118,8 @@ type Mesh struct {
 	dht    *dht.IpfsDHT
 	coords *Coordinates
 	view   *View
+	stage  *stage
+	bans   bans // peers that failed our requests, for a while
 	advert func() Advert
 	mdns   mdns.Service
 
@@ -171,7 +173,9 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 		return nil, err
 	}
 	m.view = newView(m)
+	m.stage = newStage(m)
 	m.host.SetStreamHandler(RecordProtocol, m.handleRecord)
+	m.host.SetStreamHandler(ManifestProtocol, m.handleManifest)
 	if err := m.connectBootstrap(ctx); err != nil {
 		return nil, err
 	}
@@ -187,6 +191,7 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 	m.wg.Go(func() { m.coords.Run(m.ctx, m.connectedPeers, cfg.CoordEvery) })
 	m.wg.Go(m.republishLoop)
 	m.wg.Go(m.view.refreshLoop)
+	m.wg.Go(m.stage.expiryLoop)
 	return m, nil
 }
 
@@ -374,6 +379,12 @@ func (m *Mesh) shutdown() error {
 	var errs []error
 	if m.mdns != nil {
 		errs = append(errs, m.mdns.Close())
+	}
+	if m.stage != nil {
+		// Stop taking requests and end our stage streams, whose readers
+		// are among the goroutines waited for below.
+		m.host.RemoveStreamHandler(protocol.StageProtocol)
+		m.stage.closeAll()
 	}
 	m.wg.Wait()
 	if m.coords != nil {

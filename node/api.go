@@ -72,6 +72,8 @@ func (n *Node) startAPI() error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", n.handleStatus)
 	mux.HandleFunc("GET /v1/peers", n.handlePeers)
+	mux.HandleFunc("POST /v1/infer", n.handleInfer)
+	mux.HandleFunc("POST /v1/generate", n.handleGenerate)
 	n.api = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	n.wg.Go(func() {
 		if err := n.api.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -180,4 +182,164 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // writeError writes {"error": {"code", "message"}}.
 func writeError(w http.ResponseWriter, status int, code, msg string) {
 	writeJSON(w, status, map[string]any{"error": map[string]string{"code": code, "message": msg}})
+}
+
+// maxRequestBytes bounds an API request body.
+const maxRequestBytes = 64 << 20
+
+// InferRequest is POST /v1/infer: one pass of a model through the mesh.
+type InferRequest struct {
+	Model     string                      `json:"model"`
+	Inputs    map[string]*protocol.Tensor `json:"inputs"`
+	FP16      bool                        `json:"fp16,omitempty"`
+	TimeoutMS int                         `json:"timeout_ms,omitempty"`
+}
+
+// HopTiming is a hop of the route a step took, with its compute time.
+type HopTiming struct {
+	Peer      string `json:"peer"`
+	Start     int    `json:"start"`
+	End       int    `json:"end"` // exclusive
+	ComputeUS int64  `json:"compute_us"`
+}
+
+// InferResponse is the answer to POST /v1/infer.
+type InferResponse struct {
+	Outputs   map[string]*protocol.Tensor `json:"outputs"`
+	Route     []HopTiming                 `json:"route"`
+	TotalMS   float64                     `json:"total_ms"`
+	Failovers int                         `json:"failovers"`
+}
+
+// GenerateAPIRequest is POST /v1/generate (byte-level models).
+type GenerateAPIRequest struct {
+	Model       string  `json:"model"`
+	Prompt      string  `json:"prompt"`
+	MaxTokens   int     `json:"max_tokens"`
+	Temperature float64 `json:"temperature,omitempty"`
+	TopK        int     `json:"top_k,omitempty"`
+	Seed        uint64  `json:"seed,omitempty"`
+	FP16        bool    `json:"fp16,omitempty"`
+}
+
+// GenerateResponse is the answer to POST /v1/generate.
+type GenerateResponse struct {
+	Text         string      `json:"text"`
+	Tokens       []int64     `json:"tokens"`
+	Route        []HopTiming `json:"route"` // the final route, with mean compute per step
+	FirstTokenMS float64     `json:"first_token_ms"`
+	TotalMS      float64     `json:"total_ms"`
+	TokensPerS   float64     `json:"tokens_per_s"`
+	Failovers    int         `json:"failovers"`
+}
+
+func timings(route []protocol.Hop, micros []int64) []HopTiming {
+	out := make([]HopTiming, len(route))
+	for i, h := range route {
+		out[i] = HopTiming{Peer: h.Peer, Start: h.Start, End: h.End}
+		if i < len(micros) {
+			out[i].ComputeUS = micros[i]
+		}
+	}
+	return out
+}
+
+func readRequest(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRequestBytes))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		status := http.StatusBadRequest
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			status = http.StatusRequestEntityTooLarge
+		}
+		writeError(w, status, "bad_request", err.Error())
+		return false
+	}
+	return true
+}
+
+// meshError maps a failure of a request through the mesh to an HTTP answer.
+func meshError(w http.ResponseWriter, err error) {
+	switch {
+	case errors.Is(err, mesh.ErrNoRoute):
+		writeError(w, http.StatusServiceUnavailable, "no_route", err.Error())
+	case errors.Is(err, protocol.ErrBusy):
+		writeError(w, http.StatusTooManyRequests, "busy", err.Error())
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, protocol.ErrDeadline):
+		writeError(w, http.StatusGatewayTimeout, "deadline", err.Error())
+	case errors.Is(err, protocol.ErrBadRequest):
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+	default:
+		writeError(w, http.StatusBadGateway, "mesh", err.Error())
+	}
+}
+
+func (n *Node) handleInfer(w http.ResponseWriter, r *http.Request) {
+	var req InferRequest
+	if !readRequest(w, r, &req) {
+		return
+	}
+	model, err := shards.ParseCID(req.Model)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	opts := mesh.InferOptions{FP16: req.FP16, StepTimeout: time.Duration(req.TimeoutMS) * time.Millisecond}
+	res, err := n.Infer(r.Context(), model, req.Inputs, opts)
+	if err != nil {
+		meshError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, InferResponse{Outputs: res.Outputs, Route: timings(res.Info.Route, res.Info.HopMicros),
+		TotalMS: float64(res.Info.Total.Microseconds()) / 1000, Failovers: res.Info.Failovers})
+}
+
+func (n *Node) handleGenerate(w http.ResponseWriter, r *http.Request) {
+	var req GenerateAPIRequest
+	if !readRequest(w, r, &req) {
+		return
+	}
+	model, err := shards.ParseCID(req.Model)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	if req.MaxTokens <= 0 {
+		req.MaxTokens = 32
+	}
+	prompt := make([]int64, len(req.Prompt))
+	for i := range len(req.Prompt) {
+		prompt[i] = int64(req.Prompt[i])
+	}
+	res, err := n.Generate(r.Context(), GenerateRequest{Model: model, Prompt: prompt, MaxTokens: req.MaxTokens,
+		Sampling: shards.Sampling{Temperature: req.Temperature, TopK: req.TopK, Seed: req.Seed}, Options: mesh.InferOptions{FP16: req.FP16}}, nil)
+	if err != nil {
+		meshError(w, err)
+		return
+	}
+	resp := GenerateResponse{Tokens: res.Tokens, FirstTokenMS: float64(res.FirstToken.Microseconds()) / 1000,
+		TotalMS: float64(res.Total.Microseconds()) / 1000}
+	text := make([]byte, len(res.Tokens))
+	for i, t := range res.Tokens {
+		text[i] = byte(t)
+	}
+	resp.Text = string(text)
+	if len(res.Tokens) > 1 {
+		resp.TokensPerS = float64(len(res.Tokens)-1) / (res.Total - res.FirstToken).Seconds()
+	}
+	if k := len(res.Steps); k > 0 {
+		last := res.Steps[k-1]
+		mean := make([]int64, len(last.Route))
+		for _, s := range res.Steps {
+			resp.Failovers += s.Failovers
+			if len(s.HopMicros) == len(mean) {
+				for i, us := range s.HopMicros {
+					mean[i] += us / int64(k)
+				}
+			}
+		}
+		resp.Route = timings(last.Route, mean)
+	}
+	writeJSON(w, http.StatusOK, resp)
 }

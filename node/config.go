@@ -54,6 +54,11 @@ type Config struct {
 	RecordTTL Duration `json:"record_ttl"`
 	// ViewRefresh is how often the view re-reads models (default 5s).
 	ViewRefresh Duration `json:"view_refresh"`
+	// MaxInFlight is how many steps this node computes at once (default 8);
+	// past it, requests get an immediate busy and go elsewhere.
+	MaxInFlight int `json:"max_in_flight"`
+	// MaxSessions bounds open generation sessions (default 256).
+	MaxSessions int `json:"max_sessions"`
 	// Threads is onnxruntime's intra-op threads per session (0 = per core).
 	Threads int `json:"threads"`
 	// Provider is the execution provider, cpu (default) or cuda.

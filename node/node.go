@@ -45,12 +45,10 @@ type Node struct {
 
 	rt     *shards.Runtime
 	served []*servedSpan
+	subs   subSpans
 	mesh   *mesh.Mesh
 	api    *http.Server
 	apiLn  net.Listener
-
-	mu       sync.Mutex
-	inFlight int
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -108,6 +106,7 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
+	n.mesh.Serve(n, mesh.StageConfig{MaxInFlight: cfg.MaxInFlight, MaxSessions: cfg.MaxSessions})
 	n.log.Info("node started", "peer", n.mesh.ID(), "addrs", n.mesh.Host().Addrs())
 	if err := n.mesh.Publish(ctx); err != nil {
 		n.log.Warn("first capacity record not stored yet", "err", err)
@@ -204,10 +203,21 @@ func (n *Node) advert() mesh.Advert {
 		a.Models = append(a.Models, protocol.ServedSpan{Model: s.model.ID.String(), Blocks: len(s.model.Manifest.Blocks),
 			Start: s.start, End: s.end, BlockMicros: s.micros})
 	}
-	n.mu.Lock()
-	a.Load.InFlight = n.inFlight
-	n.mu.Unlock()
+	if n.mesh != nil {
+		a.Load = n.mesh.Load()
+	}
 	return a
+}
+
+// ManifestBytes implements mesh.ManifestSource for the models served here.
+func (n *Node) ManifestBytes(model string) ([]byte, bool) {
+	for _, s := range n.served {
+		if s.model.ID.String() == model {
+			b, err := s.model.Manifest.Encode()
+			return b, err == nil
+		}
+	}
+	return nil, false
 }
 
 // Mesh is the node's mesh membership.
@@ -287,6 +297,12 @@ func (n *Node) Close() error {
 	for _, s := range n.served {
 		errs = append(errs, s.span.Close())
 	}
+	n.subs.mu.Lock()
+	for _, sp := range n.subs.spans {
+		errs = append(errs, sp.Close())
+	}
+	n.subs.spans = nil
+	n.subs.mu.Unlock()
 	return errors.Join(errs...)
 }
 

@@ -1,0 +1,426 @@
+package mesh
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
+)
+
+// InferOptions tune a request through the mesh. Zero values take the
+// defaults named on each field.
+type InferOptions struct {
+	// StepTimeout bounds one step end to end (default 30 s); past it the
+	// requester treats the hop that has not answered as failed.
+	StepTimeout time.Duration
+	// MaxFailovers bounds how many times one step is re-routed (default 8).
+	MaxFailovers int
+	// FP16 sends float32 activations as float16 (half the bytes; not
+	// bit-exact).
+	FP16 bool
+}
+
+func (o *InferOptions) defaults() {
+	if o.StepTimeout <= 0 {
+		o.StepTimeout = 30 * time.Second
+	}
+	if o.MaxFailovers <= 0 {
+		o.MaxFailovers = 8
+	}
+}
+
+// StepInfo says how a step travelled.
+type StepInfo struct {
+	Route     []protocol.Hop // the route of the step as finally completed
+	HopMicros []int64        // compute time at each hop of Route
+	Total     time.Duration  // end to end at the requester
+	Failovers int            // hops replaced during the step
+}
+
+// call is one of this node's requests in flight: answers for it are
+// delivered here.
+type call struct {
+	route []protocol.Hop
+	ch    chan *protocol.Message
+}
+
+func (st *stage) register(id uint64, route []protocol.Hop) *call {
+	c := &call{route: route, ch: make(chan *protocol.Message, len(route)+2)}
+	st.mu.Lock()
+	st.pending[id] = c
+	st.mu.Unlock()
+	return c
+}
+
+func (st *stage) unregister(id uint64) {
+	st.mu.Lock()
+	delete(st.pending, id)
+	st.mu.Unlock()
+}
+
+// deliver hands a progress, result or error to the request waiting for it,
+// if the sender is a hop of that request's route.
+func (st *stage) deliver(from peer.ID, msg *protocol.Message) {
+	st.mu.Lock()
+	c, ok := st.pending[msg.Header.ID]
+	st.mu.Unlock()
+	if !ok {
+		return // late answer to a request already settled
+	}
+	h := msg.Header.Hop
+	if h < 0 || h >= len(c.route) {
+		return
+	}
+	switch msg.Kind {
+	case protocol.KindProgress, protocol.KindResult:
+		if c.route[h].Peer != from.String() {
+			return
+		}
+	case protocol.KindError:
+		// The failing hop or the one before it (which could not reach it)
+		// reports; so may this node itself.
+		if from != st.m.host.ID() && c.route[h].Peer != from.String() && (h == 0 || c.route[h-1].Peer != from.String()) {
+			return
+		}
+	default:
+		return
+	}
+	select {
+	case c.ch <- msg:
+	default: // the requester stopped listening
+	}
+}
+
+var idMu sync.Mutex
+var lastID uint64
+
+func nextID() uint64 {
+	idMu.Lock()
+	defer idMu.Unlock()
+	lastID++
+	return uint64(time.Now().UnixNano())<<8 ^ lastID
+}
+
+// route plans hops for blocks [start, end) of a model, avoiding banned peers.
+func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, exclude map[peer.ID]bool) ([]protocol.Hop, int, error) {
+	mv, err := m.view.Model(ctx, model)
+	if err != nil {
+		return nil, 0, err
+	}
+	if mv.Blocks == 0 {
+		return nil, 0, fmt.Errorf("%w: nobody serves model %s", ErrNoRoute, model)
+	}
+	if end <= 0 {
+		end = mv.Blocks
+	}
+	req := RouteRequest{Blocks: mv.Blocks, Start: start, End: end, Exclude: exclude, Tokens: 1, From: m.coords.Self(), HaveFrom: true}
+	r, err := PlanRoute(Candidates(mv), req)
+	if err != nil {
+		return nil, mv.Blocks, err
+	}
+	hops := make([]protocol.Hop, len(r.Hops))
+	for i, h := range r.Hops {
+		hops[i] = protocol.Hop{Peer: h.Peer.String(), Start: h.Start, End: h.End}
+	}
+	return hops, mv.Blocks, nil
+}
+
+// bans remembers peers that failed, each for a while growing with repeated
+// failures.
+type bans struct {
+	mu    sync.Mutex
+	until map[peer.ID]time.Time
+	count map[peer.ID]int
+}
+
+func (b *bans) ban(p peer.ID) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.until == nil {
+		b.until, b.count = map[peer.ID]time.Time{}, map[peer.ID]int{}
+	}
+	b.count[p]++
+	d := min(5*time.Second<<min(b.count[p]-1, 6), 5*time.Minute)
+	b.until[p] = time.Now().Add(d)
+}
+
+func (b *bans) set() map[peer.ID]bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := map[peer.ID]bool{}
+	now := time.Now()
+	for p, t := range b.until {
+		if now.Before(t) {
+			out[p] = true
+		}
+	}
+	return out
+}
+
+// Infer runs one stateless pass of a model through the mesh: the request
+// goes to the first hop, travels hop to hop, and the last hop returns the
+// outputs. On a failure it bans the failing peer and retries on a new
+// route.
+func (m *Mesh) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, opts InferOptions) (shards.Tensors, *StepInfo, error) {
+	opts.defaults()
+	info := &StepInfo{}
+	start := time.Now()
+	var lastErr error
+	for attempt := 0; attempt <= opts.MaxFailovers; attempt++ {
+		route, _, err := m.route(ctx, model, 0, 0, m.bans.set())
+		if err != nil {
+			return nil, info, errors.Join(err, lastErr)
+		}
+		out, micros, failed, err := m.runRoute(ctx, model, "", 0, route, inputs, opts)
+		if err == nil {
+			info.Route, info.HopMicros, info.Total = route, micros, time.Since(start)
+			return out, info, nil
+		}
+		if ctx.Err() != nil {
+			return nil, info, ctx.Err()
+		}
+		lastErr = err
+		if failed >= 0 {
+			p, _ := peer.Decode(route[failed].Peer)
+			m.bans.ban(p)
+			info.Failovers++
+		}
+	}
+	return nil, info, fmt.Errorf("gave up after %d failovers: %w", opts.MaxFailovers, lastErr)
+}
+
+// runRoute sends one step down route and waits for its result. On failure
+// it returns the index of the hop to blame (-1 when none can be), and keeps
+// the progress of the hops that answered in progress (for sessions).
+func (m *Mesh) runRoute(ctx context.Context, model cid.Cid, session string, step int, route []protocol.Hop, inputs shards.Tensors,
+	opts InferOptions) (shards.Tensors, []int64, int, error) {
+	out, micros, _, failed, err := m.runRouteProgress(ctx, model, session, step, route, inputs, opts)
+	return out, micros, failed, err
+}
+
+func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session string, step int, route []protocol.Hop,
+	inputs shards.Tensors, opts InferOptions) (shards.Tensors, []int64, []shards.Tensors, int, error) {
+	id := nextID()
+	c := m.stage.register(id, route)
+	defer m.stage.unregister(id)
+	ctx, cancel := context.WithTimeout(ctx, opts.StepTimeout)
+	defer cancel()
+	msg := &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: id, Requester: m.host.ID().String(),
+		Model: model.String(), Session: session, Step: step, Route: route, FP16: opts.FP16}}
+	if dl, ok := ctx.Deadline(); ok {
+		msg.Header.Deadline = dl.UnixMilli()
+	}
+	for _, name := range sortedNames(inputs) {
+		msg.Tensors = append(msg.Tensors, protocol.NamedTensor{Name: name, Tensor: inputs[name]})
+	}
+	first, err := peer.Decode(route[0].Peer)
+	if err != nil {
+		return nil, nil, nil, 0, err
+	}
+	micros := make([]int64, len(route))
+	progress := make([]shards.Tensors, len(route)) // progress[h]: what hop h sent on
+	if err := m.stage.send(ctx, first, msg); err != nil {
+		return nil, micros, progress, 0, fmt.Errorf("hop 0: %w", err)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			// Blame the first hop that has not reported.
+			blame := 0
+			for blame < len(route)-1 && progress[blame] != nil {
+				blame++
+			}
+			return nil, micros, progress, blame, fmt.Errorf("step timed out after %s: %w", opts.StepTimeout, ctx.Err())
+		case a := <-c.ch:
+			h := a.Header.Hop
+			switch a.Kind {
+			case protocol.KindProgress:
+				micros[h], progress[h] = a.Header.Micros, a.Map()
+			case protocol.KindResult:
+				micros[h] = a.Header.Micros
+				return a.Map(), micros, progress, -1, nil
+			case protocol.KindError:
+				return nil, micros, progress, h, &protocol.RemoteError{Code: a.Header.Code, Message: a.Header.Message, Hop: h, Peer: route[h].Peer}
+			}
+		}
+	}
+}
+
+// Session is a generation (or any stateful stream) through the mesh: each
+// hop keeps its blocks' state (KV cache) between steps. The requester keeps
+// what each hop was sent, so when a hop fails it re-routes just that span,
+// replays the history there to rebuild the state, and carries on: the
+// outputs are those of an uninterrupted run. A Session is used by one
+// goroutine at a time.
+type Session struct {
+	m       *Mesh
+	model   cid.Cid
+	id      string
+	opts    InferOptions
+	route   []protocol.Hop
+	history [][]shards.Tensors // history[h][s]: inputs hop h got at step s
+	steps   int
+	closed  bool
+}
+
+// NewSession starts a session for a model; the route is chosen at the first
+// step.
+func (m *Mesh) NewSession(model cid.Cid, opts InferOptions) *Session {
+	opts.defaults()
+	var b [16]byte
+	rand.Read(b[:])
+	return &Session{m: m, model: model, id: hex.EncodeToString(b[:]), opts: opts}
+}
+
+// Route is the session's current route.
+func (s *Session) Route() []protocol.Hop { return s.route }
+
+// Step runs one step: its inputs go down the route; each hop updates its
+// state; the outputs come back.
+func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tensors, *StepInfo, error) {
+	if s.closed {
+		return nil, nil, errors.New("session closed")
+	}
+	start := time.Now()
+	info := &StepInfo{}
+	if s.route == nil {
+		route, _, err := s.m.route(ctx, s.model, 0, 0, s.m.bans.set())
+		if err != nil {
+			return nil, info, err
+		}
+		s.route = route
+		s.history = make([][]shards.Tensors, len(route))
+	}
+	// from: the hop this attempt starts at; in: what it gets.
+	from, in := 0, inputs
+	micros := make([]int64, len(s.route))
+	for {
+		sub := s.route[from:]
+		out, subMicros, progress, failed, err := s.m.runRouteProgress(ctx, s.model, s.id, s.steps, sub, in, s.opts)
+		copy(micros[from:], subMicros)
+		// Record what each hop of the attempt was sent (for later replays).
+		s.record(from, in, progress)
+		if err == nil {
+			s.steps++
+			info.Route, info.HopMicros, info.Total = s.route, micros, time.Since(start)
+			return out, info, nil
+		}
+		if ctx.Err() != nil {
+			return nil, info, ctx.Err()
+		}
+		if failed < 0 || info.Failovers >= s.opts.MaxFailovers {
+			return nil, info, err
+		}
+		f := from + failed
+		s.m.log.Info("hop failed; re-routing its span", "hop", f, "peer", s.route[f].Peer, "blocks",
+			fmt.Sprintf("%d-%d", s.route[f].Start, s.route[f].End-1), "err", err)
+		p, _ := peer.Decode(s.route[f].Peer)
+		s.m.bans.ban(p)
+		info.Failovers++
+		if rerr := s.replace(ctx, f); rerr != nil {
+			s.m.log.Info("could not replace the hop yet", "err", rerr)
+			if info.Failovers >= s.opts.MaxFailovers {
+				return nil, info, errors.Join(err, rerr)
+			}
+			continue // try again: bans grow, the view refreshes
+		}
+		// Resume the step at the replacement, with what hop f was sent.
+		from = f
+		in = s.history[f][s.steps]
+		micros = append(micros[:0:0], make([]int64, len(s.route))...)
+	}
+}
+
+// record stores the inputs of hops from, from+1, ... for the current step:
+// hop from got in, hop from+i+1 got what hop from+i sent on.
+func (s *Session) record(from int, in shards.Tensors, progress []shards.Tensors) {
+	put := func(h int, t shards.Tensors) {
+		for len(s.history[h]) <= s.steps {
+			s.history[h] = append(s.history[h], nil)
+		}
+		s.history[h][s.steps] = t
+	}
+	put(from, in)
+	for i, p := range progress {
+		if p != nil && from+i+1 < len(s.route) {
+			put(from+i+1, p)
+		}
+	}
+}
+
+// replace re-routes hop f's span around banned peers, replays the session
+// history on the new hops to rebuild their state, and splices them into the
+// route.
+func (s *Session) replace(ctx context.Context, f int) error {
+	old := s.route[f]
+	hops, _, err := s.m.route(ctx, s.model, old.Start, old.End, s.m.bans.set())
+	if err != nil {
+		return err
+	}
+	// Replay every completed step through the new hops, in order; the last
+	// new hop returns its outputs to us (which the old hop f+1 already has).
+	// The progress of the new hops is their successors' input history.
+	newHist := make([][]shards.Tensors, len(hops))
+	newHist[0] = s.history[f][:s.steps]
+	for step := 0; step < s.steps; step++ {
+		_, _, progress, failed, err := s.m.runRouteProgress(ctx, s.model, s.id, step, hops, s.history[f][step], s.opts)
+		if err != nil {
+			if failed >= 0 {
+				p, _ := peer.Decode(hops[failed].Peer)
+				s.m.bans.ban(p)
+			}
+			return fmt.Errorf("replaying step %d on the replacement: %w", step, err)
+		}
+		for i := 0; i+1 < len(hops); i++ {
+			newHist[i+1] = append(newHist[i+1], progress[i])
+		}
+	}
+	// Hop f's input for the step in flight, if it was recorded, stays with
+	// the first new hop.
+	if len(s.history[f]) > s.steps {
+		newHist[0] = append(newHist[0], s.history[f][s.steps])
+	}
+	route := append(append(append([]protocol.Hop{}, s.route[:f]...), hops...), s.route[f+1:]...)
+	history := append(append(append([][]shards.Tensors{}, s.history[:f]...), newHist...), s.history[f+1:]...)
+	s.route, s.history = route, history
+	return nil
+}
+
+// Close ends the session at every hop (best effort) and forgets its
+// history.
+func (s *Session) Close() error {
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	msg := &protocol.Message{Kind: protocol.KindClose, Header: protocol.Header{Requester: s.m.host.ID().String(),
+		Model: s.model.String(), Session: s.id}}
+	for _, h := range s.route {
+		if p, err := peer.Decode(h.Peer); err == nil && p != s.m.host.ID() {
+			s.m.stage.send(ctx, p, msg)
+		}
+	}
+	s.history = nil
+	return nil
+}
+
+func sortedNames(t shards.Tensors) []string {
+	names := make([]string, 0, len(t))
+	for n := range t {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}

@@ -1,0 +1,101 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/infermesh/infermesh/shards"
+)
+
+// ManifestProtocol fetches a model's manifest from a peer that serves the
+// model, so that a requester that holds none of its blocks can still drive
+// it (a generation needs the decoder spec). One exchange per stream:
+//
+//	request:  uvarint length | model CID (string form)
+//	response: uvarint length | canonical manifest bytes (length 0: not here)
+//
+// The requester checks the bytes against the CID before using them.
+const ManifestProtocol = "/infermesh/manifest/1.0.0"
+
+const (
+	maxManifestBytes = 4 << 20
+	manifestTimeout  = 10 * time.Second
+)
+
+// ManifestSource gives the canonical manifest of a model this node serves.
+type ManifestSource interface {
+	ManifestBytes(model string) ([]byte, bool)
+}
+
+func (m *Mesh) handleManifest(s network.Stream) {
+	defer s.Close()
+	s.SetDeadline(time.Now().Add(manifestTimeout))
+	req, err := readFrame(s, 256)
+	if err != nil {
+		s.Reset()
+		return
+	}
+	var body []byte
+	m.stage.mu.Lock()
+	src, _ := m.stage.provider.(ManifestSource)
+	m.stage.mu.Unlock()
+	if src != nil {
+		body, _ = src.ManifestBytes(string(req))
+	}
+	writeFrame(s, body)
+}
+
+// FetchManifest asks the model's providers for its manifest, verifies it
+// against the model ID and returns it.
+func (m *Mesh) FetchManifest(ctx context.Context, model cid.Cid) (*shards.Manifest, error) {
+	ctx, cancel := context.WithTimeout(ctx, manifestTimeout)
+	defer cancel()
+	var errs []error
+	for ai := range m.dht.FindProvidersAsync(ctx, model, 8) {
+		if ai.ID == m.host.ID() {
+			continue
+		}
+		man, err := m.fetchManifestFrom(ctx, ai, model)
+		if err == nil {
+			return man, nil
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", ai.ID, err))
+	}
+	if len(errs) == 0 {
+		return nil, fmt.Errorf("no peer serves model %s", model)
+	}
+	return nil, fmt.Errorf("manifest of %s: %w", model, errors.Join(errs...))
+}
+
+func (m *Mesh) fetchManifestFrom(ctx context.Context, ai peer.AddrInfo, model cid.Cid) (*shards.Manifest, error) {
+	if len(ai.Addrs) > 0 {
+		m.host.Peerstore().AddAddrs(ai.ID, ai.Addrs, time.Minute)
+	}
+	s, err := m.host.NewStream(ctx, ai.ID, ManifestProtocol)
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	s.SetDeadline(time.Now().Add(manifestTimeout))
+	if err := writeFrame(s, []byte(model.String())); err != nil {
+		return nil, err
+	}
+	s.CloseWrite()
+	body, err := readFrame(s, maxManifestBytes)
+	if err != nil {
+		return nil, err
+	}
+	if len(body) == 0 {
+		return nil, errors.New("does not have it")
+	}
+	if got := shards.ManifestCID(body); !got.Equals(model) {
+		return nil, fmt.Errorf("sent a manifest whose CID is %s", got)
+	}
+	return shards.DecodeManifest(body)
+}

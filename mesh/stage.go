@@ -1,0 +1,429 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
+)
+
+// SpanProvider gives the stage server a runner for blocks [start, end) of a
+// model this node serves. The node implements it (loading sub-spans of
+// what it serves on demand); ErrNotServed says it does not serve them.
+type SpanProvider interface {
+	Runner(model string, start, end int) (shards.Runner, error)
+}
+
+// ErrNotServed is returned by a SpanProvider for blocks it does not serve.
+var ErrNotServed = errors.New("blocks not served here")
+
+// StageConfig bounds what a node's stage server accepts. Zero values take
+// the defaults named on each field.
+type StageConfig struct {
+	// MaxInFlight is how many steps may compute at once (default 8); one
+	// more gets an immediate busy.
+	MaxInFlight int
+	// MaxSessions bounds open sessions (default 256), each holding its
+	// blocks' KV cache; one more gets busy.
+	MaxSessions int
+	// SessionIdle closes a session unused this long (default 2 min).
+	SessionIdle time.Duration
+}
+
+func (c *StageConfig) defaults() {
+	if c.MaxInFlight <= 0 {
+		c.MaxInFlight = 8
+	}
+	if c.MaxSessions <= 0 {
+		c.MaxSessions = 256
+	}
+	if c.SessionIdle <= 0 {
+		c.SessionIdle = 2 * time.Minute
+	}
+}
+
+// stage is the serving side of the stage protocol, and the delivery of
+// progress, results and errors to this node's own requests.
+type stage struct {
+	m        *Mesh
+	cfg      StageConfig
+	provider SpanProvider
+
+	mu       sync.Mutex
+	inFlight int
+	sessions map[sessionKey]*hopSession
+	links    map[peer.ID]*link
+	pending  map[uint64]*call // this node's requests awaiting answers
+}
+
+// sessionKey identifies a session's state at a hop.
+type sessionKey struct {
+	requester, session, model string
+	start, end                int
+}
+
+type hopSession struct {
+	sess     shards.Session
+	next     int // the step it expects
+	lastUsed time.Time
+	busy     bool
+}
+
+// link is an outgoing stream to a peer carrying frames of many requests;
+// writes are serialised.
+type link struct {
+	mu sync.Mutex
+	s  network.Stream
+}
+
+const stageMaxFrame = protocol.MaxFrameBytes
+
+func newStage(m *Mesh) *stage {
+	st := &stage{m: m, sessions: map[sessionKey]*hopSession{}, links: map[peer.ID]*link{}, pending: map[uint64]*call{}}
+	st.cfg.defaults()
+	m.host.SetStreamHandler(protocol.StageProtocol, st.handleStream)
+	return st
+}
+
+// Serve makes this node answer stage requests for the spans p provides.
+func (m *Mesh) Serve(p SpanProvider, cfg StageConfig) {
+	cfg.defaults()
+	m.stage.mu.Lock()
+	m.stage.provider, m.stage.cfg = p, cfg
+	m.stage.mu.Unlock()
+}
+
+// Load is the stage server's current load, for the capacity record.
+func (m *Mesh) Load() protocol.Load {
+	m.stage.mu.Lock()
+	defer m.stage.mu.Unlock()
+	return protocol.Load{InFlight: m.stage.inFlight}
+}
+
+// handleStream reads frames until the stream ends; each is handled on its
+// own goroutine so that one slow step does not hold up the others.
+func (st *stage) handleStream(s network.Stream) {
+	from := s.Conn().RemotePeer()
+	defer s.Close()
+	for {
+		msg, err := protocol.ReadMessage(s, stageMaxFrame)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && st.m.ctx.Err() == nil {
+				st.m.log.Debug("stage stream ended", "peer", from, "err", err)
+				s.Reset()
+			}
+			return
+		}
+		if st.m.ctx.Err() != nil {
+			s.Reset()
+			return
+		}
+		switch msg.Kind {
+		case protocol.KindRequest:
+			st.m.wg.Go(func() { st.handleRequest(from, msg) })
+		case protocol.KindClose:
+			st.closeSession(from, msg)
+		default:
+			st.deliver(from, msg)
+		}
+	}
+}
+
+// send writes a frame to a peer over the link to it, opening one if
+// needed; a broken link is replaced once.
+func (st *stage) send(ctx context.Context, to peer.ID, msg *protocol.Message) error {
+	for attempt := 0; ; attempt++ {
+		l, err := st.link(ctx, to)
+		if err != nil {
+			return err
+		}
+		l.mu.Lock()
+		if dl, ok := ctx.Deadline(); ok {
+			l.s.SetWriteDeadline(dl)
+		} else {
+			l.s.SetWriteDeadline(time.Now().Add(30 * time.Second))
+		}
+		err = protocol.WriteMessage(l.s, msg)
+		l.mu.Unlock()
+		if err == nil {
+			return nil
+		}
+		st.dropLink(to, l)
+		if attempt > 0 || ctx.Err() != nil || errors.Is(err, protocol.ErrBadFrame) {
+			return err
+		}
+	}
+}
+
+func (st *stage) link(ctx context.Context, to peer.ID) (*link, error) {
+	st.mu.Lock()
+	l, ok := st.links[to]
+	st.mu.Unlock()
+	if ok {
+		return l, nil
+	}
+	s, err := st.m.host.NewStream(ctx, to, protocol.StageProtocol)
+	if err != nil {
+		return nil, err
+	}
+	// Frames also flow back on a stream we opened (a peer answers on any
+	// link), so read it too.
+	st.m.wg.Go(func() { st.handleStream(s) })
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if old, ok := st.links[to]; ok { // lost a race: keep the first
+		s.Close()
+		return old, nil
+	}
+	l = &link{s: s}
+	st.links[to] = l
+	return l, nil
+}
+
+func (st *stage) dropLink(to peer.ID, l *link) {
+	st.mu.Lock()
+	if st.links[to] == l {
+		delete(st.links, to)
+	}
+	st.mu.Unlock()
+	l.s.Reset()
+}
+
+// handleRequest runs one step at this hop and passes the outputs on.
+func (st *stage) handleRequest(from peer.ID, msg *protocol.Message) {
+	h := &msg.Header
+	self := st.m.host.ID().String()
+	requester, err := peer.Decode(h.Requester)
+	if err != nil || h.Hop < 0 || h.Hop >= len(h.Route) || h.Route[h.Hop].Peer != self {
+		st.m.log.Debug("dropped a stage request not for us", "from", from, "hop", h.Hop)
+		return
+	}
+	// Only the requester (for the first hop) or the previous hop may send
+	// a hop its inputs.
+	if (h.Hop == 0 && from != requester) || (h.Hop > 0 && h.Route[h.Hop-1].Peer != from.String()) {
+		st.fail(requester, h, protocol.CodeBadRequest, "request from a peer that is not the previous hop")
+		return
+	}
+	ctx := st.m.ctx
+	if h.Deadline > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, time.UnixMilli(h.Deadline))
+		defer cancel()
+		if ctx.Err() != nil {
+			st.fail(requester, h, protocol.CodeDeadline, "deadline passed before the step started")
+			return
+		}
+	}
+	if !st.admit() {
+		st.fail(requester, h, protocol.CodeBusy, fmt.Sprintf("%d steps in flight", st.cfg.MaxInFlight))
+		return
+	}
+	start := time.Now()
+	out, code, err := st.compute(requester, msg)
+	st.release()
+	if err != nil {
+		st.fail(requester, h, code, err.Error())
+		return
+	}
+	micros := time.Since(start).Microseconds()
+	next := &protocol.Message{Kind: protocol.KindRequest, Header: *h, Tensors: out}
+	next.Header.Tensors = nil
+	next.Header.Micros = micros
+	if h.Hop == len(h.Route)-1 {
+		next.Kind = protocol.KindResult
+		if err := st.send(ctx, requester, next); err != nil {
+			st.m.log.Debug("result not delivered", "requester", requester, "err", err)
+		}
+		return
+	}
+	next.Header.Hop = h.Hop + 1
+	nextPeer, err := peer.Decode(h.Route[h.Hop+1].Peer)
+	if err != nil {
+		st.fail(requester, h, protocol.CodeBadRequest, "bad next hop")
+		return
+	}
+	if err := st.send(ctx, nextPeer, next); err != nil {
+		// Blame the next hop: we computed fine but cannot reach it.
+		st.fail(requester, &next.Header, protocol.CodeUnreachable, err.Error())
+		return
+	}
+	// Progress tells the requester this hop is done (so it can tell which
+	// hop stalls); for sessions it carries what was sent on, which the
+	// requester keeps to rebuild a lost hop's state elsewhere.
+	progress := &protocol.Message{Kind: protocol.KindProgress, Header: *h}
+	progress.Header.Tensors, progress.Header.Micros, progress.Header.Route = nil, micros, nil
+	if h.Session != "" {
+		progress.Tensors = out
+	}
+	if err := st.send(ctx, requester, progress); err != nil {
+		st.m.log.Debug("progress not delivered", "requester", requester, "err", err)
+	}
+}
+
+func (st *stage) admit() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.inFlight >= st.cfg.MaxInFlight {
+		return false
+	}
+	st.inFlight++
+	return true
+}
+
+func (st *stage) release() {
+	st.mu.Lock()
+	st.inFlight--
+	st.mu.Unlock()
+}
+
+// compute runs the hop's span on the message's tensors, in the request's
+// session when it has one.
+func (st *stage) compute(requester peer.ID, msg *protocol.Message) ([]protocol.NamedTensor, protocol.ErrorCode, error) {
+	h := &msg.Header
+	hop := h.Route[h.Hop]
+	st.mu.Lock()
+	provider := st.provider
+	st.mu.Unlock()
+	if provider == nil {
+		return nil, protocol.CodeUnknownBlock, errors.New("this node serves nothing")
+	}
+	runner, err := provider.Runner(h.Model, hop.Start, hop.End)
+	if err != nil {
+		return nil, protocol.CodeUnknownBlock, err
+	}
+	inputs := msg.Map()
+	var out shards.Tensors
+	if h.Session == "" {
+		out, err = runner.Run(inputs)
+	} else {
+		key := sessionKey{requester: requester.String(), session: h.Session, model: h.Model, start: hop.Start, end: hop.End}
+		hs, code, serr := st.session(key, runner, h.Step)
+		if serr != nil {
+			return nil, code, serr
+		}
+		out, err = hs.sess.Step(inputs)
+		st.mu.Lock()
+		hs.busy = false
+		if err == nil {
+			hs.next++
+		}
+		hs.lastUsed = time.Now()
+		st.mu.Unlock()
+	}
+	if err != nil {
+		return nil, protocol.CodeBadRequest, err
+	}
+	names := make([]protocol.NamedTensor, 0, len(out))
+	for _, t := range sortedNames(out) {
+		names = append(names, protocol.NamedTensor{Name: t, Tensor: out[t]})
+	}
+	return names, "", nil
+}
+
+// session finds or opens the hop's state for a session step. Steps must
+// come in order: a step seen twice would corrupt the KV cache.
+func (st *stage) session(key sessionKey, runner shards.Runner, step int) (*hopSession, protocol.ErrorCode, error) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	hs, ok := st.sessions[key]
+	if !ok {
+		if step != 0 {
+			return nil, protocol.CodeUnknownSession, fmt.Errorf("session %s: step %d but no state here", key.session, step)
+		}
+		if len(st.sessions) >= st.cfg.MaxSessions {
+			st.expireLocked(time.Now())
+			if len(st.sessions) >= st.cfg.MaxSessions {
+				return nil, protocol.CodeBusy, fmt.Errorf("%d sessions open", len(st.sessions))
+			}
+		}
+		hs = &hopSession{sess: runner.NewSession()}
+		st.sessions[key] = hs
+	}
+	if hs.busy {
+		return nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d while another step runs", key.session, step)
+	}
+	if step != hs.next {
+		return nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d, expected %d", key.session, step, hs.next)
+	}
+	hs.busy, hs.lastUsed = true, time.Now()
+	return hs, "", nil
+}
+
+func (st *stage) closeSession(from peer.ID, msg *protocol.Message) {
+	h := &msg.Header
+	if from.String() != h.Requester {
+		return // only the requester ends its sessions
+	}
+	st.mu.Lock()
+	for k, hs := range st.sessions {
+		if k.requester == h.Requester && k.session == h.Session && !hs.busy {
+			hs.sess.Close()
+			delete(st.sessions, k)
+		}
+	}
+	st.mu.Unlock()
+}
+
+// expireLocked closes sessions idle past SessionIdle.
+func (st *stage) expireLocked(now time.Time) {
+	for k, hs := range st.sessions {
+		if !hs.busy && now.Sub(hs.lastUsed) > st.cfg.SessionIdle {
+			hs.sess.Close()
+			delete(st.sessions, k)
+		}
+	}
+}
+
+func (st *stage) expiryLoop() {
+	t := time.NewTicker(10 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-st.m.ctx.Done():
+			return
+		case now := <-t.C:
+			st.mu.Lock()
+			st.expireLocked(now)
+			st.mu.Unlock()
+		}
+	}
+}
+
+// fail reports an error at hop h.Hop to the requester.
+func (st *stage) fail(requester peer.ID, h *protocol.Header, code protocol.ErrorCode, msg string) {
+	e := &protocol.Message{Kind: protocol.KindError, Header: protocol.Header{ID: h.ID, Requester: h.Requester, Model: h.Model,
+		Session: h.Session, Step: h.Step, Hop: h.Hop, Code: code, Message: msg}}
+	if h.Hop >= 0 && h.Hop < len(h.Route) {
+		e.Header.Route = []protocol.Hop{h.Route[h.Hop]} // names the failed hop
+	}
+	ctx, cancel := context.WithTimeout(st.m.ctx, 5*time.Second)
+	defer cancel()
+	if requester == st.m.host.ID() {
+		st.deliver(requester, e)
+		return
+	}
+	if err := st.send(ctx, requester, e); err != nil {
+		st.m.log.Debug("error not delivered", "requester", requester, "err", err)
+	}
+}
+
+func (st *stage) closeAll() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for k, hs := range st.sessions {
+		hs.sess.Close()
+		delete(st.sessions, k)
+	}
+	for p, l := range st.links {
+		l.s.Reset()
+		delete(st.links, p)
+	}
+}

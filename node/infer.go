@@ -1,0 +1,172 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+
+	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/shards"
+)
+
+// maxSubSpans bounds the sub-spans of served spans kept loaded (a route may
+// ask a node for part of what it serves).
+const maxSubSpans = 8
+
+type subSpanKey struct {
+	model      string
+	start, end int
+}
+
+type subSpans struct {
+	mu    sync.Mutex
+	spans map[subSpanKey]*shards.Span
+	order []subSpanKey // least recently loaded first
+}
+
+// Runner implements mesh.SpanProvider: the served span itself, or a
+// sub-span of it loaded on first use (its blocks were verified at start).
+func (n *Node) Runner(model string, start, end int) (shards.Runner, error) {
+	for _, s := range n.served {
+		if s.model.ID.String() != model || start < s.start || end > s.end || start >= end {
+			continue
+		}
+		if start == s.start && end == s.end {
+			return s.span, nil
+		}
+		return n.subSpan(s, start, end)
+	}
+	return nil, fmt.Errorf("%w: model %s blocks %d-%d", mesh.ErrNotServed, model, start, end-1)
+}
+
+func (n *Node) subSpan(s *servedSpan, start, end int) (shards.Runner, error) {
+	key := subSpanKey{s.model.ID.String(), start, end}
+	n.subs.mu.Lock()
+	defer n.subs.mu.Unlock()
+	if sp, ok := n.subs.spans[key]; ok {
+		return sp, nil
+	}
+	sp, err := n.rt.LoadSpan(s.model, start, end)
+	if err != nil {
+		return nil, err
+	}
+	if n.subs.spans == nil {
+		n.subs.spans = map[subSpanKey]*shards.Span{}
+	}
+	if len(n.subs.order) >= maxSubSpans {
+		// Evicting closes the span; sessions on it fail and fail over.
+		old := n.subs.order[0]
+		n.subs.order = n.subs.order[1:]
+		n.subs.spans[old].Close()
+		delete(n.subs.spans, old)
+	}
+	n.subs.spans[key] = sp
+	n.subs.order = append(n.subs.order, key)
+	return sp, nil
+}
+
+// Manifest returns the manifest of a model: from a served model, or fetched
+// from a peer that serves it (and checked against its CID).
+func (n *Node) Manifest(ctx context.Context, model cid.Cid) (*shards.Manifest, error) {
+	for _, s := range n.served {
+		if s.model.ID.Equals(model) {
+			return s.model.Manifest, nil
+		}
+	}
+	return n.mesh.FetchManifest(ctx, model)
+}
+
+// InferResult is a single pass through the mesh.
+type InferResult struct {
+	Outputs shards.Tensors
+	Info    *mesh.StepInfo
+}
+
+// Infer runs one pass of a model through the mesh.
+func (n *Node) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, opts mesh.InferOptions) (*InferResult, error) {
+	out, info, err := n.mesh.Infer(ctx, model, inputs, opts)
+	if err != nil {
+		return nil, err
+	}
+	return &InferResult{Outputs: out, Info: info}, nil
+}
+
+// GenerateRequest asks for text from a byte-level decoder model.
+type GenerateRequest struct {
+	Model     cid.Cid
+	Prompt    []int64
+	MaxTokens int
+	Sampling  shards.Sampling
+	Options   mesh.InferOptions
+}
+
+// GenerateResult is a finished generation.
+type GenerateResult struct {
+	Tokens     []int64          // generated tokens (the prompt excluded)
+	Steps      []*mesh.StepInfo // one per step
+	FirstToken time.Duration    // time to the first generated token
+	Total      time.Duration
+}
+
+// Generate decodes through the mesh, one session along the route, calling
+// emit (if not nil) with each token as it comes.
+func (n *Node) Generate(ctx context.Context, req GenerateRequest, emit func(tok int64)) (*GenerateResult, error) {
+	man, err := n.Manifest(ctx, req.Model)
+	if err != nil {
+		return nil, err
+	}
+	if man.Decoder == nil {
+		return nil, fmt.Errorf("model %s is not a text-generation model (its manifest has no decoder)", req.Model)
+	}
+	if req.MaxTokens <= 0 {
+		return nil, errors.New("max tokens must be positive")
+	}
+	sess := &meshSession{ctx: ctx, s: n.mesh.NewSession(req.Model, req.Options)}
+	defer sess.Close()
+	dec, err := shards.NewDecoder(man.Decoder, sess, req.Prompt, req.Sampling)
+	if err != nil {
+		return nil, err
+	}
+	res := &GenerateResult{}
+	start := time.Now()
+	for range req.MaxTokens {
+		tok, err := dec.Next()
+		if errors.Is(err, shards.ErrContextFull) {
+			break
+		}
+		if err != nil {
+			return res, err
+		}
+		if len(res.Tokens) == 0 {
+			res.FirstToken = time.Since(start)
+		}
+		res.Tokens = append(res.Tokens, tok)
+		if emit != nil {
+			emit(tok)
+		}
+	}
+	res.Steps, res.Total = sess.infos, time.Since(start)
+	return res, nil
+}
+
+// meshSession adapts a mesh.Session to shards.Session, for shards.Decoder.
+type meshSession struct {
+	ctx   context.Context
+	s     *mesh.Session
+	infos []*mesh.StepInfo
+}
+
+func (m *meshSession) Step(in shards.Tensors) (shards.Tensors, error) {
+	out, info, err := m.s.Step(m.ctx, in)
+	if info != nil {
+		m.infos = append(m.infos, info)
+	}
+	return out, err
+}
+
+func (m *meshSession) Steps() int   { return len(m.infos) }
+func (m *meshSession) Close() error { return m.s.Close() }
