@@ -143,15 +143,41 @@ type bans struct {
 	count map[peer.ID]int
 }
 
-func (b *bans) ban(p peer.ID) {
+func (b *bans) ban(p peer.ID, base time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.until == nil {
 		b.until, b.count = map[peer.ID]time.Time{}, map[peer.ID]int{}
 	}
 	b.count[p]++
-	d := min(5*time.Second<<min(b.count[p]-1, 6), 5*time.Minute)
+	d := min(base<<min(b.count[p]-1, 8), 10*time.Minute)
 	b.until[p] = time.Now().Add(d)
+}
+
+// retryPause is the first pause before retrying a step that found no
+// replacement; it doubles with each failover of the step.
+const retryPause = 100 * time.Millisecond
+
+// Bans after a failure: a busy peer is worth trying again soon; one that
+// failed otherwise (unreachable, stalled, wrong answers) much later.
+const (
+	busyBan = time.Second
+	hardBan = 30 * time.Second
+)
+
+// blame bans the peer of a failed hop and, unless it was merely busy,
+// keeps it out of the view until it publishes again.
+func (m *Mesh) blame(p string, err error) {
+	id, derr := peer.Decode(p)
+	if derr != nil || id == m.host.ID() {
+		return
+	}
+	if errors.Is(err, protocol.ErrBusy) {
+		m.bans.ban(id, busyBan)
+		return
+	}
+	m.bans.ban(id, hardBan)
+	m.view.distrust(id)
 }
 
 func (b *bans) set() map[peer.ID]bool {
@@ -178,6 +204,14 @@ func (m *Mesh) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 	var lastErr error
 	for attempt := 0; attempt <= opts.MaxFailovers; attempt++ {
 		route, _, err := m.route(ctx, model, 0, 0, m.bans.set())
+		if err != nil && attempt > 0 && errors.Is(err, ErrNoRoute) && attempt < opts.MaxFailovers {
+			select { // peers were banned by earlier attempts: let busy bans lapse
+			case <-time.After(retryPause << min(attempt, 4)):
+				continue
+			case <-ctx.Done():
+				return nil, info, ctx.Err()
+			}
+		}
 		if err != nil {
 			return nil, info, errors.Join(err, lastErr)
 		}
@@ -191,8 +225,7 @@ func (m *Mesh) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 		}
 		lastErr = err
 		if failed >= 0 {
-			p, _ := peer.Decode(route[failed].Peer)
-			m.bans.ban(p)
+			m.blame(route[failed].Peer, err)
 			info.Failovers++
 		}
 	}
@@ -248,10 +281,46 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 				micros[h], progress[h] = a.Header.Micros, a.Map()
 			case protocol.KindResult:
 				micros[h] = a.Header.Micros
+				if session != "" {
+					m.awaitProgress(c, ctx, progress, micros)
+				}
 				return a.Map(), micros, progress, -1, nil
 			case protocol.KindError:
+				if a.Header.Message == "disconnected" && h < len(route)-1 && progress[h] != nil {
+					continue // that hop already did its part; its successor carries on
+				}
 				return nil, micros, progress, h, &protocol.RemoteError{Code: a.Header.Code, Message: a.Header.Message, Hop: h, Peer: route[h].Peer}
 			}
+		}
+	}
+}
+
+// progressGrace is how long a requester waits, after a result, for the
+// progress of earlier hops still on its way: the session history needs it.
+const progressGrace = time.Second
+
+// awaitProgress collects the progress messages a result overtook.
+func (m *Mesh) awaitProgress(c *call, ctx context.Context, progress []shards.Tensors, micros []int64) {
+	missing := func() bool {
+		for h := 0; h < len(progress)-1; h++ {
+			if progress[h] == nil {
+				return true
+			}
+		}
+		return false
+	}
+	t := time.NewTimer(progressGrace)
+	defer t.Stop()
+	for missing() {
+		select {
+		case a := <-c.ch:
+			if a.Kind == protocol.KindProgress && a.Header.Hop < len(progress)-1 {
+				progress[a.Header.Hop], micros[a.Header.Hop] = a.Map(), a.Header.Micros
+			}
+		case <-t.C:
+			return
+		case <-ctx.Done():
+			return
 		}
 	}
 }
@@ -324,19 +393,38 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 		f := from + failed
 		s.m.log.Info("hop failed; re-routing its span", "hop", f, "peer", s.route[f].Peer, "blocks",
 			fmt.Sprintf("%d-%d", s.route[f].Start, s.route[f].End-1), "err", err)
-		p, _ := peer.Decode(s.route[f].Peer)
-		s.m.bans.ban(p)
+		s.m.blame(s.route[f].Peer, err)
 		info.Failovers++
-		if rerr := s.replace(ctx, f); rerr != nil {
+		// Replaying needs every past input of the first replaced hop; when
+		// some never reached us, replace from an earlier hop whose history
+		// is whole (the first hop's always is: it is what we sent).
+		r := f
+		for r > 0 && !s.complete(r) {
+			r--
+		}
+		if rerr := s.replace(ctx, r, f); rerr != nil {
 			s.m.log.Info("could not replace the hop yet", "err", rerr)
 			if info.Failovers >= s.opts.MaxFailovers {
 				return nil, info, errors.Join(err, rerr)
 			}
-			continue // try again: bans grow, the view refreshes
+			// Try again after a pause: busy bans lapse, the view learns
+			// of new peers.
+			select {
+			case <-time.After(retryPause << min(info.Failovers, 4)):
+			case <-ctx.Done():
+				return nil, info, ctx.Err()
+			}
+			continue
 		}
-		// Resume the step at the replacement, with what hop f was sent.
-		from = f
-		in = s.history[f][s.steps]
+		// Resume the step at the replacement with what hop r was sent, or
+		// earlier when its input for this step never arrived (the hops
+		// before it had not reported yet): from the last hop whose input
+		// we know.
+		from = r
+		for len(s.history[from]) <= s.steps {
+			from--
+		}
+		in = s.history[from][s.steps]
 		micros = append(micros[:0:0], make([]int64, len(s.route))...)
 	}
 }
@@ -358,15 +446,31 @@ func (s *Session) record(from int, in shards.Tensors, progress []shards.Tensors)
 	}
 }
 
-// replace re-routes hop f's span around banned peers, replays the session
-// history on the new hops to rebuild their state, and splices them into the
-// route.
-func (s *Session) replace(ctx context.Context, f int) error {
-	old := s.route[f]
+// complete reports whether the inputs of hop h are known for every
+// completed step.
+func (s *Session) complete(h int) bool {
+	if len(s.history[h]) < s.steps {
+		return false
+	}
+	for _, in := range s.history[h][:s.steps] {
+		if in == nil {
+			return false
+		}
+	}
+	return true
+}
+
+// replace re-routes the span of hops r..f around banned peers, replays the
+// session history of hop r on the new hops to rebuild their state, and
+// splices them into the route.
+func (s *Session) replace(ctx context.Context, r, f int) error {
+	old := protocol.Hop{Peer: s.route[f].Peer, Start: s.route[r].Start, End: s.route[f].End}
 	hops, _, err := s.m.route(ctx, s.model, old.Start, old.End, s.m.bans.set())
 	if err != nil {
 		return err
 	}
+	last := f
+	f = r // below, f is the first replaced hop
 	// Replay every completed step through the new hops, in order; the last
 	// new hop returns its outputs to us (which the old hop f+1 already has).
 	// The progress of the new hops is their successors' input history.
@@ -376,10 +480,9 @@ func (s *Session) replace(ctx context.Context, f int) error {
 		_, _, progress, failed, err := s.m.runRouteProgress(ctx, s.model, s.id, step, hops, s.history[f][step], s.opts)
 		if err != nil {
 			if failed >= 0 {
-				p, _ := peer.Decode(hops[failed].Peer)
-				s.m.bans.ban(p)
+				s.m.blame(hops[failed].Peer, err)
 			}
-			return fmt.Errorf("replaying step %d on the replacement: %w", step, err)
+			return fmt.Errorf("replaying step %d of blocks %d-%d on %v: %w", step, old.Start, old.End-1, hops, err)
 		}
 		for i := 0; i+1 < len(hops); i++ {
 			newHist[i+1] = append(newHist[i+1], progress[i])
@@ -390,8 +493,8 @@ func (s *Session) replace(ctx context.Context, f int) error {
 	if len(s.history[f]) > s.steps {
 		newHist[0] = append(newHist[0], s.history[f][s.steps])
 	}
-	route := append(append(append([]protocol.Hop{}, s.route[:f]...), hops...), s.route[f+1:]...)
-	history := append(append(append([][]shards.Tensors{}, s.history[:f]...), newHist...), s.history[f+1:]...)
+	route := append(append(append([]protocol.Hop{}, s.route[:f]...), hops...), s.route[last+1:]...)
+	history := append(append(append([][]shards.Tensors{}, s.history[:f]...), newHist...), s.history[last+1:]...)
 	s.route, s.history = route, history
 	return nil
 }

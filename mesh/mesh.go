@@ -13,6 +13,7 @@ import (
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/discovery/mdns"
 
@@ -174,6 +175,11 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 	}
 	m.view = newView(m)
 	m.stage = newStage(m)
+	m.host.Network().Notify(&network.NotifyBundle{DisconnectedF: func(_ network.Network, c network.Conn) {
+		if len(m.host.Network().ConnsToPeer(c.RemotePeer())) == 0 {
+			m.stage.peerGone(c.RemotePeer())
+		}
+	}})
 	m.host.SetStreamHandler(RecordProtocol, m.handleRecord)
 	m.host.SetStreamHandler(ManifestProtocol, m.handleManifest)
 	if err := m.connectBootstrap(ctx); err != nil {
@@ -399,6 +405,10 @@ func (m *Mesh) shutdown() error {
 	return errors.Join(errs...)
 }
 
-// Kill stops the node without telling anyone, as a crash would: for tests
-// of ageing out.
-func (m *Mesh) Kill() error { return m.shutdown() }
+// Kill stops the node without telling anyone, as a crash would: the host
+// goes at once, then the rest. For tests of failover and ageing out.
+func (m *Mesh) Kill() error {
+	m.cancel()
+	m.host.Close()
+	return m.shutdown()
+}

@@ -75,6 +75,11 @@ type hopSession struct {
 	next     int // the step it expects
 	lastUsed time.Time
 	busy     bool
+	// lastOut is what step next-1 produced. A requester that resumes a
+	// step at this hop without knowing the hop had done it (its progress
+	// was still on the way) gets these outputs again rather than a step
+	// run twice, which would corrupt the KV cache.
+	lastOut shards.Tensors
 }
 
 // link is an outgoing stream to a peer carrying frames of many requests;
@@ -85,6 +90,12 @@ type link struct {
 }
 
 const stageMaxFrame = protocol.MaxFrameBytes
+
+// linkDialTimeout bounds opening a stage stream to a peer: a peer that
+// cannot be reached this fast is treated as failed and routed around (a
+// live peer on a reachable address answers in milliseconds to a round
+// trip or two).
+const linkDialTimeout = 2 * time.Second
 
 func newStage(m *Mesh) *stage {
 	st := &stage{m: m, sessions: map[sessionKey]*hopSession{}, links: map[peer.ID]*link{}, pending: map[uint64]*call{}}
@@ -170,7 +181,9 @@ func (st *stage) link(ctx context.Context, to peer.ID) (*link, error) {
 	if ok {
 		return l, nil
 	}
-	s, err := st.m.host.NewStream(ctx, to, protocol.StageProtocol)
+	dctx, cancel := context.WithTimeout(ctx, linkDialTimeout)
+	s, err := st.m.host.NewStream(dctx, to, protocol.StageProtocol)
+	cancel()
 	if err != nil {
 		return nil, err
 	}
@@ -230,6 +243,13 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message) {
 	out, code, err := st.compute(requester, msg)
 	st.release()
 	if err != nil {
+		var blame *blameError
+		if errors.As(err, &blame) {
+			blamed := *h
+			blamed.Hop = blame.hop
+			st.fail(requester, &blamed, code, blame.err.Error())
+			return
+		}
 		st.fail(requester, h, code, err.Error())
 		return
 	}
@@ -300,23 +320,36 @@ func (st *stage) compute(requester peer.ID, msg *protocol.Message) ([]protocol.N
 		return nil, protocol.CodeUnknownBlock, err
 	}
 	inputs := msg.Map()
+	if err := checkInputs(runner.Inputs(), inputs); err != nil {
+		// Malformed activations are the sender's fault: blame the previous
+		// hop (or, at the first hop, the requester's request).
+		if h.Hop > 0 {
+			return nil, protocol.CodeBadRequest, &blameError{hop: h.Hop - 1, err: fmt.Errorf("sent malformed activations: %w", err)}
+		}
+		return nil, protocol.CodeBadRequest, err
+	}
 	var out shards.Tensors
 	if h.Session == "" {
 		out, err = runner.Run(inputs)
 	} else {
 		key := sessionKey{requester: requester.String(), session: h.Session, model: h.Model, start: hop.Start, end: hop.End}
-		hs, code, serr := st.session(key, runner, h.Step)
+		hs, repeat, code, serr := st.session(key, runner, h.Step)
 		if serr != nil {
 			return nil, code, serr
 		}
-		out, err = hs.sess.Step(inputs)
-		st.mu.Lock()
-		hs.busy = false
-		if err == nil {
-			hs.next++
+		if repeat != nil {
+			out = repeat
+		} else {
+			out, err = hs.sess.Step(inputs)
+			st.mu.Lock()
+			hs.busy = false
+			if err == nil {
+				hs.next++
+				hs.lastOut = out
+			}
+			hs.lastUsed = time.Now()
+			st.mu.Unlock()
 		}
-		hs.lastUsed = time.Now()
-		st.mu.Unlock()
 	}
 	if err != nil {
 		return nil, protocol.CodeBadRequest, err
@@ -329,32 +362,37 @@ func (st *stage) compute(requester peer.ID, msg *protocol.Message) ([]protocol.N
 }
 
 // session finds or opens the hop's state for a session step. Steps must
-// come in order: a step seen twice would corrupt the KV cache.
-func (st *stage) session(key sessionKey, runner shards.Runner, step int) (*hopSession, protocol.ErrorCode, error) {
+// come in order: a step run twice would corrupt the KV cache, so a repeat
+// of the last step returns its outputs (repeat) instead.
+func (st *stage) session(key sessionKey, runner shards.Runner, step int) (_ *hopSession, repeat shards.Tensors, _ protocol.ErrorCode, _ error) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	hs, ok := st.sessions[key]
 	if !ok {
 		if step != 0 {
-			return nil, protocol.CodeUnknownSession, fmt.Errorf("session %s: step %d but no state here", key.session, step)
+			return nil, nil, protocol.CodeUnknownSession, fmt.Errorf("session %s: step %d but no state here", key.session, step)
 		}
 		if len(st.sessions) >= st.cfg.MaxSessions {
 			st.expireLocked(time.Now())
 			if len(st.sessions) >= st.cfg.MaxSessions {
-				return nil, protocol.CodeBusy, fmt.Errorf("%d sessions open", len(st.sessions))
+				return nil, nil, protocol.CodeBusy, fmt.Errorf("%d sessions open", len(st.sessions))
 			}
 		}
 		hs = &hopSession{sess: runner.NewSession()}
 		st.sessions[key] = hs
 	}
 	if hs.busy {
-		return nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d while another step runs", key.session, step)
+		return nil, nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d while another step runs", key.session, step)
+	}
+	hs.lastUsed = time.Now()
+	if step == hs.next-1 && hs.lastOut != nil {
+		return hs, hs.lastOut, "", nil
 	}
 	if step != hs.next {
-		return nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d, expected %d", key.session, step, hs.next)
+		return nil, nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d, expected %d", key.session, step, hs.next)
 	}
-	hs.busy, hs.lastUsed = true, time.Now()
-	return hs, "", nil
+	hs.busy = true
+	return hs, nil, "", nil
 }
 
 func (st *stage) closeSession(from peer.ID, msg *protocol.Message) {
@@ -425,5 +463,55 @@ func (st *stage) closeAll() {
 	for p, l := range st.links {
 		l.s.Reset()
 		delete(st.links, p)
+	}
+}
+
+// blameError names another hop than the one reporting as the cause.
+type blameError struct {
+	hop int
+	err error
+}
+
+func (e *blameError) Error() string { return e.err.Error() }
+
+// checkInputs checks that the tensors a hop received are those its span
+// reads: every one present, with the declared type, rank and fixed sizes.
+func checkInputs(specs []shards.TensorSpec, in shards.Tensors) error {
+	for _, spec := range specs {
+		t, ok := in[spec.Name]
+		if !ok {
+			return fmt.Errorf("missing input %q", spec.Name)
+		}
+		if t.DType != spec.DType || len(t.Shape) != len(spec.Shape) {
+			return fmt.Errorf("input %q is %v, want %v of rank %d", spec.Name, t, spec.DType, len(spec.Shape))
+		}
+		for i, d := range spec.Shape {
+			if d.Param == "" && t.Shape[i] != d.Size {
+				return fmt.Errorf("input %q is %v, want dimension %d = %d", spec.Name, t, i, d.Size)
+			}
+		}
+	}
+	return nil
+}
+
+// peerGone fails at once the pending requests whose route holds a peer we
+// just lost, at its first hop that has not reported, instead of waiting
+// for their timeout.
+func (st *stage) peerGone(p peer.ID) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for id, c := range st.pending {
+		for h, hop := range c.route {
+			if hop.Peer != p.String() {
+				continue
+			}
+			msg := &protocol.Message{Kind: protocol.KindError, Header: protocol.Header{ID: id, Hop: h,
+				Code: protocol.CodeUnreachable, Message: "disconnected"}}
+			select {
+			case c.ch <- msg:
+			default:
+			}
+			break
+		}
 	}
 }

@@ -40,6 +40,10 @@ type modelEntry struct {
 type recordEntry struct {
 	rec     *protocol.CapacityRecord
 	fetched time.Time
+	// distrusted: this node failed to reach the peer since it got this
+	// record. The peer stays out of routes until a newer record shows it
+	// alive again, or this one expires.
+	distrusted bool
 }
 
 // ModelView is one model's coverage at a moment.
@@ -98,6 +102,16 @@ func (v *View) learn(p peer.ID, rec *protocol.CapacityRecord) (news bool) {
 		}
 	}
 	return news
+}
+
+// distrust keeps a peer this node could not reach out of its views until
+// the peer publishes a newer record.
+func (v *View) distrust(p peer.ID) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if r, ok := v.records[p]; ok && p != v.m.host.ID() {
+		r.distrusted = true
+	}
 }
 
 func sameSpans(a, b []protocol.ServedSpan) bool {
@@ -235,7 +249,7 @@ func (v *View) refresh(ctx context.Context, e *modelEntry) error {
 		if r.rec == nil {
 			continue // keep what we had: it still expires on time
 		}
-		if old, ok := v.records[r.p]; !ok || r.rec.Seq >= old.rec.Seq {
+		if old, ok := v.records[r.p]; !ok || r.rec.Seq > old.rec.Seq {
 			v.records[r.p] = &recordEntry{rec: r.rec, fetched: now}
 		} else {
 			old.fetched = now
@@ -262,7 +276,7 @@ func (v *View) buildLocked(e *modelEntry) *ModelView {
 	mv := &ModelView{Model: e.id.String(), Updated: e.refreshed}
 	for p := range e.providers {
 		r, ok := v.records[p]
-		if !ok || r.rec.Check(now) != nil {
+		if !ok || r.distrusted || r.rec.Check(now) != nil {
 			continue
 		}
 		span, ok := r.rec.Span(mv.Model)

@@ -77,7 +77,23 @@ func (n *Node) Manifest(ctx context.Context, model cid.Cid) (*shards.Manifest, e
 			return s.model.Manifest, nil
 		}
 	}
-	return n.mesh.FetchManifest(ctx, model)
+	n.manifests.Lock()
+	man, ok := n.manifests.m[model.String()]
+	n.manifests.Unlock()
+	if ok {
+		return man, nil
+	}
+	man, err := n.mesh.FetchManifest(ctx, model)
+	if err != nil {
+		return nil, err
+	}
+	n.manifests.Lock()
+	if n.manifests.m == nil || len(n.manifests.m) >= 256 {
+		n.manifests.m = map[string]*shards.Manifest{} // a content-addressed cache: dropping it is always safe
+	}
+	n.manifests.m[model.String()] = man
+	n.manifests.Unlock()
+	return man, nil
 }
 
 // InferResult is a single pass through the mesh.

@@ -46,9 +46,14 @@ type Node struct {
 	rt     *shards.Runtime
 	served []*servedSpan
 	subs   subSpans
-	mesh   *mesh.Mesh
-	api    *http.Server
-	apiLn  net.Listener
+	// manifests fetched from peers, by model ID (verified against it)
+	manifests struct {
+		sync.Mutex
+		m map[string]*shards.Manifest
+	}
+	mesh  *mesh.Mesh
+	api   *http.Server
+	apiLn net.Listener
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -108,12 +113,16 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	}
 	n.mesh.Serve(n, mesh.StageConfig{MaxInFlight: cfg.MaxInFlight, MaxSessions: cfg.MaxSessions})
 	n.log.Info("node started", "peer", n.mesh.ID(), "addrs", n.mesh.Host().Addrs())
-	if err := n.mesh.Publish(ctx); err != nil {
-		n.log.Warn("first capacity record not stored yet", "err", err)
-	}
-	if err := n.mesh.Provide(ctx, n.provided()...); err != nil {
-		n.log.Warn("provider records not stored yet", "err", err)
-	}
+	// Announce in the background: the record reaches connected peers by
+	// push at once, but DHT puts can wait seconds on peers that left.
+	n.wg.Go(func() {
+		if err := n.mesh.Publish(n.ctx); err != nil && n.ctx.Err() == nil {
+			n.log.Warn("first capacity record not stored yet", "err", err)
+		}
+		if err := n.mesh.Provide(n.ctx, n.provided()...); err != nil && n.ctx.Err() == nil {
+			n.log.Warn("provider records not stored yet", "err", err)
+		}
+	})
 	if err := n.startAPI(); err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -30,8 +31,11 @@ func startTestNode(t testing.TB, bootstrap []string, serve ...string) *Node {
 	if _, err := Init(dir, cfg); err != nil {
 		t.Fatal(err)
 	}
-	n, err := New(context.Background(), cfg, Options{DataDir: dir, MeasureRounds: 2,
-		Logger: slog.New(slog.DiscardHandler)})
+	logger := slog.New(slog.DiscardHandler)
+	if os.Getenv("INFERMESH_TEST_LOG") != "" {
+		logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	n, err := New(context.Background(), cfg, Options{DataDir: dir, MeasureRounds: 2, Logger: logger})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -25,6 +25,8 @@ type Runner interface {
 	Run(inputs Tensors) (Tensors, error)
 	// NewSession starts a session whose state lives until Close.
 	NewSession() Session
+	// Inputs are the tensors a caller must send in (state excluded).
+	Inputs() []TensorSpec
 }
 
 // Session is one generation (or stream) through a span: each Step feeds the
