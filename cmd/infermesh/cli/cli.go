@@ -37,6 +37,8 @@ func topCommands() []command {
 	return []command{
 		{"node", "run a mesh node (`node init` creates its data directory)", runNode},
 		{"peers", "show who serves each block of a model, as the local node sees it", runPeers},
+		{"infer", "run one pass of a model through the mesh (via the local node)", runInfer},
+		{"generate", "generate text through the mesh (via the local node)", runGenerate},
 		{"shard", "build, split, inspect and run content-addressed model blocks", runShard},
 		{"demo", "build a model and run pipelined generation through its blocks", runDemo},
 		{"version", "print the version", func(_ context.Context, e *env, _ []string) error {

@@ -77,7 +77,7 @@ func TestShardJourney(t *testing.T) {
 	}
 
 	out = mustRun(t, "demo", "--dir", t.TempDir(), "--layers", "2", "--dim", "64", "--hops", "2", "--tokens", "6", "--prompts", "a|bc|def")
-	if !strings.Contains(out, "every token matches the pipelined blocks") {
+	if !strings.Contains(out, "every token matches the local run") {
 		t.Fatalf("demo: %s", out)
 	}
 }
