@@ -511,7 +511,7 @@ func (s *Session) Close() error {
 	msg := &protocol.Message{Kind: protocol.KindClose, Header: protocol.Header{Requester: s.m.host.ID().String(),
 		Model: s.model.String(), Session: s.id}}
 	for _, h := range s.route {
-		if p, err := peer.Decode(h.Peer); err == nil && p != s.m.host.ID() {
+		if p, err := peer.Decode(h.Peer); err == nil {
 			s.m.stage.send(ctx, p, msg)
 		}
 	}

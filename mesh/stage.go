@@ -151,6 +151,19 @@ func (st *stage) handleStream(s network.Stream) {
 // send writes a frame to a peer over the link to it, opening one if
 // needed; a broken link is replaced once.
 func (st *stage) send(ctx context.Context, to peer.ID, msg *protocol.Message) error {
+	if to == st.m.host.ID() {
+		// A hop of our own route (or our own request's answer): no stream.
+		self := st.m.host.ID()
+		switch msg.Kind {
+		case protocol.KindRequest:
+			st.m.wg.Go(func() { st.handleRequest(self, msg) })
+		case protocol.KindClose:
+			st.closeSession(self, msg)
+		default:
+			st.deliver(self, msg)
+		}
+		return nil
+	}
 	for attempt := 0; ; attempt++ {
 		l, err := st.link(ctx, to)
 		if err != nil {

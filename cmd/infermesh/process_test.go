@@ -170,6 +170,25 @@ func TestNodeProcesses(t *testing.T) {
 		t.Logf("node %d:\n%s", i, table)
 	}
 
+	// Requests through the mesh from the CLI, via the bootstrap node (which
+	// serves blocks 0-1 itself): generation equals the local run.
+	gen := runBin(t, bin, "generate", "--data", boot.data, "--model", id, "--prompt", "Hi mesh", "--tokens", "12")
+	local := runBin(t, bin, "shard", "generate", model, "--prompt", "Hi mesh", "--tokens", "12")
+	if first, want := strings.SplitN(gen, "\n", 2)[0], "Hi mesh"+strings.SplitN(local, "\n", 2)[0]; first != want {
+		t.Fatalf("mesh generated %q, local run %q", first, local)
+	}
+	if !strings.Contains(gen, "hop 2") || !strings.Contains(gen, "tokens/s") {
+		t.Fatalf("generate printed no route or timings:\n%s", gen)
+	}
+	in := filepath.Join(t.TempDir(), "in.json")
+	os.WriteFile(in, []byte(`{"input_ids":{"dtype":"int64","shape":[1,2],"data":[72,105]},
+		"position_ids":{"dtype":"int64","shape":[1,2],"data":[0,1]},
+		"attention_mask":{"dtype":"int64","shape":[1,2],"data":[1,1]}}`), 0o644)
+	if out := runBin(t, bin, "infer", "--data", nodes[1].data, "--model", id, "--input", in, "--quiet"); !strings.Contains(out, "logits: float32[1 2 256]") ||
+		!strings.Contains(out, "route (3 hops") {
+		t.Fatalf("infer:\n%s", out)
+	}
+
 	// Acceptance 4: a SIGKILLed node (record TTL 6 s) disappears from every
 	// view within its record's expiry plus a refresh.
 	const ttl = 6 * time.Second
