@@ -59,6 +59,7 @@ type stage struct {
 
 	mu       sync.Mutex
 	inFlight int
+	stats    StageStats
 	sessions map[sessionKey]*hopSession
 	links    map[peer.ID]*link
 	pending  map[uint64]*call // this node's requests awaiting answers
@@ -305,10 +306,31 @@ func (st *stage) admit() bool {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if st.inFlight >= st.cfg.MaxInFlight {
+		st.stats.Busy++
 		return false
 	}
 	st.inFlight++
+	st.stats.Steps++
+	st.stats.PeakInFlight = max(st.stats.PeakInFlight, st.inFlight)
 	return true
+}
+
+// StageStats count what a node's stage server did.
+type StageStats struct {
+	Steps        uint64 // steps admitted
+	Busy         uint64 // requests turned away busy
+	PeakInFlight int    // most steps computing at once
+	InFlight     int    // steps computing now
+	Sessions     int    // sessions open now
+}
+
+// StageStats reports the stage server's counters.
+func (m *Mesh) StageStats() StageStats {
+	m.stage.mu.Lock()
+	defer m.stage.mu.Unlock()
+	s := m.stage.stats
+	s.InFlight, s.Sessions = m.stage.inFlight, len(m.stage.sessions)
+	return s
 }
 
 func (st *stage) release() {
