@@ -60,7 +60,7 @@ func newHost(cfg Config) (host.Host, error) {
 	if cfg.NAT {
 		opts = append(opts, libp2p.NATPortMap(), libp2p.EnableNATService(), libp2p.EnableHolePunching())
 	}
-	h, err := libp2p.New(opts...)
+	h, err := libp2p.New(append(opts, cfg.HostOptions...)...)
 	if err != nil {
 		rm.Close()
 		return nil, fmt.Errorf("libp2p host: %w", err)

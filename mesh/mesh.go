@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p"
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
@@ -67,6 +68,9 @@ type Config struct {
 	MaxModels int
 	// Version is the software version advertised.
 	Version string
+	// HostOptions are extra libp2p options, applied last (a simulated
+	// network in tests and simulations).
+	HostOptions []libp2p.Option
 	// Logger; nil means slog.Default().
 	Logger *slog.Logger
 }
