@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/infermesh/infermesh/mesh"
@@ -34,6 +35,9 @@ type Options struct {
 	// MeasureRounds is how many timed passes per served block the start-up
 	// benchmark runs (default 5).
 	MeasureRounds int
+	// HostOptions are extra libp2p options for the node's host (a
+	// simulated network in tests and benchmarks).
+	HostOptions []libp2p.Option
 }
 
 // Node is a running infermesh node: it serves spans of local models, is a
@@ -106,7 +110,7 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	n.mesh, err = mesh.New(ctx, mesh.Config{
 		Key: key, ListenAddrs: cfg.Listen, Bootstrap: bootstrap, MDNS: !cfg.NoMDNS, NAT: !cfg.NoNAT,
 		DHTMode: cfg.DHTMode, RecordTTL: time.Duration(cfg.RecordTTL), ViewRefresh: time.Duration(cfg.ViewRefresh),
-		Version: Version, Logger: n.log,
+		Version: Version, Logger: n.log, HostOptions: opts.HostOptions,
 	}, n.advert)
 	if err != nil {
 		return nil, err

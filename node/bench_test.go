@@ -1,0 +1,206 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+
+	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/mesh/simnettest"
+	"github.com/infermesh/infermesh/shards"
+	"github.com/infermesh/infermesh/shards/build"
+)
+
+// benchMesh starts a requester and one server per span, on loopback or on
+// a simulated network (net non-nil: node i is 127.0.0.(i+1) inside it).
+func benchMesh(b *testing.B, m *shards.Model, net *simnettest.Network, spans ...string) (*Node, []*Node) {
+	b.Helper()
+	var nodes []*Node
+	b.Cleanup(func() { closeAll(nodes) })
+	start := func(i int, boot []string, serve ...string) *Node {
+		dir := b.TempDir()
+		cfg := DefaultConfig()
+		cfg.Listen, cfg.API = []string{"/ip4/127.0.0.1/udp/0/quic-v1"}, "127.0.0.1:0"
+		cfg.NoMDNS, cfg.NoNAT, cfg.DHTMode = true, true, "server"
+		cfg.Bootstrap, cfg.Serve, cfg.Threads = boot, serve, 1
+		var hostOpts []libp2p.Option
+		if net != nil {
+			cfg.Listen = []string{simnettest.ListenAddr(i)}
+			hostOpts = []libp2p.Option{net.HostOption()}
+		}
+		if _, err := Init(dir, cfg); err != nil {
+			b.Fatal(err)
+		}
+		n, err := New(context.Background(), cfg, Options{DataDir: dir, Logger: slog.New(slog.DiscardHandler), HostOptions: hostOpts})
+		if err != nil {
+			b.Fatal(err)
+		}
+		nodes = append(nodes, n)
+		return n
+	}
+	req := start(0, nil)
+	boot := []string{req.Status().Addrs[0]}
+	var servers []*Node
+	for i, s := range spans {
+		servers = append(servers, start(i+1, boot, m.Dir+":"+s))
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		cov, err := req.Coverage(context.Background(), m.ID.String())
+		if err == nil && cov.Complete && len(cov.Peers) == len(spans) {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("no coverage: %+v %v", cov, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return req, servers
+}
+
+func benchGPT(b *testing.B, layers, dim int) *shards.Model {
+	b.Helper()
+	m, err := build.GPT(build.GPTConfig{Layers: layers, Dim: dim, Seed: 1, Context: 256}, filepath.Join(b.TempDir(), "gpt"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return m
+}
+
+// BenchmarkHopOverhead: one pass (batch 1, one token, dim-512 activations)
+// through a 3-hop mesh on loopback against the same three spans run in
+// sequence in this process, interleaved. Reports both and the time the
+// mesh adds per hop.
+//
+// go test -run '^$' -bench HopOverhead -benchtime 200x ./node/
+func BenchmarkHopOverhead(b *testing.B) {
+	m := benchGPT(b, 8, 512)
+	spans := []string{"0-2", "3-5", "6-9"}
+	req, _ := benchMesh(b, m, nil, spans...)
+	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var local []*shards.Span
+	for _, r := range [][2]int{{0, 3}, {3, 6}, {6, 10}} {
+		sp, err := rt.LoadSpan(m, r[0], r[1])
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer sp.Close()
+		local = append(local, sp)
+	}
+	in := shards.StepInputs(m.Manifest.Decoder, []int64{'a'}, 0)
+	ctx := context.Background()
+	var tLocal, tMesh time.Duration
+	for b.Loop() {
+		t0 := time.Now()
+		x := in
+		for _, sp := range local {
+			if x, err = sp.Run(x); err != nil {
+				b.Fatal(err)
+			}
+		}
+		t1 := time.Now()
+		if _, _, err := req.mesh.Infer(ctx, m.ID, in, mesh.InferOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		tLocal += t1.Sub(t0)
+		tMesh += time.Since(t1)
+	}
+	n := float64(b.N)
+	b.ReportMetric(float64(tLocal.Microseconds())/n, "local_us")
+	b.ReportMetric(float64(tMesh.Microseconds())/n, "mesh_us")
+	b.ReportMetric(float64((tMesh-tLocal).Microseconds())/n/3, "added_us_per_hop")
+}
+
+// BenchmarkGenerate3Hops: 32 tokens of greedy generation of the 8-layer,
+// dim-256 GPT through 3 hops on loopback against the same model decoded in
+// this process, interleaved. Reports tokens/s of both.
+//
+// go test -run '^$' -bench Generate3Hops -benchtime 10x ./node/
+func BenchmarkGenerate3Hops(b *testing.B) {
+	m := benchGPT(b, 8, 256)
+	req, _ := benchMesh(b, m, nil, "0-2", "3-5", "6-9")
+	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	span, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer span.Close()
+	prompt := []int64{'t', 'h', 'e', ' '}
+	const tokens = 32
+	var tLocal, tMesh time.Duration
+	for b.Loop() {
+		t0 := time.Now()
+		sess := span.NewSession()
+		dec, _ := shards.NewDecoder(m.Manifest.Decoder, sess, prompt, shards.Sampling{})
+		for range tokens {
+			if _, err := dec.Next(); err != nil {
+				b.Fatal(err)
+			}
+		}
+		sess.Close()
+		t1 := time.Now()
+		if _, err := req.Generate(context.Background(), GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: tokens}, nil); err != nil {
+			b.Fatal(err)
+		}
+		tLocal += t1.Sub(t0)
+		tMesh += time.Since(t1)
+	}
+	n := float64(b.N * tokens)
+	b.ReportMetric(n/tLocal.Seconds(), "local_tok/s")
+	b.ReportMetric(n/tMesh.Seconds(), "mesh_tok/s")
+}
+
+// BenchmarkPipelining: generations through 3 hops over a simulated network
+// with 5 ms one-way latency on every link: throughput with 16 generations
+// at once against one at a time.
+//
+// go test -run '^$' -bench Pipelining -benchtime 1x ./node/
+func BenchmarkPipelining(b *testing.B) {
+	m := benchGPT(b, 4, 64)
+	net := simnettest.New(func(a, c int) time.Duration { return 5 * time.Millisecond }, 1000_000_000)
+	defer net.Close()
+	req, _ := benchMesh(b, m, net, "0-1", "2-3", "4-5")
+	const tokens = 16
+	run := func(concurrent int) float64 {
+		var wg sync.WaitGroup
+		start := time.Now()
+		for i := range concurrent {
+			wg.Go(func() {
+				prompt := toTokens(fmt.Sprintf("prompt %02d", i))
+				if _, err := req.Generate(context.Background(), GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: tokens}, nil); err != nil {
+					b.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+		return float64(concurrent*tokens) / time.Since(start).Seconds()
+	}
+	for b.Loop() {
+		run(2) // warm: connections, sessions
+		one := run(1)
+		sixteen := run(16)
+		b.ReportMetric(one, "tok/s_x1")
+		b.ReportMetric(sixteen, "tok/s_x16")
+		b.ReportMetric(sixteen/one, "ratio")
+	}
+}
+
+func toTokens(s string) []int64 {
+	out := make([]int64, len(s))
+	for i := range len(s) {
+		out[i] = int64(s[i])
+	}
+	return out
+}
