@@ -132,4 +132,3 @@ func compareIDs(a, b *Node) int {
 	}
 	return 0
 }
-
