@@ -123,7 +123,7 @@ func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, exclude
 	if end <= 0 {
 		end = mv.Blocks
 	}
-	req := RouteRequest{Blocks: mv.Blocks, Start: start, End: end, Exclude: exclude, Tokens: 1, From: m.coords.Self(), HaveFrom: true}
+	req := RouteRequest{Blocks: mv.Blocks, Start: start, End: end, Exclude: exclude, Tokens: 1, From: m.coords.Self(), HaveFrom: true, Self: m.host.ID()}
 	r, err := PlanRoute(Candidates(mv), req)
 	if err != nil {
 		return nil, mv.Blocks, err

@@ -123,3 +123,34 @@ func TestMeshInferAndGenerateEqualLocal(t *testing.T) {
 	}
 	t.Logf("64 tokens identical to the local run; first token %s, total %s", res.FirstToken, res.Total)
 }
+
+// A batch cut into micro-batches that travel the pipeline at once gives the
+// rows of the whole batch run locally.
+func TestMicroBatchesEqualTheWholeBatch(t *testing.T) {
+	tm := startTestMesh(t, "0-3", "4-6", "7-9")
+	m := tm.model
+	in := shards.RandomInputs(m.Manifest, 9, 10, 5)
+	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	local, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer local.Close()
+	want, err := local.Run(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, infos, err := tm.requester.mesh.InferBatch(context.Background(), m.ID, in, 3, mesh.InferOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(infos) != 4 {
+		t.Fatalf("%d micro-batches, want 4 (10 rows by 3)", len(infos))
+	}
+	if d, err := protocol.MaxAbsDiff(want["logits"], got["logits"]); err != nil || d > 1e-5 {
+		t.Fatalf("micro-batched logits differ by %v (%v)", d, err)
+	}
+}
