@@ -28,6 +28,10 @@ type InferOptions struct {
 	// FP16 sends float32 activations as float16 (half the bytes; not
 	// bit-exact).
 	FP16 bool
+	// Check, if set, vets a result before it is accepted (the model's
+	// declared outputs, say); a result it refuses blames the last hop,
+	// which is routed around like any failed hop.
+	Check func(shards.Tensors) error
 }
 
 func (o *InferOptions) defaults() {
@@ -284,7 +288,14 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 				if session != "" {
 					m.awaitProgress(c, ctx, progress, micros)
 				}
-				return a.Map(), micros, progress, -1, nil
+				out := a.Map()
+				if opts.Check != nil {
+					if err := opts.Check(out); err != nil {
+						return nil, micros, progress, h, &protocol.RemoteError{Code: protocol.CodeBadRequest,
+							Message: "result refused: " + err.Error(), Hop: h, Peer: route[h].Peer}
+					}
+				}
+				return out, micros, progress, -1, nil
 			case protocol.KindError:
 				if a.Header.Message == "disconnected" && h < len(route)-1 && progress[h] != nil {
 					continue // that hop already did its part; its successor carries on

@@ -102,8 +102,37 @@ type InferResult struct {
 	Info    *mesh.StepInfo
 }
 
+// checkOutputs vets a result against the model's declared outputs: every
+// one present with its type, rank and fixed sizes. A hop that answers
+// anything else is routed around.
+func checkOutputs(man *shards.Manifest) func(shards.Tensors) error {
+	return func(out shards.Tensors) error {
+		for _, spec := range man.Outputs {
+			t, ok := out[spec.Name]
+			if !ok {
+				return fmt.Errorf("no output %q", spec.Name)
+			}
+			if err := t.Validate(); err != nil {
+				return err
+			}
+			if t.DType != spec.DType || len(t.Shape) != len(spec.Shape) {
+				return fmt.Errorf("output %q is %v, want %v of rank %d", spec.Name, t, spec.DType, len(spec.Shape))
+			}
+			for i, d := range spec.Shape {
+				if d.Param == "" && t.Shape[i] != d.Size {
+					return fmt.Errorf("output %q is %v: dimension %d should be %d", spec.Name, t, i, d.Size)
+				}
+			}
+		}
+		return nil
+	}
+}
+
 // Infer runs one pass of a model through the mesh.
 func (n *Node) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, opts mesh.InferOptions) (*InferResult, error) {
+	if man, err := n.Manifest(ctx, model); err == nil && opts.Check == nil {
+		opts.Check = checkOutputs(man)
+	}
 	out, info, err := n.mesh.Infer(ctx, model, inputs, opts)
 	if err != nil {
 		return nil, err
@@ -140,6 +169,9 @@ func (n *Node) Generate(ctx context.Context, req GenerateRequest, emit func(tok 
 	}
 	if req.MaxTokens <= 0 {
 		return nil, errors.New("max tokens must be positive")
+	}
+	if req.Options.Check == nil {
+		req.Options.Check = checkOutputs(man)
 	}
 	sess := &meshSession{ctx: ctx, s: n.mesh.NewSession(req.Model, req.Options)}
 	defer sess.Close()
