@@ -83,19 +83,19 @@ type TensorMeta struct {
 // Header is a stage message's JSON header. Fields a kind does not use are
 // omitted.
 type Header struct {
-	ID        uint64       `json:"id"`                  // request ID, unique per requester
-	Requester string       `json:"requester"`           // peer ID that gets progress, results and errors
-	Model     string       `json:"model"`               // model ID
-	Session   string       `json:"session,omitempty"`   // session ID; empty for a single pass
-	Step      int          `json:"step"`                // step number within the session
-	Route     []Hop        `json:"route,omitempty"`     // the hops of this request, in order
-	Hop       int          `json:"hop"`                 // index in Route of the hop this concerns
-	Deadline  int64        `json:"deadline,omitempty"`  // Unix milliseconds; 0: none
-	FP16      bool         `json:"fp16,omitempty"`      // float32 activations travel as float16
-	Code      ErrorCode    `json:"code,omitempty"`      // errors
-	Message   string       `json:"message,omitempty"`   // errors
-	Micros    int64        `json:"micros,omitempty"`    // progress/result: the hop's compute time
-	Tensors   []TensorMeta `json:"tensors,omitempty"`   // the body's tensors, in order
+	ID        uint64       `json:"id"`                 // request ID, unique per requester
+	Requester string       `json:"requester"`          // peer ID that gets progress, results and errors
+	Model     string       `json:"model"`              // model ID
+	Session   string       `json:"session,omitempty"`  // session ID; empty for a single pass
+	Step      int          `json:"step"`               // step number within the session
+	Route     []Hop        `json:"route,omitempty"`    // the hops of this request, in order
+	Hop       int          `json:"hop"`                // index in Route of the hop this concerns
+	Deadline  int64        `json:"deadline,omitempty"` // Unix milliseconds; 0: none
+	FP16      bool         `json:"fp16,omitempty"`     // float32 activations travel as float16
+	Code      ErrorCode    `json:"code,omitempty"`     // errors
+	Message   string       `json:"message,omitempty"`  // errors
+	Micros    int64        `json:"micros,omitempty"`   // progress/result: the hop's compute time
+	Tensors   []TensorMeta `json:"tensors,omitempty"`  // the body's tensors, in order
 }
 
 // Message is a stage message: kind, header and tensors (in the order of

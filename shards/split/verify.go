@@ -97,4 +97,3 @@ func (s *splitter) verify(model *shards.Model, rep *Report) (err error) {
 	rep.Verified, rep.MaxAbsDiff = true, worst
 	return nil
 }
-
