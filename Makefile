@@ -62,6 +62,10 @@ BENCH_MODEL := .cache/bench/gpt-l8-d512
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 100x -count 1 ./shards/...
 	$(GO) test -run '^$$' -bench MeshScale -benchtime 1x -count 1 ./mesh/
+	$(GO) test -run '^$$' -bench Transfer16MiB -benchtime 20x ./mesh/
+	$(GO) test -run '^$$' -bench HopOverhead -benchtime 300x -count 3 ./node/
+	$(GO) test -run '^$$' -bench Generate3Hops -benchtime 20x ./node/
+	$(GO) test -run '^$$' -bench Pipelining -benchtime 1x ./node/
 	@test -f $(BENCH_MODEL)/manifest.json || $(BIN) shard build gpt --layers 8 --dim 512 --seed 1 --out $(BENCH_MODEL)
 	$(BIN) shard bench $(BENCH_MODEL) --threads 1
 	$(BIN) shard bench $(BENCH_MODEL)
