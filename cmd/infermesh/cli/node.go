@@ -65,6 +65,8 @@ func configFlags(fs *flag.FlagSet, c *node.Config) {
 	fs.StringVar(&c.API, "api", c.API, "local HTTP API address (loopback only)")
 	fs.Var(&c.RecordTTL, "record-ttl", "how long a capacity record is valid")
 	fs.Var(&c.ViewRefresh, "view-refresh", "how often the view re-reads models from the DHT")
+	fs.IntVar(&c.MaxInFlight, "max-in-flight", c.MaxInFlight, "steps computed at once; past it requests get busy (0 = 8)")
+	fs.IntVar(&c.MaxSessions, "max-sessions", c.MaxSessions, "open generation sessions (0 = 256)")
 	fs.IntVar(&c.Threads, "threads", c.Threads, "onnxruntime intra-op threads per session (0 = one per core)")
 	fs.StringVar(&c.Provider, "provider", c.Provider, "execution provider: cpu or cuda")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
