@@ -23,11 +23,14 @@ type InferOptions struct {
 	// StepTimeout bounds one step end to end (default 30 s); past it the
 	// requester treats the hop that has not answered as failed.
 	StepTimeout time.Duration
-	// MaxFailovers bounds how many times one step is re-routed (default 8).
+	// MaxFailovers bounds how many times one step is re-routed (default 16).
 	MaxFailovers int
 	// FP16 sends float32 activations as float16 (half the bytes; not
 	// bit-exact).
 	FP16 bool
+	// Avoid lists peers to leave out of routes while others cover their
+	// blocks (an operator's preference; tests steer routes with it).
+	Avoid []peer.ID
 	// Check, if set, vets a result before it is accepted (the model's
 	// declared outputs, say); a result it refuses blames the last hop,
 	// which is routed around like any failed hop.
@@ -39,7 +42,7 @@ func (o *InferOptions) defaults() {
 		o.StepTimeout = 30 * time.Second
 	}
 	if o.MaxFailovers <= 0 {
-		o.MaxFailovers = 8
+		o.MaxFailovers = 16
 	}
 }
 
@@ -115,8 +118,9 @@ func nextID() uint64 {
 	return uint64(time.Now().UnixNano())<<8 ^ lastID
 }
 
-// route plans hops for blocks [start, end) of a model, avoiding banned peers.
-func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, exclude map[peer.ID]bool) ([]protocol.Hop, int, error) {
+// route plans hops for blocks [start, end) of a model, avoiding banned
+// peers and those the caller would rather not use.
+func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, avoid []peer.ID) ([]protocol.Hop, int, error) {
 	mv, err := m.view.Model(ctx, model)
 	if err != nil {
 		return nil, 0, err
@@ -127,8 +131,19 @@ func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, exclude
 	if end <= 0 {
 		end = mv.Blocks
 	}
-	req := RouteRequest{Blocks: mv.Blocks, Start: start, End: end, Exclude: exclude, Tokens: 1, From: m.coords.Self(), HaveFrom: true, Self: m.host.ID()}
-	r, err := PlanRoute(Candidates(mv), req)
+	// Avoided peers first, then banned ones, are preferences: when leaving
+	// them out leaves a span uncovered, they are let back in rather than
+	// the request failing. (Peers this node could not reach at all are
+	// already out of the view.)
+	cands := Candidates(mv)
+	req := RouteRequest{Blocks: mv.Blocks, Start: start, End: end, Tokens: 1, From: m.coords.Self(), HaveFrom: true, Self: m.host.ID()}
+	var r Route
+	for _, exclude := range []map[peer.ID]bool{m.bans.set(avoid...), m.bans.set(), nil} {
+		req.Exclude = exclude
+		if r, err = PlanRoute(cands, req); !errors.Is(err, ErrNoRoute) {
+			break
+		}
+	}
 	if err != nil {
 		return nil, mv.Blocks, err
 	}
@@ -158,15 +173,20 @@ func (b *bans) ban(p peer.ID, base time.Duration) {
 	b.until[p] = time.Now().Add(d)
 }
 
+// errStall is a step that got no answer in time from the hop blamed.
+var errStall = errors.New("step timed out")
+
 // retryPause is the first pause before retrying a step that found no
 // replacement; it doubles with each failover of the step.
 const retryPause = 100 * time.Millisecond
 
-// Bans after a failure: a busy peer is worth trying again soon; one that
-// failed otherwise (unreachable, stalled, wrong answers) much later.
+// Bans after a failure: a busy peer is worth trying again soon, a stalled
+// one a little later, one that failed otherwise (unreachable, wrong
+// answers) much later.
 const (
-	busyBan = time.Second
-	hardBan = 30 * time.Second
+	busyBan  = time.Second
+	stallBan = 5 * time.Second
+	hardBan  = 30 * time.Second
 )
 
 // blame bans the peer of a failed hop and, unless it was merely busy,
@@ -176,18 +196,31 @@ func (m *Mesh) blame(p string, err error) {
 	if derr != nil || id == m.host.ID() {
 		return
 	}
-	if errors.Is(err, protocol.ErrBusy) {
+	var remote *protocol.RemoteError
+	switch {
+	case errors.Is(err, protocol.ErrBusy):
 		m.bans.ban(id, busyBan)
-		return
+	case errors.Is(err, errStall):
+		// A stall: slow or dead, we cannot tell. Avoid it for a while.
+		m.bans.ban(id, stallBan)
+	case !errors.As(err, &remote), errors.Is(err, protocol.ErrUnreachable), errors.Is(err, protocol.ErrBadOutput):
+		// We could not reach it, its neighbour could not, or it answered
+		// garbage: keep it out of routes until it publishes again.
+		m.bans.ban(id, hardBan)
+		m.view.distrust(id)
+	default:
+		// It answered, with a refusal (no such session, bad request...).
+		m.bans.ban(id, stallBan)
 	}
-	m.bans.ban(id, hardBan)
-	m.view.distrust(id)
 }
 
-func (b *bans) set() map[peer.ID]bool {
+func (b *bans) set(avoid ...peer.ID) map[peer.ID]bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	out := map[peer.ID]bool{}
+	for _, p := range avoid {
+		out[p] = true
+	}
 	now := time.Now()
 	for p, t := range b.until {
 		if now.Before(t) {
@@ -207,8 +240,8 @@ func (m *Mesh) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 	start := time.Now()
 	var lastErr error
 	for attempt := 0; attempt <= opts.MaxFailovers; attempt++ {
-		route, _, err := m.route(ctx, model, 0, 0, m.bans.set())
-		if err != nil && attempt > 0 && errors.Is(err, ErrNoRoute) && attempt < opts.MaxFailovers {
+		route, blocks, err := m.route(ctx, model, 0, 0, opts.Avoid)
+		if err != nil && blocks > 0 && errors.Is(err, ErrNoRoute) && attempt < opts.MaxFailovers {
 			select { // peers were banned by earlier attempts: let busy bans lapse
 			case <-time.After(retryPause << min(attempt, 4)):
 				continue
@@ -277,7 +310,7 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 			for blame < len(route)-1 && progress[blame] != nil {
 				blame++
 			}
-			return nil, micros, progress, blame, fmt.Errorf("step timed out after %s: %w", opts.StepTimeout, ctx.Err())
+			return nil, micros, progress, blame, fmt.Errorf("%w (%s)", errStall, opts.StepTimeout)
 		case a := <-c.ch:
 			h := a.Header.Hop
 			switch a.Kind {
@@ -291,7 +324,7 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 				out := a.Map()
 				if opts.Check != nil {
 					if err := opts.Check(out); err != nil {
-						return nil, micros, progress, h, &protocol.RemoteError{Code: protocol.CodeBadRequest,
+						return nil, micros, progress, h, &protocol.RemoteError{Code: protocol.CodeBadOutput,
 							Message: "result refused: " + err.Error(), Hop: h, Peer: route[h].Peer}
 					}
 				}
@@ -373,10 +406,20 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 	}
 	start := time.Now()
 	info := &StepInfo{}
-	if s.route == nil {
-		route, _, err := s.m.route(ctx, s.model, 0, 0, s.m.bans.set())
+	for attempt := 0; s.route == nil; attempt++ {
+		route, blocks, err := s.m.route(ctx, s.model, 0, 0, s.opts.Avoid)
 		if err != nil {
-			return nil, info, err
+			// A model the mesh serves but cannot cover right now (peers
+			// leaving and joining) is worth waiting for a little.
+			if blocks == 0 || !errors.Is(err, ErrNoRoute) || attempt >= s.opts.MaxFailovers {
+				return nil, info, err
+			}
+			select {
+			case <-time.After(retryPause << min(attempt, 4)):
+				continue
+			case <-ctx.Done():
+				return nil, info, ctx.Err()
+			}
 		}
 		s.route = route
 		s.history = make([][]shards.Tensors, len(route))
@@ -476,7 +519,7 @@ func (s *Session) complete(h int) bool {
 // splices them into the route.
 func (s *Session) replace(ctx context.Context, r, f int) error {
 	old := protocol.Hop{Peer: s.route[f].Peer, Start: s.route[r].Start, End: s.route[f].End}
-	hops, _, err := s.m.route(ctx, s.model, old.Start, old.End, s.m.bans.set())
+	hops, _, err := s.m.route(ctx, s.model, old.Start, old.End, s.opts.Avoid)
 	if err != nil {
 		return err
 	}
@@ -487,8 +530,10 @@ func (s *Session) replace(ctx context.Context, r, f int) error {
 	// The progress of the new hops is their successors' input history.
 	newHist := make([][]shards.Tensors, len(hops))
 	newHist[0] = s.history[f][:s.steps]
+	replay := s.opts
+	replay.Check = nil // a replay's result is an inner activation, not the model's output
 	for step := 0; step < s.steps; step++ {
-		_, _, progress, failed, err := s.m.runRouteProgress(ctx, s.model, s.id, step, hops, s.history[f][step], s.opts)
+		_, _, progress, failed, err := s.m.runRouteProgress(ctx, s.model, s.id, step, hops, s.history[f][step], replay)
 		if err != nil {
 			if failed >= 0 {
 				s.m.blame(hops[failed].Peer, err)

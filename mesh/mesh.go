@@ -16,6 +16,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/p2p/discovery/mdns"
 
 	"github.com/infermesh/infermesh/protocol"
@@ -180,8 +181,21 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 	m.view = newView(m)
 	m.stage = newStage(m)
 	m.host.Network().Notify(&network.NotifyBundle{DisconnectedF: func(_ network.Network, c network.Conn) {
-		if len(m.host.Network().ConnsToPeer(c.RemotePeer())) == 0 {
-			m.stage.peerGone(c.RemotePeer())
+		p := c.RemotePeer()
+		if len(m.host.Network().ConnsToPeer(p)) > 0 {
+			return
+		}
+		m.stage.peerGone(p)
+		if m.ctx.Err() == nil && m.view.serves(p) {
+			// Gone, or only idle? One quick dial tells: a peer that does
+			// not answer stays out of routes until it publishes again.
+			m.wg.Go(func() {
+				ctx, cancel := context.WithTimeout(m.ctx, linkDialTimeout)
+				defer cancel()
+				if err := m.host.Connect(ctx, peer.AddrInfo{ID: p}); err != nil && m.ctx.Err() == nil {
+					m.view.distrust(p)
+				}
+			})
 		}
 	}})
 	m.host.SetStreamHandler(RecordProtocol, m.handleRecord)
@@ -390,10 +404,14 @@ func (m *Mesh) shutdown() error {
 	if m.mdns != nil {
 		errs = append(errs, m.mdns.Close())
 	}
-	if m.stage != nil {
-		// Stop taking requests and end our stage streams, whose readers
+	if m.host != nil {
+		// Stop taking streams, then end our stage streams, whose readers
 		// are among the goroutines waited for below.
-		m.host.RemoveStreamHandler(protocol.StageProtocol)
+		for _, p := range []libp2pprotocol.ID{protocol.StageProtocol, RecordProtocol, ManifestProtocol} {
+			m.host.RemoveStreamHandler(p)
+		}
+	}
+	if m.stage != nil {
 		m.stage.closeAll()
 	}
 	m.wg.Wait()

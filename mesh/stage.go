@@ -359,7 +359,7 @@ func (st *stage) compute(requester peer.ID, msg *protocol.Message) ([]protocol.N
 		// Malformed activations are the sender's fault: blame the previous
 		// hop (or, at the first hop, the requester's request).
 		if h.Hop > 0 {
-			return nil, protocol.CodeBadRequest, &blameError{hop: h.Hop - 1, err: fmt.Errorf("sent malformed activations: %w", err)}
+			return nil, protocol.CodeBadOutput, &blameError{hop: h.Hop - 1, err: fmt.Errorf("sent malformed activations: %w", err)}
 		}
 		return nil, protocol.CodeBadRequest, err
 	}

@@ -104,6 +104,14 @@ func (v *View) learn(p peer.ID, rec *protocol.CapacityRecord) (news bool) {
 	return news
 }
 
+// serves reports whether the view holds a record of p serving something.
+func (v *View) serves(p peer.ID) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	r, ok := v.records[p]
+	return ok && len(r.rec.Models) > 0
+}
+
 // distrust keeps a peer this node could not reach out of its views until
 // the peer publishes a newer record.
 func (v *View) distrust(p peer.ID) {

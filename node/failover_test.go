@@ -91,7 +91,7 @@ func TestFailoverKeepsGenerationsExact(t *testing.T) {
 		}
 		genStart := time.Now()
 		res, err := tm.requester.Generate(context.Background(), GenerateRequest{Model: tm.model.ID, Prompt: prompt, MaxTokens: tokens,
-			Options: mesh.InferOptions{StepTimeout: 2 * time.Second}}, emit)
+			Options: mesh.InferOptions{StepTimeout: 5 * time.Second}}, emit)
 		genTook := time.Since(genStart)
 		wg.Wait()
 		if testing.Verbose() && time.Since(genStart) > time.Second {

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
+
 	"github.com/infermesh/infermesh/mesh"
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
@@ -54,7 +56,9 @@ func TestFloodGetsBusyAndReroutes(t *testing.T) {
 		wg.Go(func() {
 			for range each {
 				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-				res, err := tm.requester.Infer(ctx, m.ID, in, mesh.InferOptions{MaxFailovers: 32})
+				// Prefer the narrow node: callers go to it first and must
+				// be turned away to the other server of its span.
+				res, err := tm.requester.Infer(ctx, m.ID, in, mesh.InferOptions{MaxFailovers: 32, Avoid: []peer.ID{tm.servers[1].mesh.ID()}})
 				cancel()
 				if err != nil {
 					errs <- err

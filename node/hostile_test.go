@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
+
 	"github.com/infermesh/infermesh/mesh"
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
@@ -71,8 +73,8 @@ func (h *hostile) spoil(out shards.Tensors) shards.Tensors {
 func TestHostilePeersAreRoutedAround(t *testing.T) {
 	for _, mode := range []string{"garbage", "stall"} {
 		t.Run(mode, func(t *testing.T) {
-			// The hostile node serves the whole model, so one hop through
-			// it is the cheapest route: the requester tries it first.
+			// The hostile node serves the whole model; the requester is
+			// told to prefer it (Avoid the others), so it tries it first.
 			tm := startTestMesh(t, "0-9", "0-4", "5-9")
 			m := tm.model
 			stall := make(chan struct{})
@@ -86,7 +88,7 @@ func TestHostilePeersAreRoutedAround(t *testing.T) {
 			total := 0
 			prompt := []int64{'h', 'o', 's', 't', 'i', 'l', 'e'}
 			want := localGenerate(t, m, prompt, 12)
-			opts := mesh.InferOptions{StepTimeout: time.Second}
+			opts := mesh.InferOptions{StepTimeout: time.Second, Avoid: []peer.ID{tm.servers[1].mesh.ID(), tm.servers[2].mesh.ID()}}
 			for i := range 3 {
 				res, err := tm.requester.Generate(context.Background(), GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: 12, Options: opts}, nil)
 				if err != nil {

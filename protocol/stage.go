@@ -123,6 +123,7 @@ const (
 	CodeBadRequest     ErrorCode = "bad_request"     // malformed request or inputs
 	CodeDeadline       ErrorCode = "deadline"        // the deadline passed
 	CodeUnreachable    ErrorCode = "unreachable"     // the hop could not reach the next one
+	CodeBadOutput      ErrorCode = "bad_output"      // the hop's outputs were malformed (reported by whoever received them)
 	CodeInternal       ErrorCode = "internal"        // anything else
 )
 
@@ -157,6 +158,7 @@ var (
 	ErrBadRequest     error = &sentinel{CodeBadRequest}
 	ErrDeadline       error = &sentinel{CodeDeadline}
 	ErrUnreachable    error = &sentinel{CodeUnreachable}
+	ErrBadOutput      error = &sentinel{CodeBadOutput}
 	ErrInternal       error = &sentinel{CodeInternal}
 )
 
