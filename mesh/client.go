@@ -283,6 +283,7 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 	id := nextID()
 	c := m.stage.register(id, route)
 	defer m.stage.unregister(id)
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, opts.StepTimeout)
 	defer cancel()
 	msg := &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: id, Requester: m.host.ID().String(),
@@ -305,6 +306,12 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 	for {
 		select {
 		case <-ctx.Done():
+			if err := parent.Err(); err != nil {
+				// The caller gave up: tell the hops, so that those still
+				// to run it drop the request instead of computing it.
+				m.cancelRequest(id, session, route)
+				return nil, micros, progress, -1, err
+			}
 			// Blame the first hop that has not reported.
 			blame := 0
 			for blame < len(route)-1 && progress[blame] != nil {
@@ -367,6 +374,21 @@ func (m *Mesh) awaitProgress(c *call, ctx context.Context, progress []shards.Ten
 			return
 		}
 	}
+}
+
+// cancelRequest sends a close for request id to every hop of its route
+// (best effort, in the background).
+func (m *Mesh) cancelRequest(id uint64, session string, route []protocol.Hop) {
+	msg := &protocol.Message{Kind: protocol.KindClose, Header: protocol.Header{ID: id, Requester: m.host.ID().String(), Session: session}}
+	m.wg.Go(func() {
+		ctx, cancel := context.WithTimeout(m.ctx, 2*time.Second)
+		defer cancel()
+		for _, h := range route {
+			if p, err := peer.Decode(h.Peer); err == nil {
+				m.stage.send(ctx, p, msg)
+			}
+		}
+	})
 }
 
 // Session is a generation (or any stateful stream) through the mesh: each

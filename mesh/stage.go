@@ -63,6 +63,22 @@ type stage struct {
 	sessions map[sessionKey]*hopSession
 	links    map[peer.ID]*link
 	pending  map[uint64]*call // this node's requests awaiting answers
+	// requests their requesters cancelled, not to be run or forwarded
+	cancelled map[cancelKey]bool
+}
+
+type cancelKey struct {
+	requester string
+	id        uint64
+}
+
+// maxCancelled bounds the cancelled requests remembered.
+const maxCancelled = 4096
+
+func (st *stage) isCancelled(h *protocol.Header) bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.cancelled[cancelKey{h.Requester, h.ID}]
 }
 
 // sessionKey identifies a session's state at a hop.
@@ -99,7 +115,8 @@ const stageMaxFrame = protocol.MaxFrameBytes
 const linkDialTimeout = 2 * time.Second
 
 func newStage(m *Mesh) *stage {
-	st := &stage{m: m, sessions: map[sessionKey]*hopSession{}, links: map[peer.ID]*link{}, pending: map[uint64]*call{}}
+	st := &stage{m: m, sessions: map[sessionKey]*hopSession{}, links: map[peer.ID]*link{}, pending: map[uint64]*call{},
+		cancelled: map[cancelKey]bool{}}
 	st.cfg.defaults()
 	m.host.SetStreamHandler(protocol.StageProtocol, st.handleStream)
 	return st
@@ -249,6 +266,9 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message) {
 			return
 		}
 	}
+	if st.isCancelled(h) {
+		return
+	}
 	if !st.admit() {
 		st.fail(requester, h, protocol.CodeBusy, fmt.Sprintf("%d steps in flight", st.cfg.MaxInFlight))
 		return
@@ -268,6 +288,9 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message) {
 		return
 	}
 	micros := time.Since(start).Microseconds()
+	if st.isCancelled(h) {
+		return
+	}
 	next := &protocol.Message{Kind: protocol.KindRequest, Header: *h, Tensors: out}
 	next.Header.Tensors = nil
 	next.Header.Micros = micros
@@ -433,9 +456,21 @@ func (st *stage) session(key sessionKey, runner shards.Runner, step int) (_ *hop
 func (st *stage) closeSession(from peer.ID, msg *protocol.Message) {
 	h := &msg.Header
 	if from.String() != h.Requester {
-		return // only the requester ends its sessions
+		return // only the requester ends its sessions and cancels its requests
 	}
 	st.mu.Lock()
+	if h.ID != 0 {
+		// A cancelled request: remembered for a while so that a hop that
+		// has yet to run it drops it.
+		if len(st.cancelled) >= maxCancelled {
+			clear(st.cancelled)
+		}
+		st.cancelled[cancelKey{h.Requester, h.ID}] = true
+		if h.Session == "" {
+			st.mu.Unlock()
+			return
+		}
+	}
 	for k, hs := range st.sessions {
 		if k.requester == h.Requester && k.session == h.Session && !hs.busy {
 			hs.sess.Close()

@@ -130,3 +130,28 @@ func TestHostilePeersAreRoutedAround(t *testing.T) {
 		})
 	}
 }
+
+// Cancellation travels down the chain: a request cancelled while its first
+// hop computes is not forwarded once that hop finishes.
+func TestCancelStopsForwarding(t *testing.T) {
+	tm := startTestMesh(t, "0-4", "5-9")
+	first, second := tm.servers[0], tm.servers[1]
+	release := make(chan struct{})
+	first.mesh.Serve(&hostile{n: first, stall: release}, mesh.StageConfig{})
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(200*time.Millisecond, cancel)
+	start := time.Now()
+	_, err := tm.requester.Infer(ctx, tm.model.ID, shards.RandomInputs(tm.model.Manifest, 1, 1, 4), mesh.InferOptions{StepTimeout: time.Minute})
+	if err == nil || ctx.Err() == nil || time.Since(start) > 5*time.Second {
+		t.Fatalf("cancelled Infer returned %v after %s", err, time.Since(start))
+	}
+	time.Sleep(300 * time.Millisecond) // the cancel reaches the first hop
+	close(release)                     // which finishes its step now
+	time.Sleep(500 * time.Millisecond)
+	if st := second.mesh.StageStats(); st.Steps != 0 {
+		t.Fatalf("the second hop ran %d steps of a cancelled request", st.Steps)
+	}
+	if st := first.mesh.StageStats(); st.Steps != 1 {
+		t.Fatalf("the first hop ran %d steps, want 1", st.Steps)
+	}
+}

@@ -112,6 +112,22 @@ func TestMeshInferAndGenerateEqualLocal(t *testing.T) {
 		t.Logf("pass %d: max abs diff %.2g over route %v in %s", seed, d, res.Info.Route, res.Info.Total)
 	}
 
+	// float16 on the wire: half the bytes, close but not exact.
+	in := shards.RandomInputs(m.Manifest, 11, 1, 9)
+	wantOut, err := local.Run(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res16, err := tm.requester.Infer(ctx, m.ID, in, mesh.InferOptions{FP16: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, err := protocol.MaxAbsDiff(wantOut["logits"], res16.Outputs["logits"]); err != nil || d > 0.05 || d == 0 {
+		t.Fatalf("fp16 on the wire: max abs diff %v (%v); want small but not zero", d, err)
+	} else {
+		t.Logf("fp16 on the wire: max abs diff %.2g", d)
+	}
+
 	prompt := []int64{'t', 'h', 'e', ' ', 'm', 'e', 's', 'h'}
 	want := localGenerate(t, m, prompt, 64)
 	res, err := tm.requester.Generate(ctx, GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: 64}, nil)
