@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/netip"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -16,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/marcopolo/simnet"
 
+	"github.com/infermesh/infermesh/mesh/simnettest"
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/build"
@@ -74,37 +73,13 @@ func TestRoutesAvoidTheFarReplica(t *testing.T) {
 	// Node 0 requester; 1, 2 near replicas of [0,2) and [2,4); 3, 4 far ones.
 	region := []int{0, 0, 0, 1, 1}
 	spans := [][2]int{{0, 0}, {0, 2}, {2, 4}, {0, 2}, {2, 4}}
-	ip := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{127, 0, 0, byte(i + 1)}) }
-	index := map[netip.Addr]int{}
-	for i := range region {
-		index[ip(i)] = i
-	}
-	nodeOf := func(a net.Addr) int {
-		ap, err := netip.ParseAddrPort(a.String())
-		if err != nil {
-			return -1
-		}
-		if i, ok := index[ap.Addr().Unmap()]; ok {
-			return i
-		}
-		return -1
-	}
-	nw := &simnet.Simnet{LatencyFunc: func(p *simnet.Packet) time.Duration {
-		a, b := nodeOf(p.From), nodeOf(p.To)
-		if a < 0 || b < 0 {
-			return 0
-		}
+	nw := simnettest.New(func(a, b int) time.Duration {
 		if region[a] != region[b] {
 			return 40 * time.Millisecond
 		}
 		return 2 * time.Millisecond
-	}}
-	link := simnet.NodeBiDiLinkSettings{
-		Downlink: simnet.LinkSettings{BitsPerSecond: 1000 * simnet.Mibps},
-		Uplink:   simnet.LinkSettings{BitsPerSecond: 1000 * simnet.Mibps},
-	}
-	nw.Start()
-	t.Cleanup(func() { nw.Close() })
+	}, 1000*simnet.Mibps)
+	t.Cleanup(nw.Close)
 
 	var meshes []*Mesh
 	var providers []*modelProvider
@@ -128,10 +103,10 @@ func TestRoutesAvoidTheFarReplica(t *testing.T) {
 			prov = &modelProvider{rt: rt, model: m, start: s[0], end: s[1], spans: map[[2]int]*shards.Span{}}
 			providers = append(providers, prov)
 		}
-		ms, err := New(context.Background(), Config{Key: key, ListenAddrs: []string{fmt.Sprintf("/ip4/%s/udp/8000/quic-v1", ip(i))},
+		ms, err := New(context.Background(), Config{Key: key, ListenAddrs: []string{simnettest.ListenAddr(i)},
 			Bootstrap: boot, DHTMode: "server", RecordTTL: 3 * time.Second, ViewRefresh: 300 * time.Millisecond,
 			CoordEvery: 300 * time.Millisecond, Version: "test", Logger: slog.New(slog.DiscardHandler),
-			HostOptions: []libp2p.Option{quicSimnet(nw, link)}}, func() Advert { return advert })
+			HostOptions: []libp2p.Option{nw.HostOption()}}, func() Advert { return advert })
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -378,7 +378,7 @@ func (st *stage) compute(requester peer.ID, msg *protocol.Message) ([]protocol.N
 		return nil, protocol.CodeUnknownBlock, err
 	}
 	inputs := msg.Map()
-	if err := checkInputs(runner.Inputs(), inputs); err != nil {
+	if err := shards.CheckTensors(runner.Inputs(), inputs); err != nil {
 		// Malformed activations are the sender's fault: blame the previous
 		// hop (or, at the first hop, the requester's request).
 		if h.Hop > 0 {
@@ -543,26 +543,6 @@ type blameError struct {
 }
 
 func (e *blameError) Error() string { return e.err.Error() }
-
-// checkInputs checks that the tensors a hop received are those its span
-// reads: every one present, with the declared type, rank and fixed sizes.
-func checkInputs(specs []shards.TensorSpec, in shards.Tensors) error {
-	for _, spec := range specs {
-		t, ok := in[spec.Name]
-		if !ok {
-			return fmt.Errorf("missing input %q", spec.Name)
-		}
-		if t.DType != spec.DType || len(t.Shape) != len(spec.Shape) {
-			return fmt.Errorf("input %q is %v, want %v of rank %d", spec.Name, t, spec.DType, len(spec.Shape))
-		}
-		for i, d := range spec.Shape {
-			if d.Param == "" && t.Shape[i] != d.Size {
-				return fmt.Errorf("input %q is %v, want dimension %d = %d", spec.Name, t, i, d.Size)
-			}
-		}
-	}
-	return nil
-}
 
 // peerGone fails at once the pending requests whose route holds a peer we
 // just lost, at its first hop that has not reported, instead of waiting

@@ -25,15 +25,7 @@ func TestFloodGetsBusyAndReroutes(t *testing.T) {
 	narrow.mesh.Serve(narrow, mesh.StageConfig{MaxInFlight: 1})
 	m := tm.model
 
-	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	local, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer local.Close()
+	local := localSpan(t, m)
 	in := shards.RandomInputs(m.Manifest, 3, 1, 8)
 	want, err := local.Run(in)
 	if err != nil {

@@ -107,12 +107,7 @@ func TestHostilePeersAreRoutedAround(t *testing.T) {
 			if total == 0 {
 				t.Fatal("the hostile node was never tried: the test proves nothing")
 			}
-			rt, _ := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
-			local, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer local.Close()
+			local := localSpan(t, m)
 			in := shards.RandomInputs(m.Manifest, 4, 1, 6)
 			wantOut, _ := local.Run(in)
 			res, err := tm.requester.Infer(context.Background(), m.ID, in, opts)

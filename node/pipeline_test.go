@@ -47,8 +47,8 @@ func startTestMesh(t *testing.T, spans ...string) *testMesh {
 	}
 }
 
-// localGenerate decodes greedily through the blocks in this process.
-func localGenerate(t *testing.T, m *shards.Model, prompt []int64, n int) []int64 {
+// localSpan loads every block of m in this process, for reference runs.
+func localSpan(t testing.TB, m *shards.Model) *shards.Span {
 	t.Helper()
 	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
 	if err != nil {
@@ -58,8 +58,14 @@ func localGenerate(t *testing.T, m *shards.Model, prompt []int64, n int) []int64
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer span.Close()
-	sess := span.NewSession()
+	t.Cleanup(func() { span.Close() })
+	return span
+}
+
+// localGenerate decodes greedily through the blocks in this process.
+func localGenerate(t *testing.T, m *shards.Model, prompt []int64, n int) []int64 {
+	t.Helper()
+	sess := localSpan(t, m).NewSession()
 	defer sess.Close()
 	dec, err := shards.NewDecoder(m.Manifest.Decoder, sess, prompt, shards.Sampling{})
 	if err != nil {
@@ -83,15 +89,7 @@ func TestMeshInferAndGenerateEqualLocal(t *testing.T) {
 	ctx := context.Background()
 	m := tm.model
 
-	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	local, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer local.Close()
+	local := localSpan(t, m)
 	for seed := range uint64(3) {
 		in := shards.RandomInputs(m.Manifest, seed, 2, 7)
 		want, err := local.Run(in)
@@ -146,15 +144,7 @@ func TestMicroBatchesEqualTheWholeBatch(t *testing.T) {
 	tm := startTestMesh(t, "0-3", "4-6", "7-9")
 	m := tm.model
 	in := shards.RandomInputs(m.Manifest, 9, 10, 5)
-	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	local, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer local.Close()
+	local := localSpan(t, m)
 	want, err := local.Run(in)
 	if err != nil {
 		t.Fatal(err)

@@ -341,3 +341,27 @@ func (m *Manifest) Whole(c cid.Cid, size int64) *Manifest {
 	w.Blocks = []BlockSpec{blk}
 	return w
 }
+
+// CheckTensors checks that ts holds every tensor of specs with its declared
+// type, rank and fixed sizes, and well-formed data: what a hop checks of the
+// activations it receives, and a requester of a result.
+func CheckTensors(specs []TensorSpec, ts map[string]*protocol.Tensor) error {
+	for _, spec := range specs {
+		t, ok := ts[spec.Name]
+		if !ok || t == nil {
+			return fmt.Errorf("missing tensor %q", spec.Name)
+		}
+		if err := t.Validate(); err != nil {
+			return fmt.Errorf("tensor %q: %w", spec.Name, err)
+		}
+		if t.DType != spec.DType || len(t.Shape) != len(spec.Shape) {
+			return fmt.Errorf("tensor %q is %v, want %v of rank %d", spec.Name, t, spec.DType, len(spec.Shape))
+		}
+		for i, d := range spec.Shape {
+			if d.Param == "" && t.Shape[i] != d.Size {
+				return fmt.Errorf("tensor %q is %v, want dimension %d = %d", spec.Name, t, i, d.Size)
+			}
+		}
+	}
+	return nil
+}

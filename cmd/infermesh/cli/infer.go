@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
-	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -20,30 +18,7 @@ func postJSON(ctx context.Context, url string, v, out any) error {
 	if err != nil {
 		return err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return fmt.Errorf("node API: %w", err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode != http.StatusOK {
-		var apiErr struct {
-			Error struct{ Code, Message string } `json:"error"`
-		}
-		if json.Unmarshal(data, &apiErr) == nil && apiErr.Error.Message != "" {
-			return fmt.Errorf("node API: %s (%s)", apiErr.Error.Message, apiErr.Error.Code)
-		}
-		return fmt.Errorf("node API: %s", resp.Status)
-	}
-	return json.Unmarshal(data, out)
+	return callAPI(ctx, http.MethodPost, url, bytes.NewReader(body), out)
 }
 
 func printRoute(e *env, route []node.HopTiming) {

@@ -185,20 +185,29 @@ func apiBase(api, dataDir string) (string, error) {
 	return strings.TrimSuffix(api, "/"), nil
 }
 
-// getJSON fetches a node API path into v, turning API errors into Go errors.
+// getJSON fetches a node API path into v.
 func getJSON(ctx context.Context, url string, v any) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	return callAPI(ctx, http.MethodGet, url, nil, v)
+}
+
+// callAPI makes one request to the node API and decodes the answer into
+// out, turning API errors ({"error": {"code", "message"}}) into Go errors.
+func callAPI(ctx context.Context, method, url string, body io.Reader, out any) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	req, err := http.NewRequestWithContext(ctx, method, url, body)
 	if err != nil {
 		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return fmt.Errorf("node API: %w", err)
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
 	if err != nil {
 		return err
 	}
@@ -206,12 +215,12 @@ func getJSON(ctx context.Context, url string, v any) error {
 		var apiErr struct {
 			Error struct{ Code, Message string } `json:"error"`
 		}
-		if json.Unmarshal(body, &apiErr) == nil && apiErr.Error.Message != "" {
+		if json.Unmarshal(data, &apiErr) == nil && apiErr.Error.Message != "" {
 			return fmt.Errorf("node API: %s (%s)", apiErr.Error.Message, apiErr.Error.Code)
 		}
 		return fmt.Errorf("node API: %s", resp.Status)
 	}
-	return json.Unmarshal(body, v)
+	return json.Unmarshal(data, out)
 }
 
 func runPeers(ctx context.Context, e *env, args []string) error {
