@@ -1,0 +1,353 @@
+package mesh
+
+// Placement: which contiguous blocks of a model a node serves. Place and
+// ShouldMove are pure functions of their arguments (no I/O, no clock, no
+// randomness), so that the node and the simulator run the same code; the
+// node adds the jitter between rebalancing checks.
+//
+// # Model
+//
+// The throughput of a peer for block b, in passes per second, is
+//
+//	tput(p, b) = 1e6 / BlockMicros[b] / load(p)
+//	load(p)    = 1 + (InFlight + Queued) / RouteLoadSlots
+//
+// (the load factor of the route cost model; a block time under 1 µs counts
+// as 1 µs). The mesh's throughput for block b is the sum over the peers that
+// serve it, 0 for a block nobody serves, and the mesh's bottleneck is the
+// minimum over all blocks: a pipeline runs no faster than its weakest
+// block. This is the idea of Petals' block_selection: a joining node serves
+// the contiguous blocks where throughput is short.
+//
+// # Choice
+//
+// Place tries every start of a span of req.Span blocks and keeps the one
+// whose per-block totals after placing, sorted in increasing order, are
+// lexicographically largest (leximin): first the highest bottleneck, then,
+// among equal bottlenecks, the highest second-weakest block, and so on.
+// Blocks nobody serves count as 0, so a placement covering more of them
+// wins. Remaining ties go to the lowest start. Totals within a relative
+// 1e-9 of each other count as equal, so rounding does not decide. The
+// candidates are sorted by peer ID before the sums, so the order in which
+// they are given does not matter. The cost is O(Blocks² log Blocks).
+//
+// # Rebalancing
+//
+// ShouldMove compares the mesh with this node on its current span and on
+// the best span (Place's). It moves only when the best span is better by
+// the leximin order above and clearly so:
+//
+//   - some block is unserved, and the move leaves fewer unserved;
+//   - or every block is served, and the move leaves fewer blocks under
+//     margin times the current bottleneck: in particular when it raises
+//     the bottleneck itself by the margin, but also
+//     when the weak blocks are more than one span can lift (a run of
+//     blocks served by one slow peer): each move then lifts part of them
+//     and the bottleneck rises once the last part is, where a rule on the
+//     bottleneck alone would never move anyone;
+//
+// and never when the move would uncover a block that the current span
+// alone serves. With the rest of the mesh fixed, every move strictly
+// improves the leximin order of the mesh's per-block totals, which has no
+// cycles: a mesh whose nodes take turns (the node adds jitter so that they
+// do) settles after finitely many moves, and its bottleneck never falls.
+// Loads change the inputs between turns; the margin keeps small changes
+// from moving anyone.
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+	"strings"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+)
+
+// ErrBadPlaceRequest is returned by Place for a request with no blocks, a
+// span under 1, or unusable timings of its own.
+var ErrBadPlaceRequest = errors.New("bad place request")
+
+// placeEps is the relative difference under which two throughputs count as
+// equal.
+const placeEps = 1e-9
+
+// PlaceRequest describes the node choosing its span.
+type PlaceRequest struct {
+	// Blocks is the model's block count (> 0).
+	Blocks int
+	// Span is how many contiguous blocks this node can hold (>= 1), from
+	// its memory and the block sizes. A span of Blocks or more serves all.
+	Span int
+	// MyMicros is this node's expected time of one pass through each block,
+	// in µs: Blocks entries, or one entry for every block. Nil (or empty)
+	// means the median of the BlockMicros the other candidates advertise
+	// (1e6, one pass per second, when there are none).
+	MyMicros []float64
+	// Self is this node's peer ID: its own candidate, if listed, is left
+	// out of the others (its current span is what ShouldMove weighs).
+	Self peer.ID
+}
+
+// Placement is a chosen span and why.
+type Placement struct {
+	// Start and End bound the blocks to serve, [Start, End).
+	Start, End int
+	// Bottleneck is the mesh's lowest block throughput (passes per second)
+	// with this node on [Start, End); Before is the same without this node.
+	Bottleneck, Before float64
+	// Reason explains the choice in one line, for logs and `infermesh peers`.
+	Reason string
+}
+
+// placeMesh is the rest of the mesh and this node, per block.
+type placeMesh struct {
+	blocks int
+	others []float64 // total throughput of the other candidates
+	mine   []float64 // this node's throughput
+	guess  bool      // mine is the median of the others' (or a unit default)
+}
+
+// newPlaceMesh checks req and sums the candidates' throughputs.
+func newPlaceMesh(cands []RouteCandidate, req PlaceRequest) (*placeMesh, error) {
+	if req.Blocks <= 0 || req.Span < 1 {
+		return nil, fmt.Errorf("%w: span of %d blocks of a %d-block model", ErrBadPlaceRequest, req.Span, req.Blocks)
+	}
+	if n := len(req.MyMicros); n != 0 && n != 1 && n != req.Blocks {
+		return nil, fmt.Errorf("%w: %d block timings for a %d-block model", ErrBadPlaceRequest, n, req.Blocks)
+	}
+	for _, m := range req.MyMicros {
+		if !(m > 0) || math.IsInf(m, 1) {
+			return nil, fmt.Errorf("%w: block timing %v", ErrBadPlaceRequest, m)
+		}
+	}
+
+	// Usable candidates other than Self, sorted by peer ID, one per peer.
+	order := make([]int, 0, len(cands))
+	for i := range cands {
+		if c := &cands[i]; c.Peer != req.Self && usableCandidate(c) && c.Start < req.Blocks {
+			order = append(order, i)
+		}
+	}
+	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(cands[a].Peer, cands[b].Peer) })
+	order = slices.CompactFunc(order, func(a, b int) bool { return cands[a].Peer == cands[b].Peer })
+
+	pm := &placeMesh{blocks: req.Blocks, others: make([]float64, req.Blocks), mine: make([]float64, req.Blocks)}
+	var all []float64 // advertised timings, for the median
+	for _, i := range order {
+		c := &cands[i]
+		load := float64(max(c.Load.InFlight, 0)) + float64(max(c.Load.Queued, 0))
+		f := 1 + load/RouteLoadSlots
+		for b := c.Start; b < min(c.End, req.Blocks); b++ {
+			m := c.BlockMicros[b-c.Start]
+			pm.others[b] += 1e6 / max(m, 1) / f
+			if req.MyMicros == nil {
+				all = append(all, m)
+			}
+		}
+	}
+	switch len(req.MyMicros) {
+	case 0:
+		pm.guess = true
+		m := 1e6
+		if len(all) > 0 {
+			slices.Sort(all)
+			m = all[len(all)/2]
+			if len(all)%2 == 0 {
+				m = (all[len(all)/2-1] + m) / 2
+			}
+		}
+		for b := range pm.mine {
+			pm.mine[b] = 1e6 / max(m, 1)
+		}
+	case 1:
+		for b := range pm.mine {
+			pm.mine[b] = 1e6 / max(req.MyMicros[0], 1)
+		}
+	default:
+		for b, m := range req.MyMicros {
+			pm.mine[b] = 1e6 / max(m, 1)
+		}
+	}
+	return pm, nil
+}
+
+// sorted writes into buf the per-block totals with this node on
+// [start, end) (none when start == end), in increasing order.
+func (pm *placeMesh) sorted(start, end int, buf []float64) []float64 {
+	buf = append(buf[:0], pm.others...)
+	for b := start; b < end; b++ {
+		buf[b] += pm.mine[b]
+	}
+	slices.Sort(buf)
+	return buf
+}
+
+// placeCmp compares two throughputs, equal within placeEps.
+func placeCmp(a, b float64) int {
+	if math.Abs(a-b) <= placeEps*max(math.Abs(a), math.Abs(b)) {
+		return 0
+	}
+	return cmp.Compare(a, b)
+}
+
+// placeLeximin compares two sorted vectors of totals: the first that differs
+// decides.
+func placeLeximin(a, b []float64) int {
+	for i := range a {
+		if c := placeCmp(a[i], b[i]); c != 0 {
+			return c
+		}
+	}
+	return 0
+}
+
+// placeZeros counts the blocks of a sorted vector of totals that nobody serves.
+func placeZeros(v []float64) int {
+	n := 0
+	for n < len(v) && v[n] == 0 {
+		n++
+	}
+	return n
+}
+
+// best returns the leximin-best start for a span of n blocks, and the
+// sorted totals with this node there.
+func (pm *placeMesh) best(n int) (int, []float64) {
+	bestS := 0
+	best := pm.sorted(0, n, nil)
+	buf := make([]float64, pm.blocks)
+	for s := 1; s+n <= pm.blocks; s++ {
+		buf = pm.sorted(s, s+n, buf)
+		if placeLeximin(buf, best) > 0 {
+			bestS = s
+			best, buf = buf, best
+		}
+	}
+	return bestS, best
+}
+
+// Place chooses the contiguous span of req.Span blocks that raises the
+// mesh's bottleneck most (see the file comment), given the other
+// candidates (req.Self is left out; malformed candidates, and all but the
+// first of a peer listed more than once, are ignored; blocks at or past
+// req.Blocks too). It returns an error wrapping ErrBadPlaceRequest for a bad
+// request. Place does not modify its arguments and is safe for concurrent
+// use.
+func Place(cands []RouteCandidate, req PlaceRequest) (Placement, error) {
+	pm, err := newPlaceMesh(cands, req)
+	if err != nil {
+		return Placement{}, err
+	}
+	return pm.place(req.Span), nil
+}
+
+func (pm *placeMesh) place(span int) Placement {
+	n := min(span, pm.blocks)
+	s, after := pm.best(n)
+	p := Placement{Start: s, End: s + n, Bottleneck: after[0], Before: slices.Min(pm.others)}
+	var sb strings.Builder
+	if n == pm.blocks {
+		fmt.Fprintf(&sb, "serve all %d blocks", pm.blocks)
+	} else {
+		fmt.Fprintf(&sb, "serve blocks [%d, %d) of %d", p.Start, p.End, pm.blocks)
+		var unserved []int
+		weak := p.Start
+		for b := p.Start; b < p.End; b++ {
+			if pm.others[b] == 0 {
+				unserved = append(unserved, b)
+			}
+			if pm.others[b] < pm.others[weak] {
+				weak = b
+			}
+		}
+		if unserved != nil {
+			fmt.Fprintf(&sb, ", covering unserved blocks %s", routeBlockRanges(unserved))
+		} else {
+			fmt.Fprintf(&sb, ", the least served (block %d at %.4g passes/s)", weak, pm.others[weak])
+		}
+	}
+	fmt.Fprintf(&sb, ": bottleneck %.4g -> %.4g passes/s", p.Before, p.Bottleneck)
+	if u := placeZeros(after); u > 0 {
+		fmt.Fprintf(&sb, ", %d blocks still unserved", u)
+	}
+	if pm.guess {
+		sb.WriteString(" (own speed assumed: the median of the mesh's)")
+	}
+	p.Reason = sb.String()
+	return p
+}
+
+// ShouldMove reports whether this node, serving current ([start, end) of
+// the model; an empty span means it serves nothing yet), should move to the
+// best span, and returns that span's Placement with a Reason that explains
+// the decision. margin is how much better the mesh must get (1.2: 20%;
+// under 1 counts as 1). It answers true when the node serves nothing yet
+// (it should place), and otherwise by the rules of the file comment:
+// fewer unserved blocks, or fewer blocks under margin times the current
+// bottleneck, never uncovering a block only the current span serves. It
+// answers false for a bad request (see Place) and when the current span
+// already is the best. The current span's length is taken as it is: a node
+// whose capacity changed calls Place. Like Place, it is pure.
+func ShouldMove(cands []RouteCandidate, req PlaceRequest, current [2]int, margin float64) (Placement, bool) {
+	pm, err := newPlaceMesh(cands, req)
+	if err != nil {
+		return Placement{Reason: err.Error()}, false
+	}
+	best := pm.place(req.Span)
+	cs, ce := max(current[0], 0), min(current[1], pm.blocks)
+	if ce <= cs {
+		best.Reason = "not serving yet: " + best.Reason
+		return best, true
+	}
+	if !(margin >= 1) {
+		margin = 1
+	}
+	if cs == best.Start && ce == best.End {
+		best.Reason = "stay: " + best.Reason
+		return best, false
+	}
+	now := pm.sorted(cs, ce, nil)
+	after := pm.sorted(best.Start, best.End, nil)
+	stay := func(why string) (Placement, bool) {
+		best.Reason = fmt.Sprintf("stay on [%d, %d): %s", cs, ce, why)
+		return best, false
+	}
+	for b := cs; b < ce; b++ {
+		if pm.others[b] == 0 && (b < best.Start || b >= best.End) {
+			return stay(fmt.Sprintf("only it serves block %d, which [%d, %d) would leave uncovered", b, best.Start, best.End))
+		}
+	}
+	zNow, zAfter := placeZeros(now), placeZeros(after)
+	level := margin * now[0]
+	wNow, wAfter := placeBelow(now, level), placeBelow(after, level)
+	var gain string
+	switch {
+	case placeLeximin(after, now) <= 0:
+		return stay(fmt.Sprintf("[%d, %d) would not serve the mesh better", best.Start, best.End))
+	case zNow > 0 && zAfter < zNow:
+		gain = fmt.Sprintf("unserved blocks %d -> %d", zNow, zAfter)
+	case zNow > 0:
+		return stay(fmt.Sprintf("%d blocks unserved either way", zNow))
+	case wAfter == 0:
+		gain = fmt.Sprintf("over %.3gx", margin)
+	case wAfter < wNow:
+		gain = fmt.Sprintf("blocks under %.3gx the bottleneck %d -> %d", margin, wNow, wAfter)
+	default:
+		return stay(fmt.Sprintf("[%d, %d) would take the bottleneck from %.4g to %.4g passes/s, not over %.3gx, and leave %d blocks under that",
+			best.Start, best.End, now[0], best.Bottleneck, margin, wAfter))
+	}
+	best.Reason = fmt.Sprintf("move from [%d, %d) (bottleneck %.4g passes/s, %s): %s", cs, ce, now[0], gain, best.Reason)
+	return best, true
+}
+
+// placeBelow counts the entries of a sorted vector of totals under level
+// (by more than placeEps).
+func placeBelow(v []float64, level float64) int {
+	n := 0
+	for n < len(v) && placeCmp(v[n], level) < 0 {
+		n++
+	}
+	return n
+}

@@ -1,0 +1,412 @@
+package mesh
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/infermesh/infermesh/protocol"
+)
+
+// placeCand is a candidate serving [start, end) at micros µs per block.
+func placeCand(id string, start, end int, micros float64) RouteCandidate {
+	bm := make([]float64, end-start)
+	for i := range bm {
+		bm[i] = micros
+	}
+	return RouteCandidate{Peer: peer.ID(id), Start: start, End: end, BlockMicros: bm}
+}
+
+// placeTotals is the mesh's throughput per block, as place.go models it.
+func placeTotals(cands []RouteCandidate, blocks int) []float64 {
+	t := make([]float64, blocks)
+	for _, c := range cands {
+		f := 1 + float64(c.Load.InFlight+c.Load.Queued)/RouteLoadSlots
+		for b := c.Start; b < c.End && b < blocks; b++ {
+			t[b] += 1e6 / c.BlockMicros[b-c.Start] / f
+		}
+	}
+	return t
+}
+
+func mustPlace(t *testing.T, cands []RouteCandidate, req PlaceRequest) Placement {
+	t.Helper()
+	p, err := Place(cands, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Log(p.Reason)
+	return p
+}
+
+func placeNear(a, b float64) bool { return math.Abs(a-b) <= 1e-9*max(math.Abs(a), math.Abs(b)) }
+
+func TestPlaceFillsUnserved(t *testing.T) {
+	cands := []RouteCandidate{
+		placeCand("a", 0, 4, 1000),
+		placeCand("b", 0, 4, 1000),
+		placeCand("c", 4, 7, 1000),
+	}
+	p := mustPlace(t, cands, PlaceRequest{Blocks: 10, Span: 3})
+	if p.Start != 7 || p.End != 10 {
+		t.Fatalf("placed on [%d, %d), want the unserved [7, 10)", p.Start, p.End)
+	}
+	if p.Before != 0 || !placeNear(p.Bottleneck, 1000) { // median timing: 1000 µs
+		t.Fatalf("bottleneck %v -> %v, want 0 -> 1000", p.Before, p.Bottleneck)
+	}
+
+	// A span larger than the hole covers all of it.
+	p = mustPlace(t, cands, PlaceRequest{Blocks: 10, Span: 5, MyMicros: []float64{500}})
+	if p.Start > 7 || p.End < 10 || !placeNear(p.Bottleneck, 1000) {
+		t.Fatalf("placed on [%d, %d), bottleneck %v: want the hole [7, 10) covered", p.Start, p.End, p.Bottleneck)
+	}
+
+	// Holes on both sides: the span covers the larger.
+	cands = []RouteCandidate{placeCand("a", 2, 5, 1000)}
+	p = mustPlace(t, cands, PlaceRequest{Blocks: 10, Span: 4})
+	if p.Start != 5 || p.End != 9 {
+		t.Fatalf("placed on [%d, %d), want [5, 9)", p.Start, p.End)
+	}
+}
+
+func TestPlaceLeastServed(t *testing.T) {
+	cands := []RouteCandidate{
+		placeCand("a", 0, 10, 1000),
+		placeCand("b", 0, 5, 1000),
+		placeCand("c", 0, 5, 1000),
+	}
+	p := mustPlace(t, cands, PlaceRequest{Blocks: 10, Span: 5})
+	if p.Start != 5 || p.End != 10 || !placeNear(p.Before, 1000) || !placeNear(p.Bottleneck, 2000) {
+		t.Fatalf("got %+v, want [5, 10), bottleneck 1000 -> 2000", p)
+	}
+	// A smaller span cannot raise the bottleneck (blocks 5-9 are all at
+	// 1000): it still goes to the least-served blocks, the lowest first.
+	p = mustPlace(t, cands, PlaceRequest{Blocks: 10, Span: 2})
+	if p.Start != 5 || p.End != 7 || !placeNear(p.Bottleneck, 1000) {
+		t.Fatalf("got %+v, want [5, 7), bottleneck 1000", p)
+	}
+}
+
+func TestPlaceHeterogeneous(t *testing.T) {
+	// Totals: 0-3 10000, 4-5 11000, 6-7 2000, 8-11 1000 passes/s.
+	cands := []RouteCandidate{
+		placeCand("fast", 0, 6, 100),
+		placeCand("slow", 6, 12, 1000),
+		placeCand("slow2", 4, 8, 1000),
+	}
+	req := PlaceRequest{Blocks: 12, Span: 4, MyMicros: slices.Repeat([]float64{500}, 12)}
+	p := mustPlace(t, cands, req)
+	if p.Start != 8 || p.End != 12 {
+		t.Fatalf("placed on [%d, %d), want the slowest blocks [8, 12)", p.Start, p.End)
+	}
+	if !placeNear(p.Before, 1000) || !placeNear(p.Bottleneck, 2000) || p.Bottleneck <= p.Before {
+		t.Fatalf("bottleneck %v -> %v, want 1000 -> 2000", p.Before, p.Bottleneck)
+	}
+
+	// Load counts: with slow at a load of 8 (a third of its speed), slow2
+	// at 4 (half) and d on 8-11, blocks 6-7 (333+500) are the weakest, so
+	// a 2-block span goes there.
+	cands[1].Load = protocol.Load{InFlight: 4, Queued: 4}
+	cands[2].Load = protocol.Load{InFlight: 4}
+	cands = append(cands, placeCand("d", 8, 12, 1000))
+	p = mustPlace(t, cands, PlaceRequest{Blocks: 12, Span: 2, MyMicros: []float64{500}})
+	if p.Start != 6 || p.End != 8 {
+		t.Fatalf("placed on [%d, %d), want the loaded blocks [6, 8)", p.Start, p.End)
+	}
+
+	// Per-block speeds: the node's own timings decide between equally
+	// served blocks.
+	cands = []RouteCandidate{placeCand("a", 0, 8, 1000)}
+	my := []float64{1000, 1000, 1000, 1000, 1000, 250, 250, 1000}
+	p = mustPlace(t, cands, PlaceRequest{Blocks: 8, Span: 2, MyMicros: my})
+	if p.Start != 5 || p.End != 7 {
+		t.Fatalf("placed on [%d, %d), want its fast blocks [5, 7)", p.Start, p.End)
+	}
+}
+
+func TestPlaceAllAndBad(t *testing.T) {
+	cands := []RouteCandidate{placeCand("a", 0, 10, 1000)}
+	for _, span := range []int{24, 30} {
+		p := mustPlace(t, cands, PlaceRequest{Blocks: 24, Span: span, MyMicros: []float64{1000}})
+		if p.Start != 0 || p.End != 24 || p.Before != 0 || !placeNear(p.Bottleneck, 1000) {
+			t.Fatalf("span %d: got %+v, want all 24 blocks at 1000", span, p)
+		}
+	}
+	// Nobody serves anything: the first node takes the first blocks.
+	p := mustPlace(t, nil, PlaceRequest{Blocks: 24, Span: 6})
+	if p.Start != 0 || p.End != 6 {
+		t.Fatalf("empty mesh: got %+v", p)
+	}
+	for _, req := range []PlaceRequest{
+		{Blocks: 0, Span: 1},
+		{Blocks: -1, Span: 1},
+		{Blocks: 10, Span: 0},
+		{Blocks: 10, Span: -3},
+		{Blocks: 10, Span: 2, MyMicros: []float64{1, 2}},
+		{Blocks: 2, Span: 2, MyMicros: []float64{1, -2}},
+		{Blocks: 2, Span: 2, MyMicros: []float64{1, math.NaN()}},
+		{Blocks: 2, Span: 2, MyMicros: []float64{0}},
+		{Blocks: 2, Span: 2, MyMicros: []float64{math.Inf(1)}},
+	} {
+		if _, err := Place(cands, req); !errors.Is(err, ErrBadPlaceRequest) {
+			t.Errorf("%+v: err %v, want ErrBadPlaceRequest", req, err)
+		}
+		if _, move := ShouldMove(cands, req, [2]int{0, 1}, 1.2); move {
+			t.Errorf("%+v: ShouldMove says move", req)
+		}
+	}
+	// Malformed candidates and blocks past the model are ignored; Self is
+	// left out.
+	cands = []RouteCandidate{
+		{Peer: "bad", Start: 0, End: 4, BlockMicros: []float64{1}},
+		{Peer: "nan", Start: 0, End: 1, BlockMicros: []float64{math.NaN()}},
+		placeCand("me", 0, 4, 1),
+		placeCand("big", 2, 40, 1000),
+	}
+	p = mustPlace(t, cands, PlaceRequest{Blocks: 6, Span: 2, Self: "me", MyMicros: []float64{1000}})
+	if p.Start != 0 || p.End != 2 || p.Before != 0 || !placeNear(p.Bottleneck, 1000) {
+		t.Fatalf("got %+v, want [0, 2), bottleneck 0 -> 1000", p)
+	}
+}
+
+func TestPlaceDeterministic(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	var cands []RouteCandidate
+	for i := range 20 {
+		span := 3 + rng.IntN(8)
+		start := rng.IntN(40 - span + 1)
+		c := placeCand(fmt.Sprintf("p%02d", i), start, start+span, 0)
+		for b := range c.BlockMicros {
+			c.BlockMicros[b] = []float64{300, 700, 1000}[rng.IntN(3)] // ties likely
+		}
+		c.Load.InFlight = rng.IntN(3)
+		cands = append(cands, c)
+	}
+	req := PlaceRequest{Blocks: 40, Span: 5, Self: "p03"}
+	want := mustPlace(t, cands, req)
+	for range 50 {
+		rng.Shuffle(len(cands), func(i, j int) { cands[i], cands[j] = cands[j], cands[i] })
+		if got, _ := Place(cands, req); got != want {
+			t.Fatalf("shuffled: %+v, want %+v", got, want)
+		}
+		cur := [2]int{10, 15}
+		p1, m1 := ShouldMove(cands, req, cur, 1.2)
+		slices.Reverse(cands)
+		p2, m2 := ShouldMove(cands, req, cur, 1.2)
+		if p1 != p2 || m1 != m2 {
+			t.Fatalf("ShouldMove depends on order: %+v %v, %+v %v", p1, m1, p2, m2)
+		}
+	}
+}
+
+func TestPlaceShouldMove(t *testing.T) {
+	others := []RouteCandidate{
+		placeCand("a", 0, 12, 1000),
+		placeCand("b", 0, 6, 1000),
+	}
+	me := placeCand("me", 0, 6, 1000)
+	req := PlaceRequest{Blocks: 12, Span: 6, Self: "me", MyMicros: []float64{1000}}
+	// On [0, 6) the bottleneck is 1000 (blocks 6-11); [6, 12) makes it 2000.
+	p, move := ShouldMove(append(others, me), req, [2]int{0, 6}, 1.2)
+	t.Log(p.Reason)
+	if !move || p.Start != 6 || p.End != 12 || !placeNear(p.Bottleneck, 2000) {
+		t.Fatalf("got %+v %v, want a move to [6, 12)", p, move)
+	}
+	// Already there.
+	if p, move = ShouldMove(append(others, me), req, [2]int{6, 12}, 1.2); move {
+		t.Fatalf("moves away from the best span: %+v", p)
+	}
+	// Not serving yet: place.
+	if p, move = ShouldMove(others, req, [2]int{0, 0}, 1.2); !move || p.Start != 6 {
+		t.Fatalf("not serving: got %+v %v", p, move)
+	}
+
+	// The margin: moving from [3, 9) to [6, 12) raises the bottleneck from
+	// 1000 (blocks 9-11) to 1100 (c's blocks 0-5 are slower): 10%.
+	others = []RouteCandidate{
+		placeCand("a", 0, 12, 1000),
+		placeCand("c", 0, 6, 10000),
+	}
+	req.MyMicros = []float64{1000}
+	if p, move = ShouldMove(others, req, [2]int{3, 9}, 1.2); move {
+		t.Fatalf("margin 1.2: moves for %v -> %v", p.Before, p.Bottleneck)
+	}
+	t.Log(p.Reason)
+	if p, move = ShouldMove(others, req, [2]int{3, 9}, 1.05); !move || p.Start != 6 || !placeNear(p.Bottleneck, 1100) {
+		t.Fatalf("margin 1.05: got %+v %v", p, move)
+	}
+
+	// Never uncover a block only the current span serves: b serves [2, 5)
+	// and this node [0, 2); blocks 5-9 are unserved. [5, 8) would leave
+	// fewer blocks unserved (4 instead of 5) but uncover 0-1.
+	others = []RouteCandidate{placeCand("b", 2, 5, 1000)}
+	req = PlaceRequest{Blocks: 10, Span: 3, MyMicros: []float64{1000}}
+	p, move = ShouldMove(others, req, [2]int{0, 2}, 1.2)
+	t.Log(p.Reason)
+	if move {
+		t.Fatalf("moves off the only server of blocks 0-1: %+v", p)
+	}
+	// With 0-1 served by another, it moves to cover the hole.
+	others = append(others, placeCand("c", 0, 2, 1000))
+	if p, move = ShouldMove(others, req, [2]int{0, 2}, 1.2); !move || p.Start != 5 {
+		t.Fatalf("does not move to the hole: %+v %v", p, move)
+	}
+}
+
+// placeNode is a node of the rebalancing simulation.
+type placeNode struct {
+	id         peer.ID
+	span       int
+	micros     []float64 // per block
+	start, end int
+}
+
+func (n *placeNode) cand() RouteCandidate {
+	return RouteCandidate{Peer: n.id, Start: n.start, End: n.end, BlockMicros: n.micros[n.start:n.end]}
+}
+
+func placeCands(nodes []*placeNode) []RouteCandidate {
+	var cs []RouteCandidate
+	for _, n := range nodes {
+		if n.end > n.start {
+			cs = append(cs, n.cand())
+		}
+	}
+	return cs
+}
+
+// placeBottleneck is the mesh's bottleneck and whether every block is served.
+func placeBottleneck(nodes []*placeNode, blocks int) (float64, bool) {
+	t := placeTotals(placeCands(nodes), blocks)
+	return slices.Min(t), !slices.Contains(t, 0)
+}
+
+// placeSim makes nodes join one by one with Place, then runs 100 rounds in
+// which every node, in a seeded order, asks ShouldMove (margin 1.2) and
+// moves if told. It returns the moves per round, and the bottleneck after
+// the initial placement and at the end.
+func placeSim(t *testing.T, seed uint64, skew bool) (moves []int, initial, final float64) {
+	const blocks = 24
+	rng := rand.New(rand.NewPCG(seed, 77))
+	nodes := make([]*placeNode, 8+rng.IntN(5))
+	speeds := []float64{250, 500, 1000, 2000, 4000}
+	for i := range nodes {
+		n := &placeNode{id: peer.ID(fmt.Sprintf("n%02d", i)), span: 4 + rng.IntN(7), micros: make([]float64, blocks)}
+		base := speeds[rng.IntN(len(speeds))]
+		for b := range n.micros {
+			n.micros[b] = base * (0.9 + 0.2*rng.Float64())
+		}
+		nodes[i] = n
+	}
+	req := func(n *placeNode) PlaceRequest {
+		return PlaceRequest{Blocks: blocks, Span: n.span, MyMicros: n.micros, Self: n.id}
+	}
+	for i, n := range nodes {
+		if skew && i > 0 {
+			// A bad start: everyone after the first piles onto the
+			// first blocks, the first covering the rest alone.
+			n.start, n.end = 0, n.span
+			continue
+		}
+		if skew {
+			n.span = blocks
+		}
+		p, err := Place(placeCands(nodes), req(n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.start, n.end = p.Start, p.End
+	}
+	initial, ok := placeBottleneck(nodes, blocks)
+	if !ok {
+		t.Fatalf("seed %d: blocks unserved after the initial placement", seed)
+	}
+	for round := range 100 {
+		moved := 0
+		for _, i := range rng.Perm(len(nodes)) {
+			n := nodes[i]
+			p, move := ShouldMove(placeCands(nodes), req(n), [2]int{n.start, n.end}, 1.2)
+			if !move {
+				continue
+			}
+			before, _ := placeBottleneck(nodes, blocks)
+			n.start, n.end = p.Start, p.End
+			after, ok := placeBottleneck(nodes, blocks)
+			if !ok {
+				t.Fatalf("seed %d round %d: %s moved and left blocks unserved", seed, round, n.id)
+			}
+			if after < before {
+				t.Fatalf("seed %d round %d: %s moved and the bottleneck fell: %v -> %v", seed, round, n.id, before, after)
+			}
+			moved++
+		}
+		moves = append(moves, moved)
+	}
+	final, _ = placeBottleneck(nodes, blocks)
+	return moves, initial, final
+}
+
+func TestPlaceNoOscillation(t *testing.T) {
+	totalMoves := 0
+	for seed := range uint64(20) {
+		for _, skew := range []bool{false, true} {
+			moves, initial, final := placeSim(t, seed, skew)
+			n := 0
+			for _, m := range moves {
+				n += m
+			}
+			totalMoves += n
+			if late := moves[20:]; slices.Max(late) != 0 {
+				t.Errorf("seed %d skew %v: moves in the last 80 rounds: %v", seed, skew, moves)
+			}
+			if final < initial {
+				t.Errorf("seed %d skew %v: bottleneck fell from %v to %v", seed, skew, initial, final)
+			}
+			if skew && final <= initial {
+				t.Errorf("seed %d: rebalancing did not raise the skewed start's bottleneck (%v)", seed, initial)
+			}
+			t.Logf("seed %d skew %v: bottleneck %.4g -> %.4g, %d moves %v", seed, skew, initial, final, n, moves[:5])
+		}
+	}
+	if totalMoves == 0 {
+		t.Fatal("no node ever moved: the simulation tests nothing")
+	}
+}
+
+// TestPlaceShouldMoveWideBottleneck: the weak blocks (4-11, served by one slow
+// peer) are more than one span can lift. A rule on the bottleneck alone
+// would move nobody; ShouldMove moves one node to lift half of them, then
+// the other lifts the rest and the bottleneck doubles.
+func TestPlaceShouldMoveWideBottleneck(t *testing.T) {
+	nodes := []RouteCandidate{
+		placeCand("slow", 0, 12, 1000),
+		placeCand("f1", 0, 4, 100),
+		placeCand("f2", 0, 4, 100),
+		placeCand("m1", 0, 4, 1000),
+		placeCand("m2", 0, 4, 1000),
+	}
+	for i, want := range []int{4, 8} {
+		id := nodes[3+i].Peer
+		req := PlaceRequest{Blocks: 12, Span: 4, Self: id, MyMicros: []float64{1000}}
+		p, move := ShouldMove(nodes, req, [2]int{0, 4}, 1.2)
+		t.Log(p.Reason)
+		if !move || p.Start != want {
+			t.Fatalf("%s: got %+v %v, want a move to [%d, %d)", id, p, move, want, want+4)
+		}
+		nodes[3+i] = placeCand(string(id), p.Start, p.End, 1000)
+	}
+	if b := slices.Min(placeTotals(nodes, 12)); !placeNear(b, 2000) {
+		t.Fatalf("bottleneck %v, want 2000", b)
+	}
+	for _, c := range nodes[3:] {
+		req := PlaceRequest{Blocks: 12, Span: 4, Self: c.Peer, MyMicros: []float64{1000}}
+		if p, move := ShouldMove(nodes, req, [2]int{c.Start, c.End}, 1.2); move {
+			t.Fatalf("%s moves again: %s", c.Peer, p.Reason)
+		}
+	}
+}
