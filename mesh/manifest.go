@@ -57,15 +57,30 @@ func (m *Mesh) FetchManifest(ctx context.Context, model cid.Cid) (*shards.Manife
 	ctx, cancel := context.WithTimeout(ctx, manifestTimeout)
 	defer cancel()
 	var errs []error
-	for ai := range m.dht.FindProvidersAsync(ctx, model, 8) {
-		if ai.ID == m.host.ID() {
-			continue
+	tried := map[peer.ID]bool{m.host.ID(): true}
+	try := func(ai peer.AddrInfo) *shards.Manifest {
+		if tried[ai.ID] {
+			return nil
 		}
+		tried[ai.ID] = true
 		man, err := m.fetchManifestFrom(ctx, ai, model)
-		if err == nil {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", ai.ID, err))
+			return nil
+		}
+		return man
+	}
+	for ai := range m.dht.FindProvidersAsync(ctx, model, 8) {
+		if man := try(ai); man != nil {
 			return man, nil
 		}
-		errs = append(errs, fmt.Errorf("%s: %w", ai.ID, err))
+	}
+	// A node that just joined may not have the providers in its routing
+	// table yet: ask the peers it is connected to.
+	for _, p := range m.host.Network().Peers() {
+		if man := try(peer.AddrInfo{ID: p}); man != nil {
+			return man, nil
+		}
 	}
 	if len(errs) == 0 {
 		return nil, fmt.Errorf("no peer serves model %s", model)

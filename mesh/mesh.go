@@ -20,6 +20,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/discovery/mdns"
 
 	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
 )
 
 // DHTPrefix is the protocol prefix of infermesh's private Kademlia DHT:
@@ -74,6 +75,9 @@ type Config struct {
 	HostOptions []libp2p.Option
 	// Logger; nil means slog.Default().
 	Logger *slog.Logger
+	// Store holds the blocks and manifests this node serves to peers on
+	// BlocksProtocol (nil: none).
+	Store shards.Store
 }
 
 func (c *Config) defaults() error {
@@ -200,6 +204,7 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 	}})
 	m.host.SetStreamHandler(RecordProtocol, m.handleRecord)
 	m.host.SetStreamHandler(ManifestProtocol, m.handleManifest)
+	m.host.SetStreamHandler(BlocksProtocol, newBlockServer(m, cfg.Store).handle)
 	if err := m.connectBootstrap(ctx); err != nil {
 		return nil, err
 	}
@@ -407,7 +412,7 @@ func (m *Mesh) shutdown() error {
 	if m.host != nil {
 		// Stop taking streams, then end our stage streams, whose readers
 		// are among the goroutines waited for below.
-		for _, p := range []libp2pprotocol.ID{protocol.StageProtocol, RecordProtocol, ManifestProtocol} {
+		for _, p := range []libp2pprotocol.ID{protocol.StageProtocol, RecordProtocol, ManifestProtocol, BlocksProtocol} {
 			m.host.RemoveStreamHandler(p)
 		}
 	}
@@ -433,4 +438,19 @@ func (m *Mesh) Kill() error {
 	m.cancel()
 	m.host.Close()
 	return m.shutdown()
+}
+
+// WaitRouting waits until the DHT's routing table holds at least one peer
+// (a node that just dialled its bootstrap peers adds them once identify
+// confirms they speak the DHT), or ctx ends. Lookups before that find
+// nothing.
+func (m *Mesh) WaitRouting(ctx context.Context) error {
+	for m.dht.RoutingTable().Size() == 0 {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("no DHT peer yet: %w", ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
 }

@@ -74,6 +74,8 @@ func (n *Node) startAPI() error {
 	mux.HandleFunc("GET /v1/peers", n.handlePeers)
 	mux.HandleFunc("POST /v1/infer", n.handleInfer)
 	mux.HandleFunc("POST /v1/generate", n.handleGenerate)
+	mux.HandleFunc("POST /v1/publish", n.handlePublish)
+	mux.HandleFunc("POST /v1/pull", n.handlePull)
 	n.api = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	n.wg.Go(func() {
 		if err := n.api.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -2,8 +2,10 @@ package node
 
 import (
 	"encoding/json"
+
 	"errors"
 	"fmt"
+	"github.com/ipfs/go-cid"
 	"io/fs"
 	"net"
 	"os"
@@ -50,6 +52,20 @@ type Config struct {
 	// Serve lists local blocked models to serve, as DIR or DIR:START-END
 	// (blocks START to END inclusive).
 	Serve []string `json:"serve"`
+	// Models lists models to serve without having them locally, as CID or
+	// CID:START-END: the node fetches the manifest and blocks from peers.
+	// Without a range it picks the blocks the mesh is shortest of, and
+	// moves when the mesh drifts.
+	Models []string `json:"models"`
+	// MaxBlocks caps how many blocks of a model the node serves (0: as many
+	// as MaxMemory holds).
+	MaxBlocks int `json:"max_blocks"`
+	// MaxMemory caps the bytes of blocks the node loads per model (0: a
+	// quarter of the machine's memory).
+	MaxMemory int64 `json:"max_memory"`
+	// Rebalance is how often a node that chose its own blocks checks
+	// whether moving would help the mesh (default 2m, with jitter).
+	Rebalance Duration `json:"rebalance"`
 	// RecordTTL is how long a capacity record is valid (default 5m).
 	RecordTTL Duration `json:"record_ttl"`
 	// ViewRefresh is how often the view re-reads models (default 5s).
@@ -126,6 +142,11 @@ func (c *Config) Validate() error {
 			return err
 		}
 	}
+	for _, s := range c.Models {
+		if _, _, _, err := ParseModel(s); err != nil {
+			return err
+		}
+	}
 	if c.API != "" {
 		host, _, err := net.SplitHostPort(c.API)
 		if err != nil {
@@ -180,4 +201,24 @@ func ParseServe(s string) (dir string, start, end int, err error) {
 		return "", 0, 0, fmt.Errorf("--serve %q: want DIR or DIR:START-END, e.g. models/gpt:0-4", s)
 	}
 	return dir, start, last + 1, nil
+}
+
+// ParseModel parses a --model value: CID, or CID:START-END with START and
+// END inclusive block indexes. end is -1 when the node is to choose.
+func ParseModel(s string) (id cid.Cid, start, end int, err error) {
+	idStr, rng, found := strings.Cut(s, ":")
+	id, err = cid.Decode(idStr)
+	if err != nil || id.Prefix().Codec != 0x0200 {
+		return cid.Undef, 0, 0, fmt.Errorf("--model %q: want a model ID (bagaai...), optionally with :START-END", s)
+	}
+	if !found {
+		return id, 0, -1, nil
+	}
+	a, b, ok := strings.Cut(rng, "-")
+	start, err1 := strconv.Atoi(a)
+	last, err2 := strconv.Atoi(b)
+	if !ok || err1 != nil || err2 != nil || start < 0 || last < start {
+		return cid.Undef, 0, 0, fmt.Errorf("--model %q: want CID or CID:START-END, e.g. bagaai...:0-4", s)
+	}
+	return id, start, last + 1, nil
 }

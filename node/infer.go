@@ -31,7 +31,7 @@ type subSpans struct {
 // Runner implements mesh.SpanProvider: the served span itself, or a
 // sub-span of it loaded on first use (its blocks were verified at start).
 func (n *Node) Runner(model string, start, end int) (shards.Runner, error) {
-	for _, s := range n.served {
+	for _, s := range n.servedSpans() {
 		if s.model.ID.String() != model || start < s.start || end > s.end || start >= end {
 			continue
 		}
@@ -72,7 +72,7 @@ func (n *Node) subSpan(s *servedSpan, start, end int) (shards.Runner, error) {
 // Manifest returns the manifest of a model: from a served model, or fetched
 // from a peer that serves it (and checked against its CID).
 func (n *Node) Manifest(ctx context.Context, model cid.Cid) (*shards.Manifest, error) {
-	for _, s := range n.served {
+	for _, s := range n.servedSpans() {
 		if s.model.ID.Equals(model) {
 			return s.model.Manifest, nil
 		}
@@ -82,6 +82,9 @@ func (n *Node) Manifest(ctx context.Context, model cid.Cid) (*shards.Manifest, e
 	n.manifests.Unlock()
 	if ok {
 		return man, nil
+	}
+	if b, err := n.store.Get(model); err == nil { // published or pulled here; Get verified it
+		return shards.DecodeManifest(b)
 	}
 	man, err := n.mesh.FetchManifest(ctx, model)
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -47,9 +48,12 @@ type Node struct {
 	opts Options
 	log  *slog.Logger
 
-	rt     *shards.Runtime
-	served []*servedSpan
-	subs   subSpans
+	rt       *shards.Runtime
+	own      *shards.FileStore // DATA/blocks: fetched, published and pulled blocks
+	store    stores            // own, then the --serve models' block folders
+	servedMu sync.RWMutex
+	served   []*servedSpan
+	subs     subSpans
 	// manifests fetched from peers, by model ID (verified against it)
 	manifests struct {
 		sync.Mutex
@@ -71,6 +75,7 @@ type servedSpan struct {
 	start  int
 	end    int
 	micros []float64
+	joined *joined // set for models served by ID (--model)
 }
 
 // New starts a node: it loads and verifies the spans it serves, measures
@@ -100,6 +105,11 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
+	own, err := shards.OpenFileStore(filepath.Join(opts.DataDir, "blocks"))
+	if err != nil {
+		return nil, err
+	}
+	n.own, n.store = own, stores{own}
 	if err := n.loadSpans(ctx); err != nil {
 		return nil, err
 	}
@@ -110,13 +120,19 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	n.mesh, err = mesh.New(ctx, mesh.Config{
 		Key: key, ListenAddrs: cfg.Listen, Bootstrap: bootstrap, MDNS: !cfg.NoMDNS, NAT: !cfg.NoNAT,
 		DHTMode: cfg.DHTMode, RecordTTL: time.Duration(cfg.RecordTTL), ViewRefresh: time.Duration(cfg.ViewRefresh),
-		Version: Version, Logger: n.log, HostOptions: opts.HostOptions,
+		Version: Version, Logger: n.log, HostOptions: opts.HostOptions, Store: n.store,
 	}, n.advert)
 	if err != nil {
 		return nil, err
 	}
 	n.mesh.Serve(n, mesh.StageConfig{MaxInFlight: cfg.MaxInFlight, MaxSessions: cfg.MaxSessions})
 	n.log.Info("node started", "peer", n.mesh.ID(), "addrs", n.mesh.Host().Addrs())
+	if err := n.joinModels(ctx); err != nil {
+		return nil, err
+	}
+	if len(cfg.Models) > 0 {
+		n.wg.Go(n.rebalanceLoop)
+	}
 	// Announce in the background: the record reaches connected peers by
 	// push at once, but DHT puts can wait seconds on peers that left.
 	n.wg.Go(func() {
@@ -167,11 +183,33 @@ func (n *Node) loadSpans(ctx context.Context) error {
 			span.Close()
 			return fmt.Errorf("--serve %s: measuring blocks: %w", s, err)
 		}
-		n.served = append(n.served, &servedSpan{model: m, span: span, start: start, end: end, micros: micros})
+		n.addServed(&servedSpan{model: m, span: span, start: start, end: end, micros: micros})
+		n.store = append(n.store, m.Store)
 		n.log.Info("serving", "model", m.ID, "name", m.Manifest.Name, "blocks", fmt.Sprintf("%d-%d of %d", start, end-1, len(m.Manifest.Blocks)),
 			"pass_us", fmt.Sprintf("%.0f", sum(micros)))
 	}
 	return nil
+}
+
+// servedSpans is a snapshot of the spans served now.
+func (n *Node) servedSpans() []*servedSpan {
+	n.servedMu.RLock()
+	defer n.servedMu.RUnlock()
+	return append([]*servedSpan(nil), n.served...)
+}
+
+func (n *Node) addServed(s *servedSpan) {
+	n.servedMu.Lock()
+	n.served = append(n.served, s)
+	n.servedMu.Unlock()
+}
+
+// dropServed stops serving s (the caller closes its span once in-flight
+// work is done).
+func (n *Node) dropServed(s *servedSpan) {
+	n.servedMu.Lock()
+	n.served = slices.DeleteFunc(n.served, func(x *servedSpan) bool { return x == s })
+	n.servedMu.Unlock()
 }
 
 func sum(v []float64) float64 {
@@ -198,7 +236,7 @@ func parseBootstrap(addrs []string) ([]peer.AddrInfo, error) {
 // block of its spans.
 func (n *Node) provided() []cid.Cid {
 	var out []cid.Cid
-	for _, s := range n.served {
+	for _, s := range n.servedSpans() {
 		out = append(out, s.model.ID)
 		for _, b := range s.model.Manifest.Blocks[s.start:s.end] {
 			if c, err := shards.ParseCID(b.CID); err == nil {
@@ -212,7 +250,7 @@ func (n *Node) provided() []cid.Cid {
 // advert is what the mesh publishes about this node.
 func (n *Node) advert() mesh.Advert {
 	a := mesh.Advert{Accelerators: Accelerators()}
-	for _, s := range n.served {
+	for _, s := range n.servedSpans() {
 		a.Models = append(a.Models, protocol.ServedSpan{Model: s.model.ID.String(), Blocks: len(s.model.Manifest.Blocks),
 			Start: s.start, End: s.end, BlockMicros: s.micros})
 	}
@@ -222,12 +260,18 @@ func (n *Node) advert() mesh.Advert {
 	return a
 }
 
-// ManifestBytes implements mesh.ManifestSource for the models served here.
+// ManifestBytes implements mesh.ManifestSource for the models served here
+// and those in the node's store (published or pulled).
 func (n *Node) ManifestBytes(model string) ([]byte, bool) {
-	for _, s := range n.served {
+	for _, s := range n.servedSpans() {
 		if s.model.ID.String() == model {
 			b, err := s.model.Manifest.Encode()
 			return b, err == nil
+		}
+	}
+	if id, err := shards.ParseCID(model); err == nil && id.Prefix().Codec == shards.CodecManifest {
+		if b, err := n.store.Get(id); err == nil {
+			return b, true
 		}
 	}
 	return nil, false
@@ -242,7 +286,7 @@ func (n *Node) APIAddr() string { return n.apiLn.Addr().String() }
 // ServedModels are the IDs of the models this node serves spans of.
 func (n *Node) ServedModels() []cid.Cid {
 	var out []cid.Cid
-	for _, s := range n.served {
+	for _, s := range n.servedSpans() {
 		out = append(out, s.model.ID)
 	}
 	return out
@@ -307,7 +351,7 @@ func (n *Node) Close() error {
 	if n.mesh != nil {
 		errs = append(errs, n.mesh.Close())
 	}
-	for _, s := range n.served {
+	for _, s := range n.servedSpans() {
 		errs = append(errs, s.span.Close())
 	}
 	n.subs.mu.Lock()

@@ -10,6 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ipfs/go-cid"
+
+	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/build"
 )
 
@@ -31,11 +34,7 @@ func startTestNode(t testing.TB, bootstrap []string, serve ...string) *Node {
 	if _, err := Init(dir, cfg); err != nil {
 		t.Fatal(err)
 	}
-	logger := slog.New(slog.DiscardHandler)
-	if os.Getenv("INFERMESH_TEST_LOG") != "" {
-		logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	n, err := New(context.Background(), cfg, Options{DataDir: dir, MeasureRounds: 2, Logger: logger})
+	n, err := New(context.Background(), cfg, Options{DataDir: dir, MeasureRounds: 2, Logger: testLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,4 +138,21 @@ func coverageMatches(cov *Coverage, want map[string][2]int, blocks int) (bool, s
 		}
 	}
 	return true, ""
+}
+
+// testLogger discards node logs unless INFERMESH_TEST_LOG is set.
+func testLogger() *slog.Logger {
+	if os.Getenv("INFERMESH_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func mustCID(t testing.TB, s string) cid.Cid {
+	t.Helper()
+	c, err := shards.ParseCID(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }

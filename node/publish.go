@@ -1,0 +1,145 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/ipfs/go-cid"
+
+	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/shards"
+)
+
+// Publish adds a local blocked model to the node's store (every block
+// verified) and announces the node as its provider, so that peers can fetch
+// it. The node does not start serving its blocks for inference.
+func (n *Node) Publish(ctx context.Context, dir string) (cid.Cid, int64, error) {
+	m, err := shards.OpenModel(dir)
+	if err != nil {
+		return cid.Undef, 0, err
+	}
+	var size int64
+	var cids []cid.Cid
+	for i := range m.Manifest.Blocks {
+		data, err := m.Block(i)
+		if err != nil {
+			return cid.Undef, 0, err
+		}
+		c, err := n.store.Put(shards.CodecBlock, data)
+		if err != nil {
+			return cid.Undef, 0, err
+		}
+		cids = append(cids, c)
+		size += int64(len(data))
+	}
+	enc, err := m.Manifest.Encode()
+	if err != nil {
+		return cid.Undef, 0, err
+	}
+	if _, err := n.store.Put(shards.CodecManifest, enc); err != nil {
+		return cid.Undef, 0, err
+	}
+	if err := n.mesh.Provide(ctx, append([]cid.Cid{m.ID}, cids...)...); err != nil {
+		n.log.Warn("provider records not stored yet", "err", err)
+	}
+	n.log.Info("published", "model", m.ID, "blocks", len(cids), "bytes", size)
+	return m.ID, size, nil
+}
+
+// Pull fetches a model's manifest and blocks [start, end) (end -1: all)
+// from peers into the node's store, and announces the node as a provider.
+func (n *Node) Pull(ctx context.Context, model cid.Cid, start, end int, progress func(mesh.FetchProgress)) (int64, error) {
+	man, err := n.Manifest(ctx, model)
+	if err != nil {
+		return 0, err
+	}
+	if end < 0 || end > len(man.Blocks) {
+		end = len(man.Blocks)
+	}
+	if start >= end {
+		return 0, fmt.Errorf("blocks %d-%d: the model has %d", start, end-1, len(man.Blocks))
+	}
+	enc, _ := man.Encode()
+	if _, err := n.store.Put(shards.CodecManifest, enc); err != nil {
+		return 0, err
+	}
+	var cids []cid.Cid
+	var size int64
+	for _, b := range man.Blocks[start:end] {
+		c, err := shards.ParseCID(b.CID)
+		if err != nil {
+			return 0, err
+		}
+		cids = append(cids, c)
+		size += b.Size
+	}
+	if err := n.mesh.FetchBlocks(ctx, cids, n.own, mesh.FetchOptions{Progress: progress}); err != nil {
+		return 0, err
+	}
+	n.mesh.Provide(ctx, model)
+	return size, nil
+}
+
+// PublishRequest is POST /v1/publish.
+type PublishRequest struct {
+	Dir string `json:"dir"`
+}
+
+// PullRequest is POST /v1/pull.
+type PullRequest struct {
+	Model string `json:"model"`
+	Start int    `json:"start"`
+	End   int    `json:"end"` // exclusive; 0: to the last block
+}
+
+// TransferResponse answers publish and pull.
+type TransferResponse struct {
+	Model   string  `json:"model"`
+	Bytes   int64   `json:"bytes"`
+	Seconds float64 `json:"seconds"`
+}
+
+func (n *Node) handlePublish(w http.ResponseWriter, r *http.Request) {
+	var req PublishRequest
+	if !readRequest(w, r, &req) {
+		return
+	}
+	dir, err := filepath.Abs(req.Dir)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	start := time.Now()
+	id, size, err := n.Publish(r.Context(), dir)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, TransferResponse{Model: id.String(), Bytes: size, Seconds: time.Since(start).Seconds()})
+}
+
+func (n *Node) handlePull(w http.ResponseWriter, r *http.Request) {
+	var req PullRequest
+	if !readRequest(w, r, &req) {
+		return
+	}
+	id, err := shards.ParseCID(req.Model)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	end := req.End
+	if end == 0 {
+		end = -1
+	}
+	start := time.Now()
+	size, err := n.Pull(r.Context(), id, req.Start, end, nil)
+	if err != nil {
+		meshError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, TransferResponse{Model: id.String(), Bytes: size, Seconds: time.Since(start).Seconds()})
+}
