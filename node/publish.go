@@ -2,9 +2,11 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -121,6 +123,16 @@ func (n *Node) handlePublish(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, TransferResponse{Model: id.String(), Bytes: size, Seconds: time.Since(start).Seconds()})
 }
 
+// PullEvent is one line of POST /v1/pull's answer, a stream of JSON lines
+// (application/x-ndjson): progress while blocks arrive, then the result or
+// an error.
+type PullEvent struct {
+	Done   int64             `json:"done"`
+	Total  int64             `json:"total"`
+	Result *TransferResponse `json:"result,omitempty"`
+	Error  string            `json:"error,omitempty"`
+}
+
 func (n *Node) handlePull(w http.ResponseWriter, r *http.Request) {
 	var req PullRequest
 	if !readRequest(w, r, &req) {
@@ -135,11 +147,44 @@ func (n *Node) handlePull(w http.ResponseWriter, r *http.Request) {
 	if end == 0 {
 		end = -1
 	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	enc := json.NewEncoder(w)
+	send := func(ev PullEvent) {
+		enc.Encode(ev)
+		if flusher != nil {
+			flusher.Flush()
+		}
+	}
+	var mu sync.Mutex
+	perBlock := map[cid.Cid]int64{}
+	var total int64
+	var last time.Time
+	progress := func(p mesh.FetchProgress) {
+		mu.Lock()
+		defer mu.Unlock()
+		if _, ok := perBlock[p.CID]; !ok {
+			total += p.Total
+		}
+		perBlock[p.CID] = p.Done
+		if time.Since(last) < 200*time.Millisecond && !p.Stored {
+			return
+		}
+		last = time.Now()
+		var done int64
+		for _, d := range perBlock {
+			done += d
+		}
+		send(PullEvent{Done: done, Total: total})
+	}
 	start := time.Now()
-	size, err := n.Pull(r.Context(), id, req.Start, end, nil)
+	size, err := n.Pull(r.Context(), id, req.Start, end, progress)
+	mu.Lock()
+	defer mu.Unlock()
 	if err != nil {
-		meshError(w, err)
+		send(PullEvent{Error: err.Error()})
 		return
 	}
-	writeJSON(w, http.StatusOK, TransferResponse{Model: id.String(), Bytes: size, Seconds: time.Since(start).Seconds()})
+	send(PullEvent{Done: size, Total: size, Result: &TransferResponse{Model: id.String(), Bytes: size, Seconds: time.Since(start).Seconds()}})
 }

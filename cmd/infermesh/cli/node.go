@@ -211,6 +211,11 @@ func callAPI(ctx context.Context, method, url string, body io.Reader, out any) e
 		return fmt.Errorf("node API: %w", err)
 	}
 	defer resp.Body.Close()
+	return callAPIError(resp, out)
+}
+
+// callAPIError decodes an API answer into out, or its error.
+func callAPIError(resp *http.Response, out any) error {
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
 	if err != nil {
 		return err

@@ -24,6 +24,8 @@ func runShard(ctx context.Context, e *env, args []string) error {
 		{"run", "run all blocks in sequence on an input and print the outputs", shardRun},
 		{"generate", "decode text through the blocks with the KV cache", shardGenerate},
 		{"bench", "time block loads and a decode step, blocks vs full.onnx", shardBench},
+		{"publish", "add a local model to the running node's store and announce it to peers", shardPublish},
+		{"pull", "fetch a model's blocks from peers into the running node's store", shardPull},
 	}, args)
 }
 
