@@ -117,7 +117,7 @@ func progressBar(done, total int64, elapsed time.Duration) string {
 	rate := float64(done) / max(elapsed.Seconds(), 1e-3)
 	eta := "?"
 	if rate > 0 && total >= done {
-		eta = (time.Duration(float64(total-done)/rate*float64(time.Second))).Round(time.Second).String()
+		eta = (time.Duration(float64(total-done) / rate * float64(time.Second))).Round(time.Second).String()
 	}
 	return fmt.Sprintf("[%s] %s / %s  %s/s  ETA %s   ", bar, humanBytes(done), humanBytes(total), humanBytes(int64(rate)), eta)
 }
