@@ -204,3 +204,37 @@ func toTokens(s string) []int64 {
 	}
 	return out
 }
+
+// BenchmarkJoinFiveNodes: a publisher holds the 8-layer, dim-512 GPT (98
+// MB); five empty nodes join one after another with only its ID, each
+// fetching, verifying, loading and measuring up to 3 blocks. Reports the
+// time from the first start until the five serve a complete model.
+//
+// go test -run '^$' -bench JoinFiveNodes -benchtime 1x ./node/
+func BenchmarkJoinFiveNodes(b *testing.B) {
+	m := benchGPT(b, 8, 512)
+	for b.Loop() {
+		publisher := startTestNode(b, nil)
+		nodes := []*Node{publisher}
+		if _, _, err := publisher.Publish(context.Background(), m.Dir); err != nil {
+			b.Fatal(err)
+		}
+		boot := []string{publisher.Status().Addrs[0]}
+		start := time.Now()
+		for range 5 {
+			nodes = append(nodes, startJoiner(b, boot, m.ID.String(), 3, time.Hour))
+		}
+		for {
+			cov, err := publisher.Coverage(context.Background(), m.ID.String())
+			if err == nil && cov.Complete {
+				break
+			}
+			if time.Since(start) > time.Minute {
+				b.Fatal("no coverage after a minute")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		b.ReportMetric(time.Since(start).Seconds(), "s_to_serving")
+		closeAll(nodes)
+	}
+}
