@@ -42,8 +42,9 @@ var (
 
 // FileStore is a Store in a folder: one file per CID, named by the CID's
 // string form. Writes go to a temporary file that is renamed into place only
-// once complete and verified, so a crash never leaves a partial block under a
-// real name.
+// once complete and verified. Files are not fsynced: every read is verified
+// against its CID, so a block torn by a power cut is found corrupt and
+// fetched again; syncing each block slowed a 100 MB transfer by 10-25%.
 type FileStore struct {
 	dir string
 }
@@ -101,9 +102,6 @@ func (s *FileStore) write(c cid.Cid, fill func(io.Writer) error) error {
 	err = fill(f)
 	if err == nil {
 		err = f.Chmod(0o644) // CreateTemp makes 0600; blocks are not secret
-	}
-	if err == nil {
-		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
