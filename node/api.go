@@ -37,6 +37,15 @@ type Coverage struct {
 	Peers     []PeerInfo `json:"peers"`
 	ByBlock   [][]int    `json:"by_block"` // for each block, indexes into peers
 	Updated   time.Time  `json:"updated"`
+	// Mine says which blocks of the model this node serves, and why.
+	Mine []MySpan `json:"mine,omitempty"`
+}
+
+// MySpan is a span this node serves, with the reason it chose it.
+type MySpan struct {
+	Start  int    `json:"start"`
+	End    int    `json:"end"` // exclusive
+	Reason string `json:"reason"`
 }
 
 // PeerInfo is one server of a model.
@@ -149,7 +158,17 @@ func (n *Node) Coverage(ctx context.Context, model string) (*Coverage, error) {
 	if err != nil {
 		return nil, err
 	}
-	return coverageOf(mv), nil
+	c := coverageOf(mv)
+	for _, s := range n.servedSpans() {
+		if s.model.ID.Equals(id) {
+			reason := s.reason
+			if reason == "" {
+				reason = "given with --serve"
+			}
+			c.Mine = append(c.Mine, MySpan{Start: s.start, End: s.end, Reason: reason})
+		}
+	}
+	return c, nil
 }
 
 func coverageOf(mv *mesh.ModelView) *Coverage {

@@ -56,12 +56,13 @@ func (n *Node) joinModels(ctx context.Context) error {
 			return err
 		}
 		pinned := end >= 0
+		var reason string
 		if !pinned {
 			p, err := n.place(ctx, model, nil)
 			if err != nil {
 				return fmt.Errorf("--model %s: %w", id, err)
 			}
-			start, end = p.Start, p.End
+			start, end, reason = p.Start, p.End, p.Reason
 			n.log.Info("chose blocks", "model", id, "blocks", fmt.Sprintf("%d-%d of %d", start, end-1, len(man.Blocks)), "why", p.Reason)
 		}
 		if end > len(man.Blocks) {
@@ -72,6 +73,10 @@ func (n *Node) joinModels(ctx context.Context) error {
 			return fmt.Errorf("--model %s: %w", id, err)
 		}
 		s.joined = &joined{id: id, pinned: pinned}
+		s.reason = "pinned by --model"
+		if !pinned {
+			s.reason = reason
+		}
 		n.addServed(s)
 	}
 	return nil
@@ -293,7 +298,7 @@ func (n *Node) rebalance(s *servedSpan) error {
 	if err != nil {
 		return err
 	}
-	next.joined = s.joined
+	next.joined, next.reason = s.joined, p.Reason
 	n.addServed(next)
 	n.dropServed(s)
 	if err := n.mesh.Publish(ctx); err != nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -176,4 +177,29 @@ func waitUntil(t testing.TB, within time.Duration, what string, cond func() bool
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// The node explains its choice of blocks where operators look.
+func TestJoinerExplainsItsChoice(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "gpt")
+	m, err := build.GPT(build.GPTConfig{Layers: 2, Dim: 32, Heads: 2, Context: 64, Seed: 2}, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publisher := startTestNode(t, nil)
+	nodes := []*Node{publisher}
+	t.Cleanup(func() { closeAll(nodes) })
+	if _, _, err := publisher.Publish(context.Background(), dir); err != nil {
+		t.Fatal(err)
+	}
+	joiner := startJoiner(t, []string{publisher.Status().Addrs[0]}, m.ID.String(), 2, time.Hour)
+	nodes = append(nodes, joiner)
+	cov, err := joiner.Coverage(context.Background(), m.ID.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cov.Mine) != 1 || cov.Mine[0].End-cov.Mine[0].Start != 2 || !strings.Contains(cov.Mine[0].Reason, "bottleneck") {
+		t.Fatalf("coverage does not explain the joiner's span: %+v", cov.Mine)
+	}
+	t.Logf("the joiner says: blocks %d-%d: %s", cov.Mine[0].Start, cov.Mine[0].End-1, cov.Mine[0].Reason)
 }

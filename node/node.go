@@ -76,6 +76,7 @@ type servedSpan struct {
 	end    int
 	micros []float64
 	joined *joined // set for models served by ID (--model)
+	reason string  // why this node serves these blocks (placement's explanation)
 }
 
 // New starts a node: it loads and verifies the spans it serves, measures

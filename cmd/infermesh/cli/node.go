@@ -307,4 +307,7 @@ func printCoverage(e *env, c node.Coverage) {
 	if len(c.Uncovered) > 0 {
 		e.printf("  !! blocks nobody serves: %v\n", c.Uncovered)
 	}
+	for _, s := range c.Mine {
+		e.printf("  this node serves blocks %d-%d: %s\n", s.Start, s.End-1, s.Reason)
+	}
 }
