@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/build"
 )
 
@@ -38,17 +39,9 @@ func startJoiner(t testing.TB, bootstrap []string, model string, maxBlocks int, 
 // spans that together cover the model, and a generation through them
 // equals the local run.
 func TestJoinByModelID(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "gpt")
-	m, err := build.GPT(build.GPTConfig{Layers: 8, Dim: 64, Heads: 2, Context: 128, Seed: 9}, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	publisher := startTestNode(t, nil)
+	m, publisher := publishGPT(t, 8, 64, 128, 9)
 	nodes := []*Node{publisher}
 	t.Cleanup(func() { closeAll(nodes) })
-	if _, _, err := publisher.Publish(context.Background(), dir); err != nil {
-		t.Fatal(err)
-	}
 	boot := []string{publisher.Status().Addrs[0]}
 	start := time.Now()
 	var spans []string
@@ -92,17 +85,9 @@ func TestJoinByModelID(t *testing.T) {
 // remaining nodes (rebalancing every second here) re-cover them, and
 // generation works again.
 func TestRecoverAfterLosingTheOnlyServers(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "gpt")
-	m, err := build.GPT(build.GPTConfig{Layers: 8, Dim: 64, Heads: 2, Context: 128, Seed: 9}, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	publisher := startTestNode(t, nil)
+	m, publisher := publishGPT(t, 8, 64, 128, 9)
 	nodes := []*Node{publisher}
 	t.Cleanup(func() { closeAll(nodes) })
-	if _, _, err := publisher.Publish(context.Background(), dir); err != nil {
-		t.Fatal(err)
-	}
 	boot := []string{publisher.Status().Addrs[0]}
 	for range 5 {
 		nodes = append(nodes, startJoiner(t, boot, m.ID.String(), 3, time.Second))
@@ -181,17 +166,9 @@ func waitUntil(t testing.TB, within time.Duration, what string, cond func() bool
 
 // The node explains its choice of blocks where operators look.
 func TestJoinerExplainsItsChoice(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "gpt")
-	m, err := build.GPT(build.GPTConfig{Layers: 2, Dim: 32, Heads: 2, Context: 64, Seed: 2}, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	publisher := startTestNode(t, nil)
+	m, publisher := publishGPT(t, 2, 32, 64, 2)
 	nodes := []*Node{publisher}
 	t.Cleanup(func() { closeAll(nodes) })
-	if _, _, err := publisher.Publish(context.Background(), dir); err != nil {
-		t.Fatal(err)
-	}
 	joiner := startJoiner(t, []string{publisher.Status().Addrs[0]}, m.ID.String(), 2, time.Hour)
 	nodes = append(nodes, joiner)
 	cov, err := joiner.Coverage(context.Background(), m.ID.String())
@@ -202,4 +179,21 @@ func TestJoinerExplainsItsChoice(t *testing.T) {
 		t.Fatalf("coverage does not explain the joiner's span: %+v", cov.Mine)
 	}
 	t.Logf("the joiner says: blocks %d-%d: %s", cov.Mine[0].Start, cov.Mine[0].End-1, cov.Mine[0].Reason)
+}
+
+// publishGPT builds a GPT and starts a node that publishes it (and serves
+// none of it).
+func publishGPT(t *testing.T, layers, dim, ctx int, seed int64) (*shards.Model, *Node) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "gpt")
+	m, err := build.GPT(build.GPTConfig{Layers: layers, Dim: dim, Heads: 2, Context: ctx, Seed: seed}, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publisher := startTestNode(t, nil)
+	if _, _, err := publisher.Publish(context.Background(), dir); err != nil {
+		publisher.Close()
+		t.Fatal(err)
+	}
+	return m, publisher
 }
