@@ -132,7 +132,7 @@ func (n *Node) spanCapacity(m *shards.Model) int {
 	}
 	budget := n.cfg.MaxMemory
 	if budget <= 0 {
-		for _, a := range Accelerators() {
+		for _, a := range n.accelerators {
 			if a.Kind == "cpu" && a.MemoryBytes > 0 {
 				budget = a.MemoryBytes / 4
 			}

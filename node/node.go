@@ -48,12 +48,13 @@ type Node struct {
 	opts Options
 	log  *slog.Logger
 
-	rt       *shards.Runtime
-	own      *shards.FileStore // DATA/blocks: fetched, published and pulled blocks
-	store    stores            // own, then the --serve models' block folders
-	servedMu sync.RWMutex
-	served   []*servedSpan
-	subs     subSpans
+	rt           *shards.Runtime
+	accelerators []protocol.Accelerator // found at start; they do not change while running
+	own          *shards.FileStore      // DATA/blocks: fetched, published and pulled blocks
+	store        stores                 // own, then the --serve models' block folders
+	servedMu     sync.RWMutex
+	served       []*servedSpan
+	subs         subSpans
 	// manifests fetched from peers, by model ID (verified against it)
 	manifests struct {
 		sync.Mutex
@@ -106,6 +107,7 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
+	n.accelerators = Accelerators()
 	own, err := shards.OpenFileStore(filepath.Join(opts.DataDir, "blocks"))
 	if err != nil {
 		return nil, err
@@ -250,7 +252,7 @@ func (n *Node) provided() []cid.Cid {
 
 // advert is what the mesh publishes about this node.
 func (n *Node) advert() mesh.Advert {
-	a := mesh.Advert{Accelerators: Accelerators()}
+	a := mesh.Advert{Accelerators: n.accelerators}
 	for _, s := range n.servedSpans() {
 		a.Models = append(a.Models, protocol.ServedSpan{Model: s.model.ID.String(), Blocks: len(s.model.Manifest.Blocks),
 			Start: s.start, End: s.end, BlockMicros: s.micros})
