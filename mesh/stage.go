@@ -36,6 +36,10 @@ type StageConfig struct {
 	MaxSessions int
 	// SessionIdle closes a session unused this long (default 2 min).
 	SessionIdle time.Duration
+	// MaxFrameBytes bounds one stage frame this node accepts (default 256
+	// MiB, at most protocol.MaxFrameBytes): a peer cannot make it allocate
+	// more than this per stream.
+	MaxFrameBytes int
 }
 
 func (c *StageConfig) defaults() {
@@ -47,6 +51,9 @@ func (c *StageConfig) defaults() {
 	}
 	if c.SessionIdle <= 0 {
 		c.SessionIdle = 2 * time.Minute
+	}
+	if c.MaxFrameBytes <= 0 || c.MaxFrameBytes > protocol.MaxFrameBytes {
+		c.MaxFrameBytes = 256 << 20
 	}
 }
 
@@ -106,7 +113,6 @@ type link struct {
 	s  network.Stream
 }
 
-const stageMaxFrame = protocol.MaxFrameBytes
 
 // linkDialTimeout bounds opening a stage stream to a peer: a peer that
 // cannot be reached this fast is treated as failed and routed around (a
@@ -142,8 +148,11 @@ func (m *Mesh) Load() protocol.Load {
 func (st *stage) handleStream(s network.Stream) {
 	from := s.Conn().RemotePeer()
 	defer s.Close()
+	st.mu.Lock()
+	limit := st.cfg.MaxFrameBytes
+	st.mu.Unlock()
 	for {
-		msg, err := protocol.ReadMessage(s, stageMaxFrame)
+		msg, err := protocol.ReadMessage(s, limit)
 		if err != nil {
 			if !errors.Is(err, io.EOF) && st.m.ctx.Err() == nil {
 				st.m.log.Debug("stage stream ended", "peer", from, "err", err)
