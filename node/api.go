@@ -85,6 +85,10 @@ func (n *Node) startAPI() error {
 	mux.HandleFunc("POST /v1/generate", n.handleGenerate)
 	mux.HandleFunc("POST /v1/publish", n.handlePublish)
 	mux.HandleFunc("POST /v1/pull", n.handlePull)
+	mux.HandleFunc("POST /v1/completions", n.handleCompletions)
+	mux.HandleFunc("POST /v1/chat/completions", n.handleChat)
+	mux.HandleFunc("GET /v1/models", n.handleModels)
+	mux.HandleFunc("GET /v1/models/{model}", n.handleModel)
 	n.api = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	n.wg.Go(func() {
 		if err := n.api.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -241,6 +245,11 @@ type GenerateAPIRequest struct {
 	TopK        int     `json:"top_k,omitempty"`
 	Seed        uint64  `json:"seed,omitempty"`
 	FP16        bool    `json:"fp16,omitempty"`
+	// Stream answers text/event-stream: an event {"token", "text"} per
+	// token, then the GenerateResponse, then [DONE].
+	Stream bool     `json:"stream,omitempty"`
+	Stop   []string `json:"stop,omitempty"` // end at the first of these; it is left out
+	TopP   float64  `json:"top_p,omitempty"`
 }
 
 // GenerateResponse is the answer to POST /v1/generate.
@@ -319,6 +328,10 @@ func (n *Node) handleInfer(w http.ResponseWriter, r *http.Request) {
 func (n *Node) handleGenerate(w http.ResponseWriter, r *http.Request) {
 	var req GenerateAPIRequest
 	if !readRequest(w, r, &req) {
+		return
+	}
+	if req.Stream || len(req.Stop) > 0 || req.TopP != 0 || req.MaxTokens < 0 {
+		n.generateAPI(w, r, &req) // openai.go
 		return
 	}
 	model, err := shards.ParseCID(req.Model)

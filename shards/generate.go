@@ -15,7 +15,11 @@ import (
 type Sampling struct {
 	Temperature float64 // 0 = greedy
 	TopK        int     // 0 = no limit
-	Seed        uint64
+	// TopP keeps the smallest set of most likely tokens whose probability
+	// (after temperature) adds up to at least TopP (nucleus sampling); 0
+	// or 1 and above = no limit.
+	TopP float64
+	Seed uint64
 }
 
 // Decoder drives autoregressive generation of one sequence through a
@@ -141,6 +145,20 @@ func (s Sampling) pick(logits []float32, rng *rand.Rand) int64 {
 	for i, j := range idx {
 		weights[i] = math.Exp(float64(logits[j]-logits[idx[0]]) / s.Temperature)
 		total += weights[i]
+	}
+	if s.TopP > 0 && s.TopP < 1 {
+		keep, acc := len(weights), 0.0
+		for i, w := range weights {
+			if acc += w; acc >= s.TopP*total {
+				keep = i + 1
+				break
+			}
+		}
+		weights, idx = weights[:keep], idx[:keep]
+		total = 0
+		for _, w := range weights {
+			total += w
+		}
 	}
 	r := rng.Float64() * total
 	for i, w := range weights {

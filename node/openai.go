@@ -1,0 +1,788 @@
+package node
+
+// The OpenAI-compatible surface: POST /v1/completions, POST
+// /v1/chat/completions (streamed as Server-Sent Events or not) and GET
+// /v1/models, for text models: a manifest whose decoder uses the "bytes"
+// tokenizer (token i is byte i). The model field is the model's ID (CID).
+//
+// Chat messages become a prompt with a plain template: one line
+// "ROLE: CONTENT\n" per message, then "assistant: " for the reply.
+//
+// The parameters read are model, prompt (a string, an array of one
+// string, or an array of token IDs), messages, max_tokens (default 16
+// for completions; for chat max_completion_tokens or max_tokens, default
+// 256), temperature (default 1, as OpenAI's; 0 is greedy), top_p, stop (a
+// string or an array), seed, n (must be 1), stream and
+// stream_options.include_usage, and top_k (an extension). Other fields
+// OpenAI's clients send are accepted and ignored.
+//
+// Errors are {"error": {"code", "message", "type"}}: the API's own shape
+// with OpenAI's "type"; once a stream has started, they come as an "event:
+// error" whose data is that JSON.
+//
+// The same generation loop serves POST /v1/generate when it streams, has
+// stop sequences or top_p.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
+	"github.com/ipfs/go-cid"
+)
+
+const (
+	defaultCompletionTokens = 16
+	defaultChatTokens       = 256
+	maxStops                = 16
+)
+
+// apiError is {"error": {"code", "message", "type"}}.
+func apiError(status int, code, msg string) map[string]any {
+	typ := "invalid_request_error"
+	switch {
+	case status == http.StatusTooManyRequests:
+		typ = "rate_limit_error"
+	case status >= 500:
+		typ = "server_error"
+	}
+	return map[string]any{"error": map[string]string{"code": code, "message": msg, "type": typ}}
+}
+
+func writeAPIError(w http.ResponseWriter, status int, code, msg string) {
+	writeJSON(w, status, apiError(status, code, msg))
+}
+
+// meshStatus is the HTTP status and error code of a failed generation.
+func meshStatus(err error) (int, string) {
+	switch {
+	case errors.Is(err, mesh.ErrNoRoute):
+		return http.StatusServiceUnavailable, "no_route"
+	case errors.Is(err, protocol.ErrBusy):
+		return http.StatusTooManyRequests, "busy"
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, protocol.ErrDeadline):
+		return http.StatusGatewayTimeout, "deadline"
+	case errors.Is(err, protocol.ErrBadRequest):
+		return http.StatusBadRequest, "bad_request"
+	}
+	return http.StatusBadGateway, "mesh"
+}
+
+// readOpenAI decodes a request body, accepting fields it does not know (as
+// OpenAI's clients send many).
+func readOpenAI(w http.ResponseWriter, r *http.Request, v any) bool {
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRequestBytes)).Decode(v); err != nil {
+		status := http.StatusBadRequest
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			status = http.StatusRequestEntityTooLarge
+		}
+		writeAPIError(w, status, "bad_request", "invalid request body: "+err.Error())
+		return false
+	}
+	return true
+}
+
+// httpError is a failure with its HTTP answer.
+type httpError struct {
+	status int
+	code   string
+	msg    string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+func badRequest(format string, args ...any) *httpError {
+	return &httpError{http.StatusBadRequest, "bad_request", fmt.Sprintf(format, args...)}
+}
+
+// textModel resolves a text model: 404 if this node and the mesh do not
+// know it, 400 if it is not a byte-level text model.
+func (n *Node) textModel(ctx context.Context, model string) (cid.Cid, *shards.Manifest, *httpError) {
+	id, err := shards.ParseCID(model)
+	if err != nil || id.Prefix().Codec != shards.CodecManifest {
+		return cid.Undef, nil, &httpError{http.StatusNotFound, "model_not_found",
+			fmt.Sprintf("model %q does not exist: a model is the CID of its manifest (GET /v1/models lists them)", model)}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	man, err := n.Manifest(ctx, id)
+	if err != nil {
+		return cid.Undef, nil, &httpError{http.StatusNotFound, "model_not_found", fmt.Sprintf("model %s: %v", id, err)}
+	}
+	if !isTextModel(man) {
+		return cid.Undef, nil, &httpError{http.StatusBadRequest, "unsupported_model",
+			fmt.Sprintf("model %s is not a text model (its manifest declares no decoder with the bytes tokenizer)", id)}
+	}
+	return id, man, nil
+}
+
+func isTextModel(man *shards.Manifest) bool {
+	return man != nil && man.Decoder != nil && man.Decoder.Tokenizer == "bytes"
+}
+
+// textRequest is one generation from a text model.
+type textRequest struct {
+	model     cid.Cid
+	man       *shards.Manifest
+	prompt    []int64
+	maxTokens int
+	sampling  shards.Sampling
+	stop      []string
+	opts      mesh.InferOptions
+}
+
+// textResult is a finished generation; Tokens and text leave out a stop
+// sequence.
+type textResult struct {
+	*GenerateResult
+	text      string
+	generated int    // tokens generated, a stop sequence included
+	finish    string // "stop" (a stop sequence) or "length"
+}
+
+// tokenText is the text of a token of the bytes tokenizer (none for
+// tokens past 255, which a larger vocabulary may have).
+func tokenText(tok int64) []byte {
+	if tok >= 0 && tok < 256 {
+		return []byte{byte(tok)}
+	}
+	return nil
+}
+
+// bytesPrompt is the prompt of a text.
+func bytesPrompt(s string) []int64 {
+	p := make([]int64, len(s))
+	for i := range len(s) {
+		p[i] = int64(s[i])
+	}
+	return p
+}
+
+// checkPrompt vets a prompt against the model.
+func checkPrompt(man *shards.Manifest, prompt []int64) *httpError {
+	if len(prompt) == 0 {
+		return badRequest("empty prompt")
+	}
+	for _, t := range prompt {
+		if t < 0 || t >= int64(man.Decoder.Vocab) {
+			return badRequest("token %d outside the vocabulary [0,%d)", t, man.Decoder.Vocab)
+		}
+	}
+	if len(prompt) >= man.Decoder.MaxContext {
+		return &httpError{http.StatusBadRequest, "context_length_exceeded",
+			fmt.Sprintf("the prompt has %d tokens; the model's context is %d", len(prompt), man.Decoder.MaxContext)}
+	}
+	return nil
+}
+
+// generateText decodes req through the mesh, one session along the route.
+// emit (if not nil) gets each token once it cannot be part of a stop
+// sequence; generation ends at the first stop sequence, which is left out.
+// An error from emit (the client went away) ends it too.
+func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok int64, text string) error) (*textResult, error) {
+	opts := req.opts
+	if opts.Check == nil {
+		opts.Check = checkOutputs(req.man)
+	}
+	sess := &meshSession{ctx: ctx, s: n.mesh.NewSession(req.model, opts)}
+	defer sess.Close()
+	dec, err := shards.NewDecoder(req.man.Decoder, sess, req.prompt, req.sampling)
+	if err != nil {
+		return nil, badRequest("%v", err)
+	}
+	var (
+		toks []int64
+		text []byte
+		ends []int // len(text) after each token
+		sent int   // tokens emitted
+	)
+	release := func(upto int) error { // emits the tokens whose text ends by upto
+		for ; sent < len(toks) && ends[sent] <= upto; sent++ {
+			if emit == nil {
+				continue
+			}
+			from := 0
+			if sent > 0 {
+				from = ends[sent-1]
+			}
+			if err := emit(toks[sent], string(text[from:ends[sent]])); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	res := &textResult{GenerateResult: &GenerateResult{}, finish: "length"}
+	start := time.Now()
+	for range req.maxTokens {
+		tok, err := dec.Next()
+		if errors.Is(err, shards.ErrContextFull) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+		if len(toks) == 0 {
+			res.FirstToken = time.Since(start)
+		}
+		res.generated++
+		toks = append(toks, tok)
+		text = append(text, tokenText(tok)...)
+		ends = append(ends, len(text))
+		if s, ok := stopAt(text, req.stop); ok {
+			cut := len(text) - len(s)
+			if err := release(cut); err != nil {
+				return nil, err
+			}
+			k := 0
+			for k < len(toks) && ends[k] <= cut {
+				k++
+			}
+			toks, text, res.finish = toks[:k], text[:cut], "stop"
+			break
+		}
+		if err := release(len(text) - holdBack(text, req.stop)); err != nil {
+			return nil, err
+		}
+	}
+	if res.finish == "length" {
+		if err := release(len(text)); err != nil {
+			return nil, err
+		}
+	}
+	res.Tokens, res.text = toks, string(text)
+	res.Steps, res.Total = sess.infos, time.Since(start)
+	return res, nil
+}
+
+// stopAt says which stop sequence text ends with, if any.
+func stopAt(text []byte, stop []string) (string, bool) {
+	for _, s := range stop {
+		if s != "" && bytes.HasSuffix(text, []byte(s)) {
+			return s, true
+		}
+	}
+	return "", false
+}
+
+// holdBack is how many bytes at the end of text could begin a stop
+// sequence, and so must not be sent yet.
+func holdBack(text []byte, stop []string) int {
+	hold := 0
+	for _, s := range stop {
+		for k := min(len(s)-1, len(text)); k > hold; k-- {
+			if bytes.HasSuffix(text, []byte(s[:k])) {
+				hold = k
+				break
+			}
+		}
+	}
+	return hold
+}
+
+// completeUTF8 is the length of the longest prefix of b that does not end
+// inside a UTF-8 sequence, so that streamed pieces of text split runes
+// nowhere.
+func completeUTF8(b []byte) int {
+	for i := len(b) - 1; i >= 0 && i >= len(b)-utf8.UTFMax+1; i-- {
+		if utf8.RuneStart(b[i]) {
+			if !utf8.FullRune(b[i:]) {
+				return i
+			}
+			break
+		}
+	}
+	return len(b)
+}
+
+// generateResponse is the answer of /v1/generate.
+func generateResponse(res *textResult) GenerateResponse {
+	resp := GenerateResponse{Text: res.text, Tokens: res.Tokens, FirstTokenMS: float64(res.FirstToken.Microseconds()) / 1000,
+		TotalMS: float64(res.Total.Microseconds()) / 1000, Route: []HopTiming{}}
+	if resp.Tokens == nil {
+		resp.Tokens = []int64{}
+	}
+	if res.generated > 1 && res.Total > res.FirstToken {
+		resp.TokensPerS = float64(res.generated-1) / (res.Total - res.FirstToken).Seconds()
+	}
+	if k := len(res.Steps); k > 0 {
+		last := res.Steps[k-1]
+		mean := make([]int64, len(last.Route))
+		for _, s := range res.Steps {
+			resp.Failovers += s.Failovers
+			if len(s.HopMicros) == len(mean) {
+				for i, us := range s.HopMicros {
+					mean[i] += us / int64(k)
+				}
+			}
+		}
+		resp.Route = timings(last.Route, mean)
+	}
+	return resp
+}
+
+// generateAPI is POST /v1/generate when it streams, has stop sequences or
+// top_p: with "stream", one event {"token", "text"} per token as it comes,
+// then the GenerateResponse, then [DONE].
+func (n *Node) generateAPI(w http.ResponseWriter, r *http.Request, req *GenerateAPIRequest) {
+	if req.MaxTokens < 0 {
+		writeAPIError(w, http.StatusBadRequest, "bad_request", "max_tokens must not be negative")
+		return
+	}
+	if req.MaxTokens == 0 {
+		req.MaxTokens = 32
+	}
+	if req.TopP < 0 || req.TopP > 1 || req.Temperature < 0 || req.TopK < 0 {
+		writeAPIError(w, http.StatusBadRequest, "bad_request", "temperature, top_k must not be negative and top_p must be in [0,1]")
+		return
+	}
+	if len(req.Stop) > maxStops {
+		writeAPIError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("at most %d stop sequences", maxStops))
+		return
+	}
+	if _, err := shards.ParseCID(req.Model); err != nil {
+		writeAPIError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	model, man, herr := n.textModel(r.Context(), req.Model)
+	if herr == nil {
+		herr = checkPrompt(man, bytesPrompt(req.Prompt))
+	}
+	if herr != nil {
+		writeAPIError(w, herr.status, herr.code, herr.msg)
+		return
+	}
+	sampling := shards.Sampling{Temperature: req.Temperature, TopK: req.TopK, TopP: req.TopP, Seed: req.Seed}
+	tr := &textRequest{model: model, man: man, prompt: bytesPrompt(req.Prompt), maxTokens: req.MaxTokens,
+		sampling: sampling, stop: req.Stop, opts: mesh.InferOptions{FP16: req.FP16}}
+	var sse *sseWriter
+	var emit func(int64, string) error
+	if req.Stream {
+		sse = &sseWriter{w: w}
+		emit = func(tok int64, text string) error {
+			return sse.event("", map[string]any{"token": tok, "text": text})
+		}
+	}
+	res, err := n.generateText(r.Context(), tr, emit)
+	if err != nil {
+		n.failText(w, r, sse, err)
+		return
+	}
+	if sse == nil {
+		writeJSON(w, http.StatusOK, generateResponse(res))
+		return
+	}
+	if sse.event("", generateResponse(res)) == nil {
+		sse.done()
+	}
+}
+
+// failText answers a failed generation: with a status if nothing was sent
+// yet, else as an error event (nothing if the client went away).
+func (n *Node) failText(w http.ResponseWriter, r *http.Request, sse *sseWriter, err error) {
+	if r.Context().Err() != nil && (sse == nil || sse.started) {
+		return // the client went away
+	}
+	status, code := meshStatus(err)
+	var herr *httpError
+	if errors.As(err, &herr) {
+		status, code = herr.status, herr.code
+	}
+	if sse != nil && sse.started {
+		sse.fail(status, code, err.Error())
+		return
+	}
+	writeAPIError(w, status, code, err.Error())
+}
+
+// OpenAIParams are the sampling parameters of /v1/completions and
+// /v1/chat/completions.
+type OpenAIParams struct {
+	Model         string          `json:"model"`
+	MaxTokens     *int            `json:"max_tokens,omitempty"`
+	Temperature   *float64        `json:"temperature,omitempty"`
+	TopP          *float64        `json:"top_p,omitempty"`
+	TopK          int             `json:"top_k,omitempty"`
+	N             *int            `json:"n,omitempty"`
+	Stream        bool            `json:"stream,omitempty"`
+	Stop          json.RawMessage `json:"stop,omitempty"`
+	Seed          *int64          `json:"seed,omitempty"`
+	StreamOptions *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options,omitempty"`
+}
+
+// CompletionRequest is POST /v1/completions.
+type CompletionRequest struct {
+	OpenAIParams
+	Prompt json.RawMessage `json:"prompt"`
+}
+
+// ChatRequest is POST /v1/chat/completions.
+type ChatRequest struct {
+	OpenAIParams
+	Messages            []ChatMessage `json:"messages"`
+	MaxCompletionTokens *int          `json:"max_completion_tokens,omitempty"`
+}
+
+// ChatMessage is a message of a chat; content is a string or an array of
+// {"type": "text", "text"} parts.
+type ChatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+// Usage counts the tokens of a request.
+type Usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+// ChatContent is a chat message of an answer (or its delta when streamed).
+type ChatContent struct {
+	Role    string  `json:"role,omitempty"`
+	Content *string `json:"content,omitempty"`
+}
+
+// Choice is one choice of an answer: Text for completions, Message or
+// Delta for chat.
+type Choice struct {
+	Index        int          `json:"index"`
+	Text         *string      `json:"text,omitempty"`
+	Message      *ChatContent `json:"message,omitempty"`
+	Delta        *ChatContent `json:"delta,omitempty"`
+	Logprobs     any          `json:"logprobs"`
+	FinishReason *string      `json:"finish_reason"`
+}
+
+// Completion is the answer of /v1/completions and /v1/chat/completions,
+// whole or a streamed chunk.
+type Completion struct {
+	ID      string   `json:"id"`
+	Object  string   `json:"object"`
+	Created int64    `json:"created"`
+	Model   string   `json:"model"`
+	Choices []Choice `json:"choices"`
+	Usage   *Usage   `json:"usage,omitempty"`
+}
+
+// OpenAIModel is a model as GET /v1/models lists it.
+type OpenAIModel struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"`
+}
+
+// sampling vets the parameters; maxTokens is the request's own, if any.
+func (p *OpenAIParams) sampling(maxTokens *int, def int) (shards.Sampling, int, []string, *httpError) {
+	s := shards.Sampling{Temperature: 1, TopK: p.TopK}
+	if p.N != nil && *p.N != 1 {
+		return s, 0, nil, badRequest("n must be 1 (this server makes one choice per request)")
+	}
+	if maxTokens != nil {
+		if *maxTokens <= 0 {
+			return s, 0, nil, badRequest("max_tokens must be at least 1, got %d", *maxTokens)
+		}
+		def = *maxTokens
+	}
+	if p.Temperature != nil {
+		if *p.Temperature < 0 || *p.Temperature > 2 {
+			return s, 0, nil, badRequest("temperature must be in [0,2], got %g", *p.Temperature)
+		}
+		s.Temperature = *p.Temperature
+	}
+	if p.TopP != nil {
+		if *p.TopP < 0 || *p.TopP > 1 {
+			return s, 0, nil, badRequest("top_p must be in [0,1], got %g", *p.TopP)
+		}
+		s.TopP = max(*p.TopP, 1e-9) // 0: the most likely token only
+	}
+	if p.TopK < 0 {
+		return s, 0, nil, badRequest("top_k must not be negative")
+	}
+	if p.Seed != nil {
+		s.Seed = uint64(*p.Seed)
+	}
+	var stop []string
+	if len(p.Stop) > 0 && !bytes.Equal(p.Stop, []byte("null")) {
+		var one string
+		if err := json.Unmarshal(p.Stop, &one); err == nil {
+			stop = []string{one}
+		} else if err := json.Unmarshal(p.Stop, &stop); err != nil {
+			return s, 0, nil, badRequest("stop must be a string or an array of strings")
+		}
+		if len(stop) > maxStops {
+			return s, 0, nil, badRequest("at most %d stop sequences", maxStops)
+		}
+	}
+	return s, def, stop, nil
+}
+
+func newID(prefix string) string {
+	b := make([]byte, 12)
+	rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}
+
+// completionPrompt reads the prompt of /v1/completions: a string, an
+// array of one string, or an array of token IDs.
+func completionPrompt(raw json.RawMessage) ([]int64, *httpError) {
+	var s string
+	if err := json.Unmarshal(raw, &s); err == nil {
+		return bytesPrompt(s), nil
+	}
+	var ss []string
+	if err := json.Unmarshal(raw, &ss); err == nil {
+		if len(ss) != 1 {
+			return nil, badRequest("prompt: one prompt per request, got %d", len(ss))
+		}
+		return bytesPrompt(ss[0]), nil
+	}
+	var toks []int64
+	if err := json.Unmarshal(raw, &toks); err == nil {
+		return toks, nil
+	}
+	return nil, badRequest("prompt must be a string, an array of one string or an array of token IDs")
+}
+
+// ChatPrompt renders chat messages into the prompt of a byte-level model:
+// "ROLE: CONTENT\n" per message, then "assistant: ".
+func ChatPrompt(msgs []ChatMessage) (string, error) {
+	if len(msgs) == 0 {
+		return "", errors.New("messages must not be empty")
+	}
+	var b strings.Builder
+	for i, m := range msgs {
+		if m.Role == "" {
+			return "", fmt.Errorf("messages[%d]: no role", i)
+		}
+		var text string
+		if err := json.Unmarshal(m.Content, &text); err != nil {
+			var parts []struct {
+				Type string `json:"type"`
+				Text string `json:"text"`
+			}
+			if err := json.Unmarshal(m.Content, &parts); err != nil {
+				return "", fmt.Errorf("messages[%d]: content must be a string or an array of text parts", i)
+			}
+			for _, p := range parts {
+				if p.Type != "text" {
+					return "", fmt.Errorf("messages[%d]: content part of type %q: only text is supported", i, p.Type)
+				}
+				text += p.Text
+			}
+		}
+		fmt.Fprintf(&b, "%s: %s\n", m.Role, text)
+	}
+	b.WriteString("assistant: ")
+	return b.String(), nil
+}
+
+func (n *Node) handleCompletions(w http.ResponseWriter, r *http.Request) {
+	var req CompletionRequest
+	if !readOpenAI(w, r, &req) {
+		return
+	}
+	if len(req.Prompt) == 0 {
+		writeAPIError(w, http.StatusBadRequest, "bad_request", "prompt is required")
+		return
+	}
+	prompt, herr := completionPrompt(req.Prompt)
+	if herr != nil {
+		writeAPIError(w, herr.status, herr.code, herr.msg)
+		return
+	}
+	n.openAI(w, r, &req.OpenAIParams, req.MaxTokens, prompt, false)
+}
+
+func (n *Node) handleChat(w http.ResponseWriter, r *http.Request) {
+	var req ChatRequest
+	if !readOpenAI(w, r, &req) {
+		return
+	}
+	text, err := ChatPrompt(req.Messages)
+	if err != nil {
+		writeAPIError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	maxTokens := req.MaxTokens
+	if req.MaxCompletionTokens != nil {
+		maxTokens = req.MaxCompletionTokens
+	}
+	n.openAI(w, r, &req.OpenAIParams, maxTokens, bytesPrompt(text), true)
+}
+
+// openAI runs a completion or chat completion and answers it, whole or
+// streamed.
+func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, maxTokens *int, prompt []int64, chat bool) {
+	def := defaultCompletionTokens
+	if chat {
+		def = defaultChatTokens
+	}
+	sampling, limit, stop, herr := p.sampling(maxTokens, def)
+	if herr != nil {
+		writeAPIError(w, herr.status, herr.code, herr.msg)
+		return
+	}
+	model, man, herr := n.textModel(r.Context(), p.Model)
+	if herr == nil {
+		herr = checkPrompt(man, prompt)
+	}
+	if herr != nil {
+		writeAPIError(w, herr.status, herr.code, herr.msg)
+		return
+	}
+	tr := &textRequest{model: model, man: man, prompt: prompt, maxTokens: limit, sampling: sampling, stop: stop}
+	c := Completion{ID: newID("cmpl-"), Object: "text_completion", Created: time.Now().Unix(), Model: p.Model}
+	if chat {
+		c.ID, c.Object = newID("chatcmpl-"), "chat.completion"
+	}
+	usage := func(res *textResult) *Usage {
+		return &Usage{PromptTokens: len(prompt), CompletionTokens: res.generated, TotalTokens: len(prompt) + res.generated}
+	}
+	choice := func(text *string, finish *string) Choice {
+		ch := Choice{Text: text, FinishReason: finish}
+		if chat {
+			ch.Text = nil
+			if p.Stream {
+				ch.Delta = &ChatContent{Content: text}
+			} else {
+				ch.Message = &ChatContent{Role: "assistant", Content: text}
+			}
+		}
+		return ch
+	}
+	if !p.Stream {
+		res, err := n.generateText(r.Context(), tr, nil)
+		if err != nil {
+			n.failText(w, r, nil, err)
+			return
+		}
+		c.Choices, c.Usage = []Choice{choice(&res.text, &res.finish)}, usage(res)
+		writeJSON(w, http.StatusOK, c)
+		return
+	}
+
+	if chat {
+		c.Object = "chat.completion.chunk"
+	}
+	sse := &sseWriter{w: w}
+	chunk := func(ch Choice) error {
+		cc := c
+		cc.Choices = []Choice{ch}
+		return sse.event("", cc)
+	}
+	var pending []byte
+	send := func(all bool) error {
+		cut := len(pending)
+		if !all {
+			cut = completeUTF8(pending)
+		}
+		if cut == 0 {
+			return nil
+		}
+		if !sse.started && chat { // the first chunk carries the role
+			empty := ""
+			if err := chunk(Choice{Delta: &ChatContent{Role: "assistant", Content: &empty}}); err != nil {
+				return err
+			}
+		}
+		text := string(pending[:cut])
+		pending = slices.Clone(pending[cut:])
+		return chunk(choice(&text, nil))
+	}
+	res, err := n.generateText(r.Context(), tr, func(_ int64, text string) error {
+		pending = append(pending, text...)
+		return send(false)
+	})
+	if err == nil {
+		err = send(true)
+	}
+	if err != nil {
+		n.failText(w, r, sse, err)
+		return
+	}
+	last := choice(nil, &res.finish)
+	if chat {
+		last.Delta = &ChatContent{}
+		if !sse.started {
+			empty := ""
+			last.Delta = &ChatContent{Role: "assistant", Content: &empty}
+		}
+	} else {
+		empty := ""
+		last.Text = &empty
+	}
+	if chunk(last) != nil {
+		return
+	}
+	if p.StreamOptions != nil && p.StreamOptions.IncludeUsage {
+		cc := c
+		cc.Choices, cc.Usage = []Choice{}, usage(res)
+		if sse.event("", cc) != nil {
+			return
+		}
+	}
+	sse.done()
+}
+
+// textModels are the text models this node knows: those it serves and
+// those in its store (published or pulled).
+func (n *Node) textModels() []OpenAIModel {
+	seen := map[string]bool{}
+	out := []OpenAIModel{}
+	add := func(id string, man *shards.Manifest) {
+		if !seen[id] && isTextModel(man) {
+			seen[id] = true
+			out = append(out, OpenAIModel{ID: id, Object: "model", OwnedBy: "infermesh"})
+		}
+	}
+	for _, s := range n.servedSpans() {
+		add(s.model.ID.String(), s.model.Manifest)
+	}
+	if ids, err := n.store.List(); err == nil {
+		for _, id := range ids {
+			if id.Prefix().Codec != shards.CodecManifest || seen[id.String()] {
+				continue
+			}
+			if b, err := n.store.Get(id); err == nil {
+				if man, err := shards.DecodeManifest(b); err == nil {
+					add(id.String(), man)
+				}
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b OpenAIModel) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// handleModels is GET /v1/models in OpenAI's shape.
+func (n *Node) handleModels(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": n.textModels()})
+}
+
+// handleModel is GET /v1/models/{model}.
+func (n *Node) handleModel(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("model")
+	for _, m := range n.textModels() {
+		if m.ID == id {
+			writeJSON(w, http.StatusOK, m)
+			return
+		}
+	}
+	writeAPIError(w, http.StatusNotFound, "model_not_found", fmt.Sprintf("model %q is not a text model this node knows", id))
+}
