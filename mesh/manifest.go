@@ -28,6 +28,11 @@ const (
 	manifestTimeout  = 10 * time.Second
 )
 
+// ErrUnknownModel is returned, wrapped, when no peer has a model's manifest.
+var ErrUnknownModel = errors.New("unknown model")
+
+var errNotHeld = errors.New("does not have it")
+
 // ManifestSource gives the canonical manifest of a model this node serves.
 type ManifestSource interface {
 	ManifestBytes(model string) ([]byte, bool)
@@ -57,6 +62,7 @@ func (m *Mesh) FetchManifest(ctx context.Context, model cid.Cid) (*shards.Manife
 	ctx, cancel := context.WithTimeout(ctx, manifestTimeout)
 	defer cancel()
 	var errs []error
+	notHeld := 0
 	tried := map[peer.ID]bool{m.host.ID(): true}
 	try := func(ai peer.AddrInfo) *shards.Manifest {
 		if tried[ai.ID] {
@@ -65,6 +71,9 @@ func (m *Mesh) FetchManifest(ctx context.Context, model cid.Cid) (*shards.Manife
 		tried[ai.ID] = true
 		man, err := m.fetchManifestFrom(ctx, ai, model)
 		if err != nil {
+			if errors.Is(err, errNotHeld) {
+				notHeld++
+			}
 			errs = append(errs, fmt.Errorf("%s: %w", ai.ID, err))
 			return nil
 		}
@@ -82,8 +91,8 @@ func (m *Mesh) FetchManifest(ctx context.Context, model cid.Cid) (*shards.Manife
 			return man, nil
 		}
 	}
-	if len(errs) == 0 {
-		return nil, fmt.Errorf("no peer serves model %s", model)
+	if len(errs) == 0 || notHeld == len(errs) {
+		return nil, fmt.Errorf("%w: no peer has model %s", ErrUnknownModel, model)
 	}
 	return nil, fmt.Errorf("manifest of %s: %w", model, errors.Join(errs...))
 }
@@ -107,7 +116,7 @@ func (m *Mesh) fetchManifestFrom(ctx context.Context, ai peer.AddrInfo, model ci
 		return nil, err
 	}
 	if len(body) == 0 {
-		return nil, errors.New("does not have it")
+		return nil, errNotHeld
 	}
 	if got := shards.ManifestCID(body); !got.Equals(model) {
 		return nil, fmt.Errorf("sent a manifest whose CID is %s", got)

@@ -113,7 +113,6 @@ type link struct {
 	s  network.Stream
 }
 
-
 // linkDialTimeout bounds opening a stage stream to a peer: a peer that
 // cannot be reached this fast is treated as failed and routed around (a
 // live peer on a reachable address answers in milliseconds to a round
@@ -222,6 +221,7 @@ func (st *stage) link(ctx context.Context, to peer.ID) (*link, error) {
 		return l, nil
 	}
 	dctx, cancel := context.WithTimeout(ctx, linkDialTimeout)
+	st.m.learnAddrs(dctx, to)
 	s, err := st.m.host.NewStream(dctx, to, protocol.StageProtocol)
 	cancel()
 	if err != nil {
@@ -572,5 +572,21 @@ func (st *stage) peerGone(p peer.ID) {
 			}
 			break
 		}
+	}
+}
+
+// learnAddrs makes sure the peerstore has addresses for p before a dial: a
+// hop asked to forward to a peer it never met finds them in its view's
+// capacity records, or else through the DHT.
+func (m *Mesh) learnAddrs(ctx context.Context, p peer.ID) {
+	if len(m.host.Peerstore().Addrs(p)) > 0 || m.host.Network().Connectedness(p) == network.Connected {
+		return
+	}
+	if addrs := m.view.addrs(p); len(addrs) > 0 {
+		m.host.Peerstore().AddAddrs(p, addrs, 10*time.Minute)
+		return
+	}
+	if ai, err := m.dht.FindPeer(ctx, p); err == nil {
+		m.host.Peerstore().AddAddrs(p, ai.Addrs, 10*time.Minute)
 	}
 }

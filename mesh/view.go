@@ -11,6 +11,7 @@ import (
 	"github.com/ipfs/go-cid"
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/infermesh/infermesh/protocol"
 )
@@ -110,6 +111,23 @@ func (v *View) serves(p peer.ID) bool {
 	defer v.mu.Unlock()
 	r, ok := v.records[p]
 	return ok && len(r.rec.Models) > 0
+}
+
+// addrs returns the addresses a peer advertises in its capacity record.
+func (v *View) addrs(p peer.ID) []ma.Multiaddr {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	r, ok := v.records[p]
+	if !ok {
+		return nil
+	}
+	var out []ma.Multiaddr
+	for _, a := range r.rec.Addrs {
+		if addr, err := ma.NewMultiaddr(a); err == nil {
+			out = append(out, addr)
+		}
+	}
+	return out
 }
 
 // distrust keeps a peer this node could not reach out of its views until

@@ -1,25 +1,13 @@
 package cli
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
-	"net/http"
 	"slices"
-	"strings"
 
 	"github.com/infermesh/infermesh/node"
 	"github.com/infermesh/infermesh/protocol"
 )
-
-// postJSON posts v to a node API path and decodes the answer into out.
-func postJSON(ctx context.Context, url string, v, out any) error {
-	body, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	return callAPI(ctx, http.MethodPost, url, bytes.NewReader(body), out)
-}
 
 func printRoute(e *env, route []node.HopTiming) {
 	for i, h := range route {
@@ -44,7 +32,7 @@ func runInfer(ctx context.Context, e *env, args []string) error {
 		fs.Usage()
 		return errUsage
 	}
-	base, err := apiBase(*api, *data)
+	c, err := nodeClient(*api, *data)
 	if err != nil {
 		return err
 	}
@@ -52,8 +40,8 @@ func runInfer(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	var resp node.InferResponse
-	if err := postJSON(ctx, base+"/v1/infer", node.InferRequest{Model: *model, Inputs: inputs, FP16: *fp16}, &resp); err != nil {
+	resp, err := c.InferWith(ctx, node.InferRequest{Model: *model, Inputs: inputs, FP16: *fp16})
+	if err != nil {
 		return err
 	}
 	if *quiet {
@@ -101,20 +89,22 @@ func runGenerate(ctx context.Context, e *env, args []string) error {
 		fs.Usage()
 		return errUsage
 	}
-	base, err := apiBase(*api, *data)
+	c, err := nodeClient(*api, *data)
 	if err != nil {
 		return err
 	}
-	var resp node.GenerateResponse
 	req := node.GenerateAPIRequest{Model: *model, Prompt: *prompt, MaxTokens: *tokens, Temperature: *temp, TopK: *topK, Seed: *seed, FP16: *fp16}
-	if err := postJSON(ctx, base+"/v1/generate", req, &resp); err != nil {
-		return err
+	// Tokens are printed as they arrive.
+	var resp node.GenerateResponse
+	e.printf("%s", *prompt)
+	for tok, err := range c.GenerateStream(ctx, req, &resp) {
+		if err != nil {
+			e.printf("\n")
+			return err
+		}
+		e.printf("%s", printableByte(tok.Token))
 	}
-	var text strings.Builder
-	for _, t := range resp.Tokens {
-		text.WriteString(printableByte(t))
-	}
-	e.printf("%s%s\n", *prompt, text.String())
+	e.printf("\n")
 	e.printf("%d tokens: first after %.1f ms, then %.0f tokens/s; %d failovers\nroute (mean compute per step):\n",
 		len(resp.Tokens), resp.FirstTokenMS, resp.TokensPerS, resp.Failovers)
 	printRoute(e, resp.Route)

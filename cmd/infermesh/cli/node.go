@@ -5,9 +5,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -17,6 +15,7 @@ import (
 	"time"
 
 	"github.com/infermesh/infermesh/node"
+	"github.com/infermesh/infermesh/node/client"
 )
 
 func runNode(ctx context.Context, e *env, args []string) error {
@@ -189,47 +188,14 @@ func apiBase(api, dataDir string) (string, error) {
 	return strings.TrimSuffix(api, "/"), nil
 }
 
-// getJSON fetches a node API path into v.
-func getJSON(ctx context.Context, url string, v any) error {
-	return callAPI(ctx, http.MethodGet, url, nil, v)
-}
-
-// callAPI makes one request to the node API and decodes the answer into
-// out, turning API errors ({"error": {"code", "message"}}) into Go errors.
-func callAPI(ctx context.Context, method, url string, body io.Reader, out any) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, url, body)
+// nodeClient is a client of the local node: at --api, or at the address
+// the node wrote into its data directory.
+func nodeClient(api, dataDir string) (*client.Client, error) {
+	base, err := apiBase(api, dataDir)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return fmt.Errorf("node API: %w", err)
-	}
-	defer resp.Body.Close()
-	return callAPIError(resp, out)
-}
-
-// callAPIError decodes an API answer into out, or its error.
-func callAPIError(resp *http.Response, out any) error {
-	data, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode != http.StatusOK {
-		var apiErr struct {
-			Error struct{ Code, Message string } `json:"error"`
-		}
-		if json.Unmarshal(data, &apiErr) == nil && apiErr.Error.Message != "" {
-			return fmt.Errorf("node API: %s (%s)", apiErr.Error.Message, apiErr.Error.Code)
-		}
-		return fmt.Errorf("node API: %s", resp.Status)
-	}
-	return json.Unmarshal(data, out)
+	return client.New(base, nil), nil
 }
 
 func runPeers(ctx context.Context, e *env, args []string) error {
@@ -243,21 +209,21 @@ func runPeers(ctx context.Context, e *env, args []string) error {
 	if _, err := parse(fs, args, 0, 0); err != nil {
 		return err
 	}
-	base, err := apiBase(*api, *data)
+	c, err := nodeClient(*api, *data)
 	if err != nil {
 		return err
 	}
 	var covs []node.Coverage
 	var connected []string
 	if *model != "" {
-		var c node.Coverage
-		if err := getJSON(ctx, base+"/v1/peers?model="+*model, &c); err != nil {
+		cov, err := c.Coverage(ctx, *model)
+		if err != nil {
 			return err
 		}
-		covs = []node.Coverage{c}
+		covs = []node.Coverage{*cov}
 	} else {
-		var r node.PeersResponse
-		if err := getJSON(ctx, base+"/v1/peers", &r); err != nil {
+		r, err := c.Peers(ctx)
+		if err != nil {
 			return err
 		}
 		covs, connected = r.Models, r.Connected

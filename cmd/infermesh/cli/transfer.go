@@ -1,12 +1,8 @@
 package cli
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
 	"path/filepath"
 	"strings"
 	"time"
@@ -24,7 +20,7 @@ func shardPublish(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	base, err := apiBase(*api, *data)
+	c, err := nodeClient(*api, *data)
 	if err != nil {
 		return err
 	}
@@ -32,8 +28,8 @@ func shardPublish(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	var resp node.TransferResponse
-	if err := postJSON(ctx, base+"/v1/publish", node.PublishRequest{Dir: dir}, &resp); err != nil {
+	resp, err := c.Publish(ctx, dir)
+	if err != nil {
 		return err
 	}
 	e.printf("published model %s (%s) in %.1f s\n", resp.Model, humanBytes(resp.Bytes), resp.Seconds)
@@ -59,47 +55,21 @@ func shardPull(ctx context.Context, e *env, args []string) error {
 		}
 		req.Start, req.End = a, b+1
 	}
-	base, err := apiBase(*api, *data)
+	c, err := nodeClient(*api, *data)
 	if err != nil {
 		return err
-	}
-	body, _ := json.Marshal(req)
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/pull", bytes.NewReader(body))
-	if err != nil {
-		return err
-	}
-	resp, err := http.DefaultClient.Do(hreq)
-	if err != nil {
-		return fmt.Errorf("node API: %w", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var out any
-		return callAPIError(resp, &out)
 	}
 	start := time.Now()
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		var ev node.PullEvent
-		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-			return fmt.Errorf("node API: %w", err)
-		}
-		if ev.Error != "" {
-			fmt.Fprintln(e.stderr)
-			return fmt.Errorf("pull: %s", ev.Error)
-		}
-		fmt.Fprintf(e.stderr, "\r%s", progressBar(ev.Done, ev.Total, time.Since(start)))
-		if ev.Result != nil {
-			fmt.Fprintln(e.stderr)
-			e.printf("pulled model %s: %s in %.1f s (%s/s)\n", ev.Result.Model, humanBytes(ev.Result.Bytes), ev.Result.Seconds,
-				humanBytes(int64(float64(ev.Result.Bytes)/max(ev.Result.Seconds, 1e-3))))
-			return nil
-		}
+	res, err := c.Pull(ctx, req, func(done, total int64) {
+		fmt.Fprintf(e.stderr, "\r%s", progressBar(done, total, time.Since(start)))
+	})
+	fmt.Fprintln(e.stderr)
+	if err != nil {
+		return fmt.Errorf("pull: %w", err)
 	}
-	if err := sc.Err(); err != nil {
-		return err
-	}
-	return fmt.Errorf("node API: the answer ended early")
+	e.printf("pulled model %s: %s in %.1f s (%s/s)\n", res.Model, humanBytes(res.Bytes), res.Seconds,
+		humanBytes(int64(float64(res.Bytes)/max(res.Seconds, 1e-3))))
+	return nil
 }
 
 // progressBar renders "[=====>    ]  45.2 MiB / 98.0 MiB  120.0 MiB/s  ETA 1s".
