@@ -3,10 +3,13 @@ package node
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/infermesh/infermesh/mesh"
 	"github.com/infermesh/infermesh/shards"
 )
 
@@ -453,5 +457,74 @@ func TestOpenAINpmClient(t *testing.T) {
 	}
 	if !slices.Equal(got.Models, []string{model}) {
 		t.Errorf("models: %v, want [%s]", got.Models, model)
+	}
+}
+
+// goneWriter is a client that goes away after some writes: the request's
+// context is cancelled and writes fail.
+type goneWriter struct {
+	*httptest.ResponseRecorder
+	after, writes, late int
+	cancel              context.CancelFunc
+}
+
+func (g *goneWriter) Write(b []byte) (int, error) {
+	if g.writes++; g.writes > g.after {
+		g.late++
+		return 0, errors.New("client gone")
+	}
+	if g.writes == g.after {
+		g.cancel()
+	}
+	return g.ResponseRecorder.Write(b)
+}
+
+// A client that goes away mid-stream ends the generation (no more writes);
+// a failure after the stream started is an error event.
+func TestGenerateStreamClientGoneAndErrorEvent(t *testing.T) {
+	tm := startTestMesh(t, "0-4", "5-9")
+	model := tm.model.ID.String()
+	for _, path := range []string{"/v1/generate", "/v1/completions", "/v1/chat/completions"} {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		body := fmt.Sprintf(`{"model": %q, "prompt": "the mesh", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": true}`, model)
+		if path == "/v1/generate" {
+			body = fmt.Sprintf(`{"model": %q, "prompt": "the mesh", "max_tokens": 100, "stream": true}`, model)
+		}
+		w := &goneWriter{ResponseRecorder: httptest.NewRecorder(), after: 3, cancel: cancel}
+		r := httptest.NewRequestWithContext(ctx, "POST", path, strings.NewReader(body))
+		start := time.Now()
+		switch path {
+		case "/v1/generate":
+			tm.requester.handleGenerate(w, r)
+		case "/v1/completions":
+			tm.requester.handleCompletions(w, r)
+		default:
+			tm.requester.handleChat(w, r)
+		}
+		if w.late > 1 || w.Code != http.StatusOK {
+			t.Fatalf("%s: %d writes after the client went away (status %d): %s", path, w.late, w.Code, w.Body)
+		}
+		t.Logf("%s: the handler returned %s after the client went away", path, time.Since(start).Round(time.Millisecond))
+	}
+
+	// An error after the stream started is an error event.
+	rec := httptest.NewRecorder()
+	sse := &sseWriter{w: rec}
+	if err := sse.event("", map[string]any{"token": 1, "text": "\u0001"}); err != nil {
+		t.Fatal(err)
+	}
+	tm.requester.failText(rec, httptest.NewRequest("POST", "/v1/generate", nil), sse, fmt.Errorf("step 3: %w", mesh.ErrNoRoute))
+	lines := strings.Split(strings.TrimSpace(rec.Body.String()), "\n")
+	n := len(lines)
+	if rec.Code != http.StatusOK || rec.Header().Get("Content-Type") != "text/event-stream" || n != 4 || lines[n-2] != "event: error" {
+		t.Fatalf("stream that failed: %d %q", rec.Code, lines)
+	}
+	var e struct {
+		Error struct{ Code, Message, Type string } `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(strings.TrimPrefix(lines[n-1], "data: ")), &e); err != nil || e.Error.Code != "no_route" ||
+		e.Error.Type != "server_error" || !strings.Contains(e.Error.Message, "step 3") {
+		t.Fatalf("error event %q: %+v %v", lines[n-1], e, err)
 	}
 }
