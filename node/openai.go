@@ -68,6 +68,8 @@ func writeAPIError(w http.ResponseWriter, status int, code, msg string) {
 // meshStatus is the HTTP status and error code of a failed generation.
 func meshStatus(err error) (int, string) {
 	switch {
+	case errors.Is(err, mesh.ErrUnknownModel):
+		return http.StatusNotFound, "model_not_found"
 	case errors.Is(err, mesh.ErrNoRoute):
 		return http.StatusServiceUnavailable, "no_route"
 	case errors.Is(err, protocol.ErrBusy):
