@@ -455,6 +455,12 @@ func (st *stage) session(key sessionKey, runner shards.Runner, step int) (_ *hop
 	if step == hs.next-1 && hs.lastOut != nil {
 		return hs, hs.lastOut, "", nil
 	}
+	if step == 0 && hs.next > 0 {
+		// The requester is replaying the session from its start here (this
+		// peer was picked again to rebuild a span): start the state afresh.
+		hs.sess.Close()
+		hs.sess, hs.next, hs.lastOut = runner.NewSession(), 0, nil
+	}
 	if step != hs.next {
 		return nil, nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d, expected %d", key.session, step, hs.next)
 	}

@@ -292,6 +292,8 @@ func readRequest(w http.ResponseWriter, r *http.Request, v any) bool {
 // meshError maps a failure of a request through the mesh to an HTTP answer.
 func meshError(w http.ResponseWriter, err error) {
 	switch {
+	case errors.Is(err, mesh.ErrUnknownModel):
+		writeError(w, http.StatusNotFound, "unknown_model", err.Error())
 	case errors.Is(err, mesh.ErrNoRoute):
 		writeError(w, http.StatusServiceUnavailable, "no_route", err.Error())
 	case errors.Is(err, protocol.ErrBusy):

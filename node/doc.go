@@ -10,6 +10,7 @@
 //   - node.go: Node (New, Close), served spans, the advert, the coverage log.
 //   - api.go: the local HTTP API on 127.0.0.1 (status, peers, infer, generate).
 //   - infer.go: Infer and Generate through the mesh, sub-spans served on demand, manifests.
+//   - openai.go, sse.go: the OpenAI-compatible API, streamed generation (Server-Sent Events).
 //   - join.go: joining by model ID, placement and rebalancing.
 //   - publish.go: publishing and pulling models (POST /v1/publish, /v1/pull).
 //   - store.go: the stores a node serves blocks from.
