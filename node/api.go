@@ -89,7 +89,8 @@ func (n *Node) startAPI() error {
 	mux.HandleFunc("POST /v1/chat/completions", n.handleChat)
 	mux.HandleFunc("GET /v1/models", n.handleModels)
 	mux.HandleFunc("GET /v1/models/{model}", n.handleModel)
-	n.api = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	mux.Handle("GET /metrics", n.metrics.handler())
+	n.api = &http.Server{Handler: n.metrics.instrument(mux), ReadHeaderTimeout: 5 * time.Second}
 	n.wg.Go(func() {
 		if err := n.api.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			n.log.Error("api stopped", "err", err)

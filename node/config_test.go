@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -111,3 +112,54 @@ func TestAPI(t *testing.T) {
 
 // testModelID is a well-formed model ID that nobody serves.
 const testModelID = "bagaaierarzu5a4zqyjoxw3ya63bxa6lj2zoxwxaysqmsydcae6lkcckh32wa"
+
+// GET /metrics: the node's own metrics and libp2p's, on one registry.
+func TestMetrics(t *testing.T) {
+	tm := startTestMesh(t, "0-4", "5-9")
+	ctx := context.Background()
+	if _, err := tm.requester.Generate(ctx, GenerateRequest{Model: tm.model.ID, Prompt: []int64{'m'}, MaxTokens: 5}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, url := range []string{"/v1/status", "/v1/peers?model=" + tm.model.ID.String()} {
+		resp, err := http.Get("http://" + tm.requester.APIAddr() + url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	scrape := func(n *Node) string {
+		resp, err := http.Get("http://" + n.APIAddr() + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	req := scrape(tm.requester)
+	for _, want := range []string{
+		"infermesh_tokens_generated_total 5",
+		"infermesh_mesh_steps_total 5",
+		`infermesh_route_hops_bucket{le="2"} 5`,
+		`infermesh_api_requests_total{route="GET /v1/status",status="200"} 1`,
+		"infermesh_connected_peers",
+		"libp2p_", // libp2p's own metrics share the registry
+	} {
+		if !strings.Contains(req, want) {
+			t.Errorf("requester's /metrics lacks %q", want)
+		}
+	}
+	if srv := scrape(tm.servers[0]); !strings.Contains(srv, "infermesh_stage_steps_total 5") || !strings.Contains(srv, "infermesh_served_blocks 5") {
+		t.Errorf("server's /metrics lacks its stage steps or served blocks:\n%s", grepLines(srv, "infermesh_"))
+	}
+}
+
+func grepLines(s, substr string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, substr) && !strings.HasPrefix(l, "#") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}

@@ -117,6 +117,9 @@ func (n *Node) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 		opts.Check = checkOutputs(man)
 	}
 	out, info, err := n.mesh.Infer(ctx, model, inputs, opts)
+	if info != nil && n.metrics != nil {
+		n.metrics.observeStep(len(info.Route), info.Failovers)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -156,7 +159,7 @@ func (n *Node) Generate(ctx context.Context, req GenerateRequest, emit func(tok 
 	if req.Options.Check == nil {
 		req.Options.Check = checkOutputs(man)
 	}
-	sess := &meshSession{ctx: ctx, s: n.mesh.NewSession(req.Model, req.Options)}
+	sess := &meshSession{ctx: ctx, s: n.mesh.NewSession(req.Model, req.Options), metrics: n.metrics}
 	defer sess.Close()
 	dec, err := shards.NewDecoder(man.Decoder, sess, req.Prompt, req.Sampling)
 	if err != nil {
@@ -186,15 +189,22 @@ func (n *Node) Generate(ctx context.Context, req GenerateRequest, emit func(tok 
 
 // meshSession adapts a mesh.Session to shards.Session, for shards.Decoder.
 type meshSession struct {
-	ctx   context.Context
-	s     *mesh.Session
-	infos []*mesh.StepInfo
+	ctx     context.Context
+	s       *mesh.Session
+	infos   []*mesh.StepInfo
+	metrics *metrics // nil: not counted
 }
 
 func (m *meshSession) Step(in shards.Tensors) (shards.Tensors, error) {
 	out, info, err := m.s.Step(m.ctx, in)
 	if info != nil {
 		m.infos = append(m.infos, info)
+		if m.metrics != nil {
+			m.metrics.observeStep(len(info.Route), info.Failovers)
+			if err == nil {
+				m.metrics.tokens.Inc() // each decoding step yields one token
+			}
+		}
 	}
 	return out, err
 }

@@ -50,8 +50,9 @@ type Node struct {
 
 	rt           *shards.Runtime
 	accelerators []protocol.Accelerator // found at start; they do not change while running
-	own          *shards.FileStore      // DATA/blocks: fetched, published and pulled blocks
-	store        stores                 // own, then the --serve models' block folders
+	metrics      *metrics
+	own          *shards.FileStore // DATA/blocks: fetched, published and pulled blocks
+	store        stores            // own, then the --serve models' block folders
 	servedMu     sync.RWMutex
 	served       []*servedSpan
 	subs         subSpans
@@ -108,6 +109,7 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 		return nil, err
 	}
 	n.accelerators = Accelerators()
+	n.metrics = newMetrics()
 	own, err := shards.OpenFileStore(filepath.Join(opts.DataDir, "blocks"))
 	if err != nil {
 		return nil, err
@@ -123,12 +125,14 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	n.mesh, err = mesh.New(ctx, mesh.Config{
 		Key: key, ListenAddrs: cfg.Listen, Bootstrap: bootstrap, MDNS: !cfg.NoMDNS, NAT: !cfg.NoNAT,
 		DHTMode: cfg.DHTMode, RecordTTL: time.Duration(cfg.RecordTTL), ViewRefresh: time.Duration(cfg.ViewRefresh),
-		Version: Version, Logger: n.log, HostOptions: opts.HostOptions, Store: n.store,
+		Version: Version, Logger: n.log, Store: n.store,
+		HostOptions: append([]libp2p.Option{libp2p.PrometheusRegisterer(n.metrics.reg)}, opts.HostOptions...),
 	}, n.advert)
 	if err != nil {
 		return nil, err
 	}
 	n.mesh.Serve(n, mesh.StageConfig{MaxInFlight: cfg.MaxInFlight, MaxSessions: cfg.MaxSessions})
+	n.metrics.gauges(n)
 	n.log.Info("node started", "peer", n.mesh.ID(), "addrs", n.mesh.Host().Addrs())
 	if err := n.joinModels(ctx); err != nil {
 		return nil, err

@@ -199,7 +199,7 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 	if opts.Check == nil {
 		opts.Check = checkOutputs(req.man)
 	}
-	sess := &meshSession{ctx: ctx, s: n.mesh.NewSession(req.model, opts)}
+	sess := &meshSession{ctx: ctx, s: n.mesh.NewSession(req.model, opts), metrics: n.metrics}
 	defer sess.Close()
 	dec, err := shards.NewDecoder(req.man.Decoder, sess, req.prompt, req.sampling)
 	if err != nil {
