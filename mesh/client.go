@@ -260,6 +260,9 @@ func (m *Mesh) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 		if ctx.Err() != nil {
 			return nil, info, ctx.Err()
 		}
+		if failed == 0 && errors.Is(err, protocol.ErrBadRequest) {
+			return nil, info, err // the first hop refused our own inputs: no other hop will take them
+		}
 		lastErr = err
 		if failed >= 0 {
 			m.blame(route[failed].Peer, err)

@@ -10,6 +10,7 @@ import (
 	"github.com/ipfs/go-cid"
 
 	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
 )
 
@@ -113,8 +114,19 @@ func checkOutputs(man *shards.Manifest) func(shards.Tensors) error {
 
 // Infer runs one pass of a model through the mesh.
 func (n *Node) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, opts mesh.InferOptions) (*InferResult, error) {
-	if man, err := n.Manifest(ctx, model); err == nil && opts.Check == nil {
-		opts.Check = checkOutputs(man)
+	man, err := n.Manifest(ctx, model)
+	if errors.Is(err, mesh.ErrUnknownModel) {
+		return nil, err
+	}
+	if err == nil {
+		// Malformed inputs are the caller's: say so now, before any hop
+		// is asked (or blamed).
+		if err := shards.CheckTensors(man.Inputs, inputs); err != nil {
+			return nil, fmt.Errorf("%w: %v", protocol.ErrBadRequest, err)
+		}
+		if opts.Check == nil {
+			opts.Check = checkOutputs(man)
+		}
 	}
 	out, info, err := n.mesh.Infer(ctx, model, inputs, opts)
 	if info != nil && n.metrics != nil {

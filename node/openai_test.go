@@ -248,6 +248,13 @@ func TestGenerateStreamingStopAndBadRequests(t *testing.T) {
 		{"two prompts", "/v1/completions", map[string]any{"model": model, "prompt": []string{"a", "b"}}, 400, "bad_request"},
 		{"token outside vocab", "/v1/completions", map[string]any{"model": model, "prompt": []int{1, 300}}, 400, "bad_request"},
 		{"prompt past context", "/v1/completions", map[string]any{"model": model, "prompt": strings.Repeat("x", 200)}, 400, "context_length_exceeded"},
+		// /v1/infer: tensors in JSON.
+		{"infer wrong dtype", "/v1/infer", inferBody(model, `"input_ids":{"dtype":"float32","shape":[1,1],"data":[1]}`), 400, "bad_request"},
+		{"infer shape mismatch", "/v1/infer", inferBody(model, `"input_ids":{"dtype":"int64","shape":[1,3],"data":[1,2]}`), 400, "bad_request"},
+		{"infer negative dim", "/v1/infer", inferBody(model, `"input_ids":{"dtype":"int64","shape":[-1,1],"data":[]}`), 400, "bad_request"},
+		{"infer missing input", "/v1/infer", inferBody(model, `"position_ids":{"dtype":"int64","shape":[1,1],"data":[0]}`), 400, "bad_request"},
+		{"infer unknown model", "/v1/infer", `{"model":"` + unknown + `","inputs":{}}`, 404, "unknown_model"},
+		{"infer huge body", "/v1/infer", `{"model":"` + model + `","inputs":{"x":{"dtype":"float32","shape":[1],"data":[` + strings.Repeat("0,", 33<<20) + `0]}}}`, 413, "bad_request"},
 	} {
 		start := time.Now()
 		resp := post(t, rq, c.path, c.body)
@@ -255,7 +262,7 @@ func TestGenerateStreamingStopAndBadRequests(t *testing.T) {
 			Error struct{ Code, Message, Type string } `json:"error"`
 		}
 		err := json.NewDecoder(resp.Body).Decode(&e)
-		openAI := c.path != "/v1/generate" // OpenAI's error shape has a type too
+		openAI := strings.Contains(c.path, "completions") // OpenAI's error shape has a type too
 		if resp.StatusCode != c.status || err != nil || e.Error.Code != c.code || e.Error.Message == "" ||
 			(openAI && e.Error.Type != "invalid_request_error") {
 			t.Errorf("%s: %s %+v (%v); want %d %s", c.name, resp.Status, e, err, c.status, c.code)
@@ -527,4 +534,9 @@ func TestGenerateStreamClientGoneAndErrorEvent(t *testing.T) {
 		e.Error.Type != "server_error" || !strings.Contains(e.Error.Message, "step 3") {
 		t.Fatalf("error event %q: %+v %v", lines[n-1], e, err)
 	}
+}
+
+// inferBody is a /v1/infer request whose inputs are the given JSON members.
+func inferBody(model, inputs string) string {
+	return `{"model":"` + model + `","inputs":{` + inputs + `}}`
 }
