@@ -16,13 +16,19 @@ import (
 // before it runs k+1 (pipeline parallelism). Every input must have the
 // batch as its first dimension, and so must every output; the outputs are
 // concatenated back in order. Each micro-batch fails over on its own.
-func (m *Mesh) InferBatch(ctx context.Context, model cid.Cid, inputs shards.Tensors, micro int, opts InferOptions) (shards.Tensors, []*StepInfo, error) {
-	batch, err := batchSize(inputs)
+//
+// progress, if not nil, is called as micro-batches complete (done of
+// total), one call at a time.
+func (m *Mesh) InferBatch(ctx context.Context, model cid.Cid, inputs shards.Tensors, micro int, opts InferOptions, progress func(done, total int)) (shards.Tensors, []*StepInfo, error) {
+	batch, err := BatchSize(inputs)
 	if err != nil {
 		return nil, nil, err
 	}
 	if micro <= 0 || micro >= batch {
 		out, info, err := m.Infer(ctx, model, inputs, opts)
+		if err == nil && progress != nil {
+			progress(1, 1)
+		}
 		return out, []*StepInfo{info}, err
 	}
 	n := (batch + micro - 1) / micro
@@ -30,13 +36,23 @@ func (m *Mesh) InferBatch(ctx context.Context, model cid.Cid, inputs shards.Tens
 	infos := make([]*StepInfo, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup
+	var mu sync.Mutex
+	done := 0
 	for i := range n {
 		lo, hi := i*micro, min((i+1)*micro, batch)
 		part := shards.Tensors{}
 		for name, t := range inputs {
 			part[name] = sliceRows(t, lo, hi)
 		}
-		wg.Go(func() { outs[i], infos[i], errs[i] = m.Infer(ctx, model, part, opts) })
+		wg.Go(func() {
+			outs[i], infos[i], errs[i] = m.Infer(ctx, model, part, opts)
+			if progress != nil && errs[i] == nil {
+				mu.Lock()
+				done++
+				progress(done, n)
+				mu.Unlock()
+			}
+		})
 	}
 	wg.Wait()
 	for i, err := range errs {
@@ -59,8 +75,8 @@ func (m *Mesh) InferBatch(ctx context.Context, model cid.Cid, inputs shards.Tens
 	return out, infos, nil
 }
 
-// batchSize is the common first dimension of the inputs.
-func batchSize(inputs shards.Tensors) (int, error) {
+// BatchSize is the common first dimension of the inputs.
+func BatchSize(inputs shards.Tensors) (int, error) {
 	b := -1
 	for name, t := range inputs {
 		if len(t.Shape) == 0 {

@@ -89,6 +89,9 @@ func (n *Node) startAPI() error {
 	mux.HandleFunc("POST /v1/chat/completions", n.handleChat)
 	mux.HandleFunc("GET /v1/models", n.handleModels)
 	mux.HandleFunc("GET /v1/models/{model}", n.handleModel)
+	mux.HandleFunc("POST /v1/jobs", n.handleJobCreate)
+	mux.HandleFunc("GET /v1/jobs/{id}", n.handleJobGet)
+	mux.HandleFunc("DELETE /v1/jobs/{id}", n.handleJobCancel)
 	mux.Handle("GET /metrics", n.metrics.handler())
 	n.api = &http.Server{Handler: n.metrics.instrument(mux), ReadHeaderTimeout: 5 * time.Second}
 	n.wg.Go(func() {

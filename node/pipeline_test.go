@@ -149,7 +149,7 @@ func TestMicroBatchesEqualTheWholeBatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, infos, err := tm.requester.mesh.InferBatch(context.Background(), m.ID, in, 3, mesh.InferOptions{})
+	got, infos, err := tm.requester.mesh.InferBatch(context.Background(), m.ID, in, 3, mesh.InferOptions{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -164,7 +164,11 @@ func (c *Client) GenerateStream(ctx context.Context, req node.GenerateAPIRequest
 }
 
 func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
-	resp, err := c.request(ctx, method, path, body)
+	return c.doStatus(ctx, method, path, body, out, http.StatusOK)
+}
+
+func (c *Client) doStatus(ctx context.Context, method, path string, body, out any, ok int) error {
+	resp, err := c.requestStatus(ctx, method, path, body, ok)
 	if err != nil {
 		return err
 	}
@@ -174,6 +178,11 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 
 // request sends a request and returns the answer if its status is 200.
 func (c *Client) request(ctx context.Context, method, path string, body any) (*http.Response, error) {
+	return c.requestStatus(ctx, method, path, body, http.StatusOK)
+}
+
+// requestStatus sends a request and returns the answer if its status is ok.
+func (c *Client) requestStatus(ctx context.Context, method, path string, body any, ok int) (*http.Response, error) {
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -193,7 +202,7 @@ func (c *Client) request(ctx context.Context, method, path string, body any) (*h
 	if err != nil {
 		return nil, fmt.Errorf("node API: %w", err)
 	}
-	if resp.StatusCode != http.StatusOK {
+	if resp.StatusCode != ok {
 		defer resp.Body.Close()
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 		return nil, decodeError(resp.StatusCode, data)
@@ -253,4 +262,23 @@ func (c *Client) Pull(ctx context.Context, req node.PullRequest, progress func(d
 		return nil, err
 	}
 	return nil, errors.New("node API: the answer ended early")
+}
+
+// SubmitJob starts a batch job: the inputs' rows are cut into micro-batches
+// that travel the pipeline at once. Poll it with Job.
+func (c *Client) SubmitJob(ctx context.Context, req node.JobRequest) (*node.Job, error) {
+	var j node.Job
+	return &j, c.doStatus(ctx, http.MethodPost, "/v1/jobs", req, &j, http.StatusAccepted)
+}
+
+// Job is a batch job's state, with its outputs once done.
+func (c *Client) Job(ctx context.Context, id string) (*node.Job, error) {
+	var j node.Job
+	return &j, c.do(ctx, http.MethodGet, "/v1/jobs/"+id, nil, &j)
+}
+
+// CancelJob cancels a running job.
+func (c *Client) CancelJob(ctx context.Context, id string) (*node.Job, error) {
+	var j node.Job
+	return &j, c.do(ctx, http.MethodDelete, "/v1/jobs/"+id, nil, &j)
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/infermesh/infermesh/node"
 	"github.com/infermesh/infermesh/node/client"
+	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/build"
 )
@@ -114,5 +115,62 @@ func TestClientAgainstALiveMesh(t *testing.T) {
 	_, err = c.Generate(ctx, node.GenerateAPIRequest{Model: "bagaaierarzu5a4zqyjoxw3ya63bxa6lj2zoxwxaysqmsydcae6lkcckh32wa", Prompt: "x", MaxTokens: 2})
 	if !errors.As(err, &apiErr) || apiErr.Status != 404 || !errors.Is(err, client.ErrUnknownModel) {
 		t.Fatalf("model nobody has: %v", err)
+	}
+}
+
+// Batch jobs: submitted, polled to completion, equal to the local run; a
+// job can be cancelled; an unknown job is a 404.
+func TestClientJobs(t *testing.T) {
+	m, c := liveMesh(t)
+	ctx := context.Background()
+	in := shards.RandomInputs(m.Manifest, 3, 10, 4) // 10 rows
+	job, err := c.SubmitJob(ctx, node.JobRequest{Model: m.ID.String(), Inputs: in, MicroBatch: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if job.State != "running" || job.Total != 4 {
+		t.Fatalf("submitted: %+v", job)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for job.State == "running" {
+		if time.Now().After(deadline) {
+			t.Fatalf("job still running: %+v", job)
+		}
+		time.Sleep(50 * time.Millisecond)
+		if job, err = c.Job(ctx, job.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if job.State != "done" || job.Done != 4 || job.Outputs["logits"] == nil {
+		t.Fatalf("finished: state %s, %d/%d, error %q", job.State, job.Done, job.Total, job.Error)
+	}
+	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	local, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer local.Close()
+	want, err := local.Run(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, err := protocol.MaxAbsDiff(want["logits"], job.Outputs["logits"]); err != nil || d > 1e-5 {
+		t.Fatalf("job outputs differ from the local run by %v (%v)", d, err)
+	}
+
+	big := shards.RandomInputs(m.Manifest, 4, 64, 8)
+	running, err := c.SubmitJob(ctx, node.JobRequest{Model: m.ID.String(), Inputs: big, MicroBatch: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancelled, err := c.CancelJob(ctx, running.ID)
+	if err != nil || (cancelled.State != "cancelled" && cancelled.State != "done") {
+		t.Fatalf("cancel: %+v %v", cancelled, err)
+	}
+	if _, err := c.Job(ctx, "nope"); !errors.As(err, new(*client.Error)) {
+		t.Fatalf("unknown job: %v", err)
 	}
 }
