@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -93,7 +94,7 @@ func (n *Node) startAPI() error {
 	mux.HandleFunc("GET /v1/jobs/{id}", n.handleJobGet)
 	mux.HandleFunc("DELETE /v1/jobs/{id}", n.handleJobCancel)
 	mux.Handle("GET /metrics", n.metrics.handler())
-	n.api = &http.Server{Handler: n.metrics.instrument(mux), ReadHeaderTimeout: 5 * time.Second}
+	n.api = &http.Server{Handler: n.metrics.instrument(requireToken(n.cfg.APIToken, mux)), ReadHeaderTimeout: 5 * time.Second}
 	n.wg.Go(func() {
 		if err := n.api.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			n.log.Error("api stopped", "err", err)
@@ -382,4 +383,21 @@ func (n *Node) handleGenerate(w http.ResponseWriter, r *http.Request) {
 		resp.Route = timings(last.Route, mean)
 	}
 	writeJSON(w, http.StatusOK, resp)
+}
+
+// requireToken answers 401 to requests without "Authorization: Bearer
+// token" when a token is set.
+func requireToken(token string, next http.Handler) http.Handler {
+	if token == "" {
+		return next
+	}
+	want := []byte("Bearer " + token)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="infermesh"`)
+			writeError(w, http.StatusUnauthorized, "unauthorized", "this node's API needs its token: Authorization: Bearer TOKEN")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }

@@ -49,6 +49,10 @@ type Config struct {
 	DHTMode string `json:"dht_mode"`
 	// API is the local HTTP API's address (default 127.0.0.1:8700).
 	API string `json:"api"`
+	// APIToken, when set, is required of every API request as
+	// "Authorization: Bearer TOKEN". An API on anything but loopback must
+	// have one.
+	APIToken string `json:"api_token,omitempty"`
 	// Serve lists local blocked models to serve, as DIR or DIR:START-END
 	// (blocks START to END inclusive).
 	Serve []string `json:"serve"`
@@ -152,10 +156,9 @@ func (c *Config) Validate() error {
 		if err != nil {
 			return fmt.Errorf("api address %q: %w", c.API, err)
 		}
-		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-			// Until the API has authentication (bearer tokens), it is for
-			// the machine's own apps only.
-			return fmt.Errorf("api address %q: only loopback addresses are allowed for now", c.API)
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) && c.APIToken == "" {
+			// Beyond this machine, only callers holding the token.
+			return fmt.Errorf("api address %q is not loopback: set an api token (--api-token) so that only your apps can use it", c.API)
 		}
 	}
 	if time.Duration(c.RecordTTL) < 0 || time.Duration(c.ViewRefresh) < 0 {

@@ -163,3 +163,41 @@ func grepLines(s, substr string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// With an API token, every request needs it; the Go client sends it.
+func TestAPIToken(t *testing.T) {
+	dir := t.TempDir()
+	cfg := DefaultConfig()
+	cfg.Listen, cfg.API = []string{"/ip4/127.0.0.1/udp/0/quic-v1"}, "127.0.0.1:0"
+	cfg.NoMDNS, cfg.NoNAT, cfg.APIToken = true, true, "s3cret"
+	if _, err := Init(dir, cfg); err != nil {
+		t.Fatal(err)
+	}
+	n, err := New(context.Background(), cfg, Options{DataDir: dir, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	for _, c := range []struct {
+		auth string
+		want int
+	}{{"", 401}, {"Bearer wrong", 401}, {"s3cret", 401}, {"Bearer s3cret", 200}} {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+n.APIAddr()+"/v1/status", nil)
+		if c.auth != "" {
+			req.Header.Set("Authorization", c.auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != c.want {
+			t.Errorf("Authorization %q: %d, want %d", c.auth, resp.StatusCode, c.want)
+		}
+	}
+	// Beyond loopback, a token is required.
+	cfg.API, cfg.APIToken = "0.0.0.0:0", ""
+	if err := cfg.Validate(); err == nil {
+		t.Fatal("a non-loopback API without a token was accepted")
+	}
+}

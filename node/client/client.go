@@ -23,6 +23,9 @@ import (
 type Client struct {
 	base string
 	http *http.Client
+	// Token, if set, is sent as "Authorization: Bearer Token" (a node whose
+	// API listens beyond loopback requires its token).
+	Token string
 }
 
 // New returns a client of the node API at addr ("127.0.0.1:8700" or a URL).
@@ -197,6 +200,9 @@ func (c *Client) requestStatus(ctx context.Context, method, path string, body an
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {

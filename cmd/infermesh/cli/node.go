@@ -65,7 +65,8 @@ func configFlags(fs *flag.FlagSet, c *node.Config) {
 	fs.BoolVar(&c.NoMDNS, "no-mdns", c.NoMDNS, "do not look for peers on the LAN with mDNS")
 	fs.BoolVar(&c.NoNAT, "no-nat", c.NoNAT, "no port mapping, AutoNAT service or hole punching")
 	fs.StringVar(&c.DHTMode, "dht-mode", c.DHTMode, "DHT mode: auto, server or client")
-	fs.StringVar(&c.API, "api", c.API, "local HTTP API address (loopback only)")
+	fs.StringVar(&c.API, "api", c.API, "local HTTP API address (anything but loopback needs --api-token)")
+	fs.StringVar(&c.APIToken, "api-token", c.APIToken, "require this bearer token of every API request")
 	fs.Var(&c.RecordTTL, "record-ttl", "how long a capacity record is valid")
 	fs.Var(&c.ViewRefresh, "view-refresh", "how often the view re-reads models from the DHT")
 	fs.IntVar(&c.MaxInFlight, "max-in-flight", c.MaxInFlight, "steps computed at once; past it requests get busy (0 = 8)")
@@ -195,7 +196,14 @@ func nodeClient(api, dataDir string) (*client.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return client.New(base, nil), nil
+	c := client.New(base, nil)
+	if cfg, err := node.LoadConfig(dataDir); err == nil {
+		c.Token = cfg.APIToken // the node's own token, from its data directory
+	}
+	if t := os.Getenv("INFERMESH_API_TOKEN"); t != "" {
+		c.Token = t
+	}
+	return c, nil
 }
 
 func runPeers(ctx context.Context, e *env, args []string) error {
