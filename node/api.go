@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"crypto/subtle"
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -80,20 +81,9 @@ func (n *Node) startAPI() error {
 	}
 	n.apiLn = ln
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/status", n.handleStatus)
-	mux.HandleFunc("GET /v1/peers", n.handlePeers)
-	mux.HandleFunc("POST /v1/infer", n.handleInfer)
-	mux.HandleFunc("POST /v1/generate", n.handleGenerate)
-	mux.HandleFunc("POST /v1/publish", n.handlePublish)
-	mux.HandleFunc("POST /v1/pull", n.handlePull)
-	mux.HandleFunc("POST /v1/completions", n.handleCompletions)
-	mux.HandleFunc("POST /v1/chat/completions", n.handleChat)
-	mux.HandleFunc("GET /v1/models", n.handleModels)
-	mux.HandleFunc("GET /v1/models/{model}", n.handleModel)
-	mux.HandleFunc("POST /v1/jobs", n.handleJobCreate)
-	mux.HandleFunc("GET /v1/jobs/{id}", n.handleJobGet)
-	mux.HandleFunc("DELETE /v1/jobs/{id}", n.handleJobCancel)
-	mux.Handle("GET /metrics", n.metrics.handler())
+	for _, r := range n.routes() {
+		mux.Handle(r.pattern, r.handler)
+	}
 	n.api = &http.Server{Handler: n.metrics.instrument(requireToken(n.cfg.APIToken, mux)), ReadHeaderTimeout: 5 * time.Second}
 	n.wg.Go(func() {
 		if err := n.api.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -400,4 +390,40 @@ func requireToken(token string, next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// openAPI documents the API (GET /openapi.json).
+//
+//go:embed openapi.json
+var openAPI []byte
+
+type route struct {
+	pattern string // "METHOD /path", as ServeMux takes it
+	handler http.Handler
+}
+
+// routes are every endpoint of the API; openapi.json documents each (a test
+// checks).
+func (n *Node) routes() []route {
+	h := func(p string, f http.HandlerFunc) route { return route{p, f} }
+	return []route{
+		h("GET /v1/status", n.handleStatus),
+		h("GET /v1/peers", n.handlePeers),
+		h("POST /v1/infer", n.handleInfer),
+		h("POST /v1/generate", n.handleGenerate),
+		h("POST /v1/publish", n.handlePublish),
+		h("POST /v1/pull", n.handlePull),
+		h("POST /v1/completions", n.handleCompletions),
+		h("POST /v1/chat/completions", n.handleChat),
+		h("GET /v1/models", n.handleModels),
+		h("GET /v1/models/{model}", n.handleModel),
+		h("POST /v1/jobs", n.handleJobCreate),
+		h("GET /v1/jobs/{id}", n.handleJobGet),
+		h("DELETE /v1/jobs/{id}", n.handleJobCancel),
+		{"GET /metrics", n.metrics.handler()},
+		h("GET /openapi.json", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			w.Write(openAPI)
+		}),
+	}
 }

@@ -201,3 +201,27 @@ func TestAPIToken(t *testing.T) {
 		t.Fatal("a non-loopback API without a token was accepted")
 	}
 }
+
+// GET /openapi.json documents every route the API serves.
+func TestOpenAPIDocumentsEveryRoute(t *testing.T) {
+	n := startTestNode(t, nil)
+	t.Cleanup(func() { n.Close() })
+	resp, err := http.Get("http://" + n.APIAddr() + "/openapi.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var doc struct {
+		OpenAPI string                                `json:"openapi"`
+		Paths   map[string]map[string]json.RawMessage `json:"paths"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil || !strings.HasPrefix(doc.OpenAPI, "3.") {
+		t.Fatalf("openapi.json: %v %q", err, doc.OpenAPI)
+	}
+	for _, r := range n.routes() {
+		method, path, _ := strings.Cut(r.pattern, " ")
+		if _, ok := doc.Paths[path][strings.ToLower(method)]; !ok {
+			t.Errorf("%s is served but not documented in openapi.json", r.pattern)
+		}
+	}
+}
