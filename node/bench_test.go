@@ -1,10 +1,16 @@
 package node
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
+	"net/http"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -236,5 +242,134 @@ func BenchmarkJoinFiveNodes(b *testing.B) {
 		}
 		b.ReportMetric(time.Since(start).Seconds(), "s_to_serving")
 		closeAll(nodes)
+	}
+}
+
+// BenchmarkAPILoad: 200 concurrent clients POST /v1/infer (one token, the
+// 4-layer dim-64 GPT over 3 hops on loopback) for 30 s. Reports requests/s,
+// p50/p99 latency, how many answers were 429 (busy) and how many were other
+// errors (must be 0), and goroutine and heap growth after. Then, one caller
+// at a time, the HTTP layer's overhead against calling Node.Infer directly,
+// interleaved in the same run.
+//
+// go test -run '^$' -bench APILoad -benchtime 1x ./node/
+func BenchmarkAPILoad(b *testing.B) {
+	m := benchGPT(b, 4, 64)
+	req, _ := benchMesh(b, m, nil, "0-1", "2-3", "4-5")
+	in := shards.StepInputs(m.Manifest.Decoder, []int64{'a'}, 0)
+	body, err := json.Marshal(InferRequest{Model: m.ID.String(), Inputs: in})
+	if err != nil {
+		b.Fatal(err)
+	}
+	url := "http://" + req.APIAddr() + "/v1/infer"
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
+	call := func() (int, error) {
+		resp, err := client.Post(url, "application/json", bytes.NewReader(body))
+		if err != nil {
+			return 0, err
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, nil
+	}
+	for b.Loop() {
+		runtime.GC()
+		g0 := runtime.NumGoroutine()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		heap0 := ms.HeapInuse
+
+		const clients, duration = 200, 30 * time.Second
+		var mu sync.Mutex
+		var lat []time.Duration
+		statuses := map[int]int{}
+		failures := 0
+		stop := time.Now().Add(duration)
+		var wg sync.WaitGroup
+		for range clients {
+			wg.Go(func() {
+				for time.Now().Before(stop) {
+					t0 := time.Now()
+					code, err := call()
+					d := time.Since(t0)
+					mu.Lock()
+					if err != nil {
+						failures++
+					} else {
+						statuses[code]++
+						if code == http.StatusOK {
+							lat = append(lat, d)
+						}
+					}
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+		other := failures
+		for code, k := range statuses {
+			if code != http.StatusOK && code != http.StatusTooManyRequests {
+				other += k
+			}
+		}
+		slices.Sort(lat)
+		pct := func(p int) float64 { return float64(lat[min(len(lat)-1, len(lat)*p/100)].Microseconds()) / 1000 }
+		b.ReportMetric(float64(statuses[http.StatusOK])/duration.Seconds(), "ok_req/s")
+		b.ReportMetric(pct(50), "p50_ms")
+		b.ReportMetric(pct(99), "p99_ms")
+		b.ReportMetric(float64(statuses[http.StatusTooManyRequests]), "busy_429")
+		b.ReportMetric(float64(other), "errors")
+
+		client.CloseIdleConnections()
+		time.Sleep(time.Second)
+		runtime.GC()
+		runtime.ReadMemStats(&ms)
+		b.ReportMetric(float64(runtime.NumGoroutine()-g0), "goroutines_grown")
+		b.ReportMetric((float64(ms.HeapInuse)-float64(heap0))/(1<<20), "heap_MB_grown")
+
+		b.ReportMetric(httpOverhead(b, req, m, 300), "http_overhead_%")
+	}
+}
+
+// httpOverhead times calls one at a time, alternating Node.Infer and POST
+// /v1/infer with the same one-token input, and returns how much longer the
+// HTTP calls took, in percent.
+func httpOverhead(b *testing.B, req *Node, m *shards.Model, calls int) float64 {
+	in := shards.StepInputs(m.Manifest.Decoder, []int64{'a'}, 0)
+	body, err := json.Marshal(InferRequest{Model: m.ID.String(), Inputs: in})
+	if err != nil {
+		b.Fatal(err)
+	}
+	url := "http://" + req.APIAddr() + "/v1/infer"
+	var direct, viaHTTP time.Duration
+	for range calls {
+		t0 := time.Now()
+		if _, err := req.Infer(context.Background(), m.ID, in, mesh.InferOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		resp, err := http.Post(url, "application/json", bytes.NewReader(body))
+		if err != nil || resp.StatusCode != http.StatusOK {
+			b.Fatalf("HTTP %v %v", resp, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		direct += t1.Sub(t0)
+		viaHTTP += time.Since(t1)
+	}
+	b.ReportMetric(float64(direct.Microseconds())/float64(calls), "direct_us")
+	b.ReportMetric(float64(viaHTTP.Microseconds())/float64(calls), "http_us")
+	return (float64(viaHTTP)/float64(direct) - 1) * 100
+}
+
+// BenchmarkAPIOverhead: the HTTP layer's overhead on a one-token pass of
+// the 8-layer, dim-512 GPT over 3 hops on loopback.
+//
+// go test -run '^$' -bench APIOverhead -benchtime 1x ./node/
+func BenchmarkAPIOverhead(b *testing.B) {
+	m := benchGPT(b, 8, 512)
+	req, _ := benchMesh(b, m, nil, "0-2", "3-5", "6-9")
+	for b.Loop() {
+		b.ReportMetric(httpOverhead(b, req, m, 200), "http_overhead_%")
 	}
 }
