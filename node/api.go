@@ -258,6 +258,27 @@ type GenerateResponse struct {
 	Failovers    int         `json:"failovers"`
 }
 
+// stepsSummary is a generation's final route with each hop's mean compute
+// per step, and the failovers over all steps; nil when there were no steps.
+func stepsSummary(steps []*mesh.StepInfo) ([]HopTiming, int) {
+	k := len(steps)
+	if k == 0 {
+		return nil, 0
+	}
+	last := steps[k-1]
+	mean := make([]int64, len(last.Route))
+	failovers := 0
+	for _, s := range steps {
+		failovers += s.Failovers
+		if len(s.HopMicros) == len(mean) {
+			for i, us := range s.HopMicros {
+				mean[i] += us / int64(k)
+			}
+		}
+	}
+	return timings(last.Route, mean), failovers
+}
+
 func timings(route []protocol.Hop, micros []int64) []HopTiming {
 	out := make([]HopTiming, len(route))
 	for i, h := range route {
@@ -359,18 +380,8 @@ func (n *Node) handleGenerate(w http.ResponseWriter, r *http.Request) {
 	if len(res.Tokens) > 1 {
 		resp.TokensPerS = float64(len(res.Tokens)-1) / (res.Total - res.FirstToken).Seconds()
 	}
-	if k := len(res.Steps); k > 0 {
-		last := res.Steps[k-1]
-		mean := make([]int64, len(last.Route))
-		for _, s := range res.Steps {
-			resp.Failovers += s.Failovers
-			if len(s.HopMicros) == len(mean) {
-				for i, us := range s.HopMicros {
-					mean[i] += us / int64(k)
-				}
-			}
-		}
-		resp.Route = timings(last.Route, mean)
+	if route, failovers := stepsSummary(res.Steps); route != nil {
+		resp.Route, resp.Failovers = route, failovers
 	}
 	writeJSON(w, http.StatusOK, resp)
 }

@@ -319,18 +319,8 @@ func generateResponse(res *textResult) GenerateResponse {
 	if res.generated > 1 && res.Total > res.FirstToken {
 		resp.TokensPerS = float64(res.generated-1) / (res.Total - res.FirstToken).Seconds()
 	}
-	if k := len(res.Steps); k > 0 {
-		last := res.Steps[k-1]
-		mean := make([]int64, len(last.Route))
-		for _, s := range res.Steps {
-			resp.Failovers += s.Failovers
-			if len(s.HopMicros) == len(mean) {
-				for i, us := range s.HopMicros {
-					mean[i] += us / int64(k)
-				}
-			}
-		}
-		resp.Route = timings(last.Route, mean)
+	if route, failovers := stepsSummary(res.Steps); route != nil {
+		resp.Route, resp.Failovers = route, failovers
 	}
 	return resp
 }
