@@ -1,0 +1,364 @@
+package simulations
+
+// The report writer: a Result becomes files a researcher reads. The layout
+// of one report directory:
+//
+//	summary.json     the Result's JSON fields (scenario, seed, duration, params, summary)
+//	report.md        title, parameters, headline table, key numbers in prose, the plots
+//	series.csv       one row per Sample
+//	peers.csv        one row per PeerStat
+//	latency.csv      the latency CDFs at 1001 quantiles (0, 0.001, ..., 1)
+//	*.png, *.svg     the plots (report_plot.go)
+//
+// Everything written is a function of the Result alone: no clock, no map
+// iteration order, so one seed gives identical files.
+
+import (
+	"bytes"
+	"encoding/csv"
+	"encoding/json"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// cdfPoints is how many steps latency.csv and the CDF plots resolve a
+// distribution into: quantiles 0, 1/cdfPoints, ..., 1.
+const cdfPoints = 1000
+
+// WriteReport writes r's report into dir, creating it if missing. Files
+// already there with the same names are replaced.
+func WriteReport(dir string, r *Result) error {
+	if r == nil {
+		return fmt.Errorf("simulations: WriteReport: nil result")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if err := writeSummaryJSON(filepath.Join(dir, "summary.json"), r); err != nil {
+		return err
+	}
+	if err := writeCSV(filepath.Join(dir, "series.csv"), seriesRows(r.Series)); err != nil {
+		return err
+	}
+	if err := writeCSV(filepath.Join(dir, "peers.csv"), peerRows(r.Peers)); err != nil {
+		return err
+	}
+	if err := writeCSV(filepath.Join(dir, "latency.csv"), latencyRows(&r.Latencies)); err != nil {
+		return err
+	}
+	plots, err := writeReportPlots(dir, r)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "report.md"), reportMarkdown(r, plots), 0o644)
+}
+
+// writeSummaryJSON writes the JSON-tagged fields of r, indented. Figures
+// that are not finite (a division by zero upstream) are written as 0:
+// JSON has no NaN.
+func writeSummaryJSON(path string, r *Result) error {
+	c := *r
+	c.Duration = orZero(c.Duration)
+	s := &c.Summary
+	for _, f := range []*float64{&s.CompletionRate, &s.Throughput, &s.TokensPerSec, &s.Hops, &s.MinCoverage} {
+		*f = orZero(*f)
+	}
+	for _, q := range []*Quantiles{&s.E2E, &s.TTFT, &s.PerToken} {
+		for _, f := range []*float64{&q.Mean, &q.P50, &q.P90, &q.P95, &q.P99, &q.Max} {
+			*f = orZero(*f)
+		}
+	}
+	if c.Params == nil {
+		c.Params = []string{}
+	}
+	b, err := json.MarshalIndent(&c, "", "  ")
+	if err != nil {
+		return fmt.Errorf("simulations: summary.json: %w", err)
+	}
+	return os.WriteFile(path, append(b, '\n'), 0o644)
+}
+
+// orZero is f, or 0 when f is NaN or infinite.
+func orZero(f float64) float64 {
+	if math.IsNaN(f) || math.IsInf(f, 0) {
+		return 0
+	}
+	return f
+}
+
+func writeCSV(path string, rows [][]string) error {
+	var buf bytes.Buffer
+	w := csv.NewWriter(&buf)
+	if err := w.WriteAll(rows); err != nil {
+		return err
+	}
+	return os.WriteFile(path, buf.Bytes(), 0o644)
+}
+
+// ff formats a float for CSV: shortest exact form.
+func ff(f float64) string { return strconv.FormatFloat(f, 'g', -1, 64) }
+
+// interval is the length of sample i's interval (the first starts at 0).
+func interval(series []Sample, i int) float64 {
+	if i == 0 {
+		return series[0].T
+	}
+	return series[i].T - series[i-1].T
+}
+
+// perSec is n over dt seconds, 0 when dt is not positive.
+func perSec(n int, dt float64) float64 {
+	if dt <= 0 {
+		return 0
+	}
+	return float64(n) / dt
+}
+
+func seriesRows(series []Sample) [][]string {
+	rows := [][]string{{"t_s", "interval_s", "arrivals", "completed", "failed", "failovers", "tokens",
+		"peers", "inflight", "coverage", "p50_s", "p95_s", "completed_per_s", "tokens_per_s"}}
+	for i, s := range series {
+		dt := interval(series, i)
+		rows = append(rows, []string{ff(s.T), ff(dt), strconv.Itoa(s.Arrivals), strconv.Itoa(s.Completed),
+			strconv.Itoa(s.Failed), strconv.Itoa(s.Failovers), strconv.Itoa(s.Tokens), strconv.Itoa(s.Peers),
+			strconv.Itoa(s.InFlight), ff(s.Coverage), ff(s.P50), ff(s.P95),
+			ff(perSec(s.Completed, dt)), ff(perSec(s.Tokens, dt))})
+	}
+	return rows
+}
+
+func peerRows(peers []PeerStat) [][]string {
+	rows := [][]string{{"id", "class", "region", "passes", "busy", "online_s", "failed"}}
+	for _, p := range peers {
+		rows = append(rows, []string{strconv.Itoa(p.ID), p.Class, p.Region, strconv.FormatInt(p.Passes, 10),
+			ff(p.Busy), ff(p.Online), strconv.Itoa(p.Failed)})
+	}
+	return rows
+}
+
+// latencyRows is the three latency CDFs at quantiles 0, 0.001, ..., 1: a
+// cell is the latency below or at which that fraction of the requests
+// finished, empty where a distribution has no entries.
+func latencyRows(l *Latencies) [][]string {
+	e2e, ttft, tok := quantileGrid(l.E2E, cdfPoints), quantileGrid(l.TTFT, cdfPoints), quantileGrid(l.PerToken, cdfPoints)
+	cell := func(g []float64, i int) string {
+		if g == nil {
+			return ""
+		}
+		return ff(g[i])
+	}
+	rows := [][]string{{"quantile", "e2e_s", "ttft_s", "per_token_s"}}
+	for i := 0; i <= cdfPoints; i++ {
+		rows = append(rows, []string{strconv.FormatFloat(float64(i)/cdfPoints, 'f', 3, 64),
+			cell(e2e, i), cell(ttft, i), cell(tok, i)})
+	}
+	return rows
+}
+
+// quantileGrid returns the values of xs at quantiles i/n for i = 0..n
+// (nearest rank; 0 is the minimum, 1 the maximum), or nil when xs holds
+// no finite value. xs is not modified.
+func quantileGrid(xs []float64, n int) []float64 {
+	s := make([]float64, 0, len(xs))
+	for _, x := range xs {
+		if !math.IsNaN(x) && !math.IsInf(x, 0) {
+			s = append(s, x)
+		}
+	}
+	if len(s) == 0 {
+		return nil
+	}
+	slices.Sort(s)
+	g := make([]float64, n+1)
+	for i := range g {
+		g[i] = s[rankIndex(float64(i)/float64(n), len(s))]
+	}
+	return g
+}
+
+// rankIndex is the nearest-rank index of quantile q among n sorted values.
+func rankIndex(q float64, n int) int {
+	k := int(math.Ceil(q*float64(n))) - 1
+	return min(max(k, 0), n-1)
+}
+
+// reportMarkdown is report.md: plots lists the plots written, by file
+// stem, with why a plot was skipped for those that were not.
+func reportMarkdown(r *Result, plots []plotFile) []byte {
+	var b strings.Builder
+	s := &r.Summary
+	fmt.Fprintf(&b, "# Simulation report: %s\n\n", mdEscape(nameOr(r.Scenario, "unnamed scenario")))
+	fmt.Fprintf(&b, "Seed %d, %s of virtual time, %s discrete events.\n\n",
+		r.Seed, fmtVirtual(r.Duration), commas(s.Events))
+
+	b.WriteString("## Parameters\n\n")
+	if len(r.Params) == 0 {
+		b.WriteString("(none recorded)\n")
+	}
+	for _, p := range r.Params {
+		fmt.Fprintf(&b, "- %s\n", mdEscape(p))
+	}
+
+	b.WriteString("\n## Headline figures\n\n| Figure | Value |\n|---|---:|\n")
+	for _, m := range headline() {
+		fmt.Fprintf(&b, "| %s | %s |\n", m.label, m.format(s))
+	}
+
+	b.WriteString("\n## Key numbers\n\n")
+	b.WriteString(keyNumbers(r))
+
+	b.WriteString("\n## Plots\n\n")
+	for _, p := range plots {
+		fmt.Fprintf(&b, "### %s\n\n", p.title)
+		if p.skipped != "" {
+			fmt.Fprintf(&b, "Not drawn: %s.\n\n", p.skipped)
+			continue
+		}
+		fmt.Fprintf(&b, "![%s](%s.svg)\n\n%s (PNG: [%s.png](%s.png))\n\n", p.title, p.stem, p.caption, p.stem, p.stem)
+	}
+
+	b.WriteString("## Files\n\n" +
+		"- `summary.json`: the scenario, seed, duration, parameters and the figures above\n" +
+		fmt.Sprintf("- `series.csv`: one row per sample interval (%d rows)\n", len(r.Series)) +
+		fmt.Sprintf("- `peers.csv`: one row per peer that was ever in the mesh (%d rows)\n", len(r.Peers)) +
+		"- `latency.csv`: end-to-end, time-to-first-token and per-token latency at quantiles 0, 0.001, ..., 1\n")
+	return []byte(b.String())
+}
+
+// keyNumbers states the run's main figures as sentences.
+func keyNumbers(r *Result) string {
+	s := &r.Summary
+	var b strings.Builder
+	fmt.Fprintf(&b, "Over %s of virtual time, %s requests arrived; %s completed and %s failed",
+		fmtVirtual(r.Duration), commas(s.Requests), commas(s.Completed), commas(s.Failed))
+	if s.Completed+s.Failed > 0 {
+		fmt.Fprintf(&b, " (completion rate %s)", fmtPercent(s.CompletionRate))
+	}
+	fmt.Fprintf(&b, ". The mesh completed %s requests/s", fmtRate(s.Throughput))
+	if s.TokensPerSec > 0 {
+		fmt.Fprintf(&b, " and generated %s tokens/s", fmtRate(s.TokensPerSec))
+	}
+	b.WriteString(".\n\n")
+
+	if s.E2E.N == 0 {
+		b.WriteString("No request completed, so there are no latency figures.\n\n")
+	} else {
+		fmt.Fprintf(&b, "End-to-end latency: median %s, p95 %s, p99 %s (mean %s, max %s).",
+			fmtSeconds(s.E2E.P50), fmtSeconds(s.E2E.P95), fmtSeconds(s.E2E.P99), fmtSeconds(s.E2E.Mean), fmtSeconds(s.E2E.Max))
+		if s.TTFT.N == 0 {
+			b.WriteString(" There were no completed generation requests, so no time to first token or per-token latency.\n\n")
+		} else {
+			fmt.Fprintf(&b, " Time to first token: median %s, p95 %s, p99 %s. Per output token after the first: median %s, p95 %s, p99 %s.\n\n",
+				fmtSeconds(s.TTFT.P50), fmtSeconds(s.TTFT.P95), fmtSeconds(s.TTFT.P99),
+				fmtSeconds(s.PerToken.P50), fmtSeconds(s.PerToken.P95), fmtSeconds(s.PerToken.P99))
+		}
+	}
+
+	fmt.Fprintf(&b, "Routes averaged %.2f hops; %s hops were replaced mid-request (failovers) and %s session steps were replayed on replacements. ",
+		orZero(s.Hops), commas(s.Failovers), commas(s.Replays))
+	fmt.Fprintf(&b, "The mesh went from %s to %s peers (%s joined, %s left); the lowest block coverage at any sample was %s.\n",
+		commas(s.PeersStart), commas(s.PeersEnd), commas(s.Joins), commas(s.Leaves), fmtPercent(s.MinCoverage))
+
+	if len(r.Peers) > 0 {
+		busy := make([]float64, len(r.Peers))
+		var sum float64
+		for i, p := range r.Peers {
+			busy[i] = orZero(p.Busy)
+			sum += busy[i]
+		}
+		g := quantileGrid(busy, 100)
+		fmt.Fprintf(&b, "\nPeer load (fraction of its online time a peer computed): mean %s, median %s, p90 %s, busiest %s.\n",
+			fmtPercent(sum/float64(len(busy))), fmtPercent(g[50]), fmtPercent(g[90]), fmtPercent(g[100]))
+	}
+	return b.String()
+}
+
+func nameOr(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+// mdEscape keeps a free-text value from breaking a Markdown table or list.
+func mdEscape(s string) string {
+	return strings.NewReplacer("|", `\|`, "\n", " ").Replace(s)
+}
+
+// commas writes an integer with thousands separators: 1,234,567.
+func commas[T ~int | ~int64](n T) string {
+	s := strconv.FormatInt(int64(n), 10)
+	neg := strings.HasPrefix(s, "-")
+	s = strings.TrimPrefix(s, "-")
+	var b strings.Builder
+	for i, c := range s {
+		if i > 0 && (len(s)-i)%3 == 0 {
+			b.WriteByte(',')
+		}
+		b.WriteRune(c)
+	}
+	if neg {
+		return "-" + b.String()
+	}
+	return b.String()
+}
+
+// sig3 writes v with about three significant figures, no exponent.
+func sig3(v float64) string {
+	a := math.Abs(v)
+	switch {
+	case a >= 100:
+		return strconv.FormatFloat(v, 'f', 0, 64)
+	case a >= 10:
+		return strconv.FormatFloat(v, 'f', 1, 64)
+	default:
+		return strconv.FormatFloat(v, 'f', 2, 64)
+	}
+}
+
+// fmtSeconds writes a latency in the unit that suits it: µs, ms or s.
+func fmtSeconds(s float64) string {
+	s = orZero(s)
+	a := math.Abs(s)
+	switch {
+	case a == 0:
+		return "0 s"
+	case a < 1e-3:
+		return sig3(s*1e6) + " µs"
+	case a < 1:
+		return sig3(s*1e3) + " ms"
+	default:
+		return sig3(s) + " s"
+	}
+}
+
+// fmtVirtual writes a span of virtual time: seconds, with hours or days
+// alongside when long.
+func fmtVirtual(s float64) string {
+	s = orZero(s)
+	switch {
+	case s >= 2*86400:
+		return fmt.Sprintf("%s s (%.1f days)", commas(int64(math.Round(s))), s/86400)
+	case s >= 2*3600:
+		return fmt.Sprintf("%s s (%.1f h)", commas(int64(math.Round(s))), s/3600)
+	case s >= 120:
+		return fmt.Sprintf("%s s (%.1f min)", commas(int64(math.Round(s))), s/60)
+	default:
+		return sig3(s) + " s"
+	}
+}
+
+func fmtPercent(f float64) string { return strconv.FormatFloat(100*orZero(f), 'f', 2, 64) + " %" }
+
+func fmtRate(f float64) string {
+	f = orZero(f)
+	if math.Abs(f) >= 1000 {
+		return commas(int64(math.Round(f)))
+	}
+	return sig3(f)
+}

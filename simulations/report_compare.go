@@ -1,0 +1,159 @@
+package simulations
+
+// Comparison of runs: comparison.md (the headline figures side by side,
+// and each run's ratio to the first) and comparison_cdf.png/.svg (the
+// runs' latency CDFs overlaid).
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// WriteComparison writes the comparison of rs, named by names, into dir
+// (created if missing). The first run is the baseline: every other column
+// of ratios is run / first. It writes no per-run reports; callers that
+// want them call WriteReport for each.
+func WriteComparison(dir string, names []string, rs []*Result) error {
+	if len(rs) < 2 || len(names) != len(rs) {
+		return fmt.Errorf("simulations: WriteComparison: want two or more results and one name each (got %d results, %d names)", len(rs), len(names))
+	}
+	for i, r := range rs {
+		if r == nil {
+			return fmt.Errorf("simulations: WriteComparison: result %d (%s) is nil", i, names[i])
+		}
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	drawn, err := writeComparisonPlot(dir, names, rs)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "comparison.md"), comparisonMarkdown(names, rs, drawn), 0o644)
+}
+
+func comparisonMarkdown(names []string, rs []*Result, drawn bool) []byte {
+	var b strings.Builder
+	esc := make([]string, len(names))
+	for i, n := range names {
+		esc[i] = mdEscape(n)
+	}
+	fmt.Fprintf(&b, "# Comparison: %s\n\n", strings.Join(esc, " vs "))
+	for i, r := range rs {
+		fmt.Fprintf(&b, "- **%s**: scenario %s, seed %d, %s of virtual time", esc[i],
+			mdEscape(nameOr(r.Scenario, "unnamed")), r.Seed, fmtVirtual(r.Duration))
+		if len(r.Params) > 0 {
+			ps := make([]string, len(r.Params))
+			for j, p := range r.Params {
+				ps[j] = mdEscape(p)
+			}
+			fmt.Fprintf(&b, "; %s", strings.Join(ps, "; "))
+		}
+		b.WriteString("\n")
+	}
+
+	b.WriteString("\n## Headline figures\n\n| Figure |")
+	for _, n := range esc {
+		fmt.Fprintf(&b, " %s |", n)
+	}
+	for _, n := range esc[1:] {
+		fmt.Fprintf(&b, " %s / %s |", n, esc[0])
+	}
+	b.WriteString("\n|---|")
+	for range len(rs) + len(rs) - 1 {
+		b.WriteString("---:|")
+	}
+	b.WriteString("\n")
+	for _, m := range headline() {
+		fmt.Fprintf(&b, "| %s |", m.label)
+		for _, r := range rs {
+			fmt.Fprintf(&b, " %s |", m.format(&r.Summary))
+		}
+		for _, r := range rs[1:] {
+			fmt.Fprintf(&b, " %s |", ratioText(m, &rs[0].Summary, &r.Summary))
+		}
+		b.WriteString("\n")
+	}
+
+	b.WriteString("\n## Key differences\n\n")
+	for i, r := range rs[1:] {
+		fmt.Fprintf(&b, "- %s against %s: %s.\n", esc[i+1], esc[0], differences(&rs[0].Summary, &r.Summary))
+	}
+
+	if drawn {
+		b.WriteString("\n## Latency\n\n![Latency CDFs overlaid](comparison_cdf.svg)\n\n" +
+			"End-to-end latency (solid) and time to first token (dashed) of each run; PNG: [comparison_cdf.png](comparison_cdf.png).\n")
+	} else {
+		b.WriteString("\nNo latency plot: no run completed a request.\n")
+	}
+	return []byte(b.String())
+}
+
+// ratio is b's metric over a's; ok is false when either is missing or a is
+// zero.
+func ratio(m metric, a, b *Summary) (float64, bool) {
+	if !m.available(a) || !m.available(b) {
+		return 0, false
+	}
+	av, bv := orZero(m.get(a)), orZero(m.get(b))
+	if av == 0 {
+		return 0, false
+	}
+	return bv / av, true
+}
+
+func ratioText(m metric, a, b *Summary) string {
+	r, ok := ratio(m, a, b)
+	if !ok {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f×", r)
+}
+
+// differences is a sentence comparing b's latency, completion and
+// throughput with a's.
+func differences(a, b *Summary) string {
+	var parts []string
+	for _, name := range []string{"e2e_p50", "e2e_p95", "ttft_p50", "ttft_p95", "per_token_p50"} {
+		ms, _ := lookupMetrics([]string{name})
+		m := ms[0]
+		r, ok := ratio(m, a, b)
+		if !ok {
+			continue
+		}
+		change := "the same"
+		switch {
+		case r < 0.995:
+			change = fmt.Sprintf("%.0f%% lower", 100*(1-r))
+		case r > 1.005:
+			change = fmt.Sprintf("%.0f%% higher", 100*(r-1))
+		}
+		parts = append(parts, fmt.Sprintf("%s %s vs %s (%s)", strings.ToLower(m.label), m.format(b), m.format(a), change))
+	}
+	for _, name := range []string{"completion_rate", "throughput_rps"} {
+		ms, _ := lookupMetrics([]string{name})
+		if m := ms[0]; m.available(a) && m.available(b) {
+			parts = append(parts, fmt.Sprintf("%s %s vs %s", strings.ToLower(m.label), m.format(b), m.format(a)))
+		}
+	}
+	if len(parts) == 0 {
+		return "no figure to compare"
+	}
+	return strings.Join(parts, "; ")
+}
+
+func writeComparisonPlot(dir string, names []string, rs []*Result) (bool, error) {
+	var lines []cdfLine
+	for i, r := range rs {
+		lines = append(lines,
+			cdfLine{label: names[i] + " end-to-end", xs: r.Latencies.E2E, style: i},
+			cdfLine{label: names[i] + " first token", xs: r.Latencies.TTFT, style: i, dashed: true})
+	}
+	p, ok, err := cdfFigure("Latency CDF: "+strings.Join(names, " vs "), lines)
+	if err != nil || !ok {
+		return false, err
+	}
+	return true, savePlot(dir, "comparison_cdf", plotW, plotH, single(p))
+}

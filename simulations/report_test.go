@@ -1,0 +1,418 @@
+package simulations
+
+import (
+	"bytes"
+	"encoding/csv"
+	"encoding/json"
+	"encoding/xml"
+	"errors"
+	"image/png"
+	"io"
+	"math"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// fakeResult is a hand-made Result of a run of requests over 10-second
+// samples and peers of three classes; gen adds generation latencies
+// (TTFT, per token). latScale multiplies every latency.
+func fakeResult(tb testing.TB, seed uint64, requests int, gen bool, latScale float64) *Result {
+	tb.Helper()
+	rng := rand.New(rand.NewPCG(seed, 7))
+	r := &Result{Scenario: "fake", Seed: int64(seed), Duration: 600,
+		Params: []string{"peers: 50", "workload.rate: 2/s", "churn.leave_per_hour: 0.05"}}
+	for range requests {
+		e2e := latScale * math.Exp(rng.NormFloat64()*0.5) // median latScale s
+		r.Latencies.E2E = append(r.Latencies.E2E, e2e)
+		if gen {
+			r.Latencies.TTFT = append(r.Latencies.TTFT, e2e/5)
+			r.Latencies.PerToken = append(r.Latencies.PerToken, e2e/100)
+		}
+	}
+	for i := range 60 {
+		c := requests / 60
+		r.Series = append(r.Series, Sample{T: float64(10 * (i + 1)), Arrivals: c + 1, Completed: c, Failed: i % 2,
+			Failovers: i % 3, Tokens: 50 * c, Peers: 50 - i/10, InFlight: 3, Coverage: 1 - float64(i%7)/20, P50: 1, P95: 2})
+	}
+	classes := []string{"dc-gpu", "consumer-gpu", "edge-cpu"}
+	for i := range 50 {
+		r.Peers = append(r.Peers, PeerStat{ID: i, Class: classes[i%3], Region: "eu", Passes: int64(rng.IntN(1000)),
+			Busy: rng.Float64(), Online: 600, Failed: i % 4})
+	}
+	s := &r.Summary
+	s.Requests, s.Completed, s.Failed = requests+30, requests, 30
+	s.CompletionRate = float64(requests) / float64(requests+30)
+	s.Throughput, s.TokensPerSec = float64(requests)/600, float64(50*requests)/600
+	s.E2E = quantilesOf(r.Latencies.E2E)
+	s.TTFT = quantilesOf(r.Latencies.TTFT)
+	s.PerToken = quantilesOf(r.Latencies.PerToken)
+	s.Hops, s.Failovers, s.Replays = 3.25, 60, 12
+	s.PeersStart, s.PeersEnd, s.Joins, s.Leaves = 50, 45, 3, 8
+	s.MinCoverage, s.Events = 0.7, 123456
+	return r
+}
+
+func quantilesOf(xs []float64) Quantiles {
+	g := quantileGrid(xs, 100)
+	if g == nil {
+		return Quantiles{}
+	}
+	var sum float64
+	for _, x := range xs {
+		sum += x
+	}
+	return Quantiles{N: len(xs), Mean: sum / float64(len(xs)), P50: g[50], P90: g[90], P95: g[95], P99: g[99], Max: g[100]}
+}
+
+func readCSV(t *testing.T, path string) [][]string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	rows, err := csv.NewReader(f).ReadAll()
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	return rows
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// checkImages checks that stem.png decodes and stem.svg is well-formed XML.
+func checkImages(t *testing.T, dir string, stems ...string) {
+	t.Helper()
+	for _, stem := range stems {
+		f, err := os.Open(filepath.Join(dir, stem+".png"))
+		if err != nil {
+			t.Error(err)
+			continue
+		}
+		img, err := png.Decode(f)
+		f.Close()
+		if err != nil {
+			t.Errorf("%s.png: %v", stem, err)
+		} else if b := img.Bounds(); b.Dx() < 300 || b.Dy() < 200 {
+			t.Errorf("%s.png is %v", stem, b)
+		}
+		svg, err := os.ReadFile(filepath.Join(dir, stem+".svg"))
+		if err != nil {
+			t.Error(err)
+			continue
+		}
+		d := xml.NewDecoder(bytes.NewReader(svg))
+		var root bool
+		for {
+			tok, err := d.Token()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Errorf("%s.svg: %v", stem, err)
+				break
+			}
+			if se, ok := tok.(xml.StartElement); ok && !root {
+				root = true
+				if se.Name.Local != "svg" {
+					t.Errorf("%s.svg: root element %s", stem, se.Name.Local)
+				}
+			}
+		}
+	}
+}
+
+var reportPlots = []string{"latency_cdf", "throughput", "coverage", "peer_load", "failovers"}
+
+func TestWriteReport(t *testing.T) {
+	r := fakeResult(t, 1, 3000, true, 1)
+	dir := filepath.Join(t.TempDir(), "new", "dir")
+	if err := WriteReport(dir, r); err != nil {
+		t.Fatal(err)
+	}
+
+	var got Result
+	if err := json.Unmarshal([]byte(readFile(t, filepath.Join(dir, "summary.json"))), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Summary != r.Summary || got.Scenario != "fake" || got.Seed != 1 || got.Duration != 600 || !slices.Equal(got.Params, r.Params) {
+		t.Errorf("summary.json round trip: %+v", got)
+	}
+
+	if rows := readCSV(t, filepath.Join(dir, "series.csv")); len(rows) != len(r.Series)+1 || rows[0][0] != "t_s" || rows[1][1] != "10" {
+		t.Errorf("series.csv: %d rows, first %v %v", len(rows), rows[0], rows[1])
+	}
+	if rows := readCSV(t, filepath.Join(dir, "peers.csv")); len(rows) != len(r.Peers)+1 || rows[0][1] != "class" {
+		t.Errorf("peers.csv: %d rows", len(rows))
+	}
+	rows := readCSV(t, filepath.Join(dir, "latency.csv"))
+	if len(rows) != cdfPoints+2 || rows[0][1] != "e2e_s" || rows[cdfPoints+1][0] != "1.000" {
+		t.Fatalf("latency.csv: %d rows, first %v", len(rows), rows[0])
+	}
+	if want := ff(r.Summary.E2E.Max); rows[cdfPoints+1][1] != want {
+		t.Errorf("latency.csv max e2e %s, want %s", rows[cdfPoints+1][1], want)
+	}
+	if want := ff(r.Summary.E2E.P50); rows[501][1] != want {
+		t.Errorf("latency.csv median e2e %s, want %s", rows[501][1], want)
+	}
+
+	checkImages(t, dir, reportPlots...)
+
+	md := readFile(t, filepath.Join(dir, "report.md"))
+	for _, want := range []string{
+		"# Simulation report: fake", "Seed 1", "workload.rate: 2/s",
+		"| Requests arrived | 3,030 |", "| Completion rate | 99.01 % |", "| Failovers | 60 |",
+		fmtSeconds(r.Summary.E2E.P50), fmtSeconds(r.Summary.E2E.P99), fmtSeconds(r.Summary.TTFT.P95),
+		"median " + fmtSeconds(r.Summary.E2E.P50), "3.25 hops", "lowest block coverage at any sample was 70.00 %",
+		"![Latency CDF](latency_cdf.svg)", "(throughput.svg)", "(coverage.svg)", "(peer_load.svg)", "(failovers.svg)",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report.md lacks %q", want)
+		}
+	}
+	if strings.Contains(md, "Not drawn") || strings.Contains(md, "NaN") {
+		t.Errorf("report.md:\n%s", md)
+	}
+}
+
+// One Result gives identical files, plots included.
+func TestWriteReportDeterministic(t *testing.T) {
+	a, b := t.TempDir(), t.TempDir()
+	if err := WriteReport(a, fakeResult(t, 2, 500, true, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteReport(b, fakeResult(t, 2, 500, true, 1)); err != nil {
+		t.Fatal(err)
+	}
+	ents, _ := os.ReadDir(a)
+	if len(ents) != 5+2*len(reportPlots) {
+		t.Errorf("%d files in a report", len(ents))
+	}
+	for _, e := range ents {
+		if readFile(t, filepath.Join(a, e.Name())) != readFile(t, filepath.Join(b, e.Name())) {
+			t.Errorf("%s differs between two writes of one result", e.Name())
+		}
+	}
+}
+
+func TestWriteReportDegenerate(t *testing.T) {
+	t.Run("empty", func(t *testing.T) {
+		dir := t.TempDir()
+		if err := WriteReport(dir, &Result{}); err != nil {
+			t.Fatal(err)
+		}
+		md := readFile(t, filepath.Join(dir, "report.md"))
+		for _, want := range []string{"unnamed scenario", "No request completed", "Not drawn: no request completed", "Not drawn: no samples", "Not drawn: no peers", "| Completion rate | – |"} {
+			if !strings.Contains(md, want) {
+				t.Errorf("report.md lacks %q:\n%s", want, md)
+			}
+		}
+		for _, stem := range reportPlots {
+			if _, err := os.Stat(filepath.Join(dir, stem+".png")); err == nil {
+				t.Errorf("%s.png drawn for an empty result", stem)
+			}
+		}
+		if rows := readCSV(t, filepath.Join(dir, "latency.csv")); len(rows) != cdfPoints+2 || rows[1][1] != "" {
+			t.Errorf("latency.csv of no latencies: %d rows, %v", len(rows), rows[1])
+		}
+		if rows := readCSV(t, filepath.Join(dir, "series.csv")); len(rows) != 1 {
+			t.Errorf("series.csv: %d rows", len(rows))
+		}
+	})
+	t.Run("single passes only", func(t *testing.T) {
+		dir := t.TempDir()
+		r := fakeResult(t, 3, 200, false, 0.2)
+		if err := WriteReport(dir, r); err != nil {
+			t.Fatal(err)
+		}
+		md := readFile(t, filepath.Join(dir, "report.md"))
+		for _, want := range []string{"| Time to first token p50 | – |", "no time to first token", "(latency_cdf.svg)"} {
+			if !strings.Contains(md, want) {
+				t.Errorf("report.md lacks %q:\n%s", want, md)
+			}
+		}
+		checkImages(t, dir, reportPlots...)
+	})
+	t.Run("not finite and zero", func(t *testing.T) {
+		dir := t.TempDir()
+		r := fakeResult(t, 4, 10, true, 1)
+		r.Summary.CompletionRate = math.NaN()
+		r.Summary.Throughput = math.Inf(1)
+		r.Latencies.E2E = append(r.Latencies.E2E, math.NaN(), 0) // 0 rules out a log axis
+		r.Series[3].Coverage = math.NaN()
+		r.Series = append(r.Series, Sample{T: r.Series[len(r.Series)-1].T}) // zero-length interval
+		r.Peers = r.Peers[:1]
+		if err := WriteReport(dir, r); err != nil {
+			t.Fatal(err)
+		}
+		var got Result
+		if err := json.Unmarshal([]byte(readFile(t, filepath.Join(dir, "summary.json"))), &got); err != nil || got.Summary.Throughput != 0 {
+			t.Errorf("summary.json: %v, throughput %v", err, got.Summary.Throughput)
+		}
+		checkImages(t, dir, reportPlots...)
+	})
+}
+
+func TestQuantileGrid(t *testing.T) {
+	xs := []float64{5, 1, 4, 2, 3, math.NaN()}
+	g := quantileGrid(xs, 4)
+	if !slices.Equal(g, []float64{1, 2, 3, 4, 5}) {
+		t.Errorf("quantileGrid = %v", g)
+	}
+	if xs[0] != 5 {
+		t.Error("quantileGrid sorted its input")
+	}
+	if quantileGrid(nil, 10) != nil || quantileGrid([]float64{math.Inf(1)}, 10) != nil {
+		t.Error("quantileGrid of nothing finite is not nil")
+	}
+}
+
+func TestFormatting(t *testing.T) {
+	for _, tc := range []struct{ got, want string }{
+		{commas(0), "0"}, {commas(999), "999"}, {commas(1000), "1,000"}, {commas(-1234567), "-1,234,567"},
+		{fmtSeconds(0), "0 s"}, {fmtSeconds(0.0000123), "12.3 µs"}, {fmtSeconds(0.123), "123 ms"},
+		{fmtSeconds(1.5), "1.50 s"}, {fmtSeconds(math.NaN()), "0 s"},
+		{fmtVirtual(3600), "3,600 s (60.0 min)"}, {fmtVirtual(86400), "86,400 s (24.0 h)"}, {fmtVirtual(30), "30.0 s"},
+		{fmtPercent(0.5), "50.00 %"},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("got %q, want %q", tc.got, tc.want)
+		}
+	}
+}
+
+func TestMetricNames(t *testing.T) {
+	names := MetricNames()
+	seen := map[string]bool{}
+	for _, n := range names {
+		if seen[n] {
+			t.Errorf("metric %q twice", n)
+		}
+		seen[n] = true
+	}
+	for _, n := range append([]string{"completion_rate", "e2e_p50", "e2e_p95", "ttft_p50", "throughput_rps", "failovers"}, headlineNames...) {
+		if !seen[n] {
+			t.Errorf("metric %q missing", n)
+		}
+	}
+	if err := CheckMetrics([]string{"e2e_p50", "completion_rate"}); err != nil {
+		t.Error(err)
+	}
+	err := CheckMetrics([]string{"e2e_p50", "latency"})
+	if !errors.Is(err, ErrUnknownMetric) || !strings.Contains(err.Error(), `"latency"`) || !strings.Contains(err.Error(), "ttft_p95") {
+		t.Errorf("unknown metric: %v", err)
+	}
+
+	s := fakeResult(t, 5, 100, false, 1).Summary
+	ms, _ := lookupMetrics([]string{"completion_rate", "e2e_p95", "ttft_p50", "failovers"})
+	for i, want := range []float64{s.CompletionRate, s.E2E.P95, 0, 60} {
+		if got := ms[i].get(&s); got != want {
+			t.Errorf("%s = %v, want %v", ms[i].name, got, want)
+		}
+	}
+	if ms[2].available(&s) || ms[2].format(&s) != "–" {
+		t.Error("ttft_p50 available without generation requests")
+	}
+}
+
+func TestWriteSweep(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		values []string
+	}{
+		{"numeric", []string{"0.2", "0.05", "0.1"}},
+		{"categories", []string{"node", "random", "even split"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sr := &SweepResult{Scenario: "fake", Param: "churn.leave_per_hour", Values: tc.values}
+			for i := range tc.values {
+				sr.Results = append(sr.Results, fakeResult(t, uint64(10+i), 300, true, float64(i+1)))
+			}
+			dir := t.TempDir()
+			if err := WriteSweep(dir, sr, []string{"completion_rate", "e2e_p50", "ttft_p95"}); err != nil {
+				t.Fatal(err)
+			}
+			rows := readCSV(t, filepath.Join(dir, "sweep.csv"))
+			if len(rows) != 4 || rows[0][0] != "churn.leave_per_hour" || len(rows[0]) != len(MetricNames())+1 || rows[2][0] != tc.values[1] {
+				t.Errorf("sweep.csv: %v", rows)
+			}
+			checkImages(t, dir, "sweep")
+			md := readFile(t, filepath.Join(dir, "sweep.md"))
+			for _, want := range []string{"# Sweep of churn.leave_per_hour", "| Completion rate | End-to-end latency p50 | Time to first token p95 |",
+				"(sweep.svg)", fmtSeconds(sr.Results[2].Summary.E2E.P50)} {
+				if !strings.Contains(md, want) {
+					t.Errorf("sweep.md lacks %q:\n%s", want, md)
+				}
+			}
+			for _, v := range tc.values {
+				sub := sweepDirName(sr.Param, v, 0)
+				if !strings.Contains(md, "("+sub+"/report.md)") {
+					t.Errorf("sweep.md has no link to %s", sub)
+				}
+				if _, err := os.Stat(filepath.Join(dir, sub, "report.md")); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+	}
+	err := WriteSweep(t.TempDir(), &SweepResult{Values: []string{"1"}, Results: []*Result{{}}}, []string{"nope"})
+	if !errors.Is(err, ErrUnknownMetric) {
+		t.Errorf("WriteSweep with an unknown metric: %v", err)
+	}
+	if got := sweepDirName("a.b", "x/../y z", 0); got != "a.b=x_.._y_z" {
+		t.Errorf("sweepDirName = %q", got)
+	}
+}
+
+func TestWriteComparison(t *testing.T) {
+	a := fakeResult(t, 20, 400, true, 2)
+	b := fakeResult(t, 20, 400, true, 1) // the same draws, half the latency
+	dir := t.TempDir()
+	if err := WriteComparison(dir, []string{"cloud", "edge"}, []*Result{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	checkImages(t, dir, "comparison_cdf")
+	md := readFile(t, filepath.Join(dir, "comparison.md"))
+	for _, want := range []string{"# Comparison: cloud vs edge", "| Figure | cloud | edge | edge / cloud |",
+		"| End-to-end latency p50 | " + fmtSeconds(a.Summary.E2E.P50) + " | " + fmtSeconds(b.Summary.E2E.P50) + " | 0.50× |",
+		"| Requests arrived | 430 | 430 | 1.00× |", "end-to-end latency p50 " + fmtSeconds(b.Summary.E2E.P50) + " vs " + fmtSeconds(a.Summary.E2E.P50) + " (50% lower)",
+		"(comparison_cdf.svg)"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("comparison.md lacks %q:\n%s", want, md)
+		}
+	}
+	if err := WriteComparison(dir, []string{"a"}, []*Result{a}); err == nil {
+		t.Error("a comparison of one run")
+	}
+	if err := WriteComparison(t.TempDir(), []string{"a", "b"}, []*Result{{}, {}}); err != nil {
+		t.Errorf("comparison of empty runs: %v", err)
+	}
+}
+
+func TestDeepCopy(t *testing.T) {
+	type inner struct{ X []int }
+	type s struct {
+		P *inner
+		M map[string][]float64
+		L []inner
+		n []int
+	}
+	orig := s{P: &inner{X: []int{1}}, M: map[string][]float64{"a": {1}}, L: []inner{{X: []int{2}}}, n: []int{3}}
+	c := deepCopy(reflect.ValueOf(orig)).Interface().(s)
+	c.P.X[0], c.M["a"][0], c.L[0].X[0] = 9, 9, 9
+	if orig.P.X[0] != 1 || orig.M["a"][0] != 1 || orig.L[0].X[0] != 2 || c.n[0] != 3 {
+		t.Errorf("deepCopy shares: %+v", orig)
+	}
+}
