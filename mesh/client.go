@@ -137,13 +137,11 @@ func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, avoid [
 	// already out of the view.)
 	cands := Candidates(mv)
 	req := RouteRequest{Blocks: mv.Blocks, Start: start, End: end, Tokens: 1, From: m.coords.Self(), HaveFrom: true, Self: m.host.ID()}
-	var r Route
-	for _, exclude := range []map[peer.ID]bool{m.bans.set(avoid...), m.bans.set(), nil} {
-		req.Exclude = exclude
-		if r, err = PlanRoute(cands, req); !errors.Is(err, ErrNoRoute) {
-			break
-		}
+	avoided := map[peer.ID]bool{}
+	for _, p := range avoid {
+		avoided[p] = true
 	}
+	r, err := PlanRouteTiered(cands, req, avoided, m.bans.set())
 	if err != nil {
 		return nil, mv.Blocks, err
 	}
@@ -162,65 +160,36 @@ type bans struct {
 	count map[peer.ID]int
 }
 
-func (b *bans) ban(p peer.ID, base time.Duration) {
+func (b *bans) ban(p peer.ID, kind FailureKind) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.until == nil {
 		b.until, b.count = map[peer.ID]time.Time{}, map[peer.ID]int{}
 	}
 	b.count[p]++
-	d := min(base<<min(b.count[p]-1, 8), 10*time.Minute)
-	b.until[p] = time.Now().Add(d)
+	b.until[p] = time.Now().Add(BanDuration(kind, b.count[p]))
 }
 
-// errStall is a step that got no answer in time from the hop blamed.
-var errStall = errors.New("step timed out")
-
-// retryPause is the first pause before retrying a step that found no
-// replacement; it doubles with each failover of the step.
-const retryPause = 100 * time.Millisecond
-
-// Bans after a failure: a busy peer is worth trying again soon, a stalled
-// one a little later, one that failed otherwise (unreachable, wrong
-// answers) much later.
-const (
-	busyBan  = time.Second
-	stallBan = 5 * time.Second
-	hardBan  = 30 * time.Second
-)
-
-// blame bans the peer of a failed hop and, unless it was merely busy,
-// keeps it out of the view until it publishes again.
+// blame bans the peer of a failed hop for as long as BanDuration says and,
+// when the failure distrusts it (unreachable, garbage), keeps it out of the
+// view until it publishes again.
 func (m *Mesh) blame(p string, err error) {
 	id, derr := peer.Decode(p)
 	if derr != nil || id == m.host.ID() {
 		return
 	}
-	var remote *protocol.RemoteError
-	switch {
-	case errors.Is(err, protocol.ErrBusy):
-		m.bans.ban(id, busyBan)
-	case errors.Is(err, errStall):
-		// A stall: slow or dead, we cannot tell. Avoid it for a while.
-		m.bans.ban(id, stallBan)
-	case !errors.As(err, &remote), errors.Is(err, protocol.ErrUnreachable), errors.Is(err, protocol.ErrBadOutput):
-		// We could not reach it, its neighbour could not, or it answered
-		// garbage: keep it out of routes until it publishes again.
-		m.bans.ban(id, hardBan)
+	kind := ClassifyFailure(err)
+	m.bans.ban(id, kind)
+	if Distrusts(kind) {
 		m.view.distrust(id)
-	default:
-		// It answered, with a refusal (no such session, bad request...).
-		m.bans.ban(id, stallBan)
 	}
 }
 
-func (b *bans) set(avoid ...peer.ID) map[peer.ID]bool {
+// set returns the peers banned now.
+func (b *bans) set() map[peer.ID]bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	out := map[peer.ID]bool{}
-	for _, p := range avoid {
-		out[p] = true
-	}
 	now := time.Now()
 	for p, t := range b.until {
 		if now.Before(t) {
@@ -243,7 +212,7 @@ func (m *Mesh) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 		route, blocks, err := m.route(ctx, model, 0, 0, opts.Avoid)
 		if err != nil && blocks > 0 && errors.Is(err, ErrNoRoute) && attempt < opts.MaxFailovers {
 			select { // peers were banned by earlier attempts: let busy bans lapse
-			case <-time.After(retryPause << min(attempt, 4)):
+			case <-time.After(RetryPause(attempt)):
 				continue
 			case <-ctx.Done():
 				return nil, info, ctx.Err()
@@ -320,7 +289,7 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 			for blame < len(route)-1 && progress[blame] != nil {
 				blame++
 			}
-			return nil, micros, progress, blame, fmt.Errorf("%w (%s)", errStall, opts.StepTimeout)
+			return nil, micros, progress, blame, fmt.Errorf("%w (%s)", ErrStall, opts.StepTimeout)
 		case a := <-c.ch:
 			h := a.Header.Hop
 			switch a.Kind {
@@ -440,7 +409,7 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 				return nil, info, err
 			}
 			select {
-			case <-time.After(retryPause << min(attempt, 4)):
+			case <-time.After(RetryPause(attempt)):
 				continue
 			case <-ctx.Done():
 				return nil, info, ctx.Err()
@@ -477,10 +446,7 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 		// Replaying needs every past input of the first replaced hop; when
 		// some never reached us, replace from an earlier hop whose history
 		// is whole (the first hop's always is: it is what we sent).
-		r := f
-		for r > 0 && !s.complete(r) {
-			r--
-		}
+		r := ReplayFrom(f, s.complete)
 		if rerr := s.replace(ctx, r, f); rerr != nil {
 			s.m.log.Info("could not replace the hop yet", "err", rerr)
 			if info.Failovers >= s.opts.MaxFailovers {
@@ -489,7 +455,7 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 			// Try again after a pause: busy bans lapse, the view learns
 			// of new peers.
 			select {
-			case <-time.After(retryPause << min(info.Failovers, 4)):
+			case <-time.After(RetryPause(info.Failovers)):
 			case <-ctx.Done():
 				return nil, info, ctx.Err()
 			}
@@ -499,10 +465,7 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 		// earlier when its input for this step never arrived (the hops
 		// before it had not reported yet): from the last hop whose input
 		// we know.
-		from = r
-		for len(s.history[from]) <= s.steps {
-			from--
-		}
+		from = ResumeFrom(r, func(h int) bool { return len(s.history[h]) > s.steps })
 		in = s.history[from][s.steps]
 		micros = append(micros[:0:0], make([]int64, len(s.route))...)
 	}

@@ -18,9 +18,6 @@ import (
 // Defaults of joining by model.
 const (
 	defaultRebalance = 2 * time.Minute
-	// moveMargin is how much a move must raise the mesh's bottleneck
-	// (throughput of its least-served block) before a node moves: 20%.
-	moveMargin = 1.2
 	// dropGrace is how long a node keeps serving its old span after moving,
 	// so that sessions on it finish or fail over cleanly.
 	dropGrace = 30 * time.Second
@@ -111,15 +108,8 @@ func (n *Node) place(ctx context.Context, m *shards.Model, current *[2]int) (mes
 	if current == nil {
 		return mesh.Place(cands, req)
 	}
-	// Loads change from one check to the next; moving on them would make
-	// nodes chase each other. Rebalancing looks at speeds only.
-	for i := range cands {
-		cands[i].Load = protocol.Load{}
-	}
-	p, move := mesh.ShouldMove(cands, req, *current, moveMargin)
-	if !move {
-		return mesh.Placement{Start: current[0], End: current[1], Reason: p.Reason}, nil
-	}
+	// Rebalancing looks at speeds only, with a margin (mesh.Rebalance).
+	p, _ := mesh.Rebalance(cands, req, *current)
 	return p, nil
 }
 

@@ -1,0 +1,328 @@
+package mesh
+
+// Policy: the decisions a requester and a serving node take around routing
+// and placement (which peers to leave out, how long to ban a failed one,
+// where a session replays from, when to move), as pure functions. The node
+// (client.go, node/join.go) and the simulator (simulations/) both call
+// them, so that a simulated mesh behaves as the real one does.
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/infermesh/infermesh/protocol"
+)
+
+// Limits of route planning over large views.
+const (
+	// MaxRouteCandidates is the view size above which routing first keeps,
+	// per block, the RoutePerBlock most promising candidates
+	// (SelectCandidates): PlanRoute costs about 140 ns per (candidate,
+	// block) state, so a view of 100k peers would take tens of ms a route,
+	// and the far or slow peers it would scan never win anyway.
+	MaxRouteCandidates = 1000
+	// RoutePerBlock is how many candidates per block SelectCandidates keeps
+	// for routing: enough that a few bans or busy peers still leave
+	// several choices per block.
+	RoutePerBlock = 16
+)
+
+// PlanRouteTiered is how a requester routes: PlanRoute with avoided and
+// banned peers left out; when that leaves a block uncovered, with only the
+// banned ones left out; then with none. Avoided and banned peers are
+// preferences, let back in rather than the request failing. A view larger
+// than MaxRouteCandidates is cut to the RoutePerBlock best candidates per
+// block (SelectCandidates) for each tier. req.Exclude is ignored.
+func PlanRouteTiered(cands []RouteCandidate, req RouteRequest, avoid, banned map[peer.ID]bool) (Route, error) {
+	both := banned
+	if len(avoid) > 0 {
+		both = make(map[peer.ID]bool, len(avoid)+len(banned))
+		for p := range avoid {
+			both[p] = true
+		}
+		for p := range banned {
+			both[p] = true
+		}
+	}
+	var r Route
+	var err error
+	for _, exclude := range []map[peer.ID]bool{both, banned, nil} {
+		req.Exclude = exclude
+		c := cands
+		if len(c) > MaxRouteCandidates {
+			c = SelectCandidates(cands, req, RoutePerBlock)
+		}
+		if r, err = PlanRoute(c, req); !errors.Is(err, ErrNoRoute) {
+			break
+		}
+	}
+	return r, err
+}
+
+// SelectCandidates keeps, for each block of req's range, the perBlock
+// usable candidates not in req.Exclude with the lowest estimated cost of
+// running that block as a first hop (edge from the requester plus the
+// block's compute under the candidate's load, as in PlanRoute's cost
+// model; ties to the lower peer ID), and returns their union in the order
+// of cands. Near, fast, idle peers are what a route is made of; a peer
+// that is not among the best perBlock for any block it serves would only
+// win if all of those were worse on the edges between hops, which for a
+// perBlock of a dozen or more is rare. It costs one pass over the
+// candidates' blocks, with a bounded heap per block. It does not modify its
+// arguments.
+func SelectCandidates(cands []RouteCandidate, req RouteRequest, perBlock int) []RouteCandidate {
+	start, end := req.Start, req.End
+	if end == 0 {
+		end = req.Blocks
+	}
+	if perBlock < 1 || start < 0 || end <= start {
+		return nil
+	}
+	var from []float64
+	var fh, fadj float64
+	if req.HaveFrom && ValidateCoordinate(req.From) == nil {
+		from, fh, fadj = req.From.Vec, req.From.Height, req.From.Adjustment
+	}
+	tokens := float64(max(req.Tokens, 1))
+	heaps := make([]selectHeap, end-start)
+	for i := range cands {
+		c := &cands[i]
+		if req.Exclude[c.Peer] || c.End <= start || c.Start >= end || !usableCandidate(c) {
+			continue
+		}
+		edge := routeUnknownEdge
+		if req.Self != "" && c.Peer == req.Self {
+			edge = 0
+		} else if c.Coord != nil && from != nil && len(c.Coord.Vec) == len(from) && ValidateCoordinate(*c.Coord) == nil {
+			edge = routeEdge(from, fh, fadj, c.Coord.Vec, c.Coord.Height, c.Coord.Adjustment)
+		}
+		load := float64(max(c.Load.InFlight, 0)) + float64(max(c.Load.Queued, 0))
+		scale := tokens * (1 + load/RouteLoadSlots)
+		for b := max(c.Start, start); b < min(c.End, end); b++ {
+			heaps[b-start].offer(selectItem{score: edge + c.BlockMicros[b-c.Start]*scale, peer: c.Peer, idx: int32(i)}, perBlock)
+		}
+	}
+	keep := make([]bool, len(cands))
+	for _, h := range heaps {
+		for _, it := range h {
+			keep[it.idx] = true
+		}
+	}
+	var out []RouteCandidate
+	for i, k := range keep {
+		if k {
+			out = append(out, cands[i])
+		}
+	}
+	return out
+}
+
+type selectItem struct {
+	score float64
+	peer  peer.ID
+	idx   int32
+}
+
+// worse orders items by score, then peer ID, then index: the worst first.
+func (a selectItem) worse(b selectItem) bool {
+	if a.score != b.score {
+		return a.score > b.score
+	}
+	if a.peer != b.peer {
+		return a.peer > b.peer
+	}
+	return a.idx > b.idx
+}
+
+// selectHeap is a max-heap (worst on top) of at most n items.
+type selectHeap []selectItem
+
+func (h *selectHeap) offer(it selectItem, n int) {
+	s := *h
+	if len(s) < n {
+		s = append(s, it)
+		for i := len(s) - 1; i > 0; { // sift up
+			p := (i - 1) / 2
+			if !s[i].worse(s[p]) {
+				break
+			}
+			s[i], s[p] = s[p], s[i]
+			i = p
+		}
+		*h = s
+		return
+	}
+	if !s[0].worse(it) {
+		return
+	}
+	s[0] = it
+	for i := 0; ; { // sift down
+		l, w := 2*i+1, i
+		if l < len(s) && s[l].worse(s[w]) {
+			w = l
+		}
+		if r := l + 1; r < len(s) && s[r].worse(s[w]) {
+			w = r
+		}
+		if w == i {
+			break
+		}
+		s[i], s[w] = s[w], s[i]
+		i = w
+	}
+}
+
+// FailureKind classifies a failed hop, for how long it is banned.
+type FailureKind int
+
+const (
+	// FailBusy: the peer answered busy; worth trying again soon.
+	FailBusy FailureKind = iota
+	// FailStall: no answer within the step timeout; slow or dead.
+	FailStall
+	// FailRefused: it answered with a refusal (no such session, bad
+	// request...).
+	FailRefused
+	// FailHard: unreachable, its neighbour could not reach it, or it
+	// answered garbage: also distrusted until it publishes again.
+	FailHard
+)
+
+// Bans after a failure: a busy peer is worth trying again soon, a stalled
+// one a little later, one that failed otherwise (unreachable, wrong
+// answers) much later. Each repeated failure doubles the ban, up to MaxBan.
+const (
+	BusyBan  = time.Second
+	StallBan = 5 * time.Second
+	HardBan  = 30 * time.Second
+	MaxBan   = 10 * time.Minute
+)
+
+// ErrStall is a step that got no answer in time from the hop blamed.
+var ErrStall = errors.New("step timed out")
+
+// ClassifyFailure says what kind of failure err is.
+func ClassifyFailure(err error) FailureKind {
+	var remote *protocol.RemoteError
+	switch {
+	case errors.Is(err, protocol.ErrBusy):
+		return FailBusy
+	case errors.Is(err, ErrStall):
+		return FailStall
+	case !errors.As(err, &remote), errors.Is(err, protocol.ErrUnreachable), errors.Is(err, protocol.ErrBadOutput):
+		return FailHard
+	default:
+		return FailRefused
+	}
+}
+
+// BanDuration is how long a peer is left out of routes after its count-th
+// failure (count >= 1) of the given kind: the kind's base, doubled for each
+// earlier failure, at most MaxBan.
+func BanDuration(kind FailureKind, count int) time.Duration {
+	base := StallBan
+	switch kind {
+	case FailBusy:
+		base = BusyBan
+	case FailHard:
+		base = HardBan
+	}
+	return min(base<<min(max(count, 1)-1, 8), MaxBan)
+}
+
+// Distrusts reports whether a failure of this kind keeps the peer out of
+// the view until it publishes a newer record.
+func Distrusts(kind FailureKind) bool { return kind == FailHard }
+
+// RetryBase is the first pause before retrying a step that found no route;
+// it doubles with each attempt up to 16 times.
+const RetryBase = 100 * time.Millisecond
+
+// RetryPause is the pause before retry attempt (0-based) of a step that
+// found no route or no replacement: busy bans lapse, the view learns of new
+// peers meanwhile.
+func RetryPause(attempt int) time.Duration { return RetryBase << min(max(attempt, 0), 4) }
+
+// ReplayFrom returns the first hop a session replaces when hop failed
+// fails: replaying needs every past input of the first replaced hop, so
+// when complete(h) says some of hop h's never reached the requester, it
+// replaces from an earlier hop whose history is whole (the first hop's
+// always is: it is what the requester sent).
+func ReplayFrom(failed int, complete func(h int) bool) int {
+	r := failed
+	for r > 0 && !complete(r) {
+		r--
+	}
+	return r
+}
+
+// ResumeFrom returns the hop at which a session resumes the step in flight
+// after replacing hops from r on: r, or earlier when r's input for this step
+// never arrived (the hops before it had not reported): the last hop at or
+// before r whose input for the step is known (hop 0's always is).
+func ResumeFrom(r int, known func(h int) bool) int {
+	for r > 0 && !known(r) {
+		r--
+	}
+	return r
+}
+
+// RebalanceMargin is how much a move must raise the mesh's bottleneck
+// (throughput of its least-served block) before a node moves: 20%.
+const RebalanceMargin = 1.2
+
+// Rebalance is a serving node's periodic check: should it move from
+// current to a better span? Loads change from one check to the next, and
+// moving on them would make nodes chase each other, so it looks at speeds
+// only (loads zeroed), with RebalanceMargin. It returns the span to serve
+// (current when staying) and whether that is a move. cands is not
+// modified.
+func Rebalance(cands []RouteCandidate, req PlaceRequest, current [2]int) (Placement, bool) {
+	zeroed := make([]RouteCandidate, len(cands))
+	copy(zeroed, cands)
+	for i := range zeroed {
+		zeroed[i].Load = protocol.Load{}
+	}
+	p, move := ShouldMove(zeroed, req, current, RebalanceMargin)
+	if !move {
+		return Placement{Start: current[0], End: current[1], Bottleneck: p.Bottleneck, Before: p.Before, Reason: p.Reason}, false
+	}
+	return p, true
+}
+
+// BlockTotals are the per-block sums that Place and ShouldMove depend on:
+// each block's total throughput over the candidates (passes per second,
+// load as in the file comment of place.go) and how many serve it.
+type BlockTotals struct {
+	Tput  []float64
+	Count []int
+}
+
+// AggregateCandidates turns per-block totals into one synthetic candidate
+// per served block whose throughput is that block's total. Place and
+// ShouldMove see the rest of the mesh only through these totals, so they
+// answer the same on the aggregate as on the candidates it sums, in O(Blocks)
+// candidates instead of one per peer (up to the rounding of the sums'
+// order). A block whose count is 0 gets no candidate (it stays unserved).
+// The synthetic peer IDs are "~agg/<block>/<i>", never a real peer's
+// (whose IDs are multihashes).
+func AggregateCandidates(t BlockTotals) []RouteCandidate {
+	var out []RouteCandidate
+	for b, tp := range t.Tput {
+		if t.Count[b] <= 0 || !(tp > 0) {
+			continue
+		}
+		// Place clamps a block time under 1 µs to 1 µs: split a total over
+		// 5e5 passes/s among several candidates of at least 2 µs each.
+		n := int(math.Ceil(tp / 5e5))
+		for i := range n {
+			out = append(out, RouteCandidate{Peer: peer.ID(fmt.Sprintf("~agg/%d/%d", b, i)), Start: b, End: b + 1,
+				BlockMicros: []float64{float64(n) * 1e6 / tp}})
+		}
+	}
+	return out
+}

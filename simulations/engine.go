@@ -1,0 +1,1246 @@
+package simulations
+
+// The engine: the simulated mesh and the handlers of its events. Routing,
+// placement, rebalancing, bans and session replay are mesh's functions
+// (mesh.PlanRouteTiered, mesh.Place, mesh.Rebalance, mesh.BanDuration,
+// mesh.ReplayFrom...); this file only feeds them the simulated view and
+// carries out their decisions on the virtual clock.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"strconv"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/protocol"
+)
+
+// dropGrace is how long a peer that moved keeps serving its old span (the
+// node's dropGrace), so sessions on it finish or fail over cleanly.
+const dropGrace = 30e9
+
+// Independent random streams, one per concern, so that changing one part
+// of a scenario (say churn) does not change the draws of another (the
+// workload).
+const (
+	streamWorkload = iota + 1
+	streamPeers
+	streamChurn
+	streamNetwork
+	streamPlacement
+	streamTimers
+)
+
+type hop struct {
+	peer       int32
+	start, end int32
+}
+
+type request struct {
+	entry          int32
+	gen, live      bool
+	prompt, output int32
+	step           int32 // steps done (0: the prompt pass is next)
+	failovers      int32 // of the step in flight
+	retries        int32 // routing attempts that found no route, this step
+	epoch          uint32
+	arrive         int64
+	stepStart      int64
+	firstTok       int64
+	route          []hop // shared with the memo until replaced: never written in place
+}
+
+type simPeer struct {
+	id          peer.ID
+	class       int
+	region      int
+	ep          *endpoint
+	micros      []float64 // per block of the model, µs per token
+	prefill     float64
+	capacity    int // blocks it can hold
+	start, end  int
+	slots       []int64 // when each slot is free
+	queue       int
+	waiting     []int64  // start times of queued passes, FIFO
+	inflight    []flight // requests computing or queued here
+	online      bool
+	gone        bool
+	crashed     bool
+	moving      bool
+	joined      int64
+	left        int64
+	oldStart    int
+	oldEnd      int
+	movedAt     int64
+	passes      int64
+	busy        int64
+	failed      int
+	rec         record
+	everOnline  bool
+	replacement bool
+}
+
+// record is a peer's capacity record as last published to the DHT.
+type record struct {
+	seq        int
+	start, end int
+	load       protocol.Load
+	published  int64
+	expires    int64
+	withdrawn  bool // a leaving peer's empty record
+}
+
+// flight is a request's pass at a peer, as of the request's epoch.
+type flight struct {
+	req   int32
+	epoch uint32
+}
+
+type entryNode struct {
+	id       peer.ID // the requester's own peer ID in explicit mode, "" otherwise
+	self     int32   // its peer index in explicit mode, -1 otherwise
+	ep       *endpoint
+	region   int
+	bans     map[int32]int64 // until
+	banCount map[int32]int
+	distrust map[int32]int // record seq distrusted
+	memoV    int64
+	memo     map[string]routeMemo
+}
+
+type routeMemo struct {
+	hops []hop
+	err  error
+}
+
+// view is what every node's View holds at one refresh: the records
+// published before it and not expired. All nodes refresh on the same
+// ViewRefresh ticks (a simplification: real nodes' refreshes are out of
+// phase by up to one period).
+type view struct {
+	version int64
+	cands   []mesh.RouteCandidate
+	at      []int32 // per peer index, its position in cands or -1
+	loaded  mesh.BlockTotals
+	speeds  mesh.BlockTotals // loads zeroed, for rebalancing
+	pools   map[int][]mesh.RouteCandidate
+}
+
+type sim struct {
+	sc      *Scenario
+	ctx     context.Context
+	q       eventQueue
+	now     int64
+	end     int64
+	net     network
+	rWork   *rand.Rand
+	rPeers  *rand.Rand
+	rChurn  *rand.Rand
+	rPlace  *rand.Rand
+	rTimers *rand.Rand
+
+	peers      []*simPeer
+	online     int
+	entries    []*entryNode
+	byRegion   [][]int32 // entry nodes per region
+	regionEP   []*endpoint
+	classMicro [][]float64
+	covered    []int32 // online servers per block
+	evenNext   int
+
+	reqs    []request
+	free    []int32
+	live    int
+	arrived int
+
+	v        *view
+	ttl      int64
+	refresh  int64
+	timeout  int64
+	actBytes float64
+
+	// results
+	events     int64
+	completed  int
+	failed     int
+	tokens     int64
+	failovers  int
+	replays    int
+	hopsSum    int64
+	routes     int64
+	joins      int
+	leaves     int
+	lat        Latencies
+	cur        Sample
+	curE2E     []float64
+	series     []Sample
+	minCov     float64
+	memoHits   int64
+	routeCalls int64
+}
+
+func newSim(ctx context.Context, sc *Scenario) (*sim, error) {
+	seed := uint64(sc.Seed)
+	stream := func(k uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, 0x9e3779b97f4a7c15*k)) }
+	s := &sim{sc: sc, ctx: ctx, end: int64(sc.DurationS * 1e9),
+		rWork: stream(streamWorkload), rPeers: stream(streamPeers), rChurn: stream(streamChurn),
+		rPlace: stream(streamPlacement), rTimers: stream(streamTimers),
+		ttl: int64(sc.DHT.RecordTTLS * 1e9), refresh: int64(sc.DHT.ViewRefreshS * 1e9),
+		timeout: int64(sc.Workload.StepTimeoutS * 1e9), actBytes: sc.Model.ActivationKB * 1000,
+		covered: make([]int32, sc.Model.Blocks), minCov: 1}
+	s.net = network{factor: sc.Network.RouteFactor, rng: stream(streamNetwork)}
+	if len(sc.Network.Nodes) > 0 {
+		s.initExplicit()
+	} else {
+		s.initGeo()
+	}
+	s.q.push(event{t: 0, kind: evArrival})
+	s.q.push(event{t: int64(sc.SampleS * 1e9), kind: evSample})
+	return s, nil
+}
+
+func peerID(i int) peer.ID { return peer.ID("p" + fmt.Sprintf("%07d", i)) }
+
+func peerIndex(id peer.ID) int32 {
+	n, err := strconv.Atoi(string(id[1:]))
+	if err != nil {
+		panic("simulations: foreign peer ID " + string(id))
+	}
+	return int32(n)
+}
+
+func (s *sim) initExplicit() {
+	sc := s.sc
+	n := len(sc.Network.Nodes)
+	s.net.explicit = make([][]int64, n)
+	for i, row := range sc.Network.LatencyMS {
+		s.net.explicit[i] = make([]int64, n)
+		for j, v := range row {
+			s.net.explicit[i][j] = int64(v * 1e6)
+		}
+	}
+	coords := fitCoords(s.net.explicit, s.rPeers)
+	s.byRegion = [][]int32{nil}
+	for i, nd := range sc.Network.Nodes {
+		ep := &endpoint{node: i, bw: nd.BandwidthMbps * 1e6 / 8 / 1e9, coord: coords[i]}
+		micros := make([]float64, sc.Model.Blocks)
+		for b := range micros {
+			micros[b] = nd.BlockUS
+		}
+		p := &simPeer{id: peerID(i), ep: ep, micros: micros, prefill: *nd.PrefillFactor, capacity: max(nd.End-nd.Start, 1),
+			start: nd.Start, end: nd.End, slots: make([]int64, nd.Slots), queue: nd.Queue}
+		s.peers = append(s.peers, p)
+		s.goOnline(p)
+		if nd.Requester {
+			s.byRegion[0] = append(s.byRegion[0], int32(len(s.entries)))
+			s.entries = append(s.entries, &entryNode{id: p.id, self: int32(i), ep: ep})
+		}
+	}
+}
+
+func (s *sim) initGeo() {
+	sc := s.sc
+	w := &sc.Workload
+	for _, c := range sc.Classes {
+		m := make([]float64, sc.Model.Blocks)
+		for b := range m {
+			m[b] = c.BlockMS * 1000
+		}
+		s.classMicro = append(s.classMicro, m)
+	}
+	s.byRegion = make([][]int32, len(sc.Regions))
+	for _, r := range sc.Regions {
+		ep := newEndpoint(r.Lat, r.Lon, w.EntryLastMileMS, 0, w.EntryBandwidthMbps)
+		ep.coord = s.net.geoCoord(&ep)
+		s.regionEP = append(s.regionEP, &ep)
+	}
+	// Entry nodes: spread over the regions by user weight, at least one
+	// in each region that has users.
+	weights := make([]float64, len(sc.Regions))
+	for i, r := range sc.Regions {
+		weights[i] = r.Weight
+	}
+	for i := range w.Entries {
+		r := pick(s.rPeers, weights)
+		if i < len(sc.Regions) && sc.Regions[i].Weight > 0 {
+			r = i
+		}
+		reg := &sc.Regions[r]
+		lat, lon := place(s.rPeers, reg.Lat, reg.Lon, reg.RadiusKM)
+		ep := newEndpoint(lat, lon, w.EntryLastMileMS, 0, w.EntryBandwidthMbps)
+		ep.coord = s.net.geoCoord(&ep)
+		s.byRegion[r] = append(s.byRegion[r], int32(len(s.entries)))
+		s.entries = append(s.entries, &entryNode{self: -1, ep: &ep, region: r})
+	}
+	shares := make([]float64, len(sc.Classes))
+	for i, c := range sc.Classes {
+		shares[i] = c.Share
+	}
+	// Initial peers join one after another, each placing itself on what
+	// the ones before it serve (their records, loads all zero).
+	totals := mesh.BlockTotals{Tput: make([]float64, sc.Model.Blocks), Count: make([]int, sc.Model.Blocks)}
+	for range sc.Peers {
+		c := pick(s.rPeers, shares)
+		p := s.newPeer(c, s.classRegion(c))
+		s.choose(p, totals)
+		s.goOnline(p)
+		for b := p.start; b < p.end; b++ {
+			totals.Tput[b] += 1e6 / max(p.micros[b], 1)
+			totals.Count[b]++
+		}
+	}
+}
+
+// pick draws an index with probability proportional to its weight.
+func pick(rng *rand.Rand, w []float64) int {
+	sum := 0.0
+	for _, x := range w {
+		sum += x
+	}
+	u := rng.Float64() * sum
+	for i, x := range w {
+		if u < x {
+			return i
+		}
+		u -= x
+	}
+	for i := len(w) - 1; i >= 0; i-- {
+		if w[i] > 0 {
+			return i
+		}
+	}
+	return 0
+}
+
+func (s *sim) classRegion(c int) int {
+	sc := s.sc
+	cl := &sc.Classes[c]
+	if len(cl.Regions) == 0 {
+		w := make([]float64, len(sc.Regions))
+		for i := range sc.Regions {
+			w[i] = sc.Regions[i].peerWeight()
+		}
+		return pick(s.rPeers, w)
+	}
+	w := make([]float64, len(cl.Regions))
+	for i, n := range cl.Regions {
+		w[i] = sc.region(n).peerWeight()
+	}
+	return slices.IndexFunc(sc.Regions, func(r Region) bool { return r.Name == cl.Regions[pick(s.rPeers, w)] })
+}
+
+func (s *sim) newPeer(c, r int) *simPeer {
+	sc := s.sc
+	cl := &sc.Classes[c]
+	reg := &sc.Regions[r]
+	lat, lon := place(s.rPeers, reg.Lat, reg.Lon, reg.RadiusKM)
+	ep := newEndpoint(lat, lon, cl.LastMileMS, cl.JitterMS, cl.BandwidthMbps)
+	ep.coord = s.net.geoCoord(&ep)
+	capacity := int(max(1, min(float64(sc.Model.Blocks), math.Floor(cl.MemoryGB*1000/sc.Model.BlockMB))))
+	p := &simPeer{id: peerID(len(s.peers)), class: c, region: r, ep: &ep, micros: s.classMicro[c], prefill: *cl.PrefillFactor,
+		capacity: capacity, slots: make([]int64, cl.Slots), queue: cl.Queue}
+	s.peers = append(s.peers, p)
+	return p
+}
+
+// choose sets a new peer's span by the scenario's placement, given what
+// the mesh serves (totals).
+func (s *sim) choose(p *simPeer, totals mesh.BlockTotals) {
+	blocks := s.sc.Model.Blocks
+	n := p.capacity
+	switch s.sc.Placement {
+	case "random":
+		p.start = s.rPlace.IntN(blocks - n + 1)
+	case "even":
+		p.start = s.evenNext
+		if p.start+n > blocks {
+			p.start = 0
+		}
+		s.evenNext = (p.start + n) % blocks
+	default:
+		pl, err := mesh.Place(mesh.AggregateCandidates(totals), mesh.PlaceRequest{Blocks: blocks, Span: n, MyMicros: p.micros, Self: p.id})
+		if err != nil {
+			panic(err) // the scenario check rules this out
+		}
+		p.start = pl.Start
+	}
+	p.end = p.start + n
+}
+
+// goOnline puts a peer in the mesh and publishes its record.
+func (s *sim) goOnline(p *simPeer) {
+	p.online, p.everOnline, p.joined = true, true, s.now
+	s.online++
+	s.cover(p.start, p.end, 1)
+	s.publish(p)
+	ttl3 := s.ttl / 3
+	// The first republish comes at a random phase, so that peers that
+	// started together do not republish together.
+	s.q.push(event{t: s.now + 1 + s.rTimers.Int64N(ttl3), kind: evPublish, a: peerIndex(p.id)})
+	if s.sc.Placement == "node" && s.sc.RebalanceS > 0 && len(s.sc.Network.Nodes) == 0 {
+		s.scheduleRebalance(p)
+	}
+	if lp := s.sc.Churn.LeavePerHour; lp > 0 && len(s.sc.Network.Nodes) == 0 {
+		session := int64(s.rChurn.ExpFloat64() * 3600 / lp * 1e9)
+		crash := uint8(0)
+		if s.rChurn.Float64() < s.sc.Churn.CrashFraction {
+			crash = 1
+		}
+		s.q.push(event{t: s.now + session, kind: evLeave, a: peerIndex(p.id), x: crash})
+	}
+}
+
+func (s *sim) scheduleRebalance(p *simPeer) {
+	every := int64(s.sc.RebalanceS * 1e9)
+	s.q.push(event{t: s.now + every/2 + s.rTimers.Int64N(every/2+1), kind: evRebalance, a: peerIndex(p.id)})
+}
+
+func (s *sim) cover(start, end int, d int32) {
+	for b := start; b < end; b++ {
+		s.covered[b] += d
+	}
+}
+
+func (s *sim) coverage() float64 {
+	n := 0
+	for _, c := range s.covered {
+		if c > 0 {
+			n++
+		}
+	}
+	return float64(n) / float64(len(s.covered))
+}
+
+// publish writes p's record: its span and load now, for a RecordTTL.
+func (s *sim) publish(p *simPeer) {
+	busy := int32(0)
+	for _, f := range p.slots {
+		if f > s.now {
+			busy++
+		}
+	}
+	p.rec = record{seq: p.rec.seq + 1, start: p.start, end: p.end, published: s.now, expires: s.now + s.ttl,
+		load: protocol.Load{InFlight: int(busy), Queued: s.queued(p)}}
+}
+
+func (s *sim) queued(p *simPeer) int {
+	i := 0
+	for i < len(p.waiting) && p.waiting[i] <= s.now {
+		i++
+	}
+	p.waiting = p.waiting[i:]
+	return len(p.waiting)
+}
+
+// currentView returns the view of the refresh tick at or before now,
+// building it on first use.
+func (s *sim) currentView() *view {
+	version := s.now / s.refresh
+	if s.v != nil && s.v.version == version {
+		return s.v
+	}
+	at := version * s.refresh
+	blocks := s.sc.Model.Blocks
+	v := &view{version: version, at: make([]int32, len(s.peers)), pools: map[int][]mesh.RouteCandidate{},
+		loaded: mesh.BlockTotals{Tput: make([]float64, blocks), Count: make([]int, blocks)},
+		speeds: mesh.BlockTotals{Tput: make([]float64, blocks), Count: make([]int, blocks)}}
+	if s.v != nil {
+		v.cands = s.v.cands[:0:0]
+	}
+	for i, p := range s.peers {
+		v.at[i] = -1
+		r := &p.rec
+		if r.seq == 0 || r.withdrawn || r.published > at || r.expires <= at || r.end <= r.start {
+			continue
+		}
+		v.at[i] = int32(len(v.cands))
+		v.cands = append(v.cands, mesh.RouteCandidate{Peer: p.id, Start: r.start, End: r.end,
+			BlockMicros: p.micros[r.start:r.end], Load: r.load, Coord: p.ep.coord})
+		f := 1 + float64(r.load.InFlight+r.load.Queued)/mesh.RouteLoadSlots
+		for b := r.start; b < r.end; b++ {
+			t := 1e6 / max(p.micros[b], 1)
+			v.speeds.Tput[b] += t
+			v.speeds.Count[b]++
+			v.loaded.Tput[b] += t / f
+			v.loaded.Count[b]++
+		}
+	}
+	s.v = v
+	return v
+}
+
+// pool is the candidates for the entry nodes of region r in a view larger
+// than mesh.MaxRouteCandidates: mesh.SelectCandidates from the region's
+// centre with four times mesh.RoutePerBlock per block, so that the
+// selection each entry node's route makes (mesh.PlanRouteTiered, from its
+// own coordinate, with its bans) finds in the pool what it would find in
+// the whole view. It is computed once per region and view.
+func (s *sim) pool(v *view, r int) []mesh.RouteCandidate {
+	if c, ok := v.pools[r]; ok {
+		return c
+	}
+	req := mesh.RouteRequest{Blocks: s.sc.Model.Blocks, From: *s.regionEP[r].coord, HaveFrom: true, Tokens: 1}
+	c := mesh.SelectCandidates(v.cands, req, 4*mesh.RoutePerBlock)
+	v.pools[r] = c
+	return c
+}
+
+// exclusions lists, in order, the peers an entry node has banned now, and
+// drops bans that lapsed.
+func (s *sim) exclusions(en *entryNode) []int32 {
+	var out []int32
+	for p, until := range en.bans {
+		if until > s.now {
+			out = append(out, p)
+		} else {
+			delete(en.bans, p)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// route plans blocks [start, end) for a request of entry node en, as the
+// node's (*Mesh).route does: mesh.PlanRouteTiered over the view, without
+// its distrusted peers, with its bans. Within one view and one set of
+// bans the answer is the same (PlanRoute is pure), so it is memoized per
+// entry node, view, span and bans.
+func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
+	s.routeCalls++
+	v := s.currentView()
+	excl := s.exclusions(en)
+	var distrusted []int32
+	for p, seq := range en.distrust {
+		if pp := s.peers[p]; pp.rec.seq != seq || pp.rec.expires <= s.now {
+			delete(en.distrust, p) // it published again, or its record expired
+		} else if v.at[p] >= 0 {
+			distrusted = append(distrusted, p)
+		}
+	}
+	slices.Sort(distrusted)
+	key := make([]byte, 0, 16+4*(len(excl)+len(distrusted)))
+	key = strconv.AppendInt(key, int64(start), 10)
+	key = append(key, '-')
+	key = strconv.AppendInt(key, int64(end), 10)
+	for _, p := range excl {
+		key = append(key, 'b')
+		key = strconv.AppendInt(key, int64(p), 10)
+	}
+	for _, p := range distrusted {
+		key = append(key, 'd')
+		key = strconv.AppendInt(key, int64(p), 10)
+	}
+	if en.memoV != v.version || en.memo == nil {
+		en.memo, en.memoV = map[string]routeMemo{}, v.version
+	}
+	if m, ok := en.memo[string(key)]; ok {
+		s.memoHits++
+		return m.hops, m.err
+	}
+	cands := v.cands
+	if len(cands) > mesh.MaxRouteCandidates {
+		cands = s.pool(v, en.region)
+	}
+	if len(distrusted) > 0 { // out of the view, not merely banned
+		cands = slices.DeleteFunc(slices.Clone(cands), func(c mesh.RouteCandidate) bool {
+			_, found := slices.BinarySearch(distrusted, peerIndex(c.Peer))
+			return found
+		})
+	}
+	var banned map[peer.ID]bool
+	if len(excl) > 0 {
+		banned = make(map[peer.ID]bool, len(excl))
+		for _, p := range excl {
+			banned[s.peers[p].id] = true
+		}
+	}
+	req := mesh.RouteRequest{Blocks: s.sc.Model.Blocks, Start: start, End: end, From: *en.ep.coord, HaveFrom: true, Self: en.id, Tokens: 1}
+	r, err := mesh.PlanRouteTiered(cands, req, nil, banned)
+	if errors.Is(err, mesh.ErrNoRoute) && len(v.cands) > mesh.MaxRouteCandidates {
+		// The pool lacked what the whole view has (many bans, say).
+		all := v.cands
+		if len(distrusted) > 0 {
+			all = slices.DeleteFunc(slices.Clone(all), func(c mesh.RouteCandidate) bool {
+				_, found := slices.BinarySearch(distrusted, peerIndex(c.Peer))
+				return found
+			})
+		}
+		r, err = mesh.PlanRouteTiered(all, req, nil, banned)
+	}
+	var hops []hop
+	if err == nil {
+		hops = make([]hop, len(r.Hops))
+		for i, h := range r.Hops {
+			hops[i] = hop{peer: peerIndex(h.Peer), start: int32(h.Start), end: int32(h.End)}
+		}
+	}
+	en.memo[string(key)] = routeMemo{hops, err}
+	return hops, err
+}
+
+// run processes events until the end of the scenario.
+func (s *sim) run(progress func(done, total float64)) error {
+	total := s.sc.DurationS
+	for len(s.q.h) > 0 {
+		ev := s.q.pop()
+		if ev.t > s.end {
+			break
+		}
+		s.now = ev.t
+		s.events++
+		if s.events&0xffff == 0 {
+			if err := s.ctx.Err(); err != nil {
+				return err
+			}
+			if progress != nil {
+				progress(float64(s.now)/1e9, total)
+			}
+		}
+		s.handle(ev)
+	}
+	s.now = s.end
+	if progress != nil {
+		progress(total, total)
+	}
+	return s.ctx.Err()
+}
+
+func (s *sim) handle(ev event) {
+	switch ev.kind {
+	case evArrival:
+		s.arrival()
+	case evSample:
+		s.sample()
+		s.q.push(event{t: s.now + int64(s.sc.SampleS*1e9), kind: evSample})
+	case evPublish:
+		if p := s.peers[ev.a]; p.online {
+			s.publish(p)
+			ttl3 := s.ttl / 3
+			s.q.push(event{t: s.now + ttl3 - s.rTimers.Int64N(ttl3/10+1), kind: evPublish, a: ev.a})
+		}
+	case evLeave:
+		s.leave(s.peers[ev.a], ev.x == 1)
+	case evJoin:
+		s.join(s.peers[ev.a])
+	case evOnline:
+		if p := s.peers[ev.a]; !p.gone {
+			s.goOnline(p)
+			s.joins++
+		}
+	case evRebalance:
+		s.rebalance(s.peers[ev.a])
+	case evMoved:
+		s.moved(s.peers[ev.a])
+	default:
+		r := &s.reqs[ev.a]
+		if !r.live || r.epoch != ev.e {
+			if ev.kind == evDone {
+				s.peers[ev.p].unqueue(flight{ev.a, ev.e})
+			}
+			return
+		}
+		switch ev.kind {
+		case evHop:
+			s.atHop(ev.a, int(ev.b))
+		case evDone:
+			s.done(ev.a, int(ev.b))
+		case evResult:
+			s.result(ev.a)
+		case evFail:
+			s.fail(ev.a, int(ev.b), mesh.FailureKind(ev.x))
+		case evRetry:
+			s.startStep(ev.a)
+		}
+	}
+}
+
+func (p *simPeer) unqueue(f flight) {
+	if i := slices.Index(p.inflight, f); i >= 0 {
+		p.inflight[i] = p.inflight[len(p.inflight)-1]
+		p.inflight = p.inflight[:len(p.inflight)-1]
+	}
+}
+
+// diurnal is the rate factor of region r now.
+func (s *sim) diurnal(r int) float64 {
+	w := &s.sc.Workload
+	if w.Diurnal == 0 || len(s.sc.Regions) == 0 {
+		return 1
+	}
+	hour := w.StartHour + float64(s.now)/3.6e12 + s.sc.Regions[r].UTCOffset
+	return 1 + w.Diurnal*math.Cos(2*math.Pi*(hour-w.PeakHour)/24)
+}
+
+// arrival creates a request and schedules the next: a Poisson process at
+// the peak rate, thinned by each region's diurnal factor.
+func (s *sim) arrival() {
+	w := &s.sc.Workload
+	peak := w.Rate * (1 + w.Diurnal)
+	next := s.now + int64(s.rWork.ExpFloat64()/peak*1e9)
+	if w.MaxRequests == 0 || s.arrived+1 < w.MaxRequests {
+		s.q.push(event{t: next, kind: evArrival})
+	}
+	region := 0
+	if len(s.sc.Regions) > 0 && len(s.sc.Network.Nodes) == 0 {
+		weights := make([]float64, len(s.sc.Regions))
+		for i, r := range s.sc.Regions {
+			weights[i] = r.Weight
+		}
+		region = pick(s.rWork, weights)
+	}
+	accept := s.rWork.Float64()*(1+w.Diurnal) < s.diurnal(region)
+	gen := s.rWork.Float64() < w.Generate
+	prompt, output := w.Prompt.draw(s.rWork), w.Output.draw(s.rWork)
+	entries := s.byRegion[region]
+	e := entries[s.rWork.IntN(len(entries))]
+	if !accept {
+		return
+	}
+	s.arrived++
+	s.cur.Arrivals++
+	var id int32
+	if n := len(s.free); n > 0 {
+		id = s.free[n-1]
+		s.free = s.free[:n-1]
+	} else {
+		s.reqs = append(s.reqs, request{})
+		id = int32(len(s.reqs) - 1)
+	}
+	s.reqs[id] = request{entry: e, gen: gen, live: true, prompt: int32(prompt), output: int32(output), arrive: s.now,
+		epoch: s.reqs[id].epoch + 1}
+	s.live++
+	s.startStep(id)
+}
+
+func (d *Dist) draw(rng *rand.Rand) int {
+	var v float64
+	switch d.Dist {
+	case "const":
+		v = d.Mean
+	case "exp":
+		v = rng.ExpFloat64() * d.Mean
+	case "uniform":
+		v = d.Min + rng.Float64()*(d.Max-d.Min+1)
+	case "lognormal":
+		mu := math.Log(d.Mean) - d.Sigma*d.Sigma/2
+		v = math.Exp(mu + d.Sigma*rng.NormFloat64())
+	}
+	if d.Max > 0 {
+		v = min(v, d.Max)
+	}
+	return max(1, int(max(v, d.Min)))
+}
+
+// tokens is how many tokens the step in flight pushes through each block.
+func (r *request) tokens() int {
+	if r.step == 0 {
+		return int(r.prompt)
+	}
+	return 1
+}
+
+// passNs is the time of a pass of tokens through blocks [start, end) on p.
+func (p *simPeer) passNs(start, end, tokens int) int64 {
+	us := 0.0
+	for b := start; b < end; b++ {
+		us += p.micros[b]
+	}
+	return int64(us * (1 + float64(tokens-1)*p.prefill) * 1e3)
+}
+
+// startStep sends the step in flight from the entry node to the first hop,
+// routing first when the request has no route (a first step, or a single
+// pass after a failure: mesh.Infer routes again from scratch).
+func (s *sim) startStep(id int32) {
+	r := &s.reqs[id]
+	en := s.entries[r.entry]
+	if r.route == nil {
+		hops, err := s.route(en, 0, s.sc.Model.Blocks)
+		if err != nil {
+			s.noRoute(id)
+			return
+		}
+		r.route = hops
+		s.hopsSum += int64(len(hops))
+		s.routes++
+	}
+	if r.step == 0 && r.failovers == 0 && r.retries == 0 {
+		r.stepStart = s.now
+	}
+	r.retries = 0
+	first := s.peers[r.route[0].peer]
+	s.q.push(event{t: s.now + s.net.oneWay(en.ep, first.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id, b: 0, e: r.epoch})
+}
+
+// noRoute pauses and retries, as the node does when the view cannot cover
+// the model (mesh.RetryPause), and gives up after MaxFailovers attempts.
+func (s *sim) noRoute(id int32) {
+	r := &s.reqs[id]
+	if int(r.retries) >= s.sc.Workload.MaxFailovers {
+		s.finish(id, false)
+		return
+	}
+	pause := int64(mesh.RetryPause(int(r.retries)))
+	r.retries++
+	s.q.push(event{t: s.now + pause, kind: evRetry, a: id, e: r.epoch})
+}
+
+// failAt schedules the entry node's learning that hop h failed, and
+// cancels what the request had in flight (its epoch moves on).
+func (s *sim) failAt(id int32, h int, t int64, kind mesh.FailureKind) {
+	r := &s.reqs[id]
+	r.epoch++
+	s.q.push(event{t: max(t, s.now), kind: evFail, a: id, b: int32(h), e: r.epoch, x: uint8(kind)})
+}
+
+// atHop: the step's activations reach hop h. The stage server runs them
+// in a free slot, queues them if its queue has room, or answers busy.
+func (s *sim) atHop(id int32, h int) {
+	r := &s.reqs[id]
+	hp := r.route[h]
+	p := s.peers[hp.peer]
+	en := s.entries[r.entry]
+	if !p.online {
+		if p.crashed {
+			// Nobody answers: the requester's step times out.
+			s.failAt(id, h, r.stepStart+s.timeout, mesh.FailStall)
+		} else {
+			// The connection is closed or refused: the sender reports.
+			s.failAt(id, h, s.now+s.net.oneWay(p.ep, en.ep, 0), mesh.FailHard)
+		}
+		return
+	}
+	start, end := int(hp.start), int(hp.end)
+	if start < p.start || end > p.end {
+		if !(p.movedAt+dropGrace > s.now && start >= p.oldStart && end <= p.oldEnd) {
+			s.failAt(id, h, s.now+s.net.oneWay(p.ep, en.ep, 0), mesh.FailRefused)
+			return
+		}
+	}
+	slot := 0
+	for i, f := range p.slots {
+		if f < p.slots[slot] {
+			slot = i
+		}
+		_ = f
+	}
+	begin := s.now
+	if f := p.slots[slot]; f > s.now {
+		if p.queue == 0 || (p.queue > 0 && s.queued(p) >= p.queue) {
+			s.failAt(id, h, s.now+s.net.oneWay(p.ep, en.ep, 0), mesh.FailBusy)
+			return
+		}
+		begin = f
+		p.waiting = append(p.waiting, f)
+	}
+	if begin-r.stepStart > s.timeout {
+		s.failAt(id, h, r.stepStart+s.timeout, mesh.FailStall)
+		return
+	}
+	d := p.passNs(start, end, r.tokens())
+	p.slots[slot] = begin + d
+	p.inflight = append(p.inflight, flight{id, r.epoch})
+	s.q.push(event{t: begin + d, kind: evDone, a: id, b: int32(h), e: r.epoch, p: hp.peer})
+}
+
+// done: hop h finished; its activations go to the next hop, or the result
+// to the entry node.
+func (s *sim) done(id int32, h int) {
+	r := &s.reqs[id]
+	hp := r.route[h]
+	p := s.peers[hp.peer]
+	p.unqueue(flight{id, r.epoch})
+	t := r.tokens()
+	p.passes += int64(hp.end-hp.start) * int64(t)
+	p.busy += p.passNs(int(hp.start), int(hp.end), t)
+	if h+1 < len(r.route) {
+		next := s.peers[r.route[h+1].peer]
+		s.q.push(event{t: s.now + s.net.oneWay(p.ep, next.ep, s.actBytes*float64(t)), kind: evHop, a: id, b: int32(h + 1), e: r.epoch})
+		return
+	}
+	en := s.entries[r.entry]
+	s.q.push(event{t: s.now + s.net.oneWay(p.ep, en.ep, s.actBytes), kind: evResult, a: id, e: r.epoch})
+}
+
+func (s *sim) result(id int32) {
+	r := &s.reqs[id]
+	if r.step == 0 {
+		r.firstTok = s.now
+	}
+	r.step++
+	r.failovers = 0
+	if r.gen {
+		s.tokens++
+		s.cur.Tokens++
+	}
+	if r.gen && r.step < r.output {
+		r.stepStart = s.now
+		s.startStep(id)
+		return
+	}
+	s.finish(id, true)
+}
+
+func (s *sim) finish(id int32, ok bool) {
+	r := &s.reqs[id]
+	if ok {
+		s.completed++
+		s.cur.Completed++
+		e2e := float64(s.now-r.arrive) / 1e9
+		s.lat.E2E = append(s.lat.E2E, e2e)
+		s.curE2E = append(s.curE2E, e2e)
+		if r.gen {
+			s.lat.TTFT = append(s.lat.TTFT, float64(r.firstTok-r.arrive)/1e9)
+			if r.output > 1 {
+				s.lat.PerToken = append(s.lat.PerToken, float64(s.now-r.firstTok)/1e9/float64(r.output-1))
+			}
+		}
+	} else {
+		s.failed++
+		s.cur.Failed++
+	}
+	r.live = false
+	r.epoch++
+	r.route = nil
+	s.live--
+	s.free = append(s.free, id)
+}
+
+// fail: the entry node learns hop h failed. It bans the peer
+// (mesh.BanDuration, distrusting it when mesh.Distrusts says so) and
+// fails over: a single pass is routed again from scratch (mesh.Infer); a
+// session replaces the lost span from the hop mesh.ReplayFrom names,
+// replays the completed steps there and resumes where mesh.ResumeFrom says
+// (Session.Step).
+func (s *sim) fail(id int32, h int, kind mesh.FailureKind) {
+	r := &s.reqs[id]
+	en := s.entries[r.entry]
+	pi := r.route[h].peer
+	if pi != en.self {
+		if en.bans == nil {
+			en.bans, en.banCount, en.distrust = map[int32]int64{}, map[int32]int{}, map[int32]int{}
+		}
+		en.banCount[pi]++
+		en.bans[pi] = s.now + int64(mesh.BanDuration(kind, en.banCount[pi]))
+		if mesh.Distrusts(kind) {
+			en.distrust[pi] = s.peers[pi].rec.seq
+		}
+	}
+	s.failovers++
+	s.cur.Failovers++
+	r.failovers++
+	if int(r.failovers) > s.sc.Workload.MaxFailovers {
+		s.finish(id, false)
+		return
+	}
+	if !r.gen || r.step == 0 {
+		// Infer, or a session's first step: route it all again. (A session
+		// whose first step failed has no state anywhere yet.)
+		r.route = nil
+		s.startStep(id)
+		return
+	}
+	s.replace(id, h)
+}
+
+// replace re-routes a session's lost span and resumes the step.
+func (s *sim) replace(id int32, f int) {
+	r := &s.reqs[id]
+	en := s.entries[r.entry]
+	// The simulated requester always has every hop's inputs (progress
+	// messages are never lost), so ReplayFrom and ResumeFrom answer f.
+	whole := func(int) bool { return true }
+	from := mesh.ReplayFrom(f, whole)
+	hops, err := s.route(en, int(r.route[from].start), int(r.route[f].end))
+	if err != nil {
+		if int(r.failovers) >= s.sc.Workload.MaxFailovers {
+			s.finish(id, false)
+			return
+		}
+		// Try again after a pause; the epoch is unchanged, so the retry
+		// event re-enters fail's path through evRetry -> startStep, which
+		// would route from scratch: keep the span lost by scheduling a
+		// failure at hop f again instead.
+		r.epoch++
+		s.q.push(event{t: s.now + int64(mesh.RetryPause(int(r.failovers))), kind: evFail, a: id, b: int32(f), e: r.epoch,
+			x: uint8(mesh.FailBusy)})
+		r.failovers-- // that re-entry is not a new failover
+		s.failovers--
+		s.cur.Failovers--
+		return
+	}
+	route := make([]hop, 0, len(r.route)-(f-from+1)+len(hops))
+	route = append(append(append(route, r.route[:from]...), hops...), r.route[f+1:]...)
+	// Replay the completed steps through the new hops, one after another,
+	// each a round trip from the entry node: the prompt pass, then one
+	// token per step.
+	var replay int64
+	steps := int(r.step)
+	trip := func(tokens int) int64 {
+		d := int64(0)
+		prev := en.ep
+		for _, hp := range hops {
+			p := s.peers[hp.peer]
+			d += s.net.oneWay(prev, p.ep, s.actBytes*float64(tokens)) + p.passNs(int(hp.start), int(hp.end), tokens)
+			p.passes += int64(hp.end-hp.start) * int64(tokens)
+			prev = p.ep
+		}
+		return d + s.net.oneWay(prev, en.ep, s.actBytes*float64(tokens))
+	}
+	if steps > 0 {
+		replay += trip(int(r.prompt))
+		if steps > 1 {
+			replay += int64(steps-1) * trip(1)
+		}
+		s.replays += steps
+	}
+	r.route = route
+	resume := mesh.ResumeFrom(from, whole)
+	first := s.peers[route[resume].peer]
+	s.q.push(event{t: s.now + replay + s.net.oneWay(en.ep, first.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id,
+		b: int32(resume), e: r.epoch})
+}
+
+// leave takes a peer out: a crash leaves its record to expire and its
+// requests to stall; a graceful leave publishes an empty record and its
+// requests fail over at once.
+func (s *sim) leave(p *simPeer, crash bool) {
+	if !p.online {
+		return
+	}
+	p.online, p.gone, p.crashed, p.left = false, true, crash, s.now
+	s.online--
+	s.leaves++
+	s.cover(p.start, p.end, -1)
+	if !crash {
+		p.rec = record{seq: p.rec.seq + 1, withdrawn: true, published: s.now, expires: s.now + s.ttl}
+	}
+	for _, fl := range p.inflight {
+		id, r := fl.req, &s.reqs[fl.req]
+		if !r.live || r.epoch != fl.epoch {
+			continue
+		}
+		h := slices.IndexFunc(r.route, func(x hop) bool { return s.peers[x.peer] == p })
+		p.failed++
+		if crash {
+			s.failAt(id, h, r.stepStart+s.timeout, mesh.FailStall)
+		} else {
+			s.failAt(id, h, s.now+s.net.oneWay(p.ep, s.entries[r.entry].ep, 0), mesh.FailHard)
+		}
+	}
+	p.inflight = nil
+	if s.sc.Churn.Replace {
+		s.q.push(event{t: s.now + int64(s.rChurn.ExpFloat64()*s.sc.Churn.RejoinS*1e9), kind: evJoin, a: peerIndex(p.id)})
+	}
+}
+
+// join starts a new peer like old (class and region): it looks the model
+// up in the DHT, places itself on the view (mesh.Place), fetches its span
+// and goes online.
+func (s *sim) join(old *simPeer) {
+	p := s.newPeer(old.class, old.region)
+	p.replacement = true
+	v := s.currentView()
+	s.choose(p, v.loaded)
+	lookup := s.dhtLookup(p, v)
+	fetch := int64(float64(p.end-p.start) * s.sc.Model.BlockMB * 1e6 / p.ep.bw)
+	s.q.push(event{t: s.now + 2*lookup + fetch, kind: evOnline, a: peerIndex(p.id)})
+}
+
+// dhtLookup is what a Kademlia lookup costs from p: about
+// log2(N)/log2(k) + 1 hops, each a round trip to a random online peer
+// (the XOR metric knows nothing of geography).
+func (s *sim) dhtLookup(p *simPeer, v *view) int64 {
+	n := max(len(v.cands), 2)
+	hops := int(math.Ceil(math.Log2(float64(n))/math.Log2(float64(s.sc.DHT.BucketSize)))) + 1
+	var d int64
+	for range hops {
+		if len(v.cands) == 0 {
+			break
+		}
+		q := s.peers[peerIndex(v.cands[s.rChurn.IntN(len(v.cands))].Peer)]
+		d += 2 * (s.net.propagation(p.ep, q.ep) + p.ep.lastMile + q.ep.lastMile)
+	}
+	return d
+}
+
+// rebalance is the node's periodic check (mesh.Rebalance on the view
+// without this peer); a move fetches the new blocks, then switches.
+func (s *sim) rebalance(p *simPeer) {
+	if !p.online {
+		return
+	}
+	defer s.scheduleRebalance(p)
+	if p.moving {
+		return
+	}
+	v := s.currentView()
+	others := mesh.BlockTotals{Tput: slices.Clone(v.speeds.Tput), Count: slices.Clone(v.speeds.Count)}
+	if i := v.at[peerIndex(p.id)]; i >= 0 {
+		c := &v.cands[i]
+		for b := c.Start; b < c.End; b++ {
+			others.Count[b]--
+			if others.Count[b] == 0 {
+				others.Tput[b] = 0
+			} else {
+				others.Tput[b] -= 1e6 / max(p.micros[b], 1)
+			}
+		}
+	}
+	pl, move := mesh.Rebalance(mesh.AggregateCandidates(others),
+		mesh.PlaceRequest{Blocks: s.sc.Model.Blocks, Span: p.capacity, MyMicros: p.micros, Self: p.id}, [2]int{p.start, p.end})
+	if !move {
+		return
+	}
+	p.moving = true
+	p.oldStart, p.oldEnd = pl.Start, pl.End // the target, until moved
+	fresh := 0
+	for b := pl.Start; b < pl.End; b++ {
+		if b < p.start || b >= p.end {
+			fresh++
+		}
+	}
+	fetch := int64(float64(fresh) * s.sc.Model.BlockMB * 1e6 / p.ep.bw)
+	s.q.push(event{t: s.now + fetch, kind: evMoved, a: peerIndex(p.id)})
+}
+
+func (s *sim) moved(p *simPeer) {
+	if !p.online || !p.moving {
+		return
+	}
+	p.moving = false
+	ns, ne := p.oldStart, p.oldEnd
+	s.cover(p.start, p.end, -1)
+	p.oldStart, p.oldEnd, p.movedAt = p.start, p.end, s.now
+	p.start, p.end = ns, ne
+	s.cover(p.start, p.end, 1)
+	s.publish(p)
+}
+
+func (s *sim) sample() {
+	c := s.coverage()
+	s.minCov = min(s.minCov, c)
+	smp := s.cur
+	smp.T = float64(s.now) / 1e9
+	smp.Peers = s.online
+	smp.InFlight = s.live
+	smp.Coverage = c
+	if len(s.curE2E) > 0 {
+		slices.Sort(s.curE2E)
+		smp.P50 = quantile(s.curE2E, 0.5)
+		smp.P95 = quantile(s.curE2E, 0.95)
+	}
+	s.series = append(s.series, smp)
+	s.cur = Sample{}
+	s.curE2E = s.curE2E[:0]
+}
+
+// quantile of sorted values, by the nearest rank.
+func quantile(sorted []float64, q float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(math.Ceil(q*float64(len(sorted)))) - 1
+	return sorted[max(0, min(i, len(sorted)-1))]
+}
+
+func quantiles(v []float64) Quantiles {
+	if len(v) == 0 {
+		return Quantiles{}
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	sum := 0.0
+	for _, x := range s {
+		sum += x
+	}
+	return Quantiles{N: len(s), Mean: sum / float64(len(s)), P50: quantile(s, 0.5), P90: quantile(s, 0.9), P95: quantile(s, 0.95),
+		P99: quantile(s, 0.99), Max: s[len(s)-1]}
+}
+
+func (s *sim) collect() *Result {
+	sc := s.sc
+	res := &Result{Scenario: sc.Name, Seed: sc.Seed, Duration: sc.DurationS, Params: s.params(), Series: s.series, Latencies: s.lat}
+	sum := &res.Summary
+	sum.Requests, sum.Completed, sum.Failed = s.arrived, s.completed, s.failed
+	if n := s.completed + s.failed; n > 0 {
+		sum.CompletionRate = float64(s.completed) / float64(n)
+	}
+	sum.Throughput = float64(s.completed) / sc.DurationS
+	sum.TokensPerSec = float64(s.tokens) / sc.DurationS
+	sum.E2E, sum.TTFT, sum.PerToken = quantiles(s.lat.E2E), quantiles(s.lat.TTFT), quantiles(s.lat.PerToken)
+	if s.routes > 0 {
+		sum.Hops = float64(s.hopsSum) / float64(s.routes)
+	}
+	sum.Failovers, sum.Replays = s.failovers, s.replays
+	sum.PeersEnd, sum.Joins, sum.Leaves = s.online, s.joins, s.leaves
+	sum.MinCoverage = s.minCov
+	sum.Events = s.events
+	for i, p := range s.peers {
+		if !p.everOnline {
+			continue
+		}
+		if !p.replacement {
+			sum.PeersStart++
+		}
+		until := s.end
+		if p.gone {
+			until = p.left
+		}
+		online := float64(until-p.joined) / 1e9
+		ps := PeerStat{ID: i, Passes: p.passes, Online: online, Failed: p.failed}
+		if online > 0 {
+			ps.Busy = float64(p.busy) / 1e9 / online / float64(len(p.slots))
+		}
+		if len(sc.Network.Nodes) > 0 {
+			ps.Class, ps.Region = "node", sc.Network.Nodes[i].Name
+		} else {
+			ps.Class, ps.Region = sc.Classes[p.class].Name, sc.Regions[p.region].Name
+		}
+		res.Peers = append(res.Peers, ps)
+	}
+	return res
+}
+
+func (s *sim) params() []string {
+	sc := s.sc
+	out := []string{
+		fmt.Sprintf("duration: %gs", sc.DurationS),
+		fmt.Sprintf("model: %d blocks of %g MB, %g KB activations per token", sc.Model.Blocks, sc.Model.BlockMB, sc.Model.ActivationKB),
+	}
+	if len(sc.Network.Nodes) > 0 {
+		out = append(out, fmt.Sprintf("topology: explicit, %d nodes", len(sc.Network.Nodes)))
+	} else {
+		out = append(out, fmt.Sprintf("peers: %d", sc.Peers))
+		for _, c := range sc.Classes {
+			out = append(out, fmt.Sprintf("class %s: share %g, %g ms/block, %g GB, %g Mbps, last mile %g ms", c.Name, c.Share, c.BlockMS,
+				c.MemoryGB, c.BandwidthMbps, c.LastMileMS))
+		}
+		for _, r := range sc.Regions {
+			out = append(out, fmt.Sprintf("region %s: users %g, peers %g", r.Name, r.Weight, r.peerWeight()))
+		}
+		out = append(out, fmt.Sprintf("placement: %s, rebalance every %gs", sc.Placement, sc.RebalanceS))
+		out = append(out, fmt.Sprintf("churn: %g/hour leave, %g crash, replace %v", sc.Churn.LeavePerHour, sc.Churn.CrashFraction, sc.Churn.Replace))
+	}
+	w := &sc.Workload
+	out = append(out, fmt.Sprintf("workload: %g req/s, diurnal %g, generate %g, prompt %s, output %s", w.Rate, w.Diurnal, w.Generate,
+		w.Prompt.String(), w.Output.String()))
+	out = append(out, fmt.Sprintf("dht: record ttl %gs, view refresh %gs", sc.DHT.RecordTTLS, sc.DHT.ViewRefreshS))
+	return out
+}
+
+func (d Dist) String() string {
+	switch d.Dist {
+	case "uniform":
+		return fmt.Sprintf("uniform %g-%g", d.Min, d.Max)
+	case "lognormal":
+		return fmt.Sprintf("lognormal mean %g sigma %g", d.Mean, d.Sigma)
+	}
+	return fmt.Sprintf("%s %g", d.Dist, d.Mean)
+}
