@@ -20,7 +20,7 @@ export ORT_LIB
 VERSION     := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS     := -X $(PKG)/shards.DefaultLibraryPath=$(ORT_LIB) -X $(PKG)/node.Version=$(VERSION)
 
-.PHONY: all build ort test test-race lint bench demo clean models
+.PHONY: all build ort browser test test-race lint bench demo clean models
 
 all: build
 
@@ -45,11 +45,26 @@ $(ORT_DIR)/libonnxruntime.so.1:
 	  echo "$(ORT_SHA256)  $$tmp/package/bin/napi-v6/linux/x64/libonnxruntime.so.1" | sha256sum -c --quiet - && \
 	  mv $$tmp/package/bin/napi-v6/linux/x64/libonnxruntime.so.1 $@
 
+# The dashboard's test drives a real browser: Debian's chromium, installed
+# from the package registry when missing (apt-get as root, else sudo). Set
+# CHROMIUM to use another Chromium or Chrome binary.
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome || echo chromium)
+export CHROMIUM
+browser:
+	@command -v $(CHROMIUM) >/dev/null 2>&1 || { \
+	  echo "installing chromium (Debian package) for the dashboard's browser test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
 # The race detector is on for everything: the whole suite takes about 30 s
 # with it on 2 cores.
-test: ort
+# Files tests leave for people to look at (the dashboard's screenshot) go
+# under .cache/test-artifacts.
+TEST_ARTIFACTS := $(CURDIR)/.cache/test-artifacts
+test: ort browser
 	$(GO) vet ./...
-	$(GO) test -race -count=1 -timeout 10m ./...
+	@mkdir -p $(TEST_ARTIFACTS)
+	$(GO) test -race -count=1 -timeout 10m -artifacts -outputdir $(TEST_ARTIFACTS) ./...
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

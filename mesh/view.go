@@ -397,3 +397,31 @@ func (v *View) refreshLoop() {
 		v.mu.Unlock()
 	}
 }
+
+// KnownModels lists, sorted, the models this node has heard of: those it
+// was asked about and those in the unexpired capacity records it holds.
+// The DHT cannot list every model of the mesh; this is what the node has
+// seen.
+func (v *View) KnownModels() []string {
+	now := time.Now()
+	v.mu.Lock()
+	seen := map[string]bool{}
+	for id := range v.models {
+		seen[id] = true
+	}
+	for _, r := range v.records {
+		if r.rec.Check(now) != nil {
+			continue
+		}
+		for _, s := range r.rec.Models {
+			seen[s.Model] = true
+		}
+	}
+	v.mu.Unlock()
+	out := make([]string, 0, len(seen))
+	for id := range seen {
+		out = append(out, id)
+	}
+	slices.Sort(out)
+	return out
+}

@@ -307,20 +307,8 @@ func readRequest(w http.ResponseWriter, r *http.Request, v any) bool {
 
 // meshError maps a failure of a request through the mesh to an HTTP answer.
 func meshError(w http.ResponseWriter, err error) {
-	switch {
-	case errors.Is(err, mesh.ErrUnknownModel):
-		writeError(w, http.StatusNotFound, "unknown_model", err.Error())
-	case errors.Is(err, mesh.ErrNoRoute):
-		writeError(w, http.StatusServiceUnavailable, "no_route", err.Error())
-	case errors.Is(err, protocol.ErrBusy):
-		writeError(w, http.StatusTooManyRequests, "busy", err.Error())
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, protocol.ErrDeadline):
-		writeError(w, http.StatusGatewayTimeout, "deadline", err.Error())
-	case errors.Is(err, protocol.ErrBadRequest):
-		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
-	default:
-		writeError(w, http.StatusBadGateway, "mesh", err.Error())
-	}
+	status, code := meshStatus(err)
+	writeError(w, status, code, err.Error())
 }
 
 func (n *Node) handleInfer(w http.ResponseWriter, r *http.Request) {
@@ -343,47 +331,12 @@ func (n *Node) handleInfer(w http.ResponseWriter, r *http.Request) {
 		TotalMS: float64(res.Info.Total.Microseconds()) / 1000, Failovers: res.Info.Failovers})
 }
 
+// handleGenerate is POST /v1/generate (see generateAPI in openai.go).
 func (n *Node) handleGenerate(w http.ResponseWriter, r *http.Request) {
 	var req GenerateAPIRequest
-	if !readRequest(w, r, &req) {
-		return
+	if readRequest(w, r, &req) {
+		n.generateAPI(w, r, &req)
 	}
-	if req.Stream || len(req.Stop) > 0 || req.TopP != 0 || req.MaxTokens < 0 {
-		n.generateAPI(w, r, &req) // openai.go
-		return
-	}
-	model, err := shards.ParseCID(req.Model)
-	if err != nil {
-		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
-		return
-	}
-	if req.MaxTokens <= 0 {
-		req.MaxTokens = 32
-	}
-	prompt := make([]int64, len(req.Prompt))
-	for i := range len(req.Prompt) {
-		prompt[i] = int64(req.Prompt[i])
-	}
-	res, err := n.Generate(r.Context(), GenerateRequest{Model: model, Prompt: prompt, MaxTokens: req.MaxTokens,
-		Sampling: shards.Sampling{Temperature: req.Temperature, TopK: req.TopK, Seed: req.Seed}, Options: mesh.InferOptions{FP16: req.FP16}}, nil)
-	if err != nil {
-		meshError(w, err)
-		return
-	}
-	resp := GenerateResponse{Tokens: res.Tokens, FirstTokenMS: float64(res.FirstToken.Microseconds()) / 1000,
-		TotalMS: float64(res.Total.Microseconds()) / 1000}
-	text := make([]byte, len(res.Tokens))
-	for i, t := range res.Tokens {
-		text[i] = byte(t)
-	}
-	resp.Text = string(text)
-	if len(res.Tokens) > 1 {
-		resp.TokensPerS = float64(len(res.Tokens)-1) / (res.Total - res.FirstToken).Seconds()
-	}
-	if route, failovers := stepsSummary(res.Steps); route != nil {
-		resp.Route, resp.Failovers = route, failovers
-	}
-	writeJSON(w, http.StatusOK, resp)
 }
 
 // requireToken answers 401 to requests without "Authorization: Bearer
@@ -394,6 +347,10 @@ func requireToken(token string, next http.Handler) http.Handler {
 	}
 	want := []byte("Bearer " + token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet && dashboardPath(r.URL.Path) {
+			next.ServeHTTP(w, r) // static files; the page asks for the token
+			return
+		}
 		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="infermesh"`)
 			writeError(w, http.StatusUnauthorized, "unauthorized", "this node's API needs its token: Authorization: Bearer TOKEN")
@@ -431,7 +388,10 @@ func (n *Node) routes() []route {
 		h("POST /v1/jobs", n.handleJobCreate),
 		h("GET /v1/jobs/{id}", n.handleJobGet),
 		h("DELETE /v1/jobs/{id}", n.handleJobCancel),
+		h("GET /v1/requests", n.handleRequests),
 		{"GET /metrics", n.metrics.handler()},
+		{"GET /{$}", dashboardHandler()},
+		{"GET /dashboard/", dashboardHandler()},
 		h("GET /openapi.json", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "application/json")
 			w.Write(openAPI)

@@ -128,7 +128,13 @@ func (n *Node) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 			opts.Check = checkOutputs(man)
 		}
 	}
+	start := time.Now()
 	out, info, err := n.mesh.Infer(ctx, model, inputs, opts)
+	var steps []*mesh.StepInfo
+	if info != nil {
+		steps = []*mesh.StepInfo{info}
+	}
+	n.record(ctx, "infer", model.String(), start, steps, nil, err)
 	if info != nil && n.metrics != nil {
 		n.metrics.observeStep(len(info.Route), info.Failovers)
 	}

@@ -93,11 +93,12 @@ func (n *Node) handleJobCreate(w http.ResponseWriter, r *http.Request) {
 
 	n.wg.Go(func() {
 		defer cancel()
-		out, _, err := n.mesh.InferBatch(ctx, model, req.Inputs, micro, mesh.InferOptions{FP16: req.FP16}, func(done, total int) {
+		out, info, err := n.mesh.InferBatch(ctx, model, req.Inputs, micro, mesh.InferOptions{FP16: req.FP16}, func(done, total int) {
 			n.jobs.mu.Lock()
 			e.job.Done = done
 			n.jobs.mu.Unlock()
 		})
+		n.record(ctx, "job", model.String(), job.Created, info, nil, err)
 		n.jobs.mu.Lock()
 		defer n.jobs.mu.Unlock()
 		e.job.Finished = time.Now()

@@ -20,8 +20,7 @@ package node
 // with OpenAI's "type"; once a stream has started, they come as an "event:
 // error" whose data is that JSON.
 //
-// The same generation loop serves POST /v1/generate when it streams, has
-// stop sequences or top_p.
+// The same generation loop serves POST /v1/generate.
 
 import (
 	"bytes"
@@ -122,7 +121,8 @@ func (n *Node) textModel(ctx context.Context, model string) (cid.Cid, *shards.Ma
 	defer cancel()
 	man, err := n.Manifest(ctx, id)
 	if err != nil {
-		return cid.Undef, nil, &httpError{http.StatusNotFound, "model_not_found", fmt.Sprintf("model %s: %v", id, err)}
+		status, code := meshStatus(err)
+		return cid.Undef, nil, &httpError{status, code, fmt.Sprintf("model %s: %v", id, err)}
 	}
 	if !isTextModel(man) {
 		return cid.Undef, nil, &httpError{http.StatusBadRequest, "unsupported_model",
@@ -144,6 +144,7 @@ type textRequest struct {
 	sampling  shards.Sampling
 	stop      []string
 	opts      mesh.InferOptions
+	kind      string // for GET /v1/requests: generate, completion, chat
 }
 
 // textResult is a finished generation; Tokens and text leave out a stop
@@ -194,12 +195,18 @@ func checkPrompt(man *shards.Manifest, prompt []int64) *httpError {
 // emit (if not nil) gets each token once it cannot be part of a stop
 // sequence; generation ends at the first stop sequence, which is left out.
 // An error from emit (the client went away) ends it too.
-func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok int64, text string) error) (*textResult, error) {
+func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok int64, text string) error) (_ *textResult, err error) {
+	start := time.Now()
+	res := &textResult{GenerateResult: &GenerateResult{}, finish: "length"}
+	sess := &meshSession{ctx: ctx, metrics: n.metrics}
+	defer func() {
+		n.record(ctx, req.kind, req.model.String(), start, sess.infos, res.GenerateResult, err)
+	}()
 	opts := req.opts
 	if opts.Check == nil {
 		opts.Check = checkOutputs(req.man)
 	}
-	sess := &meshSession{ctx: ctx, s: n.mesh.NewSession(req.model, opts), metrics: n.metrics}
+	sess.s = n.mesh.NewSession(req.model, opts)
 	defer sess.Close()
 	dec, err := shards.NewDecoder(req.man.Decoder, sess, req.prompt, req.sampling)
 	if err != nil {
@@ -226,8 +233,6 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 		}
 		return nil
 	}
-	res := &textResult{GenerateResult: &GenerateResult{}, finish: "length"}
-	start := time.Now()
 	for range req.maxTokens {
 		tok, err := dec.Next()
 		if errors.Is(err, shards.ErrContextFull) {
@@ -325,8 +330,7 @@ func generateResponse(res *textResult) GenerateResponse {
 	return resp
 }
 
-// generateAPI is POST /v1/generate when it streams, has stop sequences or
-// top_p: with "stream", one event {"token", "text"} per token as it comes,
+// generateAPI is POST /v1/generate: with "stream", one event {"token", "text"} per token as it comes,
 // then the GenerateResponse, then [DONE].
 func (n *Node) generateAPI(w http.ResponseWriter, r *http.Request, req *GenerateAPIRequest) {
 	if req.MaxTokens < 0 {
@@ -358,7 +362,7 @@ func (n *Node) generateAPI(w http.ResponseWriter, r *http.Request, req *Generate
 	}
 	sampling := shards.Sampling{Temperature: req.Temperature, TopK: req.TopK, TopP: req.TopP, Seed: req.Seed}
 	tr := &textRequest{model: model, man: man, prompt: bytesPrompt(req.Prompt), maxTokens: req.MaxTokens,
-		sampling: sampling, stop: req.Stop, opts: mesh.InferOptions{FP16: req.FP16}}
+		sampling: sampling, stop: req.Stop, opts: mesh.InferOptions{FP16: req.FP16}, kind: "generate"}
 	var sse *sseWriter
 	var emit func(int64, string) error
 	if req.Stream {
@@ -477,6 +481,22 @@ type OpenAIModel struct {
 	Object  string `json:"object"`
 	Created int64  `json:"created"`
 	OwnedBy string `json:"owned_by"`
+	// Mesh is infermesh's own: the model's coverage (OpenAI's clients
+	// ignore it).
+	Mesh *MeshModel `json:"infermesh"`
+}
+
+// MeshModel is what this node knows of a model in the mesh.
+type MeshModel struct {
+	Name   string `json:"name,omitempty"` // from the manifest, when this node has it
+	Blocks int    `json:"blocks"`
+	// Text: a byte-level text model, for completions, chat and generate.
+	Text bool `json:"text"`
+	// Complete: every block has a server; Uncovered lists those that have
+	// none; Servers counts the peers serving some span.
+	Complete  bool  `json:"complete"`
+	Uncovered []int `json:"uncovered"`
+	Servers   int   `json:"servers"`
 }
 
 // sampling vets the parameters; maxTokens is the request's own, if any.
@@ -638,7 +658,10 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 		writeAPIError(w, herr.status, herr.code, herr.msg)
 		return
 	}
-	tr := &textRequest{model: model, man: man, prompt: prompt, maxTokens: limit, sampling: sampling, stop: stop}
+	tr := &textRequest{model: model, man: man, prompt: prompt, maxTokens: limit, sampling: sampling, stop: stop, kind: "completion"}
+	if chat {
+		tr.kind = "chat"
+	}
 	c := Completion{ID: newID("cmpl-"), Object: "text_completion", Created: time.Now().Unix(), Model: p.Model}
 	if chat {
 		c.ID, c.Object = newID("chatcmpl-"), "chat.completion"
@@ -732,49 +755,87 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 	sse.done()
 }
 
-// textModels are the text models this node knows: those it serves and
-// those in its store (published or pulled).
-func (n *Node) textModels() []OpenAIModel {
-	seen := map[string]bool{}
-	out := []OpenAIModel{}
-	add := func(id string, man *shards.Manifest) {
-		if !seen[id] && isTextModel(man) {
-			seen[id] = true
-			out = append(out, OpenAIModel{ID: id, Object: "model", OwnedBy: "infermesh"})
-		}
-	}
+// models are the models this node knows, text models first: those it
+// serves, those in its store (published or pulled) and those it has seen in
+// the mesh's capacity records, each with its coverage as the view has it.
+func (n *Node) models(ctx context.Context) []OpenAIModel {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	mans := map[string]*shards.Manifest{}
 	for _, s := range n.servedSpans() {
-		add(s.model.ID.String(), s.model.Manifest)
+		mans[s.model.ID.String()] = s.model.Manifest
 	}
 	if ids, err := n.store.List(); err == nil {
 		for _, id := range ids {
-			if id.Prefix().Codec != shards.CodecManifest || seen[id.String()] {
+			if id.Prefix().Codec != shards.CodecManifest || mans[id.String()] != nil {
 				continue
 			}
 			if b, err := n.store.Get(id); err == nil {
 				if man, err := shards.DecodeManifest(b); err == nil {
-					add(id.String(), man)
+					mans[id.String()] = man
 				}
 			}
 		}
 	}
-	slices.SortFunc(out, func(a, b OpenAIModel) int { return strings.Compare(a.ID, b.ID) })
+	ids := n.mesh.View().KnownModels()
+	for id := range mans {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	out := []OpenAIModel{}
+	for _, id := range ids {
+		c, err := shards.ParseCID(id)
+		if err != nil || c.Prefix().Codec != shards.CodecManifest {
+			continue
+		}
+		info := &MeshModel{Uncovered: []int{}}
+		man := mans[id]
+		if man == nil { // seen in the mesh: its servers have the manifest (cached once fetched)
+			man, _ = n.Manifest(ctx, c)
+		}
+		if man != nil {
+			info.Name, info.Blocks, info.Text = man.Name, len(man.Blocks), isTextModel(man)
+		}
+		if mv, err := n.mesh.View().Model(ctx, c); err == nil {
+			info.Complete, info.Servers = mv.Complete(), len(mv.Peers)
+			if mv.Blocks > 0 {
+				info.Blocks = mv.Blocks
+			}
+			if mv.Uncovered != nil {
+				info.Uncovered = mv.Uncovered
+			}
+		}
+		out = append(out, OpenAIModel{ID: id, Object: "model", OwnedBy: "infermesh", Mesh: info})
+	}
+	// Text models first: an OpenAI client picking the first model gets one
+	// it can talk to.
+	slices.SortStableFunc(out, func(a, b OpenAIModel) int {
+		switch {
+		case a.Mesh.Text == b.Mesh.Text:
+			return 0
+		case a.Mesh.Text:
+			return -1
+		}
+		return 1
+	})
 	return out
 }
 
-// handleModels is GET /v1/models in OpenAI's shape.
+// handleModels is GET /v1/models in OpenAI's shape, with the mesh's
+// coverage of each model in its "infermesh" field.
 func (n *Node) handleModels(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": n.textModels()})
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": n.models(r.Context())})
 }
 
 // handleModel is GET /v1/models/{model}.
 func (n *Node) handleModel(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("model")
-	for _, m := range n.textModels() {
+	for _, m := range n.models(r.Context()) {
 		if m.ID == id {
 			writeJSON(w, http.StatusOK, m)
 			return
 		}
 	}
-	writeAPIError(w, http.StatusNotFound, "model_not_found", fmt.Sprintf("model %q is not a text model this node knows", id))
+	writeAPIError(w, http.StatusNotFound, "model_not_found", fmt.Sprintf("model %q is not a model this node knows", id))
 }

@@ -185,12 +185,13 @@ func TestGenerateStreamingStopAndBadRequests(t *testing.T) {
 		t.Fatalf("seeded top_p sampling: %v then %v", s1.Tokens, s2.Tokens)
 	}
 
-	// GET /v1/models: a server knows the model; the requester serves and
-	// stores nothing.
+	// GET /v1/models: a server knows the model it serves; the requester,
+	// which serves and stores nothing, knows it from the mesh. Both see it
+	// whole, as a text model of 10 blocks served by 2 peers.
 	for _, c := range []struct {
 		n    *Node
 		want []string
-	}{{tm.servers[0], []string{model}}, {rq, nil}} {
+	}{{tm.servers[0], []string{model}}, {rq, []string{model}}} {
 		resp, err := http.Get("http://" + c.n.APIAddr() + "/v1/models")
 		if err != nil {
 			t.Fatal(err)
@@ -204,8 +205,11 @@ func TestGenerateStreamingStopAndBadRequests(t *testing.T) {
 		var ids []string
 		for _, m := range list.Data {
 			ids = append(ids, m.ID)
-			if m.Object != "model" || m.OwnedBy != "infermesh" {
+			if m.Object != "model" || m.OwnedBy != "infermesh" || m.Mesh == nil {
 				t.Fatalf("model %+v", m)
+			}
+			if mm := *m.Mesh; !mm.Text || mm.Blocks != 10 || !mm.Complete || len(mm.Uncovered) != 0 || mm.Servers != 2 || mm.Name == "" {
+				t.Fatalf("model %s as the mesh has it: %+v", m.ID, mm)
 			}
 		}
 		if err != nil || list.Object != "list" || list.Data == nil || !slices.Equal(ids, c.want) {
@@ -253,7 +257,7 @@ func TestGenerateStreamingStopAndBadRequests(t *testing.T) {
 		{"infer shape mismatch", "/v1/infer", inferBody(model, `"input_ids":{"dtype":"int64","shape":[1,3],"data":[1,2]}`), 400, "bad_request"},
 		{"infer negative dim", "/v1/infer", inferBody(model, `"input_ids":{"dtype":"int64","shape":[-1,1],"data":[]}`), 400, "bad_request"},
 		{"infer missing input", "/v1/infer", inferBody(model, `"position_ids":{"dtype":"int64","shape":[1,1],"data":[0]}`), 400, "bad_request"},
-		{"infer unknown model", "/v1/infer", `{"model":"` + unknown + `","inputs":{}}`, 404, "unknown_model"},
+		{"infer unknown model", "/v1/infer", `{"model":"` + unknown + `","inputs":{}}`, 404, "model_not_found"},
 		{"infer huge body", "/v1/infer", `{"model":"` + model + `","inputs":{"x":{"dtype":"float32","shape":[1],"data":[` + strings.Repeat("0,", 33<<20) + `0]}}}`, 413, "bad_request"},
 	} {
 		start := time.Now()

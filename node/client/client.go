@@ -63,7 +63,7 @@ func (e *Error) Is(target error) bool {
 var (
 	ErrBusy         = &Error{Code: "busy"}          // the mesh is at capacity: retry later
 	ErrNoRoute      = &Error{Code: "no_route"}      // nobody serves some blocks of the model
-	ErrUnknownModel = &Error{Code: "unknown_model"} // no peer has the model
+	ErrUnknownModel = &Error{Code: "model_not_found"} // no peer has the model
 	ErrBadRequest   = &Error{Code: "bad_request"}   // the request was malformed
 	ErrDeadline     = &Error{Code: "deadline"}      // the request ran out of time
 )
