@@ -93,7 +93,7 @@ func (n *Node) startAPI() error {
 	if err := os.WriteFile(filepath.Join(n.opts.DataDir, APIFile), []byte(ln.Addr().String()+"\n"), 0o644); err != nil {
 		return err
 	}
-	n.log.Info("api listening", "addr", "http://"+ln.Addr().String())
+	n.log.Info("api listening; the dashboard is at its root", "addr", "http://"+ln.Addr().String()+"/")
 	return nil
 }
 

@@ -178,11 +178,15 @@ func TestAPIToken(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer n.Close()
+	// The dashboard's files are static and served to anyone; the page asks
+	// for the token before it reads the API. Its data is not.
 	for _, c := range []struct {
-		auth string
-		want int
-	}{{"", 401}, {"Bearer wrong", 401}, {"s3cret", 401}, {"Bearer s3cret", 200}} {
-		req, _ := http.NewRequest(http.MethodGet, "http://"+n.APIAddr()+"/v1/status", nil)
+		path, auth string
+		want       int
+	}{{"/v1/status", "", 401}, {"/v1/status", "Bearer wrong", 401}, {"/v1/status", "s3cret", 401},
+		{"/v1/status", "Bearer s3cret", 200}, {"/", "", 200}, {"/dashboard/app.js", "", 200},
+		{"/dashboard/nothing.js", "", 404}, {"/v1/requests", "", 401}, {"/metrics", "", 401}} {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+n.APIAddr()+c.path, nil)
 		if c.auth != "" {
 			req.Header.Set("Authorization", c.auth)
 		}
@@ -192,7 +196,7 @@ func TestAPIToken(t *testing.T) {
 		}
 		resp.Body.Close()
 		if resp.StatusCode != c.want {
-			t.Errorf("Authorization %q: %d, want %d", c.auth, resp.StatusCode, c.want)
+			t.Errorf("GET %s with Authorization %q: %d, want %d", c.path, c.auth, resp.StatusCode, c.want)
 		}
 	}
 	// Beyond loopback, a token is required.
