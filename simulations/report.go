@@ -362,3 +362,27 @@ func fmtRate(f float64) string {
 	}
 	return sig3(f)
 }
+
+// Headline is r's main figures in a few lines of plain text, for a
+// terminal.
+func Headline(r *Result) string {
+	s := &r.Summary
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s: %s requests in %s virtual, %s completed", nameOr(r.Scenario, "scenario"),
+		commas(s.Requests), fmtVirtual(r.Duration), commas(s.Completed))
+	if s.Completed+s.Failed > 0 {
+		fmt.Fprintf(&b, " (%s)", fmtPercent(s.CompletionRate))
+	}
+	fmt.Fprintf(&b, ", %s req/s, %s tokens/s\n", fmtRate(s.Throughput), fmtRate(s.TokensPerSec))
+	if s.E2E.N > 0 {
+		fmt.Fprintf(&b, "end-to-end p50 %s, p95 %s, p99 %s", fmtSeconds(s.E2E.P50), fmtSeconds(s.E2E.P95), fmtSeconds(s.E2E.P99))
+		if s.TTFT.N > 0 {
+			fmt.Fprintf(&b, "; first token p50 %s, p95 %s; per token p50 %s",
+				fmtSeconds(s.TTFT.P50), fmtSeconds(s.TTFT.P95), fmtSeconds(s.PerToken.P50))
+		}
+		b.WriteString("\n")
+	}
+	fmt.Fprintf(&b, "%.2f hops per route, %s failovers, %s replays; peers %s -> %s, lowest coverage %s\n",
+		orZero(s.Hops), commas(s.Failovers), commas(s.Replays), commas(s.PeersStart), commas(s.PeersEnd), fmtPercent(s.MinCoverage))
+	return b.String()
+}

@@ -12,7 +12,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -185,23 +184,18 @@ func TestWriteReport(t *testing.T) {
 	if strings.Contains(md, "Not drawn") || strings.Contains(md, "NaN") {
 		t.Errorf("report.md:\n%s", md)
 	}
-}
 
-// One Result gives identical files, plots included.
-func TestWriteReportDeterministic(t *testing.T) {
-	a, b := t.TempDir(), t.TempDir()
-	if err := WriteReport(a, fakeResult(t, 2, 500, true, 1)); err != nil {
+	// One Result gives identical files, plots included.
+	again := t.TempDir()
+	if err := WriteReport(again, fakeResult(t, 1, 3000, true, 1)); err != nil {
 		t.Fatal(err)
 	}
-	if err := WriteReport(b, fakeResult(t, 2, 500, true, 1)); err != nil {
-		t.Fatal(err)
-	}
-	ents, _ := os.ReadDir(a)
+	ents, _ := os.ReadDir(dir)
 	if len(ents) != 5+2*len(reportPlots) {
 		t.Errorf("%d files in a report", len(ents))
 	}
 	for _, e := range ents {
-		if readFile(t, filepath.Join(a, e.Name())) != readFile(t, filepath.Join(b, e.Name())) {
+		if readFile(t, filepath.Join(dir, e.Name())) != readFile(t, filepath.Join(again, e.Name())) {
 			t.Errorf("%s differs between two writes of one result", e.Name())
 		}
 	}
@@ -328,45 +322,46 @@ func TestMetricNames(t *testing.T) {
 }
 
 func TestWriteSweep(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		values []string
-	}{
-		{"numeric", []string{"0.2", "0.05", "0.1"}},
-		{"categories", []string{"node", "random", "even split"}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			sr := &SweepResult{Scenario: "fake", Param: "churn.leave_per_hour", Values: tc.values}
-			for i := range tc.values {
-				sr.Results = append(sr.Results, fakeResult(t, uint64(10+i), 300, true, float64(i+1)))
-			}
-			dir := t.TempDir()
-			if err := WriteSweep(dir, sr, []string{"completion_rate", "e2e_p50", "ttft_p95"}); err != nil {
-				t.Fatal(err)
-			}
-			rows := readCSV(t, filepath.Join(dir, "sweep.csv"))
-			if len(rows) != 4 || rows[0][0] != "churn.leave_per_hour" || len(rows[0]) != len(MetricNames())+1 || rows[2][0] != tc.values[1] {
-				t.Errorf("sweep.csv: %v", rows)
-			}
-			checkImages(t, dir, "sweep")
-			md := readFile(t, filepath.Join(dir, "sweep.md"))
-			for _, want := range []string{"# Sweep of churn.leave_per_hour", "| Completion rate | End-to-end latency p50 | Time to first token p95 |",
-				"(sweep.svg)", fmtSeconds(sr.Results[2].Summary.E2E.P50)} {
-				if !strings.Contains(md, want) {
-					t.Errorf("sweep.md lacks %q:\n%s", want, md)
-				}
-			}
-			for _, v := range tc.values {
-				sub := sweepDirName(sr.Param, v, 0)
-				if !strings.Contains(md, "("+sub+"/report.md)") {
-					t.Errorf("sweep.md has no link to %s", sub)
-				}
-				if _, err := os.Stat(filepath.Join(dir, sub, "report.md")); err != nil {
-					t.Error(err)
-				}
-			}
-		})
+	values := []string{"0.2", "0.05"}
+	sr := &SweepResult{Scenario: "fake", Param: "churn.leave_per_hour", Values: values}
+	for i := range values {
+		sr.Results = append(sr.Results, fakeResult(t, uint64(10+i), 300, true, float64(i+1)))
 	}
+	dir := t.TempDir()
+	if err := WriteSweep(dir, sr, []string{"completion_rate", "e2e_p50", "ttft_p95"}); err != nil {
+		t.Fatal(err)
+	}
+	rows := readCSV(t, filepath.Join(dir, "sweep.csv"))
+	if len(rows) != 3 || rows[0][0] != "churn.leave_per_hour" || len(rows[0]) != len(MetricNames())+1 || rows[2][0] != "0.05" {
+		t.Errorf("sweep.csv: %v", rows)
+	}
+	checkImages(t, dir, "sweep")
+	md := readFile(t, filepath.Join(dir, "sweep.md"))
+	for _, want := range []string{"# Sweep of churn.leave_per_hour", "| Completion rate | End-to-end latency p50 | Time to first token p95 |",
+		"(sweep.svg)", fmtSeconds(sr.Results[1].Summary.E2E.P50)} {
+		if !strings.Contains(md, want) {
+			t.Errorf("sweep.md lacks %q:\n%s", want, md)
+		}
+	}
+	for _, v := range values {
+		sub := sweepDirName(sr.Param, v, 0)
+		if !strings.Contains(md, "("+sub+"/report.md)") {
+			t.Errorf("sweep.md has no link to %s", sub)
+		}
+		if _, err := os.Stat(filepath.Join(dir, sub, "report.md")); err != nil {
+			t.Error(err)
+		}
+	}
+
+	// Values that are not numbers are categories on the x axis.
+	sr.Values = []string{"node", "even split"}
+	dir = t.TempDir()
+	ms, _ := lookupMetrics([]string{"e2e_p95"})
+	if drawn, err := writeSweepPlot(dir, sr, ms); !drawn || err != nil {
+		t.Fatalf("sweep plot of categories: %v, %v", drawn, err)
+	}
+	checkImages(t, dir, "sweep")
+
 	err := WriteSweep(t.TempDir(), &SweepResult{Values: []string{"1"}, Results: []*Result{{}}}, []string{"nope"})
 	if !errors.Is(err, ErrUnknownMetric) {
 		t.Errorf("WriteSweep with an unknown metric: %v", err)
@@ -401,18 +396,46 @@ func TestWriteComparison(t *testing.T) {
 	}
 }
 
-func TestDeepCopy(t *testing.T) {
-	type inner struct{ X []int }
-	type s struct {
-		P *inner
-		M map[string][]float64
-		L []inner
-		n []int
+// Sweep runs one copy of the scenario per value, leaving it unchanged, and
+// reports progress over the whole sweep.
+func TestSweep(t *testing.T) {
+	sc, err := ParseScenario([]byte(`name: tiny
+duration_s: 60
+peers: 6
+model: {blocks: 4}
+regions: [{name: eu, lat: 50, lon: 8, weight: 1}]
+classes: [{name: gpu, share: 1, block_ms: 2, memory_gb: 1}]
+workload: {rate: 2, entries: 2}
+`), "tiny")
+	if err != nil {
+		t.Fatal(err)
 	}
-	orig := s{P: &inner{X: []int{1}}, M: map[string][]float64{"a": {1}}, L: []inner{{X: []int{2}}}, n: []int{3}}
-	c := deepCopy(reflect.ValueOf(orig)).Interface().(s)
-	c.P.X[0], c.M["a"][0], c.L[0].X[0] = 9, 9, 9
-	if orig.P.X[0] != 1 || orig.M["a"][0] != 1 || orig.L[0].X[0] != 2 || c.n[0] != 3 {
-		t.Errorf("deepCopy shares: %+v", orig)
+	var last, total float64
+	sr, err := Sweep(t.Context(), sc, "workload.rate", []string{"1", "4"}, RunOptions{Progress: func(done, tot float64) {
+		if done < last {
+			t.Errorf("progress went back from %v to %v", last, done)
+		}
+		last, total = done, tot
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sc.Workload.Rate != 2 {
+		t.Errorf("Sweep changed the scenario: rate %v", sc.Workload.Rate)
+	}
+	if len(sr.Results) != 2 || sr.Param != "workload.rate" || sr.Scenario != "tiny" {
+		t.Fatalf("sweep result: %+v", sr)
+	}
+	if a, b := sr.Results[0].Summary.Requests, sr.Results[1].Summary.Requests; !(b > 2*a) {
+		t.Errorf("requests at rate 1 and 4: %d, %d", a, b)
+	}
+	if last != total || total != 120 {
+		t.Errorf("progress ended at %v of %v, want 120 of 120", last, total)
+	}
+	if _, err := Sweep(t.Context(), sc, "workload.rate", []string{"1", "-1"}, RunOptions{}); err == nil || !strings.Contains(err.Error(), "workload.rate=-1") {
+		t.Errorf("sweep to a bad value: %v", err)
+	}
+	if _, err := Sweep(t.Context(), sc, "workload.rate", nil, RunOptions{}); err == nil {
+		t.Error("sweep of no values")
 	}
 }

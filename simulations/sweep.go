@@ -15,7 +15,6 @@ import (
 	"math"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strconv"
 	"strings"
 )
@@ -42,7 +41,7 @@ func Sweep(ctx context.Context, sc *Scenario, param string, values []string, opt
 	}
 	scs := make([]*Scenario, len(values))
 	for i, v := range values {
-		c := copyScenario(sc)
+		c := sc.Clone()
 		if err := c.Set(param, v); err != nil {
 			return nil, fmt.Errorf("simulations: sweep: %s=%s: %w", param, v, err)
 		}
@@ -62,57 +61,6 @@ func Sweep(ctx context.Context, sc *Scenario, param string, values []string, opt
 		sr.Results = append(sr.Results, r)
 	}
 	return sr, nil
-}
-
-// copyScenario is a deep copy of sc's exported fields (pointers, slices
-// and maps copied, not shared), so that Set on the copy leaves sc as it
-// was. Unexported fields are copied as values.
-func copyScenario(sc *Scenario) *Scenario {
-	c := reflect.New(reflect.TypeFor[Scenario]()).Elem()
-	c.Set(deepCopy(reflect.ValueOf(sc).Elem()))
-	out := c.Addr().Interface().(*Scenario)
-	return out
-}
-
-func deepCopy(v reflect.Value) reflect.Value {
-	switch v.Kind() {
-	case reflect.Pointer:
-		if v.IsNil() {
-			return v
-		}
-		p := reflect.New(v.Type().Elem())
-		p.Elem().Set(deepCopy(v.Elem()))
-		return p
-	case reflect.Slice:
-		if v.IsNil() {
-			return v
-		}
-		s := reflect.MakeSlice(v.Type(), v.Len(), v.Len())
-		for i := range v.Len() {
-			s.Index(i).Set(deepCopy(v.Index(i)))
-		}
-		return s
-	case reflect.Map:
-		if v.IsNil() {
-			return v
-		}
-		m := reflect.MakeMapWithSize(v.Type(), v.Len())
-		for it := v.MapRange(); it.Next(); {
-			m.SetMapIndex(it.Key(), deepCopy(it.Value()))
-		}
-		return m
-	case reflect.Struct:
-		s := reflect.New(v.Type()).Elem()
-		s.Set(v) // unexported fields too, shallowly
-		for i := range v.NumField() {
-			if v.Type().Field(i).IsExported() {
-				s.Field(i).Set(deepCopy(v.Field(i)))
-			}
-		}
-		return s
-	default:
-		return v
-	}
 }
 
 // metricKind says how a metric reads: its format and axis unit.
@@ -366,4 +314,14 @@ func sweepDirName(param, value string, i int) string {
 		safe = fmt.Sprintf("run-%02d", i)
 	}
 	return safe
+}
+
+// FormatMetric writes r's value of the named metric as a report shows it
+// ("99.01 %", "1.23 s"), or "?" for an unknown name.
+func FormatMetric(name string, r *Result) string {
+	ms, err := lookupMetrics([]string{name})
+	if err != nil {
+		return "?"
+	}
+	return ms[0].format(&r.Summary)
 }
