@@ -8,8 +8,9 @@ package mesh
 
 import (
 	"errors"
-	"fmt"
 	"math"
+	"strconv"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -303,26 +304,48 @@ type BlockTotals struct {
 }
 
 // AggregateCandidates turns per-block totals into one synthetic candidate
-// per served block whose throughput is that block's total. Place and
-// ShouldMove see the rest of the mesh only through these totals, so they
-// answer the same on the aggregate as on the candidates it sums, in O(Blocks)
-// candidates instead of one per peer (up to the rounding of the sums'
-// order). A block whose count is 0 gets no candidate (it stays unserved).
-// The synthetic peer IDs are "~agg/<block>/<i>", never a real peer's
-// (whose IDs are multihashes).
-func AggregateCandidates(t BlockTotals) []RouteCandidate {
-	var out []RouteCandidate
+// per served block whose throughput is that block's total divided by
+// scale, and returns scale too: pass Place and ShouldMove your MyMicros
+// multiplied by scale. They see the rest of the mesh only through these
+// totals, and their choices (leximin order, relative margins, unserved
+// blocks) do not change when every throughput is divided by one factor,
+// so they answer the same on the aggregate as on the candidates it sums,
+// up to rounding, in O(Blocks) candidates instead of one per peer; their
+// Bottleneck and Before are divided by scale. Scale (>= 1) keeps every
+// synthetic block time at 2 µs or more, since Place clamps times under 1 µs.
+// A block whose count is 0 gets no candidate (it stays unserved). The
+// synthetic peer IDs are "~agg/<block>", never a real peer's (whose IDs
+// are multihashes).
+func AggregateCandidates(t BlockTotals) ([]RouteCandidate, float64) {
+	scale := 1.0
+	for b, tp := range t.Tput {
+		if t.Count[b] > 0 && tp > 0 && !math.IsInf(tp, 1) {
+			scale = max(scale, tp/5e5)
+		}
+	}
+	out := make([]RouteCandidate, 0, len(t.Tput))
+	micros := make([]float64, len(t.Tput))
 	for b, tp := range t.Tput {
 		if t.Count[b] <= 0 || !(tp > 0) {
 			continue
 		}
-		// Place clamps a block time under 1 µs to 1 µs: split a total over
-		// 5e5 passes/s among several candidates of at least 2 µs each.
-		n := int(math.Ceil(tp / 5e5))
-		for i := range n {
-			out = append(out, RouteCandidate{Peer: peer.ID(fmt.Sprintf("~agg/%d/%d", b, i)), Start: b, End: b + 1,
-				BlockMicros: []float64{float64(n) * 1e6 / tp}})
-		}
+		micros[b] = scale * 1e6 / tp
+		out = append(out, RouteCandidate{Peer: aggPeer(b), Start: b, End: b + 1, BlockMicros: micros[b : b+1]})
 	}
-	return out
+	return out, scale
+}
+
+// aggPeers caches the synthetic IDs of AggregateCandidates.
+var aggPeers struct {
+	sync.Mutex
+	ids []peer.ID
+}
+
+func aggPeer(b int) peer.ID {
+	aggPeers.Lock()
+	defer aggPeers.Unlock()
+	for len(aggPeers.ids) <= b {
+		aggPeers.ids = append(aggPeers.ids, peer.ID("~agg/"+strconv.Itoa(len(aggPeers.ids))))
+	}
+	return aggPeers.ids[b]
 }

@@ -1,7 +1,76 @@
-// Package simulations will be the discrete-event simulator of the mesh,
-// calling mesh's routing and placement functions as they are. It may import
-// protocol, shards and mesh.
+// Package simulations is the discrete-event simulator of the mesh: peers on
+// a geography (or an explicit topology), a workload of single passes and
+// generation sessions, churn, capacity records in a DHT, and the node's own
+// routing, placement, rebalancing, failover and replay decisions, which it
+// does not copy but calls: mesh.PlanRouteTiered (and through it
+// mesh.PlanRoute and mesh.SelectCandidates), mesh.Place, mesh.Rebalance
+// (mesh.ShouldMove), mesh.BanDuration, mesh.Distrusts, mesh.RetryPause,
+// mesh.ReplayFrom and mesh.ResumeFrom. It may import protocol, shards and
+// mesh, never node or cmd.
 //
-// It is empty until the simulation work (issue 7) lands; the package exists
-// so that the dependency rules in deps_test.go cover it from the start.
+// A run is deterministic: a virtual clock in nanoseconds, events in a
+// binary heap ordered by (time, sequence), and one PCG stream per concern
+// (workload, peers, churn, network jitter, placement, timers) seeded from
+// Scenario.Seed, so that the same scenario and seed give the same Result
+// byte for byte, and changing churn does not change the workload's draws.
+//
+// # Models
+//
+//   - Network (network.go): great-circle distance at 2/3 c times a route
+//     factor, plus each end's last mile and an exponential jitter;
+//     activations take bytes / the slower access bandwidth on top. Network
+//     coordinates are the exact 3-D chord embedding of the geography with
+//     last miles as heights (what a converged Vivaldi gives, with its kind
+//     of error); an explicit topology's are fitted to its latency matrix by
+//     Vivaldi's spring rule, run to convergence.
+//   - Peers: classes with a per-block time, a prefill factor for prompt
+//     tokens, memory (the span they hold), bandwidth, last mile; each runs
+//     Slots passes at once and queues Queue more (0: busy at once, as the
+//     stage server answers past MaxInFlight).
+//   - DHT and views: each peer publishes its capacity record (span, load
+//     now) on joining, on moving, and every RecordTTL/3 with jitter; a
+//     graceful leaver publishes an empty one, a crashed peer's lingers
+//     until it expires. Every node's view is the records published before
+//     its last ViewRefresh tick and not expired, so loads are as stale as
+//     the real node's and dead peers stay routable until their record
+//     expires or a requester that failed to reach them distrusts them. All
+//     views refresh on the same ticks. Lookups are not simulated hop by
+//     hop: a joining peer pays log2(N)/log2(k)+1 round trips to random
+//     peers twice (providers, then records), the Kademlia cost.
+//   - Requests: entry nodes (the users' own local nodes) near the users;
+//     a request routes at its entry node, travels hop to hop (each hop
+//     pushes to the next), and the last hop answers the entry node. A
+//     generation session is a prompt pass then one step per output token
+//     on the same route. A failed hop is banned and routed around: a
+//     single pass routes again from scratch, a session replaces the lost
+//     span and replays its completed steps there, as mesh.Session does.
+//   - Churn: exponential sessions at a leave rate per hour, a share of
+//     them crashes; leavers are optionally replaced by a new peer of the
+//     same class and region, which places itself with mesh.Place on the
+//     view and fetches its blocks before it goes online.
+//
+// # Scale
+//
+// PlanRoute over 100k peers would take tens of ms a route, which no node
+// can afford either; mesh.PlanRouteTiered keeps the mesh.RoutePerBlock
+// best first hops per block (mesh.SelectCandidates) over views larger than
+// mesh.MaxRouteCandidates. The simulator preselects, once per view and
+// region, four times that many from the region's centre, and each entry
+// node's route selects from that pool with its own coordinate and bans.
+// Routes are memoized per entry node, view, span and ban set: PlanRoute is
+// pure, so within one view and one set of bans it answers the same. mesh.Place
+// and mesh.Rebalance see the view through its per-block throughput totals
+// (mesh.AggregateCandidates), on which they answer as on the candidates.
+//
+// # Files
+//
+//   - api.go: Run and RunOptions (the contract with the report and CLI)
+//   - scenario.go: Scenario and its YAML form, defaults, checks, Set, Arm
+//   - engine.go: the simulated mesh and its event handlers
+//   - events.go: the event heap
+//   - network.go: geography, latencies, coordinates
+//   - result.go: Result, what a run produces
+//   - report*.go, sweep.go: reports, plots, comparisons and sweeps
+//
+// The scenarios under scenarios/ are documented in scenarios/README.md.
 package simulations

@@ -364,13 +364,23 @@ func (s *sim) choose(p *simPeer, totals mesh.BlockTotals) {
 		}
 		s.evenNext = (p.start + n) % blocks
 	default:
-		pl, err := mesh.Place(mesh.AggregateCandidates(totals), mesh.PlaceRequest{Blocks: blocks, Span: n, MyMicros: p.micros, Self: p.id})
+		agg, scale := mesh.AggregateCandidates(totals)
+		pl, err := mesh.Place(agg, mesh.PlaceRequest{Blocks: blocks, Span: n, MyMicros: scaled(p.micros, scale), Self: p.id})
 		if err != nil {
 			panic(err) // the scenario check rules this out
 		}
 		p.start = pl.Start
 	}
 	p.end = p.start + n
+}
+
+// scaled returns micros times scale (see mesh.AggregateCandidates).
+func scaled(micros []float64, scale float64) []float64 {
+	out := make([]float64, len(micros))
+	for i, m := range micros {
+		out[i] = m * scale
+	}
+	return out
 }
 
 // goOnline puts a peer in the mesh and publishes its record.
@@ -447,12 +457,13 @@ func (s *sim) currentView() *view {
 	}
 	at := version * s.refresh
 	blocks := s.sc.Model.Blocks
-	v := &view{version: version, at: make([]int32, len(s.peers)), pools: map[int][]mesh.RouteCandidate{},
+	v := &view{version: version, pools: map[int][]mesh.RouteCandidate{},
 		loaded: mesh.BlockTotals{Tput: make([]float64, blocks), Count: make([]int, blocks)},
 		speeds: mesh.BlockTotals{Tput: make([]float64, blocks), Count: make([]int, blocks)}}
-	if s.v != nil {
-		v.cands = s.v.cands[:0:0]
+	if s.v != nil { // reuse the old view's memory: nothing else holds it
+		v.cands, v.at = s.v.cands[:0], s.v.at[:0]
 	}
+	v.at = slices.Grow(v.at, len(s.peers))[:len(s.peers)]
 	for i, p := range s.peers {
 		v.at[i] = -1
 		r := &p.rec
@@ -682,7 +693,11 @@ func (s *sim) diurnal(r int) float64 {
 func (s *sim) arrival() {
 	w := &s.sc.Workload
 	peak := w.Rate * (1 + w.Diurnal)
-	next := s.now + int64(s.rWork.ExpFloat64()/peak*1e9)
+	gap := 1 / peak
+	if w.Arrivals == "poisson" {
+		gap *= s.rWork.ExpFloat64()
+	}
+	next := s.now + int64(gap*1e9)
 	if w.MaxRequests == 0 || s.arrived+1 < w.MaxRequests {
 		s.q.push(event{t: next, kind: evArrival})
 	}
@@ -1093,8 +1108,9 @@ func (s *sim) rebalance(p *simPeer) {
 			}
 		}
 	}
-	pl, move := mesh.Rebalance(mesh.AggregateCandidates(others),
-		mesh.PlaceRequest{Blocks: s.sc.Model.Blocks, Span: p.capacity, MyMicros: p.micros, Self: p.id}, [2]int{p.start, p.end})
+	agg, scale := mesh.AggregateCandidates(others)
+	pl, move := mesh.Rebalance(agg, mesh.PlaceRequest{Blocks: s.sc.Model.Blocks, Span: p.capacity, MyMicros: scaled(p.micros, scale), Self: p.id},
+		[2]int{p.start, p.end})
 	if !move {
 		return
 	}

@@ -131,8 +131,11 @@ type Dist struct {
 
 // Workload is what the users ask.
 type Workload struct {
-	// Rate is the mean arrival rate of requests, per second (Poisson).
+	// Rate is the mean arrival rate of requests, per second.
 	Rate float64 `yaml:"rate"`
+	// Arrivals is "poisson" (default: exponential gaps) or "uniform" (one
+	// request every 1/Rate seconds, as a benchmark client sends them).
+	Arrivals string `yaml:"arrivals"`
 	// Diurnal modulates the rate of each region by its local time: rate *
 	// (1 + Diurnal * cos(2π (hour - PeakHour) / 24)), 0..1 (default 0).
 	Diurnal  float64 `yaml:"diurnal"`
@@ -464,6 +467,13 @@ func (s *Scenario) checkWorkload() error {
 	w := &s.Workload
 	if !(w.Rate > 0) || !finite(w.Rate) {
 		return bad("workload.rate", "must be > 0 requests/s, is %v", w.Rate)
+	}
+	switch w.Arrivals {
+	case "":
+		w.Arrivals = "poisson"
+	case "poisson", "uniform":
+	default:
+		return bad("workload.arrivals", "must be poisson or uniform, is %q", w.Arrivals)
 	}
 	if !(w.Diurnal >= 0 && w.Diurnal <= 1) {
 		return bad("workload.diurnal", "must be 0..1, is %v", w.Diurnal)
