@@ -39,6 +39,17 @@ const (
 // than MaxRouteCandidates is cut to the RoutePerBlock best candidates per
 // block (SelectCandidates) for each tier. req.Exclude is ignored.
 func PlanRouteTiered(cands []RouteCandidate, req RouteRequest, avoid, banned map[peer.ID]bool) (Route, error) {
+	return PlanRouteInView(cands, len(cands), req, avoid, banned)
+}
+
+// PlanRouteInView is PlanRouteTiered over cands drawn from a view of
+// viewSize candidates: the selection applies when the view is larger than
+// MaxRouteCandidates, as it would over the view itself. When cands holds,
+// for every block, the RoutePerBlock candidates SelectCandidates would keep
+// from the whole view under each tier's exclusions (a SelectCandidates of
+// the view with a larger perBlock, from a nearby point, does in practice),
+// the answer is the same as over the view, at a fraction of the cost.
+func PlanRouteInView(cands []RouteCandidate, viewSize int, req RouteRequest, avoid, banned map[peer.ID]bool) (Route, error) {
 	both := banned
 	if len(avoid) > 0 {
 		both = make(map[peer.ID]bool, len(avoid)+len(banned))
@@ -54,7 +65,7 @@ func PlanRouteTiered(cands []RouteCandidate, req RouteRequest, avoid, banned map
 	for _, exclude := range []map[peer.ID]bool{both, banned, nil} {
 		req.Exclude = exclude
 		c := cands
-		if len(c) > MaxRouteCandidates {
+		if viewSize > MaxRouteCandidates {
 			c = SelectCandidates(cands, req, RoutePerBlock)
 		}
 		if r, err = PlanRoute(c, req); !errors.Is(err, ErrNoRoute) {
@@ -68,14 +79,32 @@ func PlanRouteTiered(cands []RouteCandidate, req RouteRequest, avoid, banned map
 // usable candidates not in req.Exclude with the lowest estimated cost of
 // running that block as a first hop (edge from the requester plus the
 // block's compute under the candidate's load, as in PlanRoute's cost
-// model; ties to the lower peer ID), and returns their union in the order
-// of cands. Near, fast, idle peers are what a route is made of; a peer
-// that is not among the best perBlock for any block it serves would only
-// win if all of those were worse on the edges between hops, which for a
-// perBlock of a dozen or more is rare. It costs one pass over the
-// candidates' blocks, with a bounded heap per block. It does not modify its
-// arguments.
+// model; ties to the lower peer ID, then the earlier candidate), and
+// returns their union in the order of cands. Near, fast, idle peers are
+// what a route is made of; a peer that is not among the best perBlock for
+// any block it serves wins only when its edges to the hops around it make
+// up for it, which they rarely do by much (TestSelectCandidates measures
+// it). It costs one pass over the candidates' blocks, with a bounded heap
+// per block. It does not modify its arguments.
 func SelectCandidates(cands []RouteCandidate, req RouteRequest, perBlock int) []RouteCandidate {
+	return selectCandidates(cands, req, perBlock, 0)
+}
+
+// SelectCandidatesAround returns a superset of SelectCandidates(cands, r,
+// perBlock) for every request r that differs from req only by a From
+// within radius of req.From (the Euclidean distance of the positions, in
+// RTT; the same height and adjustment): per block, every candidate whose
+// score is within radius of the perBlock-th best, since moving the
+// requester by radius changes an edge by at most radius/2 (the triangle
+// inequality). A simulator draws the candidates of many requesters near
+// one point from a view of 100k peers this way, once.
+func SelectCandidatesAround(cands []RouteCandidate, req RouteRequest, perBlock int, radius time.Duration) []RouteCandidate {
+	return selectCandidates(cands, req, perBlock, max(float64(radius)/1e3, 0))
+}
+
+// selectCandidates keeps per block the candidates at most slack µs worse
+// than the perBlock-th best (with no slack: the perBlock best).
+func selectCandidates(cands []RouteCandidate, req RouteRequest, perBlock int, slack float64) []RouteCandidate {
 	start, end := req.Start, req.End
 	if end == 0 {
 		end = req.Blocks
@@ -89,28 +118,56 @@ func SelectCandidates(cands []RouteCandidate, req RouteRequest, perBlock int) []
 		from, fh, fadj = req.From.Vec, req.From.Height, req.From.Adjustment
 	}
 	tokens := float64(max(req.Tokens, 1))
+	// edge[i] is candidate i's first edge, µs; NaN when it is left out.
+	edge := make([]float64, len(cands))
+	score := func(i, b int) float64 {
+		c := &cands[i]
+		load := float64(max(c.Load.InFlight, 0)) + float64(max(c.Load.Queued, 0))
+		return edge[i] + c.BlockMicros[b-c.Start]*tokens*(1+load/RouteLoadSlots)
+	}
 	heaps := make([]selectHeap, end-start)
 	for i := range cands {
 		c := &cands[i]
 		if req.Exclude[c.Peer] || c.End <= start || c.Start >= end || !usableCandidate(c) {
+			edge[i] = math.NaN()
 			continue
 		}
-		edge := routeUnknownEdge
+		edge[i] = routeUnknownEdge
 		if req.Self != "" && c.Peer == req.Self {
-			edge = 0
+			edge[i] = 0
 		} else if c.Coord != nil && from != nil && len(c.Coord.Vec) == len(from) && ValidateCoordinate(*c.Coord) == nil {
-			edge = routeEdge(from, fh, fadj, c.Coord.Vec, c.Coord.Height, c.Coord.Adjustment)
+			edge[i] = routeEdge(from, fh, fadj, c.Coord.Vec, c.Coord.Height, c.Coord.Adjustment)
 		}
-		load := float64(max(c.Load.InFlight, 0)) + float64(max(c.Load.Queued, 0))
-		scale := tokens * (1 + load/RouteLoadSlots)
 		for b := max(c.Start, start); b < min(c.End, end); b++ {
-			heaps[b-start].offer(selectItem{score: edge + c.BlockMicros[b-c.Start]*scale, peer: c.Peer, idx: int32(i)}, perBlock)
+			heaps[b-start].offer(selectItem{score: score(i, b), peer: c.Peer, idx: int32(i)}, perBlock)
 		}
 	}
 	keep := make([]bool, len(cands))
-	for _, h := range heaps {
-		for _, it := range h {
-			keep[it.idx] = true
+	if slack == 0 {
+		for _, h := range heaps {
+			for _, it := range h {
+				keep[it.idx] = true
+			}
+		}
+	} else {
+		limit := make([]float64, len(heaps))
+		for b, h := range heaps {
+			limit[b] = math.Inf(1)
+			if len(h) == perBlock {
+				limit[b] = h[0].score + slack + routeRounding
+			}
+		}
+		for i := range cands {
+			c := &cands[i]
+			if math.IsNaN(edge[i]) {
+				continue
+			}
+			for b := max(c.Start, start); b < min(c.End, end); b++ {
+				if score(i, b) <= limit[b-start] {
+					keep[i] = true
+					break
+				}
+			}
 		}
 	}
 	var out []RouteCandidate

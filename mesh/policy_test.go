@@ -3,6 +3,7 @@ package mesh
 import (
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"testing"
@@ -128,6 +129,45 @@ func TestSelectCandidates(t *testing.T) {
 		}
 		if cut.Cost > full.Cost+full.Cost/20 {
 			t.Errorf("seed %d: selected route costs %v, full %v", seed, cut.Cost, full.Cost)
+		}
+	}
+}
+
+func TestSelectCandidatesAround(t *testing.T) {
+	ids := routeIDs(t, 300)
+	for seed := range uint64(5) {
+		rng := rand.New(rand.NewPCG(seed, 9))
+		cands := randomMesh(rng, ids, 40)
+		centre := randomCoord(rng)
+		req := RouteRequest{Blocks: 40, From: centre, HaveFrom: true, Tokens: 1}
+		radius := 3 * time.Millisecond
+		around := SelectCandidatesAround(cands, req, 8, radius)
+		if len(around) >= len(cands) {
+			t.Fatalf("seed %d: kept all %d", seed, len(cands))
+		}
+		in := map[peer.ID]bool{}
+		for _, c := range around {
+			in[c.Peer] = true
+		}
+		// Any requester within the radius selects a subset of it.
+		for range 20 {
+			from := protocol.Coordinate{Vec: slices.Clone(centre.Vec), Height: centre.Height}
+			dir, norm := make([]float64, len(from.Vec)), 0.0
+			for i := range dir {
+				dir[i] = rng.NormFloat64()
+				norm += dir[i] * dir[i]
+			}
+			r := radius.Seconds() * rng.Float64()
+			for i := range dir {
+				from.Vec[i] += dir[i] / math.Sqrt(norm) * r
+			}
+			near := req
+			near.From = from
+			for _, c := range SelectCandidates(cands, near, 8) {
+				if !in[c.Peer] {
+					t.Fatalf("seed %d: %s selected from %v away but not around the centre", seed, c.Peer, r)
+				}
+			}
 		}
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 
@@ -145,14 +146,17 @@ type sim struct {
 	rPlace  *rand.Rand
 	rTimers *rand.Rand
 
-	peers      []*simPeer
-	online     int
-	entries    []*entryNode
-	byRegion   [][]int32 // entry nodes per region
-	regionEP   []*endpoint
-	classMicro [][]float64
-	covered    []int32 // online servers per block
-	evenNext   int
+	peers    []*simPeer
+	online   int
+	entries  []*entryNode
+	byRegion [][]int32 // entry nodes per region
+	regionEP []*endpoint
+	// regionRadius is, per region, the farthest of its entry nodes from
+	// its centre, in RTT
+	regionRadius []time.Duration
+	classMicro   [][]float64
+	covered      []int32 // online servers per block
+	evenNext     int
 
 	reqs    []request
 	free    []int32
@@ -277,6 +281,17 @@ func (s *sim) initGeo() {
 		ep.coord = s.net.geoCoord(&ep)
 		s.byRegion[r] = append(s.byRegion[r], int32(len(s.entries)))
 		s.entries = append(s.entries, &entryNode{self: -1, ep: &ep, region: r})
+	}
+	s.regionRadius = make([]time.Duration, len(sc.Regions))
+	for r, es := range s.byRegion {
+		centre := s.regionEP[r].coord.Vec
+		for _, e := range es {
+			d := 0.0
+			for i, x := range s.entries[e].ep.coord.Vec {
+				d += (x - centre[i]) * (x - centre[i])
+			}
+			s.regionRadius[r] = max(s.regionRadius[r], time.Duration(math.Ceil(math.Sqrt(d)*1e9)))
+		}
 	}
 	shares := make([]float64, len(sc.Classes))
 	for i, c := range sc.Classes {
@@ -487,17 +502,20 @@ func (s *sim) currentView() *view {
 }
 
 // pool is the candidates for the entry nodes of region r in a view larger
-// than mesh.MaxRouteCandidates: mesh.SelectCandidates from the region's
-// centre with four times mesh.RoutePerBlock per block, so that the
-// selection each entry node's route makes (mesh.PlanRouteTiered, from its
-// own coordinate, with its bans) finds in the pool what it would find in
-// the whole view. It is computed once per region and view.
+// than mesh.MaxRouteCandidates: mesh.SelectCandidatesAround the region's
+// centre, over the radius that holds its entry nodes, with twice
+// mesh.RoutePerBlock per block. It holds what the selection each entry
+// node's route makes (mesh.PlanRouteInView, from its own coordinate)
+// would keep from the whole view, as long as an entry node has banned at
+// most mesh.RoutePerBlock servers of a block, so the routes are the same
+// (TestRoutesAreMeshRoutes checks it). It is computed once per region and
+// view.
 func (s *sim) pool(v *view, r int) []mesh.RouteCandidate {
 	if c, ok := v.pools[r]; ok {
 		return c
 	}
 	req := mesh.RouteRequest{Blocks: s.sc.Model.Blocks, From: *s.regionEP[r].coord, HaveFrom: true, Tokens: 1}
-	c := mesh.SelectCandidates(v.cands, req, 4*mesh.RoutePerBlock)
+	c := mesh.SelectCandidatesAround(v.cands, req, 2*mesh.RoutePerBlock, s.regionRadius[r])
 	v.pools[r] = c
 	return c
 }
@@ -572,7 +590,7 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 		}
 	}
 	req := mesh.RouteRequest{Blocks: s.sc.Model.Blocks, Start: start, End: end, From: *en.ep.coord, HaveFrom: true, Self: en.id, Tokens: 1}
-	r, err := mesh.PlanRouteTiered(cands, req, nil, banned)
+	r, err := mesh.PlanRouteInView(cands, len(v.cands), req, nil, banned)
 	if errors.Is(err, mesh.ErrNoRoute) && len(v.cands) > mesh.MaxRouteCandidates {
 		// The pool lacked what the whole view has (many bans, say).
 		all := v.cands
@@ -822,6 +840,7 @@ func (s *sim) atHop(id int32, h int) {
 	p := s.peers[hp.peer]
 	en := s.entries[r.entry]
 	if !p.online {
+		p.failed++
 		if p.crashed {
 			// Nobody answers: the requester's step times out.
 			s.failAt(id, h, r.stepStart+s.timeout, mesh.FailStall)

@@ -1,0 +1,422 @@
+package simulations
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/infermesh/infermesh/mesh"
+)
+
+// small is a geography scenario that runs in well under a second: a few
+// dozen peers of two classes, sessions and single passes, churn.
+const small = `
+name: small
+seed: 7
+duration_s: 240
+sample_s: 10
+peers: 40
+model: {blocks: 16, block_mb: 500, activation_kb: 8}
+regions:
+  - {name: eu, lat: 50, lon: 8, weight: 2}
+  - {name: us, lat: 39, lon: -77, weight: 1}
+classes:
+  - {name: gpu, share: 1, block_ms: 1, memory_gb: 4, last_mile_ms: 2, jitter_ms: 0.5, slots: 4}
+  - {name: cpu, share: 1, block_ms: 8, prefill_factor: 0.5, memory_gb: 2, last_mile_ms: 5, jitter_ms: 1, slots: 1}
+workload:
+  rate: 6
+  generate: 0.6
+  prompt: {dist: lognormal, mean: 60, sigma: 0.5, max: 400}
+  output: {dist: uniform, min: 4, max: 24}
+  entries: 8
+churn: {leave_per_hour: 0.5, crash_fraction: 0.5, replace: true, rejoin_s: 20}
+`
+
+func parse(t testing.TB, y string) *Scenario {
+	t.Helper()
+	sc, err := ParseScenario([]byte(y), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sc
+}
+
+func run(t testing.TB, sc *Scenario) *Result {
+	t.Helper()
+	r, err := Run(context.Background(), sc, RunOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// encode writes the whole Result, the fields JSON leaves out included.
+func encode(t testing.TB, r *Result) []byte {
+	t.Helper()
+	b, err := json.Marshal(struct {
+		R         *Result
+		Series    []Sample
+		Peers     []PeerStat
+		Latencies Latencies
+	}{r, r.Series, r.Peers, r.Latencies})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestSameSeedSameResult(t *testing.T) {
+	sc := parse(t, small)
+	a, b := encode(t, run(t, sc)), encode(t, run(t, sc))
+	if !bytes.Equal(a, b) {
+		t.Fatal("two runs with one seed differ")
+	}
+	r := run(t, sc)
+	if r.Summary.Completed == 0 || len(r.Series) != 24 || len(r.Peers) < 40 || len(r.Latencies.E2E) != r.Summary.Completed {
+		t.Fatalf("thin result: %+v, %d samples, %d peers", r.Summary, len(r.Series), len(r.Peers))
+	}
+	if len(r.Latencies.TTFT) == 0 || len(r.Latencies.PerToken) == 0 || r.Summary.TokensPerSec == 0 || r.Summary.Events == 0 {
+		t.Fatalf("no generation figures: %+v", r.Summary)
+	}
+	other := sc.Clone()
+	other.Seed++
+	if bytes.Equal(a, encode(t, run(t, other))) {
+		t.Fatal("a different seed gave the same result")
+	}
+}
+
+// TestWorkloadIndependentOfChurn: churn draws from its own stream, so
+// without any failure the requests arrive the same.
+func TestWorkloadIndependentOfChurn(t *testing.T) {
+	sc := parse(t, small)
+	a := run(t, sc)
+	sc.Churn.LeavePerHour = 0.01
+	b := run(t, sc)
+	if a.Summary.Requests != b.Summary.Requests {
+		t.Fatalf("arrivals changed with churn: %d vs %d", a.Summary.Requests, b.Summary.Requests)
+	}
+}
+
+// explicit is a four-node explicit topology: requester r, and two ways to
+// serve a 4-block model: f (all blocks, fast, far) or n1+n2 (near, two
+// hops).
+const explicit = `
+name: explicit
+seed: 1
+duration_s: 20
+model: {blocks: 4, block_mb: 100, activation_kb: 4}
+network:
+  nodes:
+    - {name: r, requester: true}
+    - {name: f, start: 0, end: 4, block_us: 200}
+    - {name: n1, start: 0, end: 2, block_us: 1000}
+    - {name: n2, start: 2, end: 4, block_us: 1000}
+  latency_ms:
+    - [0, 20, 1, 1]
+    - [20, 0, 20, 20]
+    - [1, 20, 0, 1]
+    - [1, 20, 1, 0]
+workload: {rate: 5, arrivals: uniform, prompt: {dist: const, mean: 1}}
+`
+
+func passes(r *Result) map[string]int64 {
+	m := map[string]int64{}
+	for _, p := range r.Peers {
+		m[p.Region] = p.Passes
+	}
+	return m
+}
+
+// TestRoutesAreMeshRoutes: the simulator's routes are mesh.PlanRoute's on
+// the same candidates, and a change PlanRoute honours (the network, seen
+// through the coordinates) changes where the simulated work goes.
+func TestRoutesAreMeshRoutes(t *testing.T) {
+	sc := parse(t, explicit)
+	s, err := newSim(context.Background(), sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	en := s.entries[0]
+	hops, err := s.route(en, 0, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := s.currentView()
+	want, err := mesh.PlanRoute(v.cands, mesh.RouteRequest{Blocks: 4, From: *en.ep.coord, HaveFrom: true, Self: en.id, Tokens: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hops) != len(want.Hops) {
+		t.Fatalf("sim route %v, PlanRoute %v", hops, want.Hops)
+	}
+	for i, h := range want.Hops {
+		if s.peers[hops[i].peer].id != h.Peer || int(hops[i].start) != h.Start || int(hops[i].end) != h.End {
+			t.Fatalf("sim route %v, PlanRoute %v", hops, want.Hops)
+		}
+	}
+	// Near and slow wins here (2 ms of compute against 40 ms of network).
+	near := passes(run(t, sc))
+	if near["f"] != 0 || near["n1"] == 0 || near["n2"] == 0 {
+		t.Fatalf("passes %v: want n1 and n2 only", near)
+	}
+	// Make f near too: now its one fast hop wins.
+	sc.Network.LatencyMS[0][1], sc.Network.LatencyMS[1][0] = 1, 1
+	for _, j := range []int{2, 3} {
+		sc.Network.LatencyMS[1][j], sc.Network.LatencyMS[j][1] = 1, 1
+	}
+	far := passes(run(t, sc))
+	if far["f"] == 0 || far["n1"] != 0 {
+		t.Fatalf("passes %v: want f only", far)
+	}
+
+	// Geography mode, over a view larger than mesh.MaxRouteCandidates: the
+	// route is mesh.PlanRouteTiered's over the whole view.
+	big := parse(t, small)
+	big.Peers, big.Churn.LeavePerHour = 1500, 0
+	s, err = newSim(context.Background(), big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v = s.currentView()
+	if len(v.cands) <= mesh.MaxRouteCandidates {
+		t.Fatalf("view of %d", len(v.cands))
+	}
+	for _, en := range s.entries {
+		hops, err := s.route(en, 0, 16)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := mesh.PlanRouteTiered(v.cands, mesh.RouteRequest{Blocks: 16, From: *en.ep.coord, HaveFrom: true, Tokens: 1}, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []peer.ID
+		for _, h := range hops {
+			got = append(got, s.peers[h.peer].id)
+		}
+		var exp []peer.ID
+		for _, h := range want.Hops {
+			exp = append(exp, h.Peer)
+		}
+		if !slices.Equal(got, exp) {
+			t.Errorf("entry %v: pooled route %v, over the whole view %v", en.region, got, exp)
+		}
+	}
+}
+
+// TestPlacementIsMeshPlace: each initial peer serves the span mesh.Place
+// gives it on the real candidates of the peers before it.
+func TestPlacementIsMeshPlace(t *testing.T) {
+	sc := parse(t, small)
+	sc.Peers = 120
+	s, err := newSim(context.Background(), sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cands []mesh.RouteCandidate
+	for _, p := range s.peers {
+		pl, err := mesh.Place(cands, mesh.PlaceRequest{Blocks: 16, Span: p.capacity, MyMicros: p.micros, Self: p.id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pl.Start != p.start || pl.End != p.end {
+			t.Fatalf("peer %s serves [%d, %d), mesh.Place says [%d, %d)", p.id, p.start, p.end, pl.Start, pl.End)
+		}
+		cands = append(cands, mesh.RouteCandidate{Peer: p.id, Start: p.start, End: p.end, BlockMicros: p.micros[p.start:p.end]})
+	}
+	// The other placements differ from it.
+	for _, how := range []string{"random", "even"} {
+		c := sc.Clone()
+		c.Placement = how
+		s2, err := newSim(context.Background(), c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		same := 0
+		for i, p := range s2.peers {
+			if p.start == s.peers[i].start {
+				same++
+			}
+		}
+		if same == len(s.peers) {
+			t.Errorf("placement %s chose the node's spans", how)
+		}
+	}
+}
+
+// TestChurnFailoverAndRecovery: peers leaving mid-request cause failovers
+// and session replays; coverage drops when they leave and comes back as
+// replacements place themselves where blocks are missing.
+func TestChurnFailoverAndRecovery(t *testing.T) {
+	sc := parse(t, small)
+	sc.Peers = 10
+	sc.DurationS, sc.SampleS = 1200, 10
+	sc.Workload.Rate = 3
+	sc.Workload.Generate = 1
+	sc.Churn = Churn{LeavePerHour: 4, CrashFraction: 0.5, Replace: true, RejoinS: 30}
+	r := run(t, sc)
+	s := r.Summary
+	if s.Leaves == 0 || s.Joins == 0 || s.Failovers == 0 || s.Replays == 0 {
+		t.Fatalf("no churn effects: %+v", s)
+	}
+	low := slices.IndexFunc(r.Series, func(x Sample) bool { return x.Coverage < 1 })
+	if low < 0 || s.MinCoverage >= 1 {
+		t.Fatalf("coverage never dropped (min %v)", s.MinCoverage)
+	}
+	if !slices.ContainsFunc(r.Series[low:], func(x Sample) bool { return x.Coverage == 1 }) {
+		t.Fatal("coverage never recovered")
+	}
+	failed := 0
+	for _, p := range r.Peers {
+		failed += p.Failed
+	}
+	if failed == 0 {
+		t.Fatal("no peer left with requests on it")
+	}
+	if s.CompletionRate < 0.5 {
+		t.Fatalf("completion rate %v", s.CompletionRate)
+	}
+}
+
+func TestScenarioErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, yaml, want string
+	}{
+		{"unknown field", small + "bogus: 1\n", "field bogus not found"},
+		{"unknown nested field", strings.Replace(small, "rate: 6", "rate: 6\n  rte: 3", 1), "field rte not found"},
+		{"bad rate", strings.Replace(small, "rate: 6", "rate: -1", 1), "workload.rate"},
+		{"bad type", strings.Replace(small, "rate: 6", "rate: fast", 1), "cannot unmarshal"},
+		{"bad placement", small + "placement: greedy\n", "placement: must be node, random or even"},
+		{"bad class", strings.Replace(small, "block_ms: 8", "block_ms: 0", 1), "classes.1.block_ms"},
+		{"unknown region", strings.Replace(small, "{name: gpu, share: 1,", "{name: gpu, share: 1, regions: [mars],", 1), `classes.0.regions: unknown region "mars"`},
+		{"bad dist", strings.Replace(small, "dist: uniform", "dist: zipf", 1), "workload.output.dist"},
+		{"matrix", strings.Replace(explicit, "[1, 20, 1, 0]", "[1, 20, 1]", 1), "network.latency_ms.3"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseScenario([]byte(tc.yaml), "test")
+			if err == nil || !errors.Is(err, ErrBadScenario) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want one with %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestSet(t *testing.T) {
+	sc := parse(t, small)
+	for path, val := range map[string]string{
+		"workload.rate":         "12.5",
+		"churn.leave_per_hour":  "0.2",
+		"classes.1.share":       "3",
+		"peers":                 "77",
+		"placement":             "even",
+		"regions.0.peer_weight": "0.5",
+		"workload.output.mean":  "9",
+	} {
+		if err := sc.Set(path, val); err != nil {
+			t.Fatalf("Set(%s, %s): %v", path, val, err)
+		}
+	}
+	if sc.Workload.Rate != 12.5 || sc.Churn.LeavePerHour != 0.2 || sc.Classes[1].Share != 3 || sc.Peers != 77 ||
+		sc.Placement != "even" || *sc.Regions[0].PeerWeight != 0.5 || sc.Workload.Output.Mean != 9 {
+		t.Fatalf("not set: %+v", sc)
+	}
+	before := encodeScenario(t, sc)
+	for _, tc := range [][3]string{
+		{"workload.rte", "1", "field rte not found"},
+		{"workload.rate", "-3", "workload.rate"},
+		{"classes.9.share", "1", "not an index"},
+		{"placement", "greedy", "placement"},
+	} {
+		if err := sc.Set(tc[0], tc[1]); err == nil || !strings.Contains(err.Error(), tc[2]) {
+			t.Errorf("Set(%s, %s) = %v, want %q", tc[0], tc[1], err, tc[2])
+		}
+	}
+	if !bytes.Equal(before, encodeScenario(t, sc)) {
+		t.Fatal("a failed Set changed the scenario")
+	}
+}
+
+func encodeScenario(t *testing.T, sc *Scenario) []byte {
+	b, err := json.Marshal(sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestBuiltinScenarios: every scenario under scenarios/ loads, its arms
+// and sweep values apply, and it runs (shortened, at a tenth of the peers
+// and rate for the big ones).
+func TestBuiltinScenarios(t *testing.T) {
+	files, err := filepath.Glob("scenarios/*.yaml")
+	if err != nil || len(files) < 5 {
+		t.Fatalf("scenarios: %v %v", files, err)
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			sc, err := LoadScenario(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if sc.Description == "" {
+				t.Error("no description")
+			}
+			var variants []*Scenario
+			for _, a := range sc.Arms {
+				c, err := sc.Arm(a.Name)
+				if err != nil {
+					t.Fatal(err)
+				}
+				variants = append(variants, c)
+			}
+			if sc.Sweep != nil {
+				for _, v := range sc.Sweep.Values {
+					c := sc.Clone()
+					if err := c.Set(sc.Sweep.Param, v); err != nil {
+						t.Fatal(err)
+					}
+					variants = append(variants, c)
+				}
+			}
+			if len(variants) == 0 {
+				variants = append(variants, sc)
+			}
+			for _, c := range variants {
+				c.DurationS, c.SampleS = min(c.DurationS, 30), 0
+				if c.Peers > 2000 {
+					c.Peers /= 50
+				}
+				c.Workload.Rate = min(c.Workload.Rate, 50)
+				c.Workload.MaxRequests = 0
+				if err := c.check(); err != nil {
+					t.Fatal(err)
+				}
+				var last float64
+				r, err := Run(context.Background(), c, RunOptions{Progress: func(done, total float64) { last = done }})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if r.Summary.Completed == 0 || last != c.DurationS {
+					t.Fatalf("%s: %+v, progress ended at %v", c.Name, r.Summary, last)
+				}
+			}
+		})
+	}
+}
+
+func TestRunCancelled(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	sc := parse(t, small)
+	sc.DurationS = 3600
+	if _, err := Run(ctx, sc, RunOptions{}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run = %v, want context.Canceled", err)
+	}
+}
