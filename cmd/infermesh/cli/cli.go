@@ -41,6 +41,7 @@ func topCommands() []command {
 		{"generate", "generate text through the mesh (via the local node)", runGenerate},
 		{"shard", "build, split, inspect and run content-addressed model blocks", runShard},
 		{"demo", "build a model and run pipelined generation through its blocks", runDemo},
+		{"sim", "simulate the mesh at scale: run a scenario, sweep a parameter, compare variants", runSim},
 		{"version", "print the version", func(_ context.Context, e *env, _ []string) error {
 			e.printf("infermesh %s\n", node.Version)
 			return nil
