@@ -52,7 +52,7 @@ type request struct {
 	retries        int32 // routing attempts that found no route, this step
 	epoch          uint32
 	arrive         int64
-	stepStart      int64
+	sent           int64 // when the current attempt of the step left the entry node
 	firstTok       int64
 	route          []hop // shared with the memo until replaced: never written in place
 }
@@ -186,6 +186,7 @@ type sim struct {
 	series     []Sample
 	minCov     float64
 	memoHits   int64
+	failKinds  [4]int
 	routeCalls int64
 }
 
@@ -803,10 +804,8 @@ func (s *sim) startStep(id int32) {
 		s.hopsSum += int64(len(hops))
 		s.routes++
 	}
-	if r.step == 0 && r.failovers == 0 && r.retries == 0 {
-		r.stepStart = s.now
-	}
 	r.retries = 0
+	r.sent = s.now
 	first := s.peers[r.route[0].peer]
 	s.q.push(event{t: s.now + s.net.oneWay(en.ep, first.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id, b: 0, e: r.epoch})
 }
@@ -842,8 +841,8 @@ func (s *sim) atHop(id int32, h int) {
 	if !p.online {
 		p.failed++
 		if p.crashed {
-			// Nobody answers: the requester's step times out.
-			s.failAt(id, h, r.stepStart+s.timeout, mesh.FailStall)
+			// Nobody answers: the requester's attempt times out.
+			s.failAt(id, h, r.sent+s.timeout, mesh.FailStall)
 		} else {
 			// The connection is closed or refused: the sender reports.
 			s.failAt(id, h, s.now+s.net.oneWay(p.ep, en.ep, 0), mesh.FailHard)
@@ -873,8 +872,8 @@ func (s *sim) atHop(id int32, h int) {
 		begin = f
 		p.waiting = append(p.waiting, f)
 	}
-	if begin-r.stepStart > s.timeout {
-		s.failAt(id, h, r.stepStart+s.timeout, mesh.FailStall)
+	if begin-r.sent > s.timeout {
+		s.failAt(id, h, r.sent+s.timeout, mesh.FailStall)
 		return
 	}
 	d := p.passNs(start, end, r.tokens())
@@ -914,7 +913,6 @@ func (s *sim) result(id int32) {
 		s.cur.Tokens++
 	}
 	if r.gen && r.step < r.output {
-		r.stepStart = s.now
 		s.startStep(id)
 		return
 	}
@@ -968,6 +966,7 @@ func (s *sim) fail(id int32, h int, kind mesh.FailureKind) {
 	}
 	s.failovers++
 	s.cur.Failovers++
+	s.failKinds[kind]++
 	r.failovers++
 	if int(r.failovers) > s.sc.Workload.MaxFailovers {
 		s.finish(id, false)
@@ -1035,6 +1034,7 @@ func (s *sim) replace(id int32, f int) {
 		s.replays += steps
 	}
 	r.route = route
+	r.sent = s.now + replay
 	resume := mesh.ResumeFrom(from, whole)
 	first := s.peers[route[resume].peer]
 	s.q.push(event{t: s.now + replay + s.net.oneWay(en.ep, first.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id,
@@ -1063,7 +1063,7 @@ func (s *sim) leave(p *simPeer, crash bool) {
 		h := slices.IndexFunc(r.route, func(x hop) bool { return s.peers[x.peer] == p })
 		p.failed++
 		if crash {
-			s.failAt(id, h, r.stepStart+s.timeout, mesh.FailStall)
+			s.failAt(id, h, r.sent+s.timeout, mesh.FailStall)
 		} else {
 			s.failAt(id, h, s.now+s.net.oneWay(p.ep, s.entries[r.entry].ep, 0), mesh.FailHard)
 		}
