@@ -239,6 +239,9 @@ func keyNumbers(r *Result) string {
 	if s.Completed+s.Failed > 0 {
 		fmt.Fprintf(&b, " (completion rate %s)", fmtPercent(s.CompletionRate))
 	}
+	if open := s.Requests - s.Completed - s.Failed; open > 0 {
+		fmt.Fprintf(&b, "; %s were still in flight at the end", commas(open))
+	}
 	fmt.Fprintf(&b, ". The mesh completed %s requests/s", fmtRate(s.Throughput))
 	if s.TokensPerSec > 0 {
 		fmt.Fprintf(&b, " and generated %s tokens/s", fmtRate(s.TokensPerSec))

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -42,18 +43,10 @@ func comparisonMarkdown(names []string, rs []*Result, drawn bool) []byte {
 	}
 	fmt.Fprintf(&b, "# Comparison: %s\n\n", strings.Join(esc, " vs "))
 	for i, r := range rs {
-		fmt.Fprintf(&b, "- **%s**: scenario %s, seed %d, %s of virtual time", esc[i],
+		fmt.Fprintf(&b, "- **%s**: scenario %s, seed %d, %s of virtual time\n", esc[i],
 			mdEscape(nameOr(r.Scenario, "unnamed")), r.Seed, fmtVirtual(r.Duration))
-		if len(r.Params) > 0 {
-			ps := make([]string, len(r.Params))
-			for j, p := range r.Params {
-				ps[j] = mdEscape(p)
-			}
-			fmt.Fprintf(&b, "; %s", strings.Join(ps, "; "))
-		}
-		b.WriteString("\n")
 	}
-
+	b.WriteString(paramsDiff(esc, rs))
 	b.WriteString("\n## Headline figures\n\n| Figure |")
 	for _, n := range esc {
 		fmt.Fprintf(&b, " %s |", n)
@@ -89,6 +82,56 @@ func comparisonMarkdown(names []string, rs []*Result, drawn bool) []byte {
 		b.WriteString("\nNo latency plot: no run completed a request.\n")
 	}
 	return []byte(b.String())
+}
+
+// paramsDiff is the runs' parameters: a table of those that differ, then
+// a list of those common to all. A parameter is a Params line "name:
+// value"; a line without ": " is all name.
+func paramsDiff(names []string, rs []*Result) string {
+	var order []string
+	vals := map[string][]string{}
+	for i, r := range rs {
+		for _, p := range r.Params {
+			k, v, _ := strings.Cut(p, ": ")
+			if _, ok := vals[k]; !ok {
+				order = append(order, k)
+				vals[k] = make([]string, len(rs))
+				for j := range vals[k] {
+					vals[k][j] = "–"
+				}
+			}
+			vals[k][i] = v
+		}
+	}
+	if len(order) == 0 {
+		return ""
+	}
+	var diff, same strings.Builder
+	for _, k := range order {
+		v := vals[k]
+		if slices.Equal(v, slices.Repeat(v[:1], len(v))) {
+			fmt.Fprintf(&same, "- %s: %s\n", mdEscape(k), mdEscape(v[0]))
+			continue
+		}
+		fmt.Fprintf(&diff, "| %s |", mdEscape(k))
+		for _, x := range v {
+			fmt.Fprintf(&diff, " %s |", mdEscape(x))
+		}
+		diff.WriteString("\n")
+	}
+	var b strings.Builder
+	b.WriteString("\n## Parameters\n\n")
+	if diff.Len() > 0 {
+		b.WriteString("Where the runs differ:\n\n| Parameter |")
+		for _, n := range names {
+			fmt.Fprintf(&b, " %s |", n)
+		}
+		b.WriteString("\n|---|" + strings.Repeat("---|", len(names)) + "\n" + diff.String() + "\n")
+	}
+	if same.Len() > 0 {
+		b.WriteString("Common to all runs:\n\n" + same.String())
+	}
+	return b.String()
 }
 
 // ratio is b's metric over a's; ok is false when either is missing or a is

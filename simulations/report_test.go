@@ -248,8 +248,12 @@ func TestWriteReportDegenerate(t *testing.T) {
 		r.Series[3].Coverage = math.NaN()
 		r.Series = append(r.Series, Sample{T: r.Series[len(r.Series)-1].T}) // zero-length interval
 		r.Peers = r.Peers[:1]
+		r.Summary.Requests += 5
 		if err := WriteReport(dir, r); err != nil {
 			t.Fatal(err)
+		}
+		if md := readFile(t, filepath.Join(dir, "report.md")); !strings.Contains(md, "; 5 were still in flight at the end.") {
+			t.Errorf("report.md:\n%s", md)
 		}
 		var got Result
 		if err := json.Unmarshal([]byte(readFile(t, filepath.Join(dir, "summary.json"))), &got); err != nil || got.Summary.Throughput != 0 {
@@ -374,6 +378,7 @@ func TestWriteSweep(t *testing.T) {
 func TestWriteComparison(t *testing.T) {
 	a := fakeResult(t, 20, 400, true, 2)
 	b := fakeResult(t, 20, 400, true, 1) // the same draws, half the latency
+	b.Params = append([]string{"peers: 200"}, b.Params[1:]...)
 	dir := t.TempDir()
 	if err := WriteComparison(dir, []string{"cloud", "edge"}, []*Result{a, b}); err != nil {
 		t.Fatal(err)
@@ -383,7 +388,7 @@ func TestWriteComparison(t *testing.T) {
 	for _, want := range []string{"# Comparison: cloud vs edge", "| Figure | cloud | edge | edge / cloud |",
 		"| End-to-end latency p50 | " + fmtSeconds(a.Summary.E2E.P50) + " | " + fmtSeconds(b.Summary.E2E.P50) + " | 0.50× |",
 		"| Requests arrived | 430 | 430 | 1.00× |", "end-to-end latency p50 " + fmtSeconds(b.Summary.E2E.P50) + " vs " + fmtSeconds(a.Summary.E2E.P50) + " (50% lower)",
-		"(comparison_cdf.svg)"} {
+		"(comparison_cdf.svg)", "| Parameter | cloud | edge |\n|---|---|---|\n| peers | 50 | 200 |\n", "Common to all runs:\n\n- workload.rate: 2/s\n"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("comparison.md lacks %q:\n%s", want, md)
 		}
