@@ -414,9 +414,39 @@ func peerLoadPlot(r *Result) (plotFile, figure, error) {
 			}
 		}
 	}
-	p.Y.Min, p.Y.Max = 0, 105 // legend top right, where the sorted curve is low
+	// Legend top right, where the sorted curve is low; the axis up to a
+	// little above the busiest peer.
+	p.Y.Min, p.Y.Max = 0, min(105, max(5, 120*slices.Max(all)))
 	p.X.Min, p.X.Max = 0, 100
 	return pf, single(p), nil
+}
+
+// distinctTicks are gonum's default ticks labelled with as few decimals
+// as tell them apart (the default labels a narrow range 2.6, 2.6, 2.6).
+type distinctTicks struct{}
+
+func (distinctTicks) Ticks(lo, hi float64) []plot.Tick {
+	ticks := plot.DefaultTicks{}.Ticks(lo, hi)
+	for decimals := 0; decimals <= 9; decimals++ {
+		labels := make([]string, len(ticks))
+		seen := map[string]bool{}
+		ok := true
+		for i, t := range ticks {
+			if t.Label == "" {
+				continue
+			}
+			labels[i] = strconv.FormatFloat(t.Value, 'f', decimals, 64)
+			ok = ok && !seen[labels[i]]
+			seen[labels[i]] = true
+		}
+		if ok {
+			for i := range ticks {
+				ticks[i].Label = labels[i]
+			}
+			break
+		}
+	}
+	return ticks
 }
 
 // writeSweepPlot draws the chosen metrics against the swept parameter,
@@ -439,6 +469,9 @@ func writeSweepPlot(dir string, sr *SweepResult, ms []metric) (drawn bool, err e
 			xs[i] = float64(i)
 		}
 	}
+	// Values over two decades or more (peers: 1000, 10000, 100000) on a
+	// log axis.
+	logX := numeric && slices.Min(xs) > 0 && slices.Max(xs)/slices.Min(xs) >= 100
 	var ps []*plot.Plot
 	for i, m := range ms {
 		var pts plotter.XYs
@@ -456,15 +489,26 @@ func writeSweepPlot(dir string, sr *SweepResult, ms []metric) (drawn bool, err e
 			title = fmt.Sprintf("Sweep of %s: %s", sr.Param, nameOr(sr.Scenario, "scenario"))
 		}
 		p := newPlot(title, sr.Param, m.axisLabel())
-		if !numeric {
+		switch {
+		case !numeric:
 			p.NominalX(sr.Values...)
+			padRange(&p.X, slices.Min(xs), slices.Max(xs))
+		case logX:
+			p.X.Scale, p.X.Tick.Marker = plot.LogScale{}, plot.LogTicks{Prec: -1}
+			p.X.Min, p.X.Max = slices.Min(xs)/1.3, slices.Max(xs)*1.3
+		default:
+			padRange(&p.X, slices.Min(xs), slices.Max(xs))
+			p.X.Tick.Marker = distinctTicks{}
 		}
-		padRange(&p.X, slices.Min(xs), slices.Max(xs))
 		ylo, yhi := math.Inf(1), math.Inf(-1)
 		for _, xy := range pts {
 			ylo, yhi = min(ylo, xy.Y), max(yhi, xy.Y)
 		}
 		padRange(&p.Y, ylo, yhi)
+		if m.kind == kindRatio && yhi <= 100 && p.Y.Max > 100 {
+			p.Y.Max = 100.5 // a percentage: no room above 100 %
+		}
+		p.Y.Tick.Marker = distinctTicks{}
 		l, s, err := plotter.NewLinePoints(pts)
 		if err != nil {
 			return false, fmt.Errorf("simulations: sweep plot %s: %w", m.name, err)

@@ -277,6 +277,22 @@ func TestQuantileGrid(t *testing.T) {
 	}
 }
 
+func TestDistinctTicks(t *testing.T) {
+	seen := map[string]bool{}
+	for _, tk := range (distinctTicks{}).Ticks(2.605, 2.655) {
+		if tk.Label == "" {
+			continue
+		}
+		if seen[tk.Label] || strings.Contains(tk.Label, "e") {
+			t.Errorf("tick label %q twice or with an exponent", tk.Label)
+		}
+		seen[tk.Label] = true
+	}
+	if len(seen) < 2 {
+		t.Errorf("%d labelled ticks", len(seen))
+	}
+}
+
 func TestFormatting(t *testing.T) {
 	for _, tc := range []struct{ got, want string }{
 		{commas(0), "0"}, {commas(999), "999"}, {commas(1000), "1,000"}, {commas(-1234567), "-1,234,567"},
@@ -365,6 +381,11 @@ func TestWriteSweep(t *testing.T) {
 		t.Fatalf("sweep plot of categories: %v, %v", drawn, err)
 	}
 	checkImages(t, dir, "sweep")
+	// Values over decades go on a log axis.
+	sr.Values = []string{"1000", "100000"}
+	if drawn, err := writeSweepPlot(dir, sr, ms); !drawn || err != nil {
+		t.Fatalf("sweep plot over decades: %v, %v", drawn, err)
+	}
 
 	err := WriteSweep(t.TempDir(), &SweepResult{Values: []string{"1"}, Results: []*Result{{}}}, []string{"nope"})
 	if !errors.Is(err, ErrUnknownMetric) {
