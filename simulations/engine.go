@@ -179,6 +179,7 @@ type sim struct {
 	hopsSum    int64
 	routes     int64
 	joins      int
+	moves      int
 	leaves     int
 	lat        Latencies
 	cur        Sample
@@ -1155,6 +1156,7 @@ func (s *sim) moved(p *simPeer) {
 	p.oldStart, p.oldEnd, p.movedAt = p.start, p.end, s.now
 	p.start, p.end = ns, ne
 	s.cover(p.start, p.end, 1)
+	s.moves++
 	s.publish(p)
 }
 
@@ -1214,7 +1216,7 @@ func (s *sim) collect() *Result {
 		sum.Hops = float64(s.hopsSum) / float64(s.routes)
 	}
 	sum.Failovers, sum.Replays = s.failovers, s.replays
-	sum.PeersEnd, sum.Joins, sum.Leaves = s.online, s.joins, s.leaves
+	sum.PeersEnd, sum.Joins, sum.Leaves, sum.Moves = s.online, s.joins, s.leaves, s.moves
 	sum.MinCoverage = s.minCov
 	sum.Events = s.events
 	for i, p := range s.peers {

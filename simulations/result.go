@@ -48,6 +48,8 @@ type Summary struct {
 	PeersEnd   int `json:"peers_end"`
 	Joins      int `json:"joins"`
 	Leaves     int `json:"leaves"`
+	// Moves counts peers that moved to another span (rebalancing).
+	Moves int `json:"moves"`
 	// MinCoverage is the lowest fraction of a model's blocks served at any
 	// sample.
 	MinCoverage float64 `json:"min_coverage"`

@@ -285,6 +285,60 @@ func TestChurnFailoverAndRecovery(t *testing.T) {
 	}
 }
 
+// TestRebalancingRecoversCoverage: without replacements, the peers left
+// move (mesh.Rebalance) to the blocks the leavers uncovered.
+func TestRebalancingRecoversCoverage(t *testing.T) {
+	sc := parse(t, small)
+	sc.Peers = 24
+	sc.DurationS, sc.SampleS, sc.RebalanceS = 1800, 10, 60
+	sc.Churn = Churn{LeavePerHour: 0.8, CrashFraction: 0}
+	r := run(t, sc)
+	if r.Summary.Moves == 0 || r.Summary.Joins != 0 || r.Summary.Leaves == 0 {
+		t.Fatalf("summary %+v", r.Summary)
+	}
+	low := slices.IndexFunc(r.Series, func(x Sample) bool { return x.Coverage < 1 })
+	if low < 0 {
+		t.Skip("coverage never dropped with this seed")
+	}
+	if !slices.ContainsFunc(r.Series[low:], func(x Sample) bool { return x.Coverage == 1 }) {
+		t.Fatalf("coverage never recovered: %v", r.Series)
+	}
+	// Without rebalancing it does not.
+	sc.RebalanceS = -1
+	r = run(t, sc)
+	if r.Summary.Moves != 0 {
+		t.Fatalf("moves without rebalancing: %d", r.Summary.Moves)
+	}
+}
+
+// TestJoinIsMeshPlace: a replacement peer serves what mesh.Place gives it
+// on the real candidates of its view.
+func TestJoinIsMeshPlace(t *testing.T) {
+	sc := parse(t, small)
+	sc.Peers = 60
+	s, err := newSim(context.Background(), sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Load some peers, so that the view's loads matter, then refresh.
+	for i, p := range s.peers[:20] {
+		p.rec.load.InFlight = i % 7
+	}
+	for i := range 5 {
+		s.now = int64(i+1) * s.refresh
+		v := s.currentView()
+		s.join(s.peers[i])
+		p := s.peers[len(s.peers)-1]
+		pl, err := mesh.Place(v.cands, mesh.PlaceRequest{Blocks: 16, Span: p.capacity, MyMicros: p.micros, Self: p.id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pl.Start != p.start || pl.End != p.end {
+			t.Fatalf("joined on [%d, %d), mesh.Place says [%d, %d)", p.start, p.end, pl.Start, pl.End)
+		}
+	}
+}
+
 func TestScenarioErrors(t *testing.T) {
 	for _, tc := range []struct {
 		name, yaml, want string
