@@ -191,3 +191,11 @@ func TestSimProgress(t *testing.T) {
 		t.Errorf("clock = %q", got)
 	}
 }
+
+func TestUniqueNames(t *testing.T) {
+	got := uniqueNames([]string{"tiny", "tiny", "a/b", "", "..", "tiny"})
+	want := []string{"tiny", "tiny-2", "a-b", "run", "run-2", "tiny-3"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("uniqueNames = %q, want %q", got, want)
+	}
+}
