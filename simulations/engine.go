@@ -49,7 +49,8 @@ type request struct {
 	prompt, output int32
 	step           int32 // steps done (0: the prompt pass is next)
 	failovers      int32 // of the step in flight
-	retries        int32 // routing attempts that found no route, this step
+	retries        int32 // routing attempts that found no route
+	from           int32 // the hop the step's attempts start at
 	epoch          uint32
 	arrive         int64
 	sent           int64 // when the current attempt of the step left the entry node
@@ -805,21 +806,26 @@ func (s *sim) startStep(id int32) {
 		s.hopsSum += int64(len(hops))
 		s.routes++
 	}
-	r.retries = 0
 	r.sent = s.now
-	first := s.peers[r.route[0].peer]
-	s.q.push(event{t: s.now + s.net.oneWay(en.ep, first.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id, b: 0, e: r.epoch})
+	first := s.peers[r.route[r.from].peer]
+	s.q.push(event{t: s.now + s.net.oneWay(en.ep, first.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id, b: r.from, e: r.epoch})
 }
 
 // noRoute pauses and retries, as the node does when the view cannot cover
-// the model (mesh.RetryPause), and gives up after MaxFailovers attempts.
+// the model (mesh.RetryPause), and gives up after MaxFailovers attempts
+// (for a single pass, mesh.Infer counts failed runs and missing routes
+// together).
 func (s *sim) noRoute(id int32) {
 	r := &s.reqs[id]
-	if int(r.retries) >= s.sc.Workload.MaxFailovers {
+	attempt := int(r.retries)
+	if !r.gen {
+		attempt += int(r.failovers)
+	}
+	if attempt >= s.sc.Workload.MaxFailovers {
 		s.finish(id, false)
 		return
 	}
-	pause := int64(mesh.RetryPause(int(r.retries)))
+	pause := int64(mesh.RetryPause(attempt))
 	r.retries++
 	s.q.push(event{t: s.now + pause, kind: evRetry, a: id, e: r.epoch})
 }
@@ -909,6 +915,7 @@ func (s *sim) result(id int32) {
 	}
 	r.step++
 	r.failovers = 0
+	r.from = 0
 	if r.gen {
 		s.tokens++
 		s.cur.Tokens++
@@ -973,9 +980,8 @@ func (s *sim) fail(id int32, h int, kind mesh.FailureKind) {
 		s.finish(id, false)
 		return
 	}
-	if !r.gen || r.step == 0 {
-		// Infer, or a session's first step: route it all again. (A session
-		// whose first step failed has no state anywhere yet.)
+	if !r.gen {
+		// mesh.Infer routes it all again.
 		r.route = nil
 		s.startStep(id)
 		return
@@ -997,16 +1003,11 @@ func (s *sim) replace(id int32, f int) {
 			s.finish(id, false)
 			return
 		}
-		// Try again after a pause; the epoch is unchanged, so the retry
-		// event re-enters fail's path through evRetry -> startStep, which
-		// would route from scratch: keep the span lost by scheduling a
-		// failure at hop f again instead.
+		// As Session.Step does: pause, then run the attempt again on the
+		// route as it is, from the hop it started at; the failed hop fails
+		// it again (a failover more) unless it came back.
 		r.epoch++
-		s.q.push(event{t: s.now + int64(mesh.RetryPause(int(r.failovers))), kind: evFail, a: id, b: int32(f), e: r.epoch,
-			x: uint8(mesh.FailBusy)})
-		r.failovers-- // that re-entry is not a new failover
-		s.failovers--
-		s.cur.Failovers--
+		s.q.push(event{t: s.now + int64(mesh.RetryPause(int(r.failovers))), kind: evRetry, a: id, e: r.epoch})
 		return
 	}
 	route := make([]hop, 0, len(r.route)-(f-from+1)+len(hops))
@@ -1035,11 +1036,11 @@ func (s *sim) replace(id int32, f int) {
 		s.replays += steps
 	}
 	r.route = route
+	r.from = int32(mesh.ResumeFrom(from, whole))
 	r.sent = s.now + replay
-	resume := mesh.ResumeFrom(from, whole)
-	first := s.peers[route[resume].peer]
-	s.q.push(event{t: s.now + replay + s.net.oneWay(en.ep, first.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id,
-		b: int32(resume), e: r.epoch})
+	first := s.peers[route[r.from].peer]
+	s.q.push(event{t: r.sent + s.net.oneWay(en.ep, first.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id,
+		b: r.from, e: r.epoch})
 }
 
 // leave takes a peer out: a crash leaves its record to expire and its
