@@ -270,13 +270,18 @@ func keyNumbers(r *Result) string {
 	if len(r.Peers) > 0 {
 		busy := make([]float64, len(r.Peers))
 		var sum float64
+		worked := 0
 		for i, p := range r.Peers {
 			busy[i] = orZero(p.Busy)
 			sum += busy[i]
+			if p.Passes > 0 {
+				worked++
+			}
 		}
 		g := quantileGrid(busy, 100)
-		fmt.Fprintf(&b, "\nPeer load (fraction of its online time a peer computed): mean %s, median %s, p90 %s, busiest %s.\n",
-			fmtPercent(sum/float64(len(busy))), fmtPercent(g[50]), fmtPercent(g[90]), fmtPercent(g[100]))
+		fmt.Fprintf(&b, "\nPeer load (fraction of its online time a peer computed): mean %s, median %s, p90 %s, busiest %s; %s of the %s peers (%s) ran at least one block pass.\n",
+			fmtPercent(sum/float64(len(busy))), fmtPercent(g[50]), fmtPercent(g[90]), fmtPercent(g[100]),
+			commas(worked), commas(len(r.Peers)), fmtPercent(float64(worked)/float64(len(r.Peers))))
 	}
 	return b.String()
 }

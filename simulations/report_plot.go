@@ -97,6 +97,7 @@ func newPlot(title, x, y string) *plot.Plot {
 	p.X.Label.Text = x
 	p.Y.Label.Text = y
 	p.Legend.Top = true
+	p.X.Tick.Marker, p.Y.Tick.Marker = distinctTicks{}, distinctTicks{}
 	p.Add(plotter.NewGrid())
 	return p
 }
@@ -498,7 +499,6 @@ func writeSweepPlot(dir string, sr *SweepResult, ms []metric) (drawn bool, err e
 			p.X.Min, p.X.Max = slices.Min(xs)/1.3, slices.Max(xs)*1.3
 		default:
 			padRange(&p.X, slices.Min(xs), slices.Max(xs))
-			p.X.Tick.Marker = distinctTicks{}
 		}
 		ylo, yhi := math.Inf(1), math.Inf(-1)
 		for _, xy := range pts {
@@ -508,7 +508,6 @@ func writeSweepPlot(dir string, sr *SweepResult, ms []metric) (drawn bool, err e
 		if m.kind == kindRatio && yhi <= 100 && p.Y.Max > 100 {
 			p.Y.Max = 100.5 // a percentage: no room above 100 %
 		}
-		p.Y.Tick.Marker = distinctTicks{}
 		l, s, err := plotter.NewLinePoints(pts)
 		if err != nil {
 			return false, fmt.Errorf("simulations: sweep plot %s: %w", m.name, err)
