@@ -55,7 +55,8 @@ type request struct {
 	arrive         int64
 	sent           int64 // when the current attempt of the step left the entry node
 	firstTok       int64
-	route          []hop // shared with the memo until replaced: never written in place
+	route          []hop   // shared with the memo until replaced: never written in place
+	held           []int32 // peers holding this session's state
 }
 
 type simPeer struct {
@@ -71,6 +72,8 @@ type simPeer struct {
 	queue       int
 	waiting     []int64  // start times of queued passes, FIFO
 	inflight    []flight // requests computing or queued here
+	maxSessions int      // -1: no bound
+	sessions    int      // open now
 	online      bool
 	gone        bool
 	crashed     bool
@@ -241,7 +244,7 @@ func (s *sim) initExplicit() {
 			micros[b] = nd.BlockUS
 		}
 		p := &simPeer{id: peerID(i), ep: ep, micros: micros, prefill: *nd.PrefillFactor, capacity: max(nd.End-nd.Start, 1),
-			start: nd.Start, end: nd.End, slots: make([]int64, nd.Slots), queue: nd.Queue}
+			start: nd.Start, end: nd.End, slots: make([]int64, nd.Slots), queue: nd.Queue, maxSessions: nd.Sessions}
 		s.peers = append(s.peers, p)
 		s.goOnline(p)
 		if nd.Requester {
@@ -362,7 +365,7 @@ func (s *sim) newPeer(c, r int) *simPeer {
 	ep.coord = s.net.geoCoord(&ep)
 	capacity := int(max(1, min(float64(sc.Model.Blocks), math.Floor(cl.MemoryGB*1000/sc.Model.BlockMB))))
 	p := &simPeer{id: peerID(len(s.peers)), class: c, region: r, ep: &ep, micros: s.classMicro[c], prefill: *cl.PrefillFactor,
-		capacity: capacity, slots: make([]int64, cl.Slots), queue: cl.Queue}
+		capacity: capacity, slots: make([]int64, cl.Slots), queue: cl.Queue, maxSessions: cl.Sessions}
 	s.peers = append(s.peers, p)
 	return p
 }
@@ -863,12 +866,20 @@ func (s *sim) atHop(id int32, h int) {
 			return
 		}
 	}
+	if r.gen && !slices.Contains(r.held, hp.peer) {
+		// The step opens the session's state here.
+		if p.maxSessions >= 0 && p.sessions >= p.maxSessions {
+			s.failAt(id, h, s.now+s.net.oneWay(p.ep, en.ep, 0), mesh.FailBusy)
+			return
+		}
+		p.sessions++
+		r.held = append(r.held, hp.peer)
+	}
 	slot := 0
 	for i, f := range p.slots {
 		if f < p.slots[slot] {
 			slot = i
 		}
-		_ = f
 	}
 	begin := s.now
 	if f := p.slots[slot]; f > s.now {
@@ -945,6 +956,7 @@ func (s *sim) finish(id int32, ok bool) {
 		s.failed++
 		s.cur.Failed++
 	}
+	s.release(r, func(int32) bool { return true })
 	r.live = false
 	r.epoch++
 	r.route = nil
@@ -1010,6 +1022,14 @@ func (s *sim) replace(id int32, f int) {
 		s.q.push(event{t: s.now + int64(mesh.RetryPause(int(r.failovers))), kind: evRetry, a: id, e: r.epoch})
 		return
 	}
+	// The replaced hops' state is dropped (Session closes only at its end;
+	// a dead or refusing hop holds none worth counting).
+	gone := r.route[from : f+1]
+	s.release(r, func(p int32) bool {
+		return slices.ContainsFunc(gone, func(x hop) bool { return x.peer == p }) &&
+			!slices.ContainsFunc(r.route[:from], func(x hop) bool { return x.peer == p }) &&
+			!slices.ContainsFunc(r.route[f+1:], func(x hop) bool { return x.peer == p })
+	})
 	route := make([]hop, 0, len(r.route)-(f-from+1)+len(hops))
 	route = append(append(append(route, r.route[:from]...), hops...), r.route[f+1:]...)
 	// Replay the completed steps through the new hops, one after another,
@@ -1041,6 +1061,17 @@ func (s *sim) replace(id int32, f int) {
 	first := s.peers[route[r.from].peer]
 	s.q.push(event{t: r.sent + s.net.oneWay(en.ep, first.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id,
 		b: r.from, e: r.epoch})
+}
+
+// release closes the request's sessions at the peers drop says.
+func (s *sim) release(r *request, drop func(int32) bool) {
+	r.held = slices.DeleteFunc(r.held, func(p int32) bool {
+		if drop(p) {
+			s.peers[p].sessions--
+			return true
+		}
+		return false
+	})
 }
 
 // leave takes a peer out: a crash leaves its record to expire and its

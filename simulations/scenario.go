@@ -81,6 +81,10 @@ type Class struct {
 	// Queue is how many passes may wait for a slot: 0 (default) answers
 	// busy at once, as the stage server does; -1 queues without bound.
 	Queue int `yaml:"queue"`
+	// Sessions bounds the generation sessions open at once (each holding
+	// its blocks' KV cache): one more is answered busy (default 256, the
+	// stage server's MaxSessions; -1: no bound).
+	Sessions int `yaml:"sessions"`
 }
 
 // Node is a peer of an explicit topology (Network.Nodes).
@@ -98,9 +102,10 @@ type Node struct {
 	Requester bool `yaml:"requester"`
 	// BandwidthMbps as in Class (default 1000).
 	BandwidthMbps float64 `yaml:"bandwidth_mbps"`
-	// Slots and Queue as in Class.
-	Slots int `yaml:"slots"`
-	Queue int `yaml:"queue"`
+	// Slots, Queue and Sessions as in Class.
+	Slots    int `yaml:"slots"`
+	Queue    int `yaml:"queue"`
+	Sessions int `yaml:"sessions"`
 }
 
 // Network is the geography, or an explicit topology.
@@ -613,8 +618,11 @@ func (s *Scenario) checkGeo() error {
 		if c.Slots == 0 {
 			c.Slots = 8
 		}
-		if !(c.BandwidthMbps > 0) || c.LastMileMS < 0 || c.JitterMS < 0 || c.Slots < 1 || c.Queue < -1 {
-			return bad(f, "bandwidth_mbps > 0, last_mile_ms and jitter_ms >= 0, slots >= 1, queue >= -1 needed")
+		if c.Sessions == 0 {
+			c.Sessions = 256
+		}
+		if !(c.BandwidthMbps > 0) || c.LastMileMS < 0 || c.JitterMS < 0 || c.Slots < 1 || c.Queue < -1 || c.Sessions < -1 {
+			return bad(f, "bandwidth_mbps > 0, last_mile_ms and jitter_ms >= 0, slots >= 1, queue and sessions >= -1 needed")
 		}
 		w := 0.0
 		for _, rn := range c.Regions {
@@ -687,8 +695,11 @@ func (s *Scenario) checkExplicit() error {
 		if nd.Slots == 0 {
 			nd.Slots = 8
 		}
-		if !(nd.BandwidthMbps > 0) || nd.Slots < 1 || nd.Queue < -1 || !(*nd.PrefillFactor >= 0) {
-			return bad(f, "bandwidth_mbps > 0, slots >= 1, queue >= -1, prefill_factor >= 0 needed")
+		if nd.Sessions == 0 {
+			nd.Sessions = 256
+		}
+		if !(nd.BandwidthMbps > 0) || nd.Slots < 1 || nd.Queue < -1 || nd.Sessions < -1 || !(*nd.PrefillFactor >= 0) {
+			return bad(f, "bandwidth_mbps > 0, slots >= 1, queue and sessions >= -1, prefill_factor >= 0 needed")
 		}
 		req = req || nd.Requester
 	}

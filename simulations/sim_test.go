@@ -339,6 +339,33 @@ func TestJoinIsMeshPlace(t *testing.T) {
 	}
 }
 
+// TestSessionsBound: a node with room for two sessions answers the third
+// busy, which fails over to the other node; unbounded, nothing does.
+func TestSessionsBound(t *testing.T) {
+	const topo = `
+name: sessions
+duration_s: 60
+model: {blocks: 2, block_mb: 100, activation_kb: 4}
+network:
+  nodes:
+    - {name: r, requester: true}
+    - {name: small, start: 0, end: 2, block_us: 100, sessions: 2}
+    - {name: far, start: 0, end: 2, block_us: 100}
+  latency_ms: [[0, 1, 30], [1, 0, 30], [30, 30, 0]]
+workload: {rate: 4, generate: 1, prompt: {dist: const, mean: 10}, output: {dist: const, mean: 40}}
+`
+	r := run(t, parse(t, topo))
+	p := passes(r)
+	if r.Summary.Failovers == 0 || p["far"] == 0 || p["small"] == 0 || r.Summary.Failed != 0 {
+		t.Fatalf("bounded: %+v, passes %v", r.Summary, p)
+	}
+	sc := parse(t, strings.Replace(topo, "sessions: 2", "sessions: -1", 1))
+	r = run(t, sc)
+	if p := passes(r); r.Summary.Failovers != 0 || p["far"] != 0 {
+		t.Fatalf("unbounded: %+v, passes %v", r.Summary, p)
+	}
+}
+
 func TestScenarioErrors(t *testing.T) {
 	for _, tc := range []struct {
 		name, yaml, want string
