@@ -26,7 +26,9 @@
 //   - Peers: classes with a per-block time, a prefill factor for prompt
 //     tokens, memory (the span they hold), bandwidth, last mile; each runs
 //     Slots passes at once and queues Queue more (0: busy at once, as the
-//     stage server answers past MaxInFlight).
+//     stage server answers past MaxInFlight), and holds at most Sessions
+//     sessions (the stage server's MaxSessions). A peer that moved serves
+//     its old span for the node's dropGrace (30 s), then refuses it.
 //   - DHT and views: each peer publishes its capacity record (span, load
 //     now) on joining, on moving, and every RecordTTL/3 with jitter; a
 //     graceful leaver publishes an empty one, a crashed peer's lingers
@@ -47,7 +49,12 @@
 //   - Churn: exponential sessions at a leave rate per hour, a share of
 //     them crashes; leavers are optionally replaced by a new peer of the
 //     same class and region, which places itself with mesh.Place on the
-//     view and fetches its blocks before it goes online.
+//     view and fetches its blocks before it goes online. A graceful
+//     leaver's connections close: its requests fail over at once. A
+//     crashed peer's connections look alive for QUIC's idle timeout
+//     (30 s), so passes sent to it stall until the attempt's step timeout;
+//     after that, dials to it fail within 2 s (unreachable: banned and
+//     distrusted until its record expires).
 //
 // # Scale
 //

@@ -22,6 +22,16 @@ import (
 	"github.com/infermesh/infermesh/protocol"
 )
 
+// quicIdle is quic-go's idle timeout (libp2p keeps the default): a
+// crashed peer's connections look alive this long, so a pass sent to it
+// stalls; after it, a sender's new dial fails within the stage server's
+// dialTimeout (mesh's linkDialTimeout) and the hop is reported
+// unreachable.
+const (
+	quicIdle    = 30e9
+	dialTimeout = 2e9
+)
+
 // dropGrace is how long a peer that moved keeps serving its old span (the
 // node's dropGrace), so sessions on it finish or fail over cleanly.
 const dropGrace = 30e9
@@ -850,10 +860,15 @@ func (s *sim) atHop(id int32, h int) {
 	en := s.entries[r.entry]
 	if !p.online {
 		p.failed++
-		if p.crashed {
-			// Nobody answers: the requester's attempt times out.
+		switch {
+		case p.crashed && s.now-p.left < quicIdle:
+			// Nobody answers, and the connection still looks alive: the
+			// requester's attempt times out.
 			s.failAt(id, h, r.sent+s.timeout, mesh.FailStall)
-		} else {
+		case p.crashed:
+			// The connection has timed out; a new dial fails.
+			s.failAt(id, h, s.now+dialTimeout, mesh.FailHard)
+		default:
 			// The connection is closed or refused: the sender reports.
 			s.failAt(id, h, s.now+s.net.oneWay(p.ep, en.ep, 0), mesh.FailHard)
 		}
