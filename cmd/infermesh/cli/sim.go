@@ -119,6 +119,13 @@ func simRun(ctx context.Context, e *env, args []string) error {
 		if sc, err = sc.Arm(*arm); err != nil {
 			return err
 		}
+	} else if len(sc.Arms) > 0 {
+		var as []string
+		for _, a := range sc.Arms {
+			as = append(as, a.Name)
+		}
+		fmt.Fprintf(e.stderr, "note: %s has arms (%s): --arm NAME runs one, `infermesh sim compare %s` runs and compares them\n",
+			sc.Name, strings.Join(as, ", "), pos[0])
 	}
 	start := time.Now()
 	r, err := runWithProgress(ctx, e, sc)

@@ -117,7 +117,7 @@ func TestSimRun(t *testing.T) {
 			t.Errorf("sim run output lacks %q:\n%s", want, out)
 		}
 	}
-	if !strings.Contains(errs, "sim tiny: 100%") {
+	if !strings.Contains(errs, "sim tiny: 100%") || !strings.Contains(errs, "tiny has arms (slow, fast)") {
 		t.Errorf("no progress line at the end: %q", errs)
 	}
 	mustRun(t, "sim", "run", tiny, "--out", b, "--seed", "9", "--set", "workload.rate=4")
