@@ -366,6 +366,25 @@ workload: {rate: 4, generate: 1, prompt: {dist: const, mean: 10}, output: {dist:
 	}
 }
 
+// TestDiurnal: a region's rate follows its local time.
+func TestDiurnal(t *testing.T) {
+	sc := parse(t, small)
+	sc.Churn.LeavePerHour = 0
+	sc.DurationS, sc.Workload.Rate, sc.Workload.Diurnal, sc.Workload.PeakHour = 600, 20, 1, 12
+	arrivals := func(start float64) int {
+		c := sc.Clone()
+		c.Workload.StartHour = start
+		return run(t, c).Summary.Requests
+	}
+	// At noon UTC it is noon in eu (offset 0 here: factor 2) and 7:00 in
+	// us (1.26); at midnight, midnight (0) and 19:00 (1.26).
+	sc.Regions[1].UTCOffset = -5
+	noon, midnight := arrivals(12), arrivals(0)
+	if noon < 15000 || midnight > 6000 {
+		t.Fatalf("arrivals at noon %d, at midnight %d (flat: 12000)", noon, midnight)
+	}
+}
+
 func TestScenarioErrors(t *testing.T) {
 	for _, tc := range []struct {
 		name, yaml, want string
