@@ -264,8 +264,8 @@ func keyNumbers(r *Result) string {
 
 	fmt.Fprintf(&b, "Routes averaged %.2f hops; %s hops were replaced mid-request (failovers) and %s session steps were replayed on replacements. ",
 		orZero(s.Hops), commas(s.Failovers), commas(s.Replays))
-	fmt.Fprintf(&b, "The mesh went from %s to %s peers (%s joined, %s left); the lowest block coverage at any sample was %s.\n",
-		commas(s.PeersStart), commas(s.PeersEnd), commas(s.Joins), commas(s.Leaves), fmtPercent(s.MinCoverage))
+	fmt.Fprintf(&b, "The mesh went from %s to %s peers (%s joined, %s left, %s moved to another span); the lowest block coverage at any sample was %s.\n",
+		commas(s.PeersStart), commas(s.PeersEnd), commas(s.Joins), commas(s.Leaves), commas(s.Moves), fmtPercent(s.MinCoverage))
 
 	if len(r.Peers) > 0 {
 		busy := make([]float64, len(r.Peers))

@@ -52,7 +52,7 @@ func fakeResult(tb testing.TB, seed uint64, requests int, gen bool, latScale flo
 	s.PerToken = quantilesOf(r.Latencies.PerToken)
 	s.Hops, s.Failovers, s.Replays = 3.25, 60, 12
 	s.PeersStart, s.PeersEnd, s.Joins, s.Leaves = 50, 45, 3, 8
-	s.MinCoverage, s.Events = 0.7, 123456
+	s.MinCoverage, s.Events, s.Moves = 0.7, 123456, 4
 	return r
 }
 
@@ -174,7 +174,7 @@ func TestWriteReport(t *testing.T) {
 		"# Simulation report: fake", "Seed 1", "workload.rate: 2/s",
 		"| Requests arrived | 3,030 |", "| Completion rate | 99.01 % |", "| Failovers | 60 |",
 		fmtSeconds(r.Summary.E2E.P50), fmtSeconds(r.Summary.E2E.P99), fmtSeconds(r.Summary.TTFT.P95),
-		"median " + fmtSeconds(r.Summary.E2E.P50), "3.25 hops", "lowest block coverage at any sample was 70.00 %",
+		"median " + fmtSeconds(r.Summary.E2E.P50), "3.25 hops", "4 moved to another span", "| Span moves (rebalancing) | 4 |", "lowest block coverage at any sample was 70.00 %",
 		"![Latency CDF](latency_cdf.svg)", "(throughput.svg)", "(coverage.svg)", "(peer_load.svg)", "(failovers.svg)",
 	} {
 		if !strings.Contains(md, want) {

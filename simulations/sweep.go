@@ -171,6 +171,7 @@ var sweepMetrics = func() []metric {
 		metric{name: "peers_end", label: "Peers at end", kind: kindCount, get: func(s *Summary) float64 { return float64(s.PeersEnd) }},
 		metric{name: "joins", label: "Peers joined", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Joins) }},
 		metric{name: "leaves", label: "Peers left", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Leaves) }},
+		metric{name: "moves", label: "Span moves (rebalancing)", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Moves) }},
 		metric{name: "min_coverage", label: "Lowest block coverage", kind: kindRatio, get: func(s *Summary) float64 { return s.MinCoverage }},
 		metric{name: "events", label: "Discrete events", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Events) }},
 	)
@@ -179,7 +180,7 @@ var sweepMetrics = func() []metric {
 // headlineNames are the figures of a report's and a comparison's table.
 var headlineNames = []string{"requests", "completed", "failed", "completion_rate", "throughput_rps", "tokens_per_s",
 	"e2e_p50", "e2e_p95", "e2e_p99", "ttft_p50", "ttft_p95", "ttft_p99", "per_token_p50", "per_token_p95", "per_token_p99",
-	"hops", "failovers", "replays", "peers_start", "peers_end", "joins", "leaves", "min_coverage"}
+	"hops", "failovers", "replays", "peers_start", "peers_end", "joins", "leaves", "moves", "min_coverage"}
 
 func headline() []metric {
 	ms, err := lookupMetrics(headlineNames)
