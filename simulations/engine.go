@@ -286,10 +286,16 @@ func (s *sim) initGeo() {
 	for i, r := range sc.Regions {
 		weights[i] = r.Weight
 	}
+	var first []int // one entry node in each region with users first
+	for i, r := range sc.Regions {
+		if r.Weight > 0 {
+			first = append(first, i)
+		}
+	}
 	for i := range w.Entries {
 		r := pick(s.rPeers, weights)
-		if i < len(sc.Regions) && sc.Regions[i].Weight > 0 {
-			r = i
+		if i < len(first) {
+			r = first[i]
 		}
 		reg := &sc.Regions[r]
 		lat, lon := place(s.rPeers, reg.Lat, reg.Lon, reg.RadiusKM)
@@ -589,7 +595,7 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 		return m.hops, m.err
 	}
 	cands := v.cands
-	if len(cands) > mesh.MaxRouteCandidates {
+	if len(cands) > mesh.MaxRouteCandidates && s.regionEP != nil {
 		cands = s.pool(v, en.region)
 	}
 	if len(distrusted) > 0 { // out of the view, not merely banned

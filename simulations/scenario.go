@@ -582,6 +582,15 @@ func (s *Scenario) checkGeo() error {
 	if !(users > 0) {
 		return bad("regions", "some region needs weight > 0 (users)")
 	}
+	withUsers := 0
+	for _, r := range s.Regions {
+		if r.Weight > 0 {
+			withUsers++
+		}
+	}
+	if s.Workload.Entries < withUsers {
+		return bad("workload.entries", "%d entry nodes for %d regions with users: each needs one", s.Workload.Entries, withUsers)
+	}
 	if !(peers > 0) {
 		return bad("regions", "some region needs peer_weight > 0 (peers)")
 	}
