@@ -165,6 +165,9 @@ type sim struct {
 	entries  []*entryNode
 	byRegion [][]int32 // entry nodes per region
 	regionEP []*endpoint
+	// userWeights are the regions' shares of the users (nil in the
+	// explicit mode)
+	userWeights []float64
 	// regionRadius is, per region, the farthest of its entry nodes from
 	// its centre, in RTT
 	regionRadius []time.Duration
@@ -282,10 +285,11 @@ func (s *sim) initGeo() {
 	}
 	// Entry nodes: spread over the regions by user weight, at least one
 	// in each region that has users.
-	weights := make([]float64, len(sc.Regions))
+	s.userWeights = make([]float64, len(sc.Regions))
 	for i, r := range sc.Regions {
-		weights[i] = r.Weight
+		s.userWeights[i] = r.Weight
 	}
+	weights := s.userWeights
 	var first []int // one entry node in each region with users first
 	for i, r := range sc.Regions {
 		if r.Weight > 0 {
@@ -738,26 +742,24 @@ func (s *sim) arrival() {
 		gap *= s.rWork.ExpFloat64()
 	}
 	next := s.now + int64(gap*1e9)
-	if w.MaxRequests == 0 || s.arrived+1 < w.MaxRequests {
-		s.q.push(event{t: next, kind: evArrival})
-	}
 	region := 0
-	if len(s.sc.Regions) > 0 && len(s.sc.Network.Nodes) == 0 {
-		weights := make([]float64, len(s.sc.Regions))
-		for i, r := range s.sc.Regions {
-			weights[i] = r.Weight
-		}
-		region = pick(s.rWork, weights)
+	if s.userWeights != nil {
+		region = pick(s.rWork, s.userWeights)
 	}
 	accept := s.rWork.Float64()*(1+w.Diurnal) < s.diurnal(region)
 	gen := s.rWork.Float64() < w.Generate
 	prompt, output := w.Prompt.draw(s.rWork), w.Output.draw(s.rWork)
 	entries := s.byRegion[region]
 	e := entries[s.rWork.IntN(len(entries))]
+	if accept {
+		s.arrived++
+	}
+	if w.MaxRequests == 0 || s.arrived < w.MaxRequests {
+		s.q.push(event{t: next, kind: evArrival})
+	}
 	if !accept {
 		return
 	}
-	s.arrived++
 	s.cur.Arrivals++
 	var id int32
 	if n := len(s.free); n > 0 {
