@@ -118,12 +118,13 @@ func selectCandidates(cands []RouteCandidate, req RouteRequest, perBlock int, sl
 		from, fh, fadj = req.From.Vec, req.From.Height, req.From.Adjustment
 	}
 	tokens := float64(max(req.Tokens, 1))
-	// edge[i] is candidate i's first edge, µs; NaN when it is left out.
+	// edge[i] is candidate i's first edge, µs, NaN when it is left out;
+	// scale[i] what its block times are multiplied by (tokens, load).
 	edge := make([]float64, len(cands))
+	scale := make([]float64, len(cands))
 	score := func(i, b int) float64 {
 		c := &cands[i]
-		load := float64(max(c.Load.InFlight, 0)) + float64(max(c.Load.Queued, 0))
-		return edge[i] + c.BlockMicros[b-c.Start]*tokens*(1+load/RouteLoadSlots)
+		return edge[i] + c.BlockMicros[b-c.Start]*scale[i]
 	}
 	heaps := make([]selectHeap, end-start)
 	for i := range cands {
@@ -132,6 +133,8 @@ func selectCandidates(cands []RouteCandidate, req RouteRequest, perBlock int, sl
 			edge[i] = math.NaN()
 			continue
 		}
+		load := float64(max(c.Load.InFlight, 0)) + float64(max(c.Load.Queued, 0))
+		scale[i] = tokens * (1 + load/RouteLoadSlots)
 		edge[i] = routeUnknownEdge
 		if req.Self != "" && c.Peer == req.Self {
 			edge[i] = 0
