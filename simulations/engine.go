@@ -129,6 +129,12 @@ type entryNode struct {
 	memo     map[string]routeMemo
 }
 
+// regionLat collects one users' region's latencies.
+type regionLat struct {
+	lat               Latencies
+	completed, failed int
+}
+
 type routeMemo struct {
 	hops []hop
 	err  error
@@ -205,6 +211,7 @@ type sim struct {
 	minCov     float64
 	memoHits   int64
 	failKinds  [4]int
+	regionLat  []regionLat // per users' region
 	routeCalls int64
 }
 
@@ -285,6 +292,7 @@ func (s *sim) initGeo() {
 	}
 	// Entry nodes: spread over the regions by user weight, at least one
 	// in each region that has users.
+	s.regionLat = make([]regionLat, len(sc.Regions))
 	s.userWeights = make([]float64, len(sc.Regions))
 	for i, r := range sc.Regions {
 		s.userWeights[i] = r.Weight
@@ -979,6 +987,21 @@ func (s *sim) finish(id int32, ok bool) {
 		s.failed++
 		s.cur.Failed++
 	}
+	if s.userWeights != nil {
+		rl := &s.regionLat[s.entries[r.entry].region]
+		if ok {
+			rl.completed++
+			rl.lat.E2E = append(rl.lat.E2E, s.lat.E2E[len(s.lat.E2E)-1])
+			if r.gen {
+				rl.lat.TTFT = append(rl.lat.TTFT, s.lat.TTFT[len(s.lat.TTFT)-1])
+				if r.output > 1 {
+					rl.lat.PerToken = append(rl.lat.PerToken, s.lat.PerToken[len(s.lat.PerToken)-1])
+				}
+			}
+		} else {
+			rl.failed++
+		}
+	}
 	s.release(r, func(int32) bool { return true })
 	r.live = false
 	r.epoch++
@@ -1271,6 +1294,14 @@ func (s *sim) collect() *Result {
 		sum.Hops = float64(s.hopsSum) / float64(s.routes)
 	}
 	sum.Failovers, sum.Replays = s.failovers, s.replays
+	sum.Busy, sum.Stalls = s.failKinds[mesh.FailBusy], s.failKinds[mesh.FailStall]
+	sum.Unreachable, sum.Refused = s.failKinds[mesh.FailHard], s.failKinds[mesh.FailRefused]
+	for i, rl := range s.regionLat {
+		if sc.Regions[i].Weight > 0 {
+			res.Regions = append(res.Regions, RegionStat{Region: sc.Regions[i].Name, Completed: rl.completed, Failed: rl.failed,
+				E2E: quantiles(rl.lat.E2E), TTFT: quantiles(rl.lat.TTFT), PerToken: quantiles(rl.lat.PerToken)})
+		}
+	}
 	sum.PeersEnd, sum.Joins, sum.Leaves, sum.Moves = s.online, s.joins, s.leaves, s.moves
 	sum.MinCoverage = s.minCov
 	sum.Events = s.events

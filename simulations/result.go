@@ -22,6 +22,20 @@ type Result struct {
 	Peers []PeerStat `json:"-"`
 	// Latencies of the completed requests, in seconds, in completion order.
 	Latencies Latencies `json:"-"`
+	// Regions has the latencies of the requests of each users' region
+	// (geography mode; in the order of the scenario's regions, those with
+	// users only).
+	Regions []RegionStat `json:"regions,omitempty"`
+}
+
+// RegionStat is the requests of the users of one region.
+type RegionStat struct {
+	Region    string    `json:"region"`
+	Completed int       `json:"completed"`
+	Failed    int       `json:"failed"`
+	E2E       Quantiles `json:"e2e_s"`
+	TTFT      Quantiles `json:"ttft_s"`
+	PerToken  Quantiles `json:"per_token_s"`
 }
 
 // Summary is the run in a few figures (summary.json).
@@ -42,7 +56,14 @@ type Summary struct {
 
 	Hops      float64 `json:"mean_hops"` // mean hops per route
 	Failovers int     `json:"failovers"` // hops replaced mid-request
-	Replays   int     `json:"replays"`   // session steps replayed on replacements
+	// The failovers by cause: the peer answered busy (slots, queue or
+	// sessions full), a step timed out (a crashed peer), the peer could
+	// not be reached (gone), or it refused (a span it no longer serves).
+	Busy        int `json:"failovers_busy"`
+	Stalls      int `json:"failovers_stall"`
+	Unreachable int `json:"failovers_unreachable"`
+	Refused     int `json:"failovers_refused"`
+	Replays     int `json:"replays"` // session steps replayed on replacements
 	// Peers at the start and the end; Joins and Leaves over the run.
 	PeersStart int `json:"peers_start"`
 	PeersEnd   int `json:"peers_end"`

@@ -266,6 +266,16 @@ func TestChurnFailoverAndRecovery(t *testing.T) {
 	if s.Leaves == 0 || s.Joins == 0 || s.Failovers == 0 || s.Replays == 0 {
 		t.Fatalf("no churn effects: %+v", s)
 	}
+	if s.Busy+s.Stalls+s.Unreachable+s.Refused != s.Failovers || s.Stalls+s.Unreachable == 0 {
+		t.Fatalf("failovers by cause: %+v", s)
+	}
+	done := 0
+	for _, rs := range r.Regions {
+		done += rs.Completed
+	}
+	if len(r.Regions) != 2 || done != s.Completed {
+		t.Fatalf("regions %+v", r.Regions)
+	}
 	low := slices.IndexFunc(r.Series, func(x Sample) bool { return x.Coverage < 1 })
 	if low < 0 || s.MinCoverage >= 1 {
 		t.Fatalf("coverage never dropped (min %v)", s.MinCoverage)
