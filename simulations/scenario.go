@@ -16,6 +16,8 @@ import (
 	"strings"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/infermesh/infermesh/mesh"
 )
 
 // ErrBadScenario wraps every error of parsing or checking a scenario.
@@ -448,8 +450,8 @@ func (s *Scenario) check() error {
 	if !(c.RejoinS > 0) {
 		return bad("churn.rejoin_s", "must be > 0, is %v", c.RejoinS)
 	}
-	def(&s.DHT.RecordTTLS, 300)
-	def(&s.DHT.ViewRefreshS, 5)
+	def(&s.DHT.RecordTTLS, mesh.DefaultRecordTTL.Seconds())
+	def(&s.DHT.ViewRefreshS, mesh.DefaultViewRefresh.Seconds())
 	defI(&s.DHT.BucketSize, 20)
 	if !(s.DHT.RecordTTLS > 0) || !(s.DHT.ViewRefreshS > 0) || s.DHT.BucketSize < 2 {
 		return bad("dht", "record_ttl_s and view_refresh_s must be > 0, bucket_size >= 2")
