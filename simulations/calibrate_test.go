@@ -298,8 +298,10 @@ type calSample struct {
 
 func (c *calMesh) infer(t *testing.T, m *shards.Model, in shards.Tensors) calSample {
 	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
 	start := time.Now()
-	out, info, err := c.meshes[0].Infer(context.Background(), m.ID, in, mesh.InferOptions{StepTimeout: 10 * time.Second})
+	out, info, err := c.meshes[0].Infer(ctx, m.ID, in, mesh.InferOptions{StepTimeout: 5 * time.Second})
 	d := time.Since(start)
 	if err != nil || out["y"] == nil {
 		t.Fatalf("request through the real mesh: %v", err)
