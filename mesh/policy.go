@@ -60,9 +60,18 @@ func PlanRouteInView(cands []RouteCandidate, viewSize int, req RouteRequest, avo
 			both[p] = true
 		}
 	}
+	// A tier that leaves out no more than the next one is skipped.
+	var tiers []map[peer.ID]bool
+	if len(avoid) > 0 {
+		tiers = append(tiers, both)
+	}
+	if len(banned) > 0 {
+		tiers = append(tiers, banned)
+	}
+	tiers = append(tiers, nil)
 	var r Route
 	var err error
-	for _, exclude := range []map[peer.ID]bool{both, banned, nil} {
+	for _, exclude := range tiers {
 		req.Exclude = exclude
 		c := cands
 		if viewSize > MaxRouteCandidates {
