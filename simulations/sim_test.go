@@ -208,6 +208,35 @@ func TestRoutesAreMeshRoutes(t *testing.T) {
 		if !slices.Equal(got, exp) {
 			t.Errorf("entry %v: pooled route %v, over the whole view %v", en.region, got, exp)
 		}
+		// Banning the route's peers (as failures do) routes around them,
+		// still as over the whole view.
+		banned := map[peer.ID]bool{}
+		en.bans, en.banCount, en.distrust = map[int32]int64{}, map[int32]int{}, map[int32]int{}
+		for _, h := range hops {
+			en.bans[h.peer] = s.now + 1e9
+			banned[s.peers[h.peer].id] = true
+		}
+		hops, err = s.route(en, 0, 16)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err = mesh.PlanRouteTiered(v.cands, mesh.RouteRequest{Blocks: 16, From: *en.ep.coord, HaveFrom: true, Tokens: 1}, nil, banned)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, exp = got[:0], exp[:0]
+		for _, h := range hops {
+			got = append(got, s.peers[h.peer].id)
+			if banned[s.peers[h.peer].id] {
+				t.Errorf("entry %v: banned %s routed", en.region, s.peers[h.peer].id)
+			}
+		}
+		for _, h := range want.Hops {
+			exp = append(exp, h.Peer)
+		}
+		if !slices.Equal(got, exp) {
+			t.Errorf("entry %v with bans: pooled route %v, over the whole view %v", en.region, got, exp)
+		}
 	}
 }
 
