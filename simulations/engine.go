@@ -46,6 +46,7 @@ const (
 	streamNetwork
 	streamPlacement
 	streamTimers
+	streamCoords
 )
 
 type hop struct {
@@ -224,7 +225,8 @@ func newSim(ctx context.Context, sc *Scenario) (*sim, error) {
 		ttl: int64(sc.DHT.RecordTTLS * 1e9), refresh: int64(sc.DHT.ViewRefreshS * 1e9),
 		timeout: int64(sc.Workload.StepTimeoutS * 1e9), actBytes: sc.Model.ActivationKB * 1000,
 		covered: make([]int32, sc.Model.Blocks), minCov: 1}
-	s.net = network{factor: sc.Network.RouteFactor, rng: stream(streamNetwork)}
+	s.net = network{factor: sc.Network.RouteFactor, rng: stream(streamNetwork), coordErr: sc.Network.CoordErrorMS / 1e3,
+		coordRng: stream(streamCoords)}
 	if len(sc.Network.Nodes) > 0 {
 		s.initExplicit()
 	} else {
@@ -256,6 +258,9 @@ func (s *sim) initExplicit() {
 		}
 	}
 	coords := fitCoords(s.net.explicit, s.rPeers)
+	for i := range coords {
+		coords[i] = s.net.perturb(coords[i])
+	}
 	s.byRegion = [][]int32{nil}
 	for i, nd := range sc.Network.Nodes {
 		ep := &endpoint{node: i, bw: nd.BandwidthMbps * 1e6 / 8 / 1e9, coord: coords[i]}
@@ -312,7 +317,7 @@ func (s *sim) initGeo() {
 		reg := &sc.Regions[r]
 		lat, lon := place(s.rPeers, reg.Lat, reg.Lon, reg.RadiusKM)
 		ep := newEndpoint(lat, lon, w.EntryLastMileMS, 0, w.EntryBandwidthMbps)
-		ep.coord = s.net.geoCoord(&ep)
+		ep.coord = s.net.perturb(s.net.geoCoord(&ep))
 		s.byRegion[r] = append(s.byRegion[r], int32(len(s.entries)))
 		s.entries = append(s.entries, &entryNode{self: -1, ep: &ep, region: r})
 	}
@@ -390,7 +395,7 @@ func (s *sim) newPeer(c, r int) *simPeer {
 	reg := &sc.Regions[r]
 	lat, lon := place(s.rPeers, reg.Lat, reg.Lon, reg.RadiusKM)
 	ep := newEndpoint(lat, lon, cl.LastMileMS, cl.JitterMS, cl.BandwidthMbps)
-	ep.coord = s.net.geoCoord(&ep)
+	ep.coord = s.net.perturb(s.net.geoCoord(&ep))
 	capacity := int(max(1, min(float64(sc.Model.Blocks), math.Floor(cl.MemoryGB*1000/sc.Model.BlockMB))))
 	p := &simPeer{id: peerID(len(s.peers)), class: c, region: r, ep: &ep, micros: s.classMicro[c], prefill: *cl.PrefillFactor,
 		capacity: capacity, slots: make([]int64, cl.Slots), queue: cl.Queue, maxSessions: cl.Sessions}

@@ -48,6 +48,33 @@ type network struct {
 	factor   float64
 	explicit [][]int64 // one-way ns, explicit mode
 	rng      *rand.Rand
+	// coordErr is the scale of the error added to coordinates, seconds
+	// of RTT; coordRng draws it.
+	coordErr float64
+	coordRng *rand.Rand
+}
+
+// perturb moves a coordinate by a random vector, uniformly directed, of a
+// length |N(0, coordErr)|: the estimates of the RTTs from and to it err by
+// about that much, as a Vivaldi that has not converged (or a path that
+// changed) leaves them. Without an error it returns c as it is.
+func (n *network) perturb(c *protocol.Coordinate) *protocol.Coordinate {
+	if n.coordErr == 0 {
+		return c
+	}
+	dir := make([]float64, len(c.Vec))
+	norm := 0.0
+	for i := range dir {
+		dir[i] = n.coordRng.NormFloat64()
+		norm += dir[i] * dir[i]
+	}
+	length := math.Abs(n.coordRng.NormFloat64()) * n.coordErr / math.Sqrt(max(norm, 1e-300))
+	out := *c
+	out.Vec = make([]float64, len(c.Vec))
+	for i, x := range c.Vec {
+		out.Vec[i] = x + dir[i]*length
+	}
+	return &out
 }
 
 func newEndpoint(lat, lon float64, lastMileMS, jitterMS, mbps float64) endpoint {

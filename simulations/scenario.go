@@ -122,6 +122,10 @@ type Network struct {
 	// churn are then unused.
 	Nodes     []Node      `yaml:"nodes"`
 	LatencyMS [][]float64 `yaml:"latency_ms"`
+	// CoordErrorMS adds a random error of about this many ms of RTT to
+	// each network coordinate routing sees (default 0: the coordinates
+	// fit the network as well as Vivaldi converges to).
+	CoordErrorMS float64 `yaml:"coord_error_ms"`
 }
 
 // Dist is a distribution of a positive quantity.
@@ -424,6 +428,9 @@ func (s *Scenario) check() error {
 	def(&s.Network.RouteFactor, 1.8)
 	if !(s.Network.RouteFactor >= 1) || !finite(s.Network.RouteFactor) {
 		return bad("network.route_factor", "must be >= 1, is %v", s.Network.RouteFactor)
+	}
+	if !(s.Network.CoordErrorMS >= 0) || !finite(s.Network.CoordErrorMS) {
+		return bad("network.coord_error_ms", "must be >= 0, is %v", s.Network.CoordErrorMS)
 	}
 	switch s.Placement {
 	case "":

@@ -175,6 +175,16 @@ func TestRoutesAreMeshRoutes(t *testing.T) {
 	if far["f"] == 0 || far["n1"] != 0 {
 		t.Fatalf("passes %v: want f only", far)
 	}
+	// With coordinates this wrong, routing no longer sees which is near.
+	misled := false
+	for seed := int64(1); seed <= 4 && !misled; seed++ {
+		sc := parse(t, explicit)
+		sc.Seed, sc.Network.CoordErrorMS = seed, 40
+		misled = passes(run(t, sc))["f"] != 0
+	}
+	if !misled {
+		t.Fatal("coordinate error never misled routing to the far node")
+	}
 
 	// Geography mode, over a view larger than mesh.MaxRouteCandidates: the
 	// route is mesh.PlanRouteTiered's over the whole view.
