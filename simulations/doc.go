@@ -22,7 +22,8 @@
 //     coordinates are the exact 3-D chord embedding of the geography with
 //     last miles as heights (what a converged Vivaldi gives, with its kind
 //     of error); an explicit topology's are fitted to its latency matrix by
-//     Vivaldi's spring rule, run to convergence.
+//     Vivaldi's spring rule, run to convergence. network.coord_error_ms
+//     adds a random error to them, to ask what worse coordinates cost.
 //   - Peers: classes with a per-block time, a prefill factor for prompt
 //     tokens, memory (the span they hold), bandwidth, last mile; each runs
 //     Slots passes at once and queues Queue more (0: busy at once, as the
