@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"os"
 	"path/filepath"
@@ -267,7 +268,9 @@ func ParseScenario(data []byte, name string) (*Scenario, error) {
 	sc := &Scenario{}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
-	if err := dec.Decode(sc); err != nil {
+	if err := dec.Decode(sc); errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("%w: %s: empty", ErrBadScenario, name)
+	} else if err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrBadScenario, name, err)
 	}
 	if sc.Name == "" {

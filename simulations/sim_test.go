@@ -446,6 +446,7 @@ func TestScenarioErrors(t *testing.T) {
 		{"bad class", strings.Replace(small, "block_ms: 8", "block_ms: 0", 1), "classes.1.block_ms"},
 		{"unknown region", strings.Replace(small, "{name: gpu, share: 1,", "{name: gpu, share: 1, regions: [mars],", 1), `classes.0.regions: unknown region "mars"`},
 		{"bad dist", strings.Replace(small, "dist: uniform", "dist: zipf", 1), "workload.output.dist"},
+		{"empty", "", "test: empty"},
 		{"too few entries", strings.Replace(small, "entries: 8", "entries: 1", 1), "workload.entries: 1 entry nodes for 2 regions"},
 		{"matrix", strings.Replace(explicit, "[1, 20, 1, 0]", "[1, 20, 1]", 1), "network.latency_ms.3"},
 	} {
