@@ -37,7 +37,9 @@
 //     its last ViewRefresh tick and not expired, so loads are as stale as
 //     the real node's and dead peers stay routable until their record
 //     expires or a requester that failed to reach them distrusts them. All
-//     views refresh on the same ticks. Lookups are not simulated hop by
+//     views refresh on the same ticks, and expiry is checked at each tick
+//     (the node checks it at every read: a record may outlive its expiry
+//     here by up to one refresh). Lookups are not simulated hop by
 //     hop: a joining peer pays log2(N)/log2(k)+1 round trips to random
 //     peers twice (providers, then records), the Kademlia cost.
 //   - Requests: entry nodes (the users' own local nodes) near the users;
