@@ -10,8 +10,7 @@ package simulations_test
 //
 //   - latency_ms: the one-way latencies injected into simnet (calOneWay).
 //   - block_us: the per-block compute the twin's hops report
-//     (StepInfo.HopMicros over the blocks of the hop), plus the per-edge
-//     overhead (see calScenario for how it is charged). The twin is a
+//     (StepInfo.HopMicros over the blocks of the hop). The twin is a
 //     requester and the same two spans on a network of uniform 1 ms links
 //     (calTwinLatency); a twin request runs 40 ms after each measured one,
 //     so that both see the same state of the machine. The BlockMicros the real
@@ -19,10 +18,11 @@ package simulations_test
 //     measures them, and come out about half of what a node serving a
 //     request every 80 ms takes: with 9 MiB of weights per block, a pass
 //     after an idle gap runs from a cold cache.
-//   - the per-edge overhead, which the simulator has no parameter for:
-//     framing, tensor codec, stream work and waking an idle node. The
-//     twin's end-to-end time minus the compute its hops report minus three
-//     1 ms links and three transmissions, over three edges.
+//   - hop_overhead_us: the per-edge overhead (framing, tensor codec,
+//     stream work and waking an idle node), which the simulator adds to
+//     every message between two nodes. The twin's end-to-end time minus
+//     the compute its hops report minus three 1 ms links and three
+//     transmissions, over three edges.
 //   - bandwidth_mbps and activation_kb: simnet's link rate and the bytes of
 //     the activations a hop sends (1 x 1536 float32).
 //   - workload: one single pass every 80 ms (uniform arrivals), as the real
@@ -32,7 +32,7 @@ package simulations_test
 //     within 25% of the injected ones); the simulator fits coordinates to
 //     latency_ms. Both run mesh's route planner.
 //
-// The simulator's explicit mode is deterministic: one run with the twin's
+// The scenario gives its nodes no jitter_ms: one run with the twin's
 // median figures gives every request the same latency, so its p95 is its
 // median. The real p95 is not: compute and stack overhead vary with what
 // else the two cores run (the race detector, other tests). The twin sees
@@ -320,22 +320,15 @@ func calQuantile(v []float64, q float64) float64 {
 // calScenario is the calibration topology in the simulator's explicit
 // mode, with the injected latencies: blockA and blockB the compute per
 // block (µs) of servers of blocks 0-2 and 3-5, edgeUS the overhead per
-// edge, n requests one every calGap.
-//
-// The simulator has no per-edge overhead, so the three edges of the route
-// are charged to its two hops: 1.5 edges per hop, spread over the hop's
-// three blocks. That puts the time on the route where the real one spends
-// it without changing which route wins (every route runs the six blocks
-// once; the planner charges mesh.RouteHopOverhead per edge by itself).
-// Folding it into the latencies instead would move the fitted coordinates.
+// edge (network.hop_overhead_us: on every message, not in the fitted
+// coordinates, so it does not move them; the planner charges
+// mesh.RouteHopOverhead per edge by itself), n requests one every calGap.
 func calScenario(blockA, blockB, edgeUS float64, n int) string {
-	fold := edgeUS * 1.5 / 3
-	blockA, blockB = blockA+fold, blockB+fold
 	blockUS := []float64{0, blockA, blockB, (blockA + blockB) / 2, blockA, blockB}
 	var y strings.Builder
 	fmt.Fprintf(&y, "name: calibration-test\nseed: 1\nduration_s: %g\nsample_s: 1\n", float64(n)*calGap.Seconds()+5)
 	fmt.Fprintf(&y, "model: {blocks: %d, block_mb: 9, activation_kb: %g}\n", calBlocks, float64(calActBytes)/1000)
-	fmt.Fprintf(&y, "network:\n  nodes:\n")
+	fmt.Fprintf(&y, "network:\n  hop_overhead_us: %.1f\n  nodes:\n", edgeUS)
 	for i, s := range calSpans {
 		if s[1] == 0 {
 			fmt.Fprintf(&y, "    - {name: n%d, requester: true, bandwidth_mbps: %d}\n", i, calMbps)

@@ -226,7 +226,7 @@ func newSim(ctx context.Context, sc *Scenario) (*sim, error) {
 		timeout: int64(sc.Workload.StepTimeoutS * 1e9), actBytes: sc.Model.ActivationKB * 1000,
 		covered: make([]int32, sc.Model.Blocks), minCov: 1}
 	s.net = network{factor: sc.Network.RouteFactor, rng: stream(streamNetwork), coordErr: sc.Network.CoordErrorMS / 1e3,
-		coordRng: stream(streamCoords)}
+		coordRng: stream(streamCoords), overhead: int64(*sc.Network.HopOverheadUS * 1e3)}
 	if len(sc.Network.Nodes) > 0 {
 		s.initExplicit()
 	} else {
@@ -263,10 +263,14 @@ func (s *sim) initExplicit() {
 	}
 	s.byRegion = [][]int32{nil}
 	for i, nd := range sc.Network.Nodes {
-		ep := &endpoint{node: i, bw: nd.BandwidthMbps * 1e6 / 8 / 1e9, coord: coords[i]}
+		ep := &endpoint{node: i, bw: nd.BandwidthMbps * 1e6 / 8 / 1e9, jitter: nd.JitterMS * 1e6, coord: coords[i]}
 		micros := make([]float64, sc.Model.Blocks)
 		for b := range micros {
-			micros[b] = nd.BlockUS
+			// Blocks it does not serve never run here; they keep the
+			// span's first figure.
+			if len(nd.BlockUS) > 0 {
+				micros[b] = nd.BlockUS.at(min(max(b-nd.Start, 0), max(nd.End-nd.Start-1, 0)))
+			}
 		}
 		p := &simPeer{id: peerID(i), ep: ep, micros: micros, prefill: *nd.PrefillFactor, capacity: max(nd.End-nd.Start, 1),
 			start: nd.Start, end: nd.End, slots: make([]int64, nd.Slots), queue: nd.Queue, maxSessions: nd.Sessions}
@@ -1360,6 +1364,7 @@ func (s *sim) params() []string {
 	out = append(out, fmt.Sprintf("workload: %g req/s, diurnal %g, generate %g, prompt %s, output %s", w.Rate, w.Diurnal, w.Generate,
 		w.Prompt.String(), w.Output.String()))
 	out = append(out, fmt.Sprintf("dht: record ttl %gs, view refresh %gs", sc.DHT.RecordTTLS, sc.DHT.ViewRefreshS))
+	out = append(out, fmt.Sprintf("network: hop overhead %g µs per message", *sc.Network.HopOverheadUS))
 	return out
 }
 

@@ -8,7 +8,10 @@ package simulations
 // mean jitter(a) + jitter(b). Fibre carries light at about 2/3 c
 // (200 km/ms); real paths are longer than the great circle and cross
 // routers and queues, which RouteFactor (default 1.8; measured
-// inter-city RTTs are 1.5-2x the fibre minimum) stands for.
+// inter-city RTTs are 1.5-2x the fibre minimum) stands for. A message of
+// a request also pays the per-hop overhead (Network.HopOverheadUS) and its
+// bytes over the slower access link; an explicit topology's latency is its
+// matrix's, with the same jitter, overhead and bytes on top.
 //
 // Coordinates: each endpoint's Vivaldi coordinate is its point on the
 // sphere in 3-D Euclidean space, scaled to seconds of RTT at the same speed
@@ -52,6 +55,9 @@ type network struct {
 	// of RTT; coordRng draws it.
 	coordErr float64
 	coordRng *rand.Rand
+	// overhead is the fixed per-message cost between two endpoints
+	// (Network.HopOverheadUS), ns.
+	overhead int64
 }
 
 // perturb moves a coordinate by a random vector, uniformly directed, of a
@@ -108,13 +114,14 @@ func (n *network) propagation(a, b *endpoint) int64 {
 }
 
 // oneWay is what a message of size bytes takes from a to b, ns: the
-// latency (with jitter) plus the bytes over the slower access link. The
-// same endpoint (a node to itself) costs nothing.
+// latency (with jitter), the per-hop overhead (framing, tensor codec,
+// stream work; not in the coordinates) plus the bytes over the slower
+// access link. The same endpoint (a node to itself) costs nothing.
 func (n *network) oneWay(a, b *endpoint, bytes float64) int64 {
 	if a == b {
 		return 0
 	}
-	d := n.propagation(a, b) + a.lastMile + b.lastMile
+	d := n.propagation(a, b) + a.lastMile + b.lastMile + n.overhead
 	if j := a.jitter + b.jitter; j > 0 {
 		d += int64(n.rng.ExpFloat64() * j)
 	}

@@ -98,17 +98,63 @@ type Node struct {
 	Start int `yaml:"start"`
 	End   int `yaml:"end"`
 	// BlockUS is its time of one block for one token, µs (needed when it
-	// serves); PrefillFactor as in Class.
-	BlockUS       float64  `yaml:"block_us"`
+	// serves): one number for every block it serves, or a list of one per
+	// served block (block Start first); PrefillFactor as in Class.
+	BlockUS       Micros   `yaml:"block_us"`
 	PrefillFactor *float64 `yaml:"prefill_factor"`
 	// Requester makes it an entry node: requests arrive here.
 	Requester bool `yaml:"requester"`
 	// BandwidthMbps as in Class (default 1000).
 	BandwidthMbps float64 `yaml:"bandwidth_mbps"`
+	// JitterMS as in Class: the mean of an exponential extra delay per
+	// message, ms (default 0; a message's is its two ends' summed).
+	JitterMS float64 `yaml:"jitter_ms"`
 	// Slots, Queue and Sessions as in Class.
 	Slots    int `yaml:"slots"`
 	Queue    int `yaml:"queue"`
 	Sessions int `yaml:"sessions"`
+}
+
+// Micros is a per-block time in µs: one number for every block, written
+// as a scalar in YAML, or one per block, written as a list.
+type Micros []float64
+
+// UnmarshalYAML reads a scalar as one number for every block, or a list.
+func (m *Micros) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.ScalarNode {
+		if n.Tag == "!!null" {
+			*m = nil
+			return nil
+		}
+		var v float64
+		if err := n.Decode(&v); err != nil {
+			return err
+		}
+		*m = Micros{v}
+		return nil
+	}
+	var vs []float64
+	if err := n.Decode(&vs); err != nil {
+		return err
+	}
+	*m = vs
+	return nil
+}
+
+// MarshalYAML writes one number as a scalar, several as a list.
+func (m Micros) MarshalYAML() (any, error) {
+	if len(m) == 1 {
+		return m[0], nil
+	}
+	return []float64(m), nil
+}
+
+// at is the time of the i-th served block.
+func (m Micros) at(i int) float64 {
+	if len(m) == 1 {
+		return m[0]
+	}
+	return m[i]
 }
 
 // Network is the geography, or an explicit topology.
@@ -127,6 +173,15 @@ type Network struct {
 	// each network coordinate routing sees (default 0: the coordinates
 	// fit the network as well as Vivaldi converges to).
 	CoordErrorMS float64 `yaml:"coord_error_ms"`
+	// HopOverheadUS is a fixed time added to every message of a request
+	// between two different nodes (requester to first hop, hop to hop,
+	// last hop to requester, and failure answers), µs, on top of latency
+	// and bytes over bandwidth; coordinates do not see it. It stands for
+	// the pipeline's per-edge work: framing, tensor codec, QUIC stream.
+	// Default 300, what BENCHMARKS.md measured per hop (290-383 µs,
+	// "Inference through the mesh (issue 4)"); the real router charges
+	// mesh.RouteHopOverhead per edge. A pointer so that 0 can be asked for.
+	HopOverheadUS *float64 `yaml:"hop_overhead_us"`
 }
 
 // Dist is a distribution of a positive quantity.
@@ -435,6 +490,13 @@ func (s *Scenario) check() error {
 	if !(s.Network.CoordErrorMS >= 0) || !finite(s.Network.CoordErrorMS) {
 		return bad("network.coord_error_ms", "must be >= 0, is %v", s.Network.CoordErrorMS)
 	}
+	if s.Network.HopOverheadUS == nil {
+		v := 300.0
+		s.Network.HopOverheadUS = &v
+	}
+	if v := *s.Network.HopOverheadUS; !(v >= 0) || !finite(v) {
+		return bad("network.hop_overhead_us", "must be >= 0, is %v", v)
+	}
 	switch s.Placement {
 	case "":
 		s.Placement = "node"
@@ -703,8 +765,16 @@ func (s *Scenario) checkExplicit() error {
 		if nd.Start < 0 || nd.End > s.Model.Blocks || (nd.End != 0 && nd.End <= nd.Start) {
 			return bad(f, "span [%d, %d) is not within the model's %d blocks", nd.Start, nd.End, s.Model.Blocks)
 		}
-		if nd.End > 0 && !(nd.BlockUS > 0) {
-			return bad(f+".block_us", "must be > 0 for a serving node")
+		if nd.End > 0 {
+			if len(nd.BlockUS) != 1 && len(nd.BlockUS) != nd.End-nd.Start {
+				return bad(f+".block_us", "must be one number or a list of %d (one per served block) for a serving node, has %d",
+					nd.End-nd.Start, len(nd.BlockUS))
+			}
+			for _, v := range nd.BlockUS {
+				if !(v > 0) || !finite(v) {
+					return bad(f+".block_us", "must be > 0 for a serving node, is %v", v)
+				}
+			}
 		}
 		if nd.PrefillFactor == nil {
 			v := 0.05
@@ -719,8 +789,9 @@ func (s *Scenario) checkExplicit() error {
 		if nd.Sessions == 0 {
 			nd.Sessions = 256
 		}
-		if !(nd.BandwidthMbps > 0) || nd.Slots < 1 || nd.Queue < -1 || nd.Sessions < -1 || !(*nd.PrefillFactor >= 0) {
-			return bad(f, "bandwidth_mbps > 0, slots >= 1, queue and sessions >= -1, prefill_factor >= 0 needed")
+		if !(nd.BandwidthMbps > 0) || nd.Slots < 1 || nd.Queue < -1 || nd.Sessions < -1 || !(*nd.PrefillFactor >= 0) ||
+			!(nd.JitterMS >= 0) || !finite(nd.JitterMS) {
+			return bad(f, "bandwidth_mbps > 0, slots >= 1, queue and sessions >= -1, prefill_factor and jitter_ms >= 0 needed")
 		}
 		req = req || nd.Requester
 	}

@@ -573,3 +573,80 @@ func TestRunCancelled(t *testing.T) {
 		t.Fatalf("Run = %v, want context.Canceled", err)
 	}
 }
+
+// one is a requester and one server of all four blocks, 1 ms apart.
+const one = `
+name: one
+seed: 3
+duration_s: 10
+model: {blocks: 4, block_mb: 100, activation_kb: 4}
+network:
+  hop_overhead_us: 0
+  nodes:
+    - {name: r, requester: true}
+    - {name: s, start: 0, end: 4, block_us: [100, 200, 300, 400]}
+  latency_ms:
+    - [0, 1]
+    - [1, 0]
+workload: {rate: 5, arrivals: uniform, prompt: {dist: const, mean: 1}, max_requests: 20}
+`
+
+// TestHopOverhead: network.hop_overhead_us adds to each of a request's
+// messages between two nodes (here r -> s and s -> r), per-block block_us
+// lists sum as their scalar mean does, and a node's jitter_ms spreads the
+// latencies.
+func TestHopOverhead(t *testing.T) {
+	if sc := parse(t, small); *sc.Network.HopOverheadUS != 300 {
+		t.Fatalf("default hop_overhead_us %v, want 300", *sc.Network.HopOverheadUS)
+	}
+	// 2 ms of links, 1 ms of compute, 4 KB twice at 1000 Mbps (32 µs each).
+	base := run(t, parse(t, one))
+	const want = 2e-3 + 1e-3 + 2*32e-6
+	if p50 := base.Summary.E2E.P50; p50 < want-1e-9 || p50 > want+1e-9 || base.Summary.E2E.P95 != p50 {
+		t.Fatalf("without overhead: p50 %v p95 %v, want %v", p50, base.Summary.E2E.P95, want)
+	}
+	sc := parse(t, one)
+	if err := sc.Set("network.hop_overhead_us", "500"); err != nil {
+		t.Fatal(err)
+	}
+	if p50 := run(t, sc).Summary.E2E.P50; p50 < want+1e-3-1e-9 || p50 > want+1e-3+1e-9 {
+		t.Fatalf("with 500 µs per message: p50 %v, want %v", p50, want+1e-3)
+	}
+	if !slices.ContainsFunc(run(t, sc).Params, func(p string) bool { return p == "network: hop overhead 500 µs per message" }) {
+		t.Fatalf("params %v name no hop overhead", run(t, sc).Params)
+	}
+	// A scalar block_us is the same figure for every block.
+	scalar := parse(t, strings.Replace(one, "[100, 200, 300, 400]", "250", 1))
+	if got := run(t, scalar).Summary.E2E.P50; got != base.Summary.E2E.P50 {
+		t.Fatalf("block_us 250: p50 %v, the list's %v", got, base.Summary.E2E.P50)
+	}
+	if err := scalar.Set("network.nodes.1.block_us", "[100, 200, 300, 400]"); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(scalar.Network.Nodes[1].BlockUS, Micros{100, 200, 300, 400}) {
+		t.Fatalf("block_us set to %v", scalar.Network.Nodes[1].BlockUS)
+	}
+	if c := scalar.Clone(); !slices.Equal(c.Network.Nodes[1].BlockUS, scalar.Network.Nodes[1].BlockUS) ||
+		!slices.Equal(parse(t, strings.Replace(one, "[100, 200, 300, 400]", "250", 1)).Clone().Network.Nodes[1].BlockUS, Micros{250}) {
+		t.Fatal("block_us does not survive a clone")
+	}
+	// Jitter: p95 above p50, and the same seed gives the same result.
+	jit := strings.Replace(one, "block_us:", "jitter_ms: 0.5, block_us:", 1)
+	a, b := run(t, parse(t, jit)), run(t, parse(t, jit))
+	if !(a.Summary.E2E.P95 > a.Summary.E2E.P50) || !(a.Summary.E2E.P50 > want) {
+		t.Fatalf("with jitter: p50 %v p95 %v", a.Summary.E2E.P50, a.Summary.E2E.P95)
+	}
+	if !bytes.Equal(encode(t, a), encode(t, b)) {
+		t.Fatal("same seed, different results with jitter")
+	}
+	for _, tc := range [][2]string{
+		{strings.Replace(one, "[100, 200, 300, 400]", "[100, 200]", 1), "network.nodes.1.block_us: must be one number or a list of 4"},
+		{strings.Replace(one, "[100, 200, 300, 400]", "[100, 200, 0, 400]", 1), "network.nodes.1.block_us: must be > 0"},
+		{strings.Replace(one, "block_us:", "jitter_ms: -1, block_us:", 1), "jitter_ms >= 0"},
+		{strings.Replace(one, "hop_overhead_us: 0", "hop_overhead_us: -5", 1), "network.hop_overhead_us: must be >= 0"},
+	} {
+		if _, err := ParseScenario([]byte(tc[0]), "test"); err == nil || !errors.Is(err, ErrBadScenario) || !strings.Contains(err.Error(), tc[1]) {
+			t.Errorf("error %v, want one with %q", err, tc[1])
+		}
+	}
+}
