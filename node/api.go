@@ -90,7 +90,13 @@ func (n *Node) startAPI() error {
 			n.log.Error("api stopped", "err", err)
 		}
 	})
-	if err := os.WriteFile(filepath.Join(n.opts.DataDir, APIFile), []byte(ln.Addr().String()+"\n"), 0o644); err != nil {
+	// Written whole or not at all: `infermesh peers` (and tests) may read it
+	// the moment it appears.
+	path := filepath.Join(n.opts.DataDir, APIFile)
+	if err := os.WriteFile(path+".tmp", []byte(ln.Addr().String()+"\n"), 0o644); err != nil {
+		return err
+	}
+	if err := os.Rename(path+".tmp", path); err != nil {
 		return err
 	}
 	n.log.Info("api listening; the dashboard is at its root", "addr", "http://"+ln.Addr().String()+"/")
