@@ -24,6 +24,11 @@
 //     of error); an explicit topology's are fitted to its latency matrix by
 //     Vivaldi's spring rule, run to convergence. network.coord_error_ms
 //     adds a random error to them, to ask what worse coordinates cost.
+//     Every message of a request between two nodes also pays
+//     network.hop_overhead_us (default 300 µs: framing, tensor codec and
+//     stream work, BENCHMARKS.md's per hop), which coordinates do not see;
+//     the jitter's mean is its two ends' jitter_ms (a class's, or an
+//     explicit node's).
 //   - Peers: classes with a per-block time, a prefill factor for prompt
 //     tokens, memory (the span they hold), bandwidth, last mile; each runs
 //     Slots passes at once and queues Queue more (0: busy at once, as the
@@ -49,6 +54,15 @@
 //     on the same route. A failed hop is banned and routed around: a
 //     single pass routes again from scratch, a session replaces the lost
 //     span and replays its completed steps there, as mesh.Session does.
+//     With workload.gateway (a region, or "local": each user's own),
+//     requests run instead at gateway nodes in that region, a central
+//     API's servers next to its GPUs:
+//     the user's node sends the prompt there (one one-way leg, the
+//     prompt's activation bytes over the user's access, as its own upload
+//     to a first hop would be), the gateway routes, steps, fails over and
+//     replays as an entry node does, and streams each token back one
+//     one-way leg after it has it. TTFT and end-to-end latency grow by
+//     the two legs; the per-token time is the gateway's.
 //   - Churn: exponential sessions at a leave rate per hour, a share of
 //     them crashes; leavers are optionally replaced by a new peer of the
 //     same class and region, which places itself with mesh.Place on the

@@ -47,6 +47,7 @@ const (
 	streamPlacement
 	streamTimers
 	streamCoords
+	streamGateway
 )
 
 type hop struct {
@@ -55,7 +56,8 @@ type hop struct {
 }
 
 type request struct {
-	entry          int32
+	entry          int32 // the node that runs it: the user's, or its gateway
+	user           int32 // the user's own entry node (its place and region)
 	gen, live      bool
 	prompt, output int32
 	step           int32 // steps done (0: the prompt pass is next)
@@ -66,6 +68,7 @@ type request struct {
 	arrive         int64
 	sent           int64 // when the current attempt of the step left the entry node
 	firstTok       int64
+	out            int64   // gateway mode: the first token's way from the gateway to the user, ns
 	route          []hop   // shared with the memo until replaced: never written in place
 	held           []int32 // peers holding this session's state
 }
@@ -171,6 +174,9 @@ type sim struct {
 	online   int
 	entries  []*entryNode
 	byRegion [][]int32 // entry nodes per region
+	// gateways is, per entry node, the gateway node its users' requests
+	// enter through (workload.gateway); nil: none
+	gateways []int32
 	regionEP []*endpoint
 	// userWeights are the regions' shares of the users (nil in the
 	// explicit mode)
@@ -325,9 +331,33 @@ func (s *sim) initGeo() {
 		s.byRegion[r] = append(s.byRegion[r], int32(len(s.entries)))
 		s.entries = append(s.entries, &entryNode{self: -1, ep: &ep, region: r})
 	}
+	// Gateway nodes: one per entry node, placed as entry nodes are on the
+	// gateway region's disc (gateway "local": the entry node's own
+	// region's), from their own stream (the placement draws stay as they
+	// are without a gateway).
+	gws := make([][]int32, len(sc.Regions))
+	if w.Gateway != "" {
+		g := slices.IndexFunc(sc.Regions, func(r Region) bool { return r.Name == w.Gateway })
+		k := uint64(streamGateway)
+		rng := rand.New(rand.NewPCG(uint64(sc.Seed), 0x9e3779b97f4a7c15*k))
+		for i := range w.Entries {
+			r := g
+			if r < 0 {
+				r = s.entries[i].region
+			}
+			reg := &sc.Regions[r]
+			lat, lon := place(rng, reg.Lat, reg.Lon, reg.RadiusKM)
+			ep := newEndpoint(lat, lon, w.GatewayLastMileMS, 0, w.GatewayBandwidthMbps)
+			ep.coord = s.net.perturb(s.net.geoCoord(&ep))
+			gws[r] = append(gws[r], int32(len(s.entries)))
+			s.gateways = append(s.gateways, int32(len(s.entries)))
+			s.entries = append(s.entries, &entryNode{self: -1, ep: &ep, region: r})
+		}
+	}
 	s.regionRadius = make([]time.Duration, len(sc.Regions))
 	for r, es := range s.byRegion {
 		centre := s.regionEP[r].coord.Vec
+		es = append(slices.Clone(es), gws[r]...)
 		for _, e := range es {
 			d := 0.0
 			for i, x := range s.entries[e].ep.coord.Vec {
@@ -786,9 +816,18 @@ func (s *sim) arrival() {
 		s.reqs = append(s.reqs, request{})
 		id = int32(len(s.reqs) - 1)
 	}
-	s.reqs[id] = request{entry: e, gen: gen, live: true, prompt: int32(prompt), output: int32(output), arrive: s.now,
+	s.reqs[id] = request{entry: e, user: e, gen: gen, live: true, prompt: int32(prompt), output: int32(output), arrive: s.now,
 		epoch: s.reqs[id].epoch + 1}
 	s.live++
+	if s.gateways != nil {
+		// The prompt goes to the gateway first, as the entry node would
+		// send it to a first hop (its bytes over the user's access).
+		r := &s.reqs[id]
+		r.entry = s.gateways[e]
+		t := s.now + s.net.oneWay(s.entries[e].ep, s.entries[r.entry].ep, s.actBytes*float64(prompt))
+		s.q.push(event{t: t, kind: evRetry, a: id, e: r.epoch}) // evRetry: startStep, at the gateway
+		return
+	}
 	s.startStep(id)
 }
 
@@ -962,7 +1001,14 @@ func (s *sim) done(id int32, h int) {
 func (s *sim) result(id int32) {
 	r := &s.reqs[id]
 	if r.step == 0 {
-		r.firstTok = s.now
+		if r.entry != r.user {
+			// The gateway streams each token to the user as it has it:
+			// every token, the last included, arrives one one-way leg
+			// later, the same for all (the user's and gateway's ends add
+			// no jitter of their own).
+			r.out = s.net.oneWay(s.entries[r.entry].ep, s.entries[r.user].ep, s.actBytes)
+		}
+		r.firstTok = s.now + r.out
 	}
 	r.step++
 	r.failovers = 0
@@ -983,13 +1029,14 @@ func (s *sim) finish(id int32, ok bool) {
 	if ok {
 		s.completed++
 		s.cur.Completed++
-		e2e := float64(s.now-r.arrive) / 1e9
+		end := s.now + r.out // at the user
+		e2e := float64(end-r.arrive) / 1e9
 		s.lat.E2E = append(s.lat.E2E, e2e)
 		s.curE2E = append(s.curE2E, e2e)
 		if r.gen {
 			s.lat.TTFT = append(s.lat.TTFT, float64(r.firstTok-r.arrive)/1e9)
 			if r.output > 1 {
-				s.lat.PerToken = append(s.lat.PerToken, float64(s.now-r.firstTok)/1e9/float64(r.output-1))
+				s.lat.PerToken = append(s.lat.PerToken, float64(end-r.firstTok)/1e9/float64(r.output-1))
 			}
 		}
 	} else {
@@ -997,7 +1044,7 @@ func (s *sim) finish(id int32, ok bool) {
 		s.cur.Failed++
 	}
 	if s.userWeights != nil {
-		rl := &s.regionLat[s.entries[r.entry].region]
+		rl := &s.regionLat[s.entries[r.user].region]
 		if ok {
 			rl.completed++
 			rl.lat.E2E = append(rl.lat.E2E, s.lat.E2E[len(s.lat.E2E)-1])
@@ -1363,6 +1410,10 @@ func (s *sim) params() []string {
 	w := &sc.Workload
 	out = append(out, fmt.Sprintf("workload: %g req/s, diurnal %g, generate %g, prompt %s, output %s", w.Rate, w.Diurnal, w.Generate,
 		w.Prompt.String(), w.Output.String()))
+	if w.Gateway != "" {
+		out = append(out, fmt.Sprintf("workload: gateway in %s (last mile %g ms, %g Mbps): requests run there, tokens streamed to the users",
+			w.Gateway, w.GatewayLastMileMS, w.GatewayBandwidthMbps))
+	}
 	out = append(out, fmt.Sprintf("dht: record ttl %gs, view refresh %gs", sc.DHT.RecordTTLS, sc.DHT.ViewRefreshS))
 	out = append(out, fmt.Sprintf("network: hop overhead %g µs per message", *sc.Network.HopOverheadUS))
 	return out

@@ -223,6 +223,19 @@ type Workload struct {
 	Entries            int     `yaml:"entries"`
 	EntryLastMileMS    float64 `yaml:"entry_last_mile_ms"`
 	EntryBandwidthMbps float64 `yaml:"entry_bandwidth_mbps"`
+	// Gateway names a region (geography mode) whose gateway nodes every
+	// request enters through, as a central API does ("local": a gateway
+	// in each user's own region, as a regional API does): the user's node
+	// sends the prompt to its gateway node (one one-way leg), the gateway
+	// runs the request (routing, steps, failover, replay) and streams the
+	// tokens back, each one one-way leg after the gateway has it. Empty:
+	// the users' own entry nodes run their requests. There are as many
+	// gateway nodes as entry nodes, placed like them on the region's
+	// disc, entry node i using gateway node i; GatewayLastMileMS and
+	// GatewayBandwidthMbps are their access (default 0.2 ms, 10 Gbps).
+	Gateway              string  `yaml:"gateway"`
+	GatewayLastMileMS    float64 `yaml:"gateway_last_mile_ms"`
+	GatewayBandwidthMbps float64 `yaml:"gateway_bandwidth_mbps"`
 	// StepTimeoutS bounds a step (default 30, the node's); MaxFailovers the
 	// failovers of one step (default 16).
 	StepTimeoutS float64 `yaml:"step_timeout_s"`
@@ -587,6 +600,15 @@ func (s *Scenario) checkWorkload() error {
 	if w.EntryLastMileMS < 0 || !(w.EntryBandwidthMbps > 0) {
 		return bad("workload", "entry_last_mile_ms must be >= 0 and entry_bandwidth_mbps > 0")
 	}
+	if w.GatewayLastMileMS == 0 {
+		w.GatewayLastMileMS = 0.2
+	}
+	if w.GatewayBandwidthMbps == 0 {
+		w.GatewayBandwidthMbps = 10000
+	}
+	if w.GatewayLastMileMS < 0 || !(w.GatewayBandwidthMbps > 0) || !finite(w.GatewayLastMileMS) {
+		return bad("workload", "gateway_last_mile_ms must be >= 0 and gateway_bandwidth_mbps > 0")
+	}
 	if w.StepTimeoutS == 0 {
 		w.StepTimeoutS = 30
 	}
@@ -661,6 +683,11 @@ func (s *Scenario) checkGeo() error {
 		if r.Weight > 0 {
 			withUsers++
 		}
+	}
+	if g := s.Workload.Gateway; g == "local" && names[g] {
+		return bad("workload.gateway", "local is ambiguous: a region has that name")
+	} else if g != "" && g != "local" && !names[g] {
+		return bad("workload.gateway", "no region %q (a region's name, or local)", g)
 	}
 	if s.Workload.Entries < withUsers {
 		return bad("workload.entries", "%d entry nodes for %d regions with users: each needs one", s.Workload.Entries, withUsers)
@@ -742,6 +769,9 @@ func (s *Scenario) region(name string) *Region {
 
 func (s *Scenario) checkExplicit() error {
 	n := len(s.Network.Nodes)
+	if s.Workload.Gateway != "" {
+		return bad("workload.gateway", "needs the geography mode (regions): an explicit topology's requester is its entry node")
+	}
 	if len(s.Network.LatencyMS) != n {
 		return bad("network.latency_ms", "needs %d rows (one per node), has %d", n, len(s.Network.LatencyMS))
 	}

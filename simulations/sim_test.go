@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"math"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -648,5 +649,108 @@ func TestHopOverhead(t *testing.T) {
 		if _, err := ParseScenario([]byte(tc[0]), "test"); err == nil || !errors.Is(err, ErrBadScenario) || !strings.Contains(err.Error(), tc[1]) {
 			t.Errorf("error %v, want one with %q", err, tc[1])
 		}
+	}
+}
+
+// gateway: users in Tokyo, four whole-model GPUs in us-east, every node
+// within a metre of its region's centre (a few ns of propagation), no
+// jitter, one request a second: every request takes the same time (to
+// within a µs: the metres between nodes).
+const gateway = `
+name: gw
+seed: 3
+duration_s: 40
+peers: 4
+model: {blocks: 8, block_mb: 500, activation_kb: 8}
+regions:
+  - {name: far, lat: 35.7, lon: 139.7, weight: 1, peer_weight: 0, radius_km: 0.001}
+  - {name: dc, lat: 39, lon: -77.5, weight: 0, peer_weight: 1, radius_km: 0.001}
+classes:
+  - {name: gpu, share: 1, block_ms: 1, memory_gb: 40, last_mile_ms: 0.5, slots: 8}
+workload:
+  rate: 1
+  arrivals: uniform
+  generate: 1
+  prompt: {dist: const, mean: 100}
+  output: {dist: const, mean: 20}
+  entries: 2
+  entry_last_mile_ms: 10
+  gateway: dc
+`
+
+// TestGateway: through a gateway, a far user's TTFT and e2e are a local
+// user's (an entry node where the gateway is, with its access) plus the
+// two one-way legs between the user and the gateway (the prompt's bytes
+// in, one token's out), and its per-token time is the local user's, not
+// the far user's round trips.
+func TestGateway(t *testing.T) {
+	far := parse(t, gateway)
+	if far.Workload.GatewayLastMileMS != 0.2 || far.Workload.GatewayBandwidthMbps != 10000 {
+		t.Fatalf("gateway defaults %v ms, %v Mbps", far.Workload.GatewayLastMileMS, far.Workload.GatewayBandwidthMbps)
+	}
+	local := parse(t, strings.NewReplacer("weight: 1, peer_weight: 0", "weight: 0, peer_weight: 0",
+		"weight: 0, peer_weight: 1", "weight: 1, peer_weight: 1", "entry_last_mile_ms: 10", "entry_last_mile_ms: 0.2\n  entry_bandwidth_mbps: 10000",
+		"gateway: dc", "").Replace(gateway))
+	client := parse(t, strings.Replace(gateway, "gateway: dc", "", 1))
+	n := network{factor: 1.8, overhead: 300_000}
+	user := newEndpoint(35.7, 139.7, 10, 0, 100)
+	gw := newEndpoint(39, -77.5, 0.2, 0, 10000)
+	legs := float64(n.oneWay(&user, &gw, 8000*100)+n.oneWay(&gw, &user, 8000)) / 1e9
+	// ~10,900 km at 200 km/ms × 1.8 is ~98 ms each way
+	if legs < 0.19 || legs > 0.3 {
+		t.Fatalf("legs %v s", legs)
+	}
+	for _, gen := range []string{"1", "0"} {
+		for _, sc := range []*Scenario{far, local, client} {
+			if err := sc.Set("workload.generate", gen); err != nil {
+				t.Fatal(err)
+			}
+		}
+		a, b, c := run(t, far), run(t, local), run(t, client)
+		if a.Summary.Completed < 30 || a.Summary.Completed != b.Summary.Completed || a.Summary.E2E.P95-a.Summary.E2E.P50 > 1e-6 {
+			t.Fatalf("generate %s: completed %d / %d, e2e p50 %v p95 %v", gen, a.Summary.Completed, b.Summary.Completed,
+				a.Summary.E2E.P50, a.Summary.E2E.P95)
+		}
+		if d := a.Summary.E2E.P50 - b.Summary.E2E.P50; d < legs-1e-6 || d > legs+1e-6 {
+			t.Fatalf("generate %s: e2e %v through the gateway, %v local: +%v, want +%v", gen, a.Summary.E2E.P50, b.Summary.E2E.P50, d, legs)
+		}
+		if gen == "0" {
+			continue
+		}
+		if d := a.Summary.TTFT.P50 - b.Summary.TTFT.P50; d < legs-1e-6 || d > legs+1e-6 {
+			t.Fatalf("TTFT %v through the gateway, %v local: +%v, want +%v", a.Summary.TTFT.P50, b.Summary.TTFT.P50, d, legs)
+		}
+		if pa, pb := a.Summary.PerToken.P50, b.Summary.PerToken.P50; math.Abs(pa-pb) > 1e-6 || pa > 0.012 {
+			t.Fatalf("per-token %v through the gateway, %v local", pa, pb)
+		}
+		// Decoding from the far user's own node pays the ocean every token.
+		if pc := c.Summary.PerToken.P50; pc < a.Summary.PerToken.P50+0.19 {
+			t.Fatalf("per-token %v decoding at the far user, %v through the gateway", pc, a.Summary.PerToken.P50)
+		}
+		if len(a.Regions) != 1 || a.Regions[0].Region != "far" || a.Regions[0].TTFT.P50 != a.Summary.TTFT.P50 {
+			t.Fatalf("regions %+v", a.Regions)
+		}
+	}
+	// A gateway in the users' own region ("local"): as a far user's own
+	// node with the gateway's access, plus the legs to it.
+	regional := parse(t, strings.Replace(gateway, "gateway: dc", "gateway: local", 1))
+	near := parse(t, strings.Replace(strings.Replace(gateway, "gateway: dc", "", 1), "entry_last_mile_ms: 10", "entry_last_mile_ms: 0.2\n  entry_bandwidth_mbps: 10000", 1))
+	gwNear := newEndpoint(35.7, 139.7, 0.2, 0, 10000)
+	legs = float64(n.oneWay(&user, &gwNear, 8000*100)+n.oneWay(&gwNear, &user, 8000)) / 1e9
+	a, b := run(t, regional).Summary, run(t, near).Summary
+	if d := a.E2E.P50 - b.E2E.P50; d < legs-1e-6 || d > legs+1e-6 || math.Abs(a.PerToken.P50-b.PerToken.P50) > 1e-6 {
+		t.Fatalf("local gateway: e2e %v vs %v (+%v, want +%v), per-token %v vs %v", a.E2E.P50, b.E2E.P50, d, legs, a.PerToken.P50, b.PerToken.P50)
+	}
+	if !bytes.Equal(encode(t, run(t, far)), encode(t, run(t, far.Clone()))) {
+		t.Fatal("same seed, different results through a gateway")
+	}
+	if err := client.Set("workload.gateway", "far"); err != nil || client.Workload.Gateway != "far" || client.Clone().Workload.Gateway != "far" {
+		t.Fatalf("Set gateway: %v, %q", err, client.Workload.Gateway)
+	}
+	if err := client.Set("workload.gateway", "mars"); err == nil || !strings.Contains(err.Error(), `workload.gateway: no region "mars" (a region's name, or local)`) {
+		t.Fatalf("Set gateway mars: %v", err)
+	}
+	if _, err := ParseScenario([]byte(strings.Replace(explicit, "workload: {", "workload: {gateway: r, ", 1)), "test"); err == nil || !strings.Contains(err.Error(), "workload.gateway: needs the geography") {
+		t.Fatalf("explicit with a gateway: %v", err)
 	}
 }
