@@ -230,6 +230,11 @@ func (v *View) refresh(ctx context.Context, e *modelEntry) error {
 	for p := range e.providers { // peers that pushed or were found before
 		found[p] = true
 	}
+	// This node itself, when its own record serves the model: its provider
+	// record may not be in the DHT yet when the model is first asked for.
+	if _, ok := v.records[v.m.host.ID()]; ok {
+		found[v.m.host.ID()] = true
+	}
 	var stale []peer.ID
 	for p := range found {
 		r, ok := v.records[p]
