@@ -1411,8 +1411,12 @@ func (s *sim) params() []string {
 	out = append(out, fmt.Sprintf("workload: %g req/s, diurnal %g, generate %g, prompt %s, output %s", w.Rate, w.Diurnal, w.Generate,
 		w.Prompt.String(), w.Output.String()))
 	if w.Gateway != "" {
-		out = append(out, fmt.Sprintf("workload: gateway in %s (last mile %g ms, %g Mbps): requests run there, tokens streamed to the users",
-			w.Gateway, w.GatewayLastMileMS, w.GatewayBandwidthMbps))
+		where := "in " + w.Gateway
+		if w.Gateway == "local" {
+			where = "in each user's region"
+		}
+		out = append(out, fmt.Sprintf("gateway: %s (last mile %g ms, %g Mbps), requests run there and stream tokens to the users",
+			where, w.GatewayLastMileMS, w.GatewayBandwidthMbps))
 	}
 	out = append(out, fmt.Sprintf("dht: record ttl %gs, view refresh %gs", sc.DHT.RecordTTLS, sc.DHT.ViewRefreshS))
 	out = append(out, fmt.Sprintf("network: hop overhead %g µs per message", *sc.Network.HopOverheadUS))
