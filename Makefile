@@ -90,6 +90,8 @@ bench: build
 	$(GO) test -run '^$$' -bench JoinFiveNodes -benchtime 1x ./node/
 	$(GO) test -run '^$$' -bench APILoad -benchtime 1x ./node/
 	$(GO) test -run '^$$' -bench APIOverhead -benchtime 1x ./node/
+	$(GO) test -run '^$$' -bench Scale -benchtime 1x ./simulations/
+	$(GO) test -run '^$(CALIBRATION)$$' -count 1 -v ./simulations/ | grep 'calibration:'
 	@test -f $(BENCH_MODEL)/manifest.json || $(BIN) shard build gpt --layers 8 --dim 512 --seed 1 --out $(BENCH_MODEL)
 	$(BIN) shard bench $(BENCH_MODEL) --threads 1
 	$(BIN) shard bench $(BENCH_MODEL)
