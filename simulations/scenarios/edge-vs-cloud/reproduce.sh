@@ -13,16 +13,24 @@ SW=$DEST/sweeps
 METRICS=ttft_p50,ttft_p95,per_token_p50,e2e_p50,e2e_p95,completion_rate,failovers
 mkdir -p "$WORK" "$SW"
 
-# The two arms as --set flags (the arms `cloud` and `edge` of edge-vs-cloud.yaml).
-CLOUD=(--set peers=150 --set classes.0.share=1 --set classes.1.share=0)
+# The arms as --set flags (the arms `cloud`, `edge`, `edge-dc` and
+# `cloud-client-decode` of edge-vs-cloud.yaml; `sim sweep` takes no arm).
+# cloud: 150 dc GPUs in us-east, decoded server-side through gateway nodes
+# in us-east that stream the tokens to the users.
+CLOUD=(--set peers=150 --set classes.0.share=1 --set classes.1.share=0 --set workload.gateway=us-east)
+# cloud-client-decode: the same GPUs, decoded from the users' own nodes (the
+# mesh's way; the cloud arm of the study's first version, commit fbca9ec).
+CLOUDCD=(--set peers=150 --set classes.0.share=1 --set classes.1.share=0)
 EDGE=()
 # "Distributed cloud": the edge arm's class made a data-centre GPU (the dc-gpu
-# class's figures), 150 of them spread over the users' regions like the edge.
+# class's figures), 150 of them spread over the users' regions like the edge,
+# decoded server-side by a gateway in each user's own region.
 EDGEDC=(--set peers=150 --set classes.1.block_ms=0.6 --set classes.1.prefill_factor=0.01 --set classes.1.memory_gb=40
-        --set classes.1.bandwidth_mbps=25000 --set classes.1.last_mile_ms=0.2 --set classes.1.jitter_ms=0.05 --set classes.1.slots=16)
+        --set classes.1.bandwidth_mbps=25000 --set classes.1.last_mile_ms=0.2 --set classes.1.jitter_ms=0.05 --set classes.1.slots=16
+        --set workload.gateway=local)
 
 headline() {
-	rm -rf "$DEST"/comparison* "$DEST"/{cloud,edge}{,-local-users,-deep-model}
+	rm -rf "$DEST"/comparison* "$DEST"/{cloud,edge}{,-local-users,-deep-model} "$DEST"/edge-dc "$DEST"/cloud-client-decode
 	"$BIN" sim compare edge-vs-cloud --out "$DEST"
 }
 
@@ -33,6 +41,7 @@ sweep() {
 	local flags=()
 	case $arm in
 	cloud) flags=("${CLOUD[@]}") ;;
+	cloud-client-decode) flags=("${CLOUDCD[@]}") ;;
 	edge) flags=() ;;
 	edge-dc) flags=("${EDGEDC[@]}") ;;
 	esac
@@ -51,6 +60,7 @@ run() {
 	local flags=()
 	case $arm in
 	cloud) flags=("${CLOUD[@]}") ;;
+	cloud-client-decode) flags=("${CLOUDCD[@]}") ;;
 	edge) flags=() ;;
 	edge-dc) flags=("${EDGEDC[@]}") ;;
 	esac
@@ -62,15 +72,15 @@ run() {
 # (a) user spread
 users() {
 	# the share of users in us-east, the cloud's region: weight w against the others' 10
-	for arm in cloud edge edge-dc; do sweep users-share $arm regions.0.weight 0,1,3,10,30,100,1000; done
+	for arm in cloud edge edge-dc cloud-client-decode; do sweep users-share $arm regions.0.weight 0,1,3,10,30,100,1000; done
 	# all users in one region (the others weigh 0), for each region
 	regions=(us-east us-west eu-west ap-south ap-east sa-east)
 	for i in "${!regions[@]}"; do
 		w=()
 		for j in "${!regions[@]}"; do w+=(--set "regions.$j.weight=$([ "$i" = "$j" ] && echo 1 || echo 0)"); done
-		for arm in cloud edge edge-dc; do run "region-${regions[$i]}" $arm "${w[@]}"; done
+		for arm in cloud edge edge-dc cloud-client-decode; do run "region-${regions[$i]}" $arm "${w[@]}"; done
 	done
-	for arm in cloud edge edge-dc; do run region-all $arm; done
+	for arm in cloud edge edge-dc cloud-client-decode; do run region-all $arm; done
 }
 
 # (b) model size
@@ -122,19 +132,16 @@ churn() {
 	sweep edge-churn edge churn.leave_per_hour 0,0.02,0.05,0.2,0.5 --set churn.crash_fraction=0.5 --set churn.replace=true
 }
 
-# server-side decoding is not simulated; its per-token cost is approximated by
-# runs where the user's own access costs nothing (entry_last_mile_ms 0.001 ms):
-# the cloud with every user inside a 1 km us-east (a step is then the GPU's
-# compute), the edge mesh with its worldwide users (a step is then its hops
-# and the legs between them)
+# server-side decoding for the consumer mesh too (not what the mesh does: each
+# user's node runs its loop): the edge arm with a gateway in each user's region
 serverside() {
-	local zero=(--set workload.entry_last_mile_ms=0.001)
-	run serverside cloud "${zero[@]}" --set regions.0.radius_km=1 --set regions.1.weight=0 --set regions.2.weight=0 \
-		--set regions.3.weight=0 --set regions.4.weight=0 --set regions.5.weight=0
-	run serverside edge "${zero[@]}"
+	run serverside edge --set workload.gateway=local
 }
 
-tables() { python3 "$DEST/tables.py" "$WORK" "$SW"; }
+tables() {
+	rm -f "$SW"/server-side-estimate.* # the first version's estimate, now simulated (server-side.md)
+	python3 "$DEST/tables.py" "$WORK" "$SW"
+}
 
 if [ $# -eq 0 ]; then set -- headline users model presets mix load upload churn serverside tables; fi
 for step in "$@"; do "$step"; done

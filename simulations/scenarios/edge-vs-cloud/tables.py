@@ -5,7 +5,7 @@ tables.py WORK SWEEPS_DIR"""
 import csv, json, math, os, sys
 
 work, sw = sys.argv[1], sys.argv[2]
-ARMS = ["cloud", "edge", "edge-dc"]
+ARMS = ["cloud", "edge", "edge-dc", "cloud-client-decode"]
 COLS = [("hops", "hops", "{:.2f}"), ("ttft_p50", "TTFT p50", "ms"), ("ttft_p95", "TTFT p95", "ms"),
         ("per_token_p50", "per-token p50", "ms"), ("e2e_p50", "e2e p50", "s"), ("e2e_p95", "e2e p95", "s"),
         ("completion_rate", "completed", "%"), ("failovers", "failovers", "{:.0f}")]
@@ -88,7 +88,8 @@ combined("users-share", "User spread: share of the users in us-east (the cloud's
          note="regions.0.weight = w against the other five regions' 10 (2+3+2+2+1); peers stay where they are.")
 combined("model-blocks", "Model depth: model.blocks (400 MB each; an edge GPU holds 15, a dc GPU 100)", "blocks")
 combined("entry-bandwidth", "Prompt upload: the users' access bandwidth (workload.entry_bandwidth_mbps)", "entry Mbps",
-         note="The client sends the prompt's activations (10 KB a token, ~2 MB for 200 tokens) to the first hop.")
+         note="The user's node sends the prompt's activations (10 KB a token, ~2 MB for 200 tokens) to the first hop, "
+         "or, through a gateway (cloud, edge-dc), to the gateway, which sends them on to the first hop.")
 combined("load", "Load: workload.rate (200 s of virtual time)", "req/s")
 combined("edge-memory", "Edge GPU memory for blocks (classes.1.memory_gb): the span held, so the hops", "edge GB",
          lambda v: f"{v} GB ({min(40, int(float(v)*1000/400))} blocks)", ref_fixed=cloud_default,
@@ -176,33 +177,47 @@ if os.path.isdir(d):
             if a in st and r[0] in st[a]:
                 rows.append((lab, a, st[a][r[0]], st["cloud"][r[0]]))
     write("regions-worldwide", "Per users' region, default worldwide workload (weights 3/2/3/2/2/1)", "users in", rows,
-          note="The region breakdown (summary.json `regions`) of the default runs: cloud and edge are the headline runs; "
-          "edge-dc is the edge arm with 150 data-centre GPUs spread over the regions. Distance of the region's centre from us-east. "
+          note="The region breakdown (summary.json `regions`) of the default runs, the headline's arms: cloud (server-side decode "
+          "through us-east gateways), edge (the consumer mesh, decoded from the users' nodes), edge-dc (150 data-centre GPUs "
+          "spread over the regions, server-side decode through a gateway in the user's region) and cloud-client-decode. "
+          "Distance of the region's centre from us-east. "
           "Failovers are not broken down per region (NaN).")
 
 
-# server-side decoding, estimated: TTFT of the default runs + 127 steps at the
-# per-token cost of the serverside runs (see reproduce.sh)
-d = os.path.join(work, "runs", "serverside")
-if os.path.isdir(d) and os.path.isdir(os.path.join(work, "runs", "region-all")):
-    step = {"cloud": summary(os.path.join(d, "cloud", "summary.json"))["per_token_p50"],
-            "edge": summary(os.path.join(d, "edge", "summary.json"))["per_token_p50"]}
-    step["edge-dc"] = step["cloud"]
-    base = {a: summary(os.path.join(work, "runs", "region-all", a, "summary.json")) for a in ARMS}
-    md = ["# Server-side decoding, estimated (not simulated)", "",
-          "e2e of a 128-token reply ≈ TTFT p50 (default worldwide run) + 127 × the per-token p50 of a run where the "
-          "user's access costs nothing (the cloud: users inside us-east's 1 km; the edge: its worldwide users; "
-          "edge-dc: as the cloud). The simulated e2e p50 (client-driven steps, lognormal reply lengths) is shown for reference.", "",
-          "| arm | TTFT p50 | server-side step | est. e2e, 128 tokens | / cloud | simulated per-token p50 | simulated e2e p50 |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
-    est = {a: base[a]["ttft_p50"] + 127 * step[a] for a in ARMS}
-    with open(os.path.join(sw, "server-side-estimate.csv"), "w", newline="") as f:
+# server-side decoding, simulated (the first version of the study estimated it:
+# its figures are kept for comparison)
+ESTIMATE = {"cloud": 3.73, "edge with gateways": 9.12, "edge-dc": 3.61}  # s, a 128-token reply, commit fbca9ec
+d = os.path.join(work, "runs", "region-all")
+if os.path.isdir(d):
+    base = {a: summary(os.path.join(d, a, "summary.json")) for a in ARMS if os.path.exists(os.path.join(d, a, "summary.json"))}
+    c = base["cloud"]
+    p = os.path.join(work, "runs", "serverside", "edge", "summary.json")
+    if os.path.exists(p):
+        base["edge with gateways"] = summary(p)
+    md = ["# Server-side decoding, simulated", "",
+          "The default worldwide runs of the headline's arms. cloud and edge-dc decode server-side (`workload.gateway`: "
+          "us-east, and `local`, the user's own region): the gateway runs the decode loop next to the GPUs and streams "
+          "the tokens, so the user pays one one-way leg for the prompt and one for the reply. edge (the mesh) and "
+          "cloud-client-decode run the loop at the user's own node: a round trip to the route per token. "
+          "edge with gateways is the consumer mesh given a gateway in each user's region (`--set workload.gateway=local`), "
+          "the case the first version of this study estimated for the edge. "
+          "The last column is that version's estimate of a 128-token reply's e2e, which these runs replace.", "",
+          "| arm | decode loop at | TTFT p50 | TTFT p95 | per-token p50 | e2e p50 | e2e p95 | e2e p50 / cloud | e2e p95 / cloud | "
+          "TTFT p50 / cloud | estimated e2e (128 tokens) / cloud |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    where = {"cloud": "gateway in us-east", "edge": "user's node", "edge-dc": "gateway in the user's region",
+             "cloud-client-decode": "user's node", "edge with gateways": "gateway in the user's region (not the mesh's way)"}
+    with open(os.path.join(sw, "server-side.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["arm", "ttft_p50", "step_s", "e2e_128_est", "ratio", "sim_per_token_p50", "sim_e2e_p50"])
-        for a in ARMS:
-            md.append(f"| {a} | {base[a]['ttft_p50']*1000:.0f} ms | {step[a]*1000:.1f} ms | {est[a]:.2f} s | {est[a]/est['cloud']:.2f}× | "
-                      f"{base[a]['per_token_p50']*1000:.0f} ms | {base[a]['e2e_p50']:.1f} s |")
-            w.writerow([a, f"{base[a]['ttft_p50']:.6g}", f"{step[a]:.6g}", f"{est[a]:.6g}", f"{est[a]/est['cloud']:.4f}",
-                        f"{base[a]['per_token_p50']:.6g}", f"{base[a]['e2e_p50']:.6g}"])
-    with open(os.path.join(sw, "server-side-estimate.md"), "w") as f:
+        w.writerow(["arm", "ttft_p50", "ttft_p95", "per_token_p50", "e2e_p50", "e2e_p95", "ratio_e2e_p50", "ratio_e2e_p95",
+                    "ratio_ttft_p50", "estimate_ratio_e2e"])
+        for a, m in base.items():
+            est = f"{ESTIMATE[a]/ESTIMATE['cloud']:.2f}×" if a in ESTIMATE else "–"
+            md.append(f"| {a} | {where[a]} | {m['ttft_p50']*1000:.0f} ms | {m['ttft_p95']*1000:.0f} ms | "
+                      f"{m['per_token_p50']*1000:.1f} ms | {m['e2e_p50']:.2f} s | {m['e2e_p95']:.2f} s | "
+                      f"{m['e2e_p50']/c['e2e_p50']:.2f}× | {m['e2e_p95']/c['e2e_p95']:.2f}× | {m['ttft_p50']/c['ttft_p50']:.2f}× | {est} |")
+            w.writerow([a] + [f"{m[k]:.6g}" for k in ("ttft_p50", "ttft_p95", "per_token_p50", "e2e_p50", "e2e_p95")] +
+                       [f"{m['e2e_p50']/c['e2e_p50']:.4f}", f"{m['e2e_p95']/c['e2e_p95']:.4f}", f"{m['ttft_p50']/c['ttft_p50']:.4f}",
+                        f"{ESTIMATE[a]/ESTIMATE['cloud']:.4f}" if a in ESTIMATE else ""])
+    with open(os.path.join(sw, "server-side.md"), "w") as f:
         f.write("\n".join(md) + "\n")
