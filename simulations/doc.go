@@ -56,13 +56,13 @@
 //     span and replays its completed steps there, as mesh.Session does.
 //     With workload.gateway (a region, or "local": each user's own),
 //     requests run instead at gateway nodes in that region, a central
-//     API's servers next to its GPUs:
-//     the user's node sends the prompt there (one one-way leg, the
-//     prompt's activation bytes over the user's access, as its own upload
-//     to a first hop would be), the gateway routes, steps, fails over and
-//     replays as an entry node does, and streams each token back one
-//     one-way leg after it has it. TTFT and end-to-end latency grow by
-//     the two legs; the per-token time is the gateway's.
+//     API's servers next to its GPUs: the user's node sends the prompt
+//     there (one one-way leg, the prompt's activation bytes over the
+//     user's access, as its own upload to a first hop would be), the
+//     gateway routes, steps, fails over and replays as an entry node
+//     does, and streams each token back one one-way leg after it has it.
+//     TTFT and end-to-end latency grow by the two legs; the per-token
+//     time is the gateway's.
 //   - Churn: exponential sessions at a leave rate per hour, a share of
 //     them crashes; leavers are optionally replaced by a new peer of the
 //     same class and region, which places itself with mesh.Place on the
