@@ -63,8 +63,9 @@
 //     does, and streams each token back one one-way leg after it has it.
 //     TTFT and end-to-end latency grow by the two legs; the per-token
 //     time is the gateway's.
-//   - Churn: exponential sessions at a leave rate per hour, a share of
-//     them crashes; leavers are optionally replaced by a new peer of the
+//   - Churn: sessions at a leave rate per hour, exponential or
+//     heavy-tailed (lognormal), the starting peers part-way through theirs
+//     (the renewal steady state); a share of them crashes; leavers are optionally replaced by a new peer of the
 //     same class and region, which places itself with mesh.Place on the
 //     view and fetches its blocks before it goes online. A graceful
 //     leaver's connections close: its requests fail over at once. A

@@ -484,14 +484,46 @@ func (s *sim) goOnline(p *simPeer) {
 	if s.sc.Placement == "node" && s.sc.RebalanceS > 0 && len(s.sc.Network.Nodes) == 0 {
 		s.scheduleRebalance(p)
 	}
-	if lp := s.sc.Churn.LeavePerHour; lp > 0 && len(s.sc.Network.Nodes) == 0 {
-		session := int64(s.rChurn.ExpFloat64() * 3600 / lp * 1e9)
+	if s.sc.Churn.LeavePerHour > 0 && len(s.sc.Network.Nodes) == 0 {
+		session := s.sessionLength(s.now == 0)
 		crash := uint8(0)
 		if s.rChurn.Float64() < s.sc.Churn.CrashFraction {
 			crash = 1
 		}
 		s.q.push(event{t: s.now + session, kind: evLeave, a: peerIndex(p.id), x: crash})
 	}
+}
+
+// sessionLength draws how long a peer going online now stays, in ns: a
+// session of mean 1/LeavePerHour hours shaped as Churn.Session says. A peer
+// of the starting mesh is part-way through its session: it gets what is left
+// of one drawn in proportion to its length (a renewal process in its steady
+// state), so that peers leave at the set rate from the start rather than in
+// a burst of the short sessions. Exponential sessions are memoryless: what
+// is left of one is one.
+func (s *sim) sessionLength(initial bool) int64 {
+	mean := 3600 / s.sc.Churn.LeavePerHour
+	d := s.sc.Churn.Session
+	var v float64
+	switch d.Dist {
+	case "", "exp":
+		v = s.rChurn.ExpFloat64() * mean
+	case "const":
+		v = mean
+		if initial {
+			v *= s.rChurn.Float64()
+		}
+	case "lognormal":
+		mu := math.Log(mean) - d.Sigma*d.Sigma/2
+		if initial {
+			mu += d.Sigma * d.Sigma // the length-biased lognormal
+		}
+		v = math.Exp(mu + d.Sigma*s.rChurn.NormFloat64())
+		if initial {
+			v *= s.rChurn.Float64()
+		}
+	}
+	return max(int64(v*1e9), 1)
 }
 
 func (s *sim) scheduleRebalance(p *simPeer) {
@@ -1405,7 +1437,14 @@ func (s *sim) params() []string {
 			out = append(out, fmt.Sprintf("region %s: users %g, peers %g", r.Name, r.Weight, r.peerWeight()))
 		}
 		out = append(out, fmt.Sprintf("placement: %s, rebalance every %gs", sc.Placement, sc.RebalanceS))
-		out = append(out, fmt.Sprintf("churn: %g/hour leave, %g crash, replace %v", sc.Churn.LeavePerHour, sc.Churn.CrashFraction, sc.Churn.Replace))
+		churn := fmt.Sprintf("churn: %g/hour leave, %g crash, replace %v", sc.Churn.LeavePerHour, sc.Churn.CrashFraction, sc.Churn.Replace)
+		if d := sc.Churn.Session; d.Dist != "" && d.Dist != "exp" {
+			churn += fmt.Sprintf(", %s sessions", d.Dist)
+			if d.Dist == "lognormal" {
+				churn += fmt.Sprintf(" (sigma %g)", d.Sigma)
+			}
+		}
+		out = append(out, churn)
 	}
 	w := &sc.Workload
 	out = append(out, fmt.Sprintf("workload: %g req/s, diurnal %g, generate %g, prompt %s, output %s", w.Rate, w.Diurnal, w.Generate,

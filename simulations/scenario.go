@@ -259,6 +259,12 @@ type Churn struct {
 	// so the mesh keeps its size.
 	Replace bool    `yaml:"replace"`
 	RejoinS float64 `yaml:"rejoin_s"`
+	// Session shapes how long a peer stays, always with the mean
+	// 1/LeavePerHour hours: "exp" (the default: memoryless), "lognormal"
+	// with Sigma (measured peer-to-peer sessions are heavy-tailed: many
+	// short ones, a few very long), or "const". Its Mean is not set: the
+	// leave rate gives it.
+	Session Dist `yaml:"session"`
 }
 
 // DHT is the record store's timing.
@@ -534,6 +540,14 @@ func (s *Scenario) check() error {
 	def(&c.RejoinS, 60)
 	if !(c.RejoinS > 0) {
 		return bad("churn.rejoin_s", "must be > 0, is %v", c.RejoinS)
+	}
+	switch d := c.Session; {
+	case d.Mean != 0 || d.Min != 0 || d.Max != 0:
+		return bad("churn.session", "takes only dist (and sigma): its mean is 1/leave_per_hour hours")
+	case d.Dist != "" && d.Dist != "exp" && d.Dist != "lognormal" && d.Dist != "const":
+		return bad("churn.session.dist", "must be exp, lognormal or const, is %q", d.Dist)
+	case !(d.Sigma >= 0) || d.Sigma > 4:
+		return bad("churn.session.sigma", "must be 0..4, is %v", d.Sigma)
 	}
 	def(&s.DHT.RecordTTLS, mesh.DefaultRecordTTL.Seconds())
 	def(&s.DHT.ViewRefreshS, mesh.DefaultViewRefresh.Seconds())

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math"
 	"path/filepath"
 	"slices"
@@ -752,5 +753,53 @@ func TestGateway(t *testing.T) {
 	}
 	if _, err := ParseScenario([]byte(strings.Replace(explicit, "workload: {", "workload: {gateway: r, ", 1)), "test"); err == nil || !strings.Contains(err.Error(), "workload.gateway: needs the geography") {
 		t.Fatalf("explicit with a gateway: %v", err)
+	}
+}
+
+// Session lengths: with any shape, the starting mesh is taken part-way
+// through its sessions (a renewal process in its steady state), so peers
+// leave at the set rate from the start. Over the first hour, with no
+// replacements, the leaves must match the steady state's expectation,
+// peers * (1/mean) * integral over [0, 1 h] of the survival function, and
+// not what drawing whole sessions at time 0 would give (for lognormal
+// sessions of sigma 1.5, many more: most sessions are short).
+func TestChurnSessionShapes(t *testing.T) {
+	const peers, leavePerHour = 3000, 0.5
+	mean := 3600 / leavePerHour // seconds
+	for _, c := range []struct {
+		session  string
+		survival func(u float64) float64
+	}{
+		{"{dist: exp}", func(u float64) float64 { return math.Exp(-u / mean) }},
+		{"{dist: lognormal, sigma: 1.5}", func(u float64) float64 {
+			mu := math.Log(mean) - 1.5*1.5/2
+			return 0.5 * math.Erfc((math.Log(u)-mu)/(1.5*math.Sqrt2))
+		}},
+		{"{dist: const}", func(u float64) float64 { return 1 }},
+	} {
+		sc := parse(t, strings.Replace(strings.Replace(small, "peers: 40", fmt.Sprintf("peers: %d", peers), 1),
+			"churn: {leave_per_hour: 0.5, crash_fraction: 0.5, replace: true, rejoin_s: 20}",
+			"churn: {leave_per_hour: 0.5, session: "+c.session+"}", 1))
+		sc.DurationS, sc.SampleS, sc.Workload.Rate = 3600, 600, 0.05
+		r := run(t, sc)
+		integral := 0.0
+		const steps = 3600
+		for i := range steps {
+			integral += c.survival((float64(i)+0.5)*3600/steps) * 3600 / steps
+		}
+		want := peers * integral / mean
+		got := float64(r.Summary.Leaves)
+		t.Logf("sessions %s: %d leaves in the first hour, steady state expects %.0f", c.session, r.Summary.Leaves, want)
+		if math.Abs(got-want) > 0.06*want {
+			t.Errorf("sessions %s: %d leaves in the first hour, want %.0f ± 6%%", c.session, r.Summary.Leaves, want)
+		}
+	}
+	if _, err := ParseScenario([]byte(strings.Replace(small, "rejoin_s: 20}", "rejoin_s: 20, session: {dist: exp, mean: 3}}", 1)), "x"); err == nil ||
+		!strings.Contains(err.Error(), "churn.session") {
+		t.Errorf("a session with its own mean: %v", err)
+	}
+	if _, err := ParseScenario([]byte(strings.Replace(small, "rejoin_s: 20}", "rejoin_s: 20, session: {dist: pareto}}", 1)), "x"); err == nil ||
+		!strings.Contains(err.Error(), "churn.session.dist") {
+		t.Errorf("a pareto session: %v", err)
 	}
 }
