@@ -51,7 +51,7 @@ type Node struct {
 	rt           *shards.Runtime
 	accelerators []protocol.Accelerator // found at start; they do not change while running
 	metrics      *metrics
-	recent       recentLog // GET /v1/requests
+	recent       recentLog         // GET /v1/requests
 	jobs         jobs              // batch jobs (POST /v1/jobs)
 	own          *shards.FileStore // DATA/blocks: fetched, published and pulled blocks
 	store        stores            // own, then the --serve models' block folders

@@ -61,11 +61,11 @@ func (e *Error) Is(target error) bool {
 
 // Sentinels for errors.Is.
 var (
-	ErrBusy         = &Error{Code: "busy"}          // the mesh is at capacity: retry later
-	ErrNoRoute      = &Error{Code: "no_route"}      // nobody serves some blocks of the model
+	ErrBusy         = &Error{Code: "busy"}            // the mesh is at capacity: retry later
+	ErrNoRoute      = &Error{Code: "no_route"}        // nobody serves some blocks of the model
 	ErrUnknownModel = &Error{Code: "model_not_found"} // no peer has the model
-	ErrBadRequest   = &Error{Code: "bad_request"}   // the request was malformed
-	ErrDeadline     = &Error{Code: "deadline"}      // the request ran out of time
+	ErrBadRequest   = &Error{Code: "bad_request"}     // the request was malformed
+	ErrDeadline     = &Error{Code: "deadline"}        // the request ran out of time
 )
 
 // Status is this node: ID, addresses, what it serves, its load.
