@@ -125,31 +125,34 @@ func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, avoid [
 	if err != nil {
 		return nil, 0, err
 	}
-	if mv.Blocks == 0 {
+	blocks := mv.Blocks
+	for _, p := range mv.Distrusted {
+		blocks = max(blocks, p.Span.Blocks)
+	}
+	if blocks == 0 {
 		return nil, 0, fmt.Errorf("%w: nobody serves model %s", ErrNoRoute, model)
 	}
 	if end <= 0 {
-		end = mv.Blocks
+		end = blocks
 	}
 	// Avoided peers first, then banned ones, are preferences: when leaving
 	// them out leaves a span uncovered, they are let back in rather than
-	// the request failing. (Peers this node could not reach at all are
-	// already out of the view.)
-	cands := Candidates(mv)
-	req := RouteRequest{Blocks: mv.Blocks, Start: start, End: end, Tokens: 1, From: m.coords.Self(), HaveFrom: true, Self: m.host.ID()}
+	// the request failing. Peers this node failed to reach since their last
+	// record (the view's distrusted) come back last (PlanRouteTrusting).
+	req := RouteRequest{Blocks: blocks, Start: start, End: end, Tokens: 1, From: m.coords.Self(), HaveFrom: true, Self: m.host.ID()}
 	avoided := map[peer.ID]bool{}
 	for _, p := range avoid {
 		avoided[p] = true
 	}
-	r, err := PlanRouteTiered(cands, req, avoided, m.bans.set())
+	r, err := PlanRouteTrusting(Candidates(mv), peerCandidates(mv.Distrusted), req, avoided, m.bans.set())
 	if err != nil {
-		return nil, mv.Blocks, err
+		return nil, blocks, err
 	}
 	hops := make([]protocol.Hop, len(r.Hops))
 	for i, h := range r.Hops {
 		hops[i] = protocol.Hop{Peer: h.Peer.String(), Start: h.Start, End: h.End}
 	}
-	return hops, mv.Blocks, nil
+	return hops, blocks, nil
 }
 
 // bans remembers peers that failed, each for a while growing with repeated

@@ -9,6 +9,7 @@ package mesh
 import (
 	"errors"
 	"math"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -40,6 +41,20 @@ const (
 // block (SelectCandidates) for each tier. req.Exclude is ignored.
 func PlanRouteTiered(cands []RouteCandidate, req RouteRequest, avoid, banned map[peer.ID]bool) (Route, error) {
 	return PlanRouteInView(cands, len(cands), req, avoid, banned)
+}
+
+// PlanRouteTrusting is how a requester routes over its view: PlanRouteTiered
+// over the peers it trusts and, when they cannot cover the request, again
+// with the peers it distrusts (it failed to reach them since their last
+// record) let back in, as a last resort: a dial that timed out on a busy
+// machine does not prove a peer dead, and a route through it may still
+// work where no other exists.
+func PlanRouteTrusting(trusted, distrusted []RouteCandidate, req RouteRequest, avoid, banned map[peer.ID]bool) (Route, error) {
+	r, err := PlanRouteTiered(trusted, req, avoid, banned)
+	if errors.Is(err, ErrNoRoute) && len(distrusted) > 0 {
+		r, err = PlanRouteTiered(append(slices.Clip(trusted), distrusted...), req, avoid, banned)
+	}
+	return r, err
 }
 
 // PlanRouteInView is PlanRouteTiered over cands drawn from a view of

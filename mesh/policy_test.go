@@ -331,3 +331,36 @@ func TestAggregateCandidatesPlacesAlike(t *testing.T) {
 		t.Fatalf("scaled Place: %+v %v, want block 1 and bottleneck 3e6", p, err)
 	}
 }
+
+// Distrusted peers (this node failed to reach them since their last
+// record) are routing's last resort: used only when the trusted ones leave
+// a block uncovered, and then even if banned.
+func TestPlanRouteTrustingLastResort(t *testing.T) {
+	ids := routeIDs(t, 3)
+	a, b, c := ids[0], ids[1], ids[2]
+	trusted := []RouteCandidate{server(a, 0, 4, 100, at(1, 0))}
+	req := origin(8)
+	if _, err := PlanRouteTrusting(trusted, nil, req, nil, nil); !errors.Is(err, ErrNoRoute) {
+		t.Fatalf("trusted peers alone cover blocks 0-3 of 8: %v, want no route", err)
+	}
+	doubted := []RouteCandidate{server(b, 4, 8, 100, at(2, 0)), server(c, 0, 8, 100, at(3, 0))}
+	r, err := PlanRouteTrusting(trusted, doubted, req, nil, map[peer.ID]bool{b: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Hops) == 0 || r.Hops[0].Peer != a && r.Hops[0].Peer != c {
+		t.Fatalf("route %+v", r.Hops)
+	}
+	// Trusted peers that cover everything: the distrusted are not used,
+	// even where they would be cheaper.
+	trusted = append(trusted, server(b, 4, 8, 100, at(9, 0)))
+	r, err = PlanRouteTrusting(trusted, []RouteCandidate{server(c, 0, 8, 1, at(0.1, 0))}, req, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range r.Hops {
+		if h.Peer == c {
+			t.Fatalf("route %+v uses the distrusted peer although the trusted ones cover", r.Hops)
+		}
+	}
+}

@@ -211,8 +211,13 @@ func Candidates(mv *ModelView) []RouteCandidate {
 	if mv == nil {
 		return nil
 	}
-	cands := make([]RouteCandidate, 0, len(mv.Peers))
-	for _, pv := range mv.Peers {
+	return peerCandidates(mv.Peers)
+}
+
+// peerCandidates turns peers of a model view into routing candidates.
+func peerCandidates(peers []PeerView) []RouteCandidate {
+	cands := make([]RouteCandidate, 0, len(peers))
+	for _, pv := range peers {
 		c := RouteCandidate{
 			Peer:        pv.ID,
 			Start:       pv.Span.Start,

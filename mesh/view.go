@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sort"
 	"sync"
 	"time"
@@ -61,6 +62,10 @@ type ModelView struct {
 	Uncovered []int
 	// Updated is when the view last refreshed the model from the DHT.
 	Updated time.Time
+	// Distrusted are the peers serving the model that this node failed to
+	// reach since their last record: left out of Peers and the coverage,
+	// they are routing's last resort.
+	Distrusted []PeerView
 }
 
 // PeerView is a peer serving part of a model.
@@ -307,7 +312,7 @@ func (v *View) buildLocked(e *modelEntry) *ModelView {
 	mv := &ModelView{Model: e.id.String(), Updated: e.refreshed}
 	for p := range e.providers {
 		r, ok := v.records[p]
-		if !ok || r.distrusted || r.rec.Check(now) != nil {
+		if !ok || r.rec.Check(now) != nil {
 			continue
 		}
 		span, ok := r.rec.Span(mv.Model)
@@ -322,9 +327,14 @@ func (v *View) buildLocked(e *modelEntry) *ModelView {
 		default:
 			pv.RTT = UnknownRTT
 		}
+		if r.distrusted {
+			mv.Distrusted = append(mv.Distrusted, pv)
+			continue
+		}
 		mv.Peers = append(mv.Peers, pv)
 		mv.Blocks = max(mv.Blocks, span.Blocks)
 	}
+	slices.SortFunc(mv.Distrusted, func(a, b PeerView) int { return strings.Compare(string(a.ID), string(b.ID)) })
 	sort.Slice(mv.Peers, func(i, j int) bool {
 		a, b := mv.Peers[i], mv.Peers[j]
 		if a.RTT != b.RTT { // unknown distances last

@@ -642,7 +642,8 @@ func (s *sim) exclusions(en *entryNode) []int32 {
 
 // route plans blocks [start, end) for a request of entry node en, as the
 // node's (*Mesh).route does: mesh.PlanRouteTiered over the view, without
-// its distrusted peers, with its bans. Within one view and one set of
+// its distrusted peers, with its bans, and mesh.PlanRouteTrusting's last
+// resort when that finds no route. Within one view and one set of
 // bans the answer is the same (PlanRoute is pure), so it is memoized per
 // entry node, view, span and bans.
 func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
@@ -706,6 +707,18 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 			})
 		}
 		r, err = mesh.PlanRouteTiered(all, req, nil, banned)
+	}
+	if errors.Is(err, mesh.ErrNoRoute) && len(distrusted) > 0 {
+		// The distrusted peers are the last resort, as the node's.
+		var trusted, doubted []mesh.RouteCandidate
+		for _, c := range v.cands {
+			if _, found := slices.BinarySearch(distrusted, peerIndex(c.Peer)); found {
+				doubted = append(doubted, c)
+			} else {
+				trusted = append(trusted, c)
+			}
+		}
+		r, err = mesh.PlanRouteTrusting(trusted, doubted, req, nil, banned)
 	}
 	var hops []hop
 	if err == nil {
