@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"crypto/subtle"
 	_ "embed"
@@ -197,13 +198,28 @@ func coverageOf(mv *mesh.ModelView) *Coverage {
 	return c
 }
 
+// writeJSON answers v as JSON: indented for people reading it with curl
+// when it is small, compact when it is large (tensors), where indenting
+// would put every number on a line of its own and double the bytes and the
+// time.
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
+	b, err := json.Marshal(v)
+	if err != nil {
+		status, b = http.StatusInternalServerError, []byte(`{"error":{"code":"internal","message":"encoding the answer failed"}}`)
+	}
+	if len(b) <= indentUpTo {
+		var ind bytes.Buffer
+		if json.Indent(&ind, b, "", "  ") == nil {
+			b = ind.Bytes()
+		}
+	}
 	w.WriteHeader(status)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(v)
+	w.Write(append(b, '\n'))
 }
+
+// indentUpTo is the largest answer writeJSON indents.
+const indentUpTo = 16 << 10
 
 // writeError writes {"error": {"code", "message"}}.
 func writeError(w http.ResponseWriter, status int, code, msg string) {
