@@ -141,7 +141,7 @@ func simRun(ctx context.Context, e *env, args []string) error {
 }
 
 func simSweep(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "infermesh sim sweep", "SCENARIO --param PATH --values A,B,C --metric NAME[,NAME] --out DIR [flags]",
+	fs := newFlags(e, "infermesh sim sweep", "SCENARIO --param PATH --values A,B,C --metric NAME[,NAME] --out DIR [--arm NAME] [flags]",
 		"Runs a scenario once per value of one parameter and writes sweep.csv, sweep.md and a plot of the\n"+
 			"metrics against the parameter into DIR, with each run's report in a sub-directory. Without --param\n"+
 			"and --values, the scenario's own sweep (its `sweep:` section) is run.\n"+
@@ -151,6 +151,7 @@ func simSweep(ctx context.Context, e *env, args []string) error {
 	var values, metrics listFlag
 	fs.Var(&values, "values", "the parameter's values, comma-separated")
 	fs.Var(&metrics, "metric", "metrics to plot, comma-separated (default completion_rate,e2e_p50)")
+	arm := fs.String("arm", "", "sweep this arm (variant) of the scenario; its settings apply after --set, the swept parameter last")
 	var sf scenarioFlags
 	sf.register(fs)
 	pos, err := parse(fs, args, 1, 1)
@@ -168,6 +169,11 @@ func simSweep(ctx context.Context, e *env, args []string) error {
 	sc, err := sf.load(pos[0])
 	if err != nil {
 		return err
+	}
+	if *arm != "" {
+		if sc, err = sc.Arm(*arm); err != nil {
+			return err
+		}
 	}
 	if *param == "" {
 		if sc.Sweep == nil || sc.Sweep.Param == "" || len(sc.Sweep.Values) == 0 {

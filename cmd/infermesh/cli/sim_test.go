@@ -65,6 +65,7 @@ func TestSimErrors(t *testing.T) {
 		{[]string{"sim", "sweep", tiny, "--out", dir, "--metric", "e2e_p50,nope"}, 1, `unknown metric "nope" (known: requests,`},
 		{[]string{"sim", "sweep", tiny, "--out", dir, "--param", "workload.rate"}, 2, "--param with --values"},
 		{[]string{"sim", "sweep", tiny, "--out", dir}, 1, "has no sweep of its own"},
+		{[]string{"sim", "sweep", tiny, "--out", dir, "--arm", "medium", "--param", "peers", "--values", "12"}, 1, `no arm "medium"`},
 		{[]string{"sim", "sweep", tiny, "--out", dir, "--param", "workload.rate", "--values", "1,x"}, 1, "workload.rate=x"},
 		{[]string{"sim", "compare", tiny, tiny, "--arms", "slow", "--out", dir}, 2, "--arms goes with one scenario"},
 		{[]string{"sim", "compare", tiny, "--arms", "slow", "--out", dir}, 1, "compare needs two or more runs"},
@@ -154,6 +155,14 @@ func TestSimSweepAndCompare(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
 			t.Errorf("sweep wrote no %s", f)
 		}
+	}
+
+	// A sweep of one arm: the arm's settings hold in every run.
+	dir = t.TempDir()
+	mustRun(t, "sim", "sweep", tiny, "--arm", "fast", "--param", "peers", "--values", "12", "--out", dir)
+	sum, err := os.ReadFile(filepath.Join(dir, "peers=12", "summary.json"))
+	if err != nil || !strings.Contains(string(sum), `"scenario": "tiny/fast"`) || !strings.Contains(string(sum), "workload: 3 req/s") {
+		t.Errorf("a sweep of arm fast (%v):\n%s", err, sum)
 	}
 
 	dir = t.TempDir()
