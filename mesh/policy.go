@@ -46,13 +46,25 @@ func PlanRouteTiered(cands []RouteCandidate, req RouteRequest, avoid, banned map
 // PlanRouteTrusting is how a requester routes over its view: PlanRouteTiered
 // over the peers it trusts and, when they cannot cover the request, again
 // with the peers it distrusts (it failed to reach them since their last
-// record) let back in, as a last resort: a dial that timed out on a busy
-// machine does not prove a peer dead, and a route through it may still
-// work where no other exists.
+// record) whose ban has lapsed and that are not avoided, as a last resort:
+// a dial that timed out on a busy machine does not prove a peer dead, and a
+// route through it may still work where no other exists. A distrusted peer
+// still banned failed too recently to be worth a try: without a route the
+// requester waits and asks again (the view learns of new peers meanwhile)
+// rather than spend its failovers on it.
 func PlanRouteTrusting(trusted, distrusted []RouteCandidate, req RouteRequest, avoid, banned map[peer.ID]bool) (Route, error) {
 	r, err := PlanRouteTiered(trusted, req, avoid, banned)
-	if errors.Is(err, ErrNoRoute) && len(distrusted) > 0 {
-		r, err = PlanRouteTiered(append(slices.Clip(trusted), distrusted...), req, avoid, banned)
+	if !errors.Is(err, ErrNoRoute) {
+		return r, err
+	}
+	all := slices.Clip(trusted)
+	for _, c := range distrusted {
+		if !banned[c.Peer] && !avoid[c.Peer] {
+			all = append(all, c)
+		}
+	}
+	if len(all) > len(trusted) {
+		r, err = PlanRouteTiered(all, req, avoid, banned)
 	}
 	return r, err
 }

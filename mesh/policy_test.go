@@ -334,7 +334,7 @@ func TestAggregateCandidatesPlacesAlike(t *testing.T) {
 
 // Distrusted peers (this node failed to reach them since their last
 // record) are routing's last resort: used only when the trusted ones leave
-// a block uncovered, and then even if banned.
+// a block uncovered, and only once their ban has lapsed.
 func TestPlanRouteTrustingLastResort(t *testing.T) {
 	ids := routeIDs(t, 3)
 	a, b, c := ids[0], ids[1], ids[2]
@@ -344,12 +344,23 @@ func TestPlanRouteTrustingLastResort(t *testing.T) {
 		t.Fatalf("trusted peers alone cover blocks 0-3 of 8: %v, want no route", err)
 	}
 	doubted := []RouteCandidate{server(b, 4, 8, 100, at(2, 0)), server(c, 0, 8, 100, at(3, 0))}
+	// b is banned: only c, whose ban lapsed, may serve blocks 4-7.
 	r, err := PlanRouteTrusting(trusted, doubted, req, nil, map[peer.ID]bool{b: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(r.Hops) == 0 || r.Hops[0].Peer != a && r.Hops[0].Peer != c {
-		t.Fatalf("route %+v", r.Hops)
+	for _, h := range r.Hops {
+		if h.Peer == b {
+			t.Fatalf("route %+v uses the banned distrusted peer", r.Hops)
+		}
+	}
+	if last := r.Hops[len(r.Hops)-1]; last.Peer != c || last.End != 8 {
+		t.Fatalf("route %+v: blocks 4-7 not on c", r.Hops)
+	}
+	// Every distrusted server of blocks 4-7 banned: no route (the requester
+	// waits and asks again).
+	if _, err := PlanRouteTrusting(trusted, doubted, req, nil, map[peer.ID]bool{b: true, c: true}); !errors.Is(err, ErrNoRoute) {
+		t.Fatalf("with the distrusted peers banned: %v, want no route", err)
 	}
 	// Trusted peers that cover everything: the distrusted are not used,
 	// even where they would be cheaper.
