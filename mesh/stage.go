@@ -163,14 +163,21 @@ func (st *stage) handleStream(s network.Stream) {
 			s.Reset()
 			return
 		}
-		switch msg.Kind {
-		case protocol.KindRequest:
-			st.m.wg.Go(func() { st.handleRequest(from, msg) })
-		case protocol.KindClose:
-			st.closeSession(from, msg)
-		default:
-			st.deliver(from, msg)
-		}
+		st.dispatch(from, msg)
+	}
+}
+
+// dispatch acts on a frame from a peer (or from this node itself): a
+// request runs, a close ends its session, anything else answers one of our
+// own requests.
+func (st *stage) dispatch(from peer.ID, msg *protocol.Message) {
+	switch msg.Kind {
+	case protocol.KindRequest:
+		st.m.wg.Go(func() { st.handleRequest(from, msg) })
+	case protocol.KindClose:
+		st.closeSession(from, msg)
+	default:
+		st.deliver(from, msg)
 	}
 }
 
@@ -179,15 +186,7 @@ func (st *stage) handleStream(s network.Stream) {
 func (st *stage) send(ctx context.Context, to peer.ID, msg *protocol.Message) error {
 	if to == st.m.host.ID() {
 		// A hop of our own route (or our own request's answer): no stream.
-		self := st.m.host.ID()
-		switch msg.Kind {
-		case protocol.KindRequest:
-			st.m.wg.Go(func() { st.handleRequest(self, msg) })
-		case protocol.KindClose:
-			st.closeSession(self, msg)
-		default:
-			st.deliver(self, msg)
-		}
+		st.dispatch(to, msg)
 		return nil
 	}
 	for attempt := 0; ; attempt++ {

@@ -162,7 +162,9 @@ type GenerateResult struct {
 }
 
 // Generate decodes through the mesh, one session along the route, calling
-// emit (if not nil) with each token as it comes.
+// emit (if not nil) with each token as it comes. It runs the loop the API's
+// generations run (generateText), without stop sequences, for any decoder
+// model.
 func (n *Node) Generate(ctx context.Context, req GenerateRequest, emit func(tok int64)) (*GenerateResult, error) {
 	man, err := n.Manifest(ctx, req.Model)
 	if err != nil {
@@ -174,35 +176,16 @@ func (n *Node) Generate(ctx context.Context, req GenerateRequest, emit func(tok 
 	if req.MaxTokens <= 0 {
 		return nil, errors.New("max tokens must be positive")
 	}
-	if req.Options.Check == nil {
-		req.Options.Check = checkOutputs(man)
+	var each func(int64, string) error
+	if emit != nil {
+		each = func(tok int64, _ string) error { emit(tok); return nil }
 	}
-	sess := &meshSession{ctx: ctx, s: n.mesh.NewSession(req.Model, req.Options), metrics: n.metrics}
-	defer sess.Close()
-	dec, err := shards.NewDecoder(man.Decoder, sess, req.Prompt, req.Sampling)
+	res, err := n.generateText(ctx, &textRequest{model: req.Model, man: man, prompt: req.Prompt, maxTokens: req.MaxTokens,
+		sampling: req.Sampling, opts: req.Options, kind: "generate"}, each)
 	if err != nil {
 		return nil, err
 	}
-	res := &GenerateResult{}
-	start := time.Now()
-	for range req.MaxTokens {
-		tok, err := dec.Next()
-		if errors.Is(err, shards.ErrContextFull) {
-			break
-		}
-		if err != nil {
-			return res, err
-		}
-		if len(res.Tokens) == 0 {
-			res.FirstToken = time.Since(start)
-		}
-		res.Tokens = append(res.Tokens, tok)
-		if emit != nil {
-			emit(tok)
-		}
-	}
-	res.Steps, res.Total = sess.infos, time.Since(start)
-	return res, nil
+	return res.GenerateResult, nil
 }
 
 // meshSession adapts a mesh.Session to shards.Session, for shards.Decoder.

@@ -136,35 +136,25 @@ func (n *Node) pruneJobsLocked() {
 	}
 }
 
-func (n *Node) handleJobGet(w http.ResponseWriter, r *http.Request) {
+func (n *Node) handleJobGet(w http.ResponseWriter, r *http.Request)    { n.answerJob(w, r, false) }
+func (n *Node) handleJobCancel(w http.ResponseWriter, r *http.Request) { n.answerJob(w, r, true) }
+
+// answerJob answers GET and DELETE /v1/jobs/{id}: the job as it is, after
+// cancelling it first when cancel is set and it still runs.
+func (n *Node) answerJob(w http.ResponseWriter, r *http.Request, cancel bool) {
 	n.jobs.mu.Lock()
 	e, ok := n.jobs.m[r.PathValue("id")]
 	var job Job
 	if ok {
+		if cancel && e.job.State == "running" {
+			e.job.State = "cancelled"
+			e.cancel()
+		}
 		job = e.job
 	}
 	n.jobs.mu.Unlock()
 	if !ok {
 		writeError(w, http.StatusNotFound, "unknown_job", "no such job (finished jobs are kept for 10 minutes)")
-		return
-	}
-	writeJSON(w, http.StatusOK, job)
-}
-
-func (n *Node) handleJobCancel(w http.ResponseWriter, r *http.Request) {
-	n.jobs.mu.Lock()
-	e, ok := n.jobs.m[r.PathValue("id")]
-	if ok && e.job.State == "running" {
-		e.job.State = "cancelled"
-		e.cancel()
-	}
-	var job Job
-	if ok {
-		job = e.job
-	}
-	n.jobs.mu.Unlock()
-	if !ok {
-		writeError(w, http.StatusNotFound, "unknown_job", "no such job")
 		return
 	}
 	writeJSON(w, http.StatusOK, job)

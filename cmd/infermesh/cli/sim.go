@@ -50,6 +50,7 @@ func (s *setFlag) Set(v string) error {
 type scenarioFlags struct {
 	seed int64
 	sets setFlag
+	arm  string // with registerArm
 	fs   *flag.FlagSet
 }
 
@@ -59,8 +60,13 @@ func (f *scenarioFlags) register(fs *flag.FlagSet) {
 	fs.Var(&f.sets, "set", "change a parameter, PATH=VALUE with the YAML path and a YAML value (repeatable), e.g. churn.leave_per_hour=0.1")
 }
 
-// load reads a scenario (a file, or a built-in name) and applies --seed
-// and --set.
+// registerArm adds --arm, whose settings load applies after --set.
+func (f *scenarioFlags) registerArm(fs *flag.FlagSet, what string) {
+	fs.StringVar(&f.arm, "arm", "", what+" this arm (variant) of the scenario; its settings apply after --set")
+}
+
+// load reads a scenario (a file, or a built-in name) and applies --seed,
+// --set and --arm.
 func (f *scenarioFlags) load(arg string) (*simulations.Scenario, error) {
 	sc, err := loadScenario(arg)
 	if err != nil {
@@ -76,6 +82,9 @@ func (f *scenarioFlags) load(arg string) (*simulations.Scenario, error) {
 			sc.Seed = f.seed
 		}
 	})
+	if f.arm != "" {
+		return sc.Arm(f.arm)
+	}
 	return sc, nil
 }
 
@@ -99,9 +108,9 @@ func simRun(ctx context.Context, e *env, args []string) error {
 		"Simulates a scenario (a YAML file, or a built-in name from `infermesh sim list`) and writes its report\n"+
 			"into DIR: summary.json, report.md, series.csv, peers.csv, latency.csv and the plots as PNG and SVG.")
 	out := fs.String("out", "", "report directory, created if missing (required)")
-	arm := fs.String("arm", "", "run this arm (variant) of the scenario; its settings apply after --set")
 	var sf scenarioFlags
 	sf.register(fs)
+	sf.registerArm(fs, "run")
 	pos, err := parse(fs, args, 1, 1)
 	if err != nil {
 		return err
@@ -115,11 +124,7 @@ func simRun(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if *arm != "" {
-		if sc, err = sc.Arm(*arm); err != nil {
-			return err
-		}
-	} else if len(sc.Arms) > 0 {
+	if sf.arm == "" && len(sc.Arms) > 0 {
 		var as []string
 		for _, a := range sc.Arms {
 			as = append(as, a.Name)
@@ -151,9 +156,9 @@ func simSweep(ctx context.Context, e *env, args []string) error {
 	var values, metrics listFlag
 	fs.Var(&values, "values", "the parameter's values, comma-separated")
 	fs.Var(&metrics, "metric", "metrics to plot, comma-separated (default completion_rate,e2e_p50)")
-	arm := fs.String("arm", "", "sweep this arm (variant) of the scenario; its settings apply after --set, the swept parameter last")
 	var sf scenarioFlags
 	sf.register(fs)
+	sf.registerArm(fs, "sweep")
 	pos, err := parse(fs, args, 1, 1)
 	if err != nil {
 		return err
@@ -169,11 +174,6 @@ func simSweep(ctx context.Context, e *env, args []string) error {
 	sc, err := sf.load(pos[0])
 	if err != nil {
 		return err
-	}
-	if *arm != "" {
-		if sc, err = sc.Arm(*arm); err != nil {
-			return err
-		}
 	}
 	if *param == "" {
 		if sc.Sweep == nil || sc.Sweep.Param == "" || len(sc.Sweep.Values) == 0 {
