@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/ipfs/go-cid"
 
@@ -33,6 +34,33 @@ type Manifest struct {
 	// Decoder is set for autoregressive text models: which inputs carry
 	// tokens, positions and the attention mask, and which output the logits.
 	Decoder *DecoderSpec `json:"decoder,omitempty"`
+	// Files are content-addressed files that travel with the model (an
+	// imported model's tokenizer.json, tokenizer_config.json and
+	// generation_config.json), fetched and verified like blocks.
+	Files []FileSpec `json:"files,omitempty"`
+	// Info describes where the model came from, for people and for
+	// GET /v1/models. Informational: nothing routes or computes on it.
+	Info *ModelInfo `json:"info,omitempty"`
+}
+
+// FileSpec is a file of the model other than a block: its name (unique in
+// the manifest, e.g. "tokenizer.json"), CID (raw codec, like a block's) and
+// size in bytes.
+type FileSpec struct {
+	Name string `json:"name"`
+	CID  string `json:"cid"`
+	Size int64  `json:"size"`
+}
+
+// ModelInfo describes an imported model.
+type ModelInfo struct {
+	// Architecture is the checkpoint's architecture, as Hugging Face names
+	// it (e.g. "LlamaForCausalLM").
+	Architecture string `json:"architecture,omitempty"`
+	// Parameters counts the checkpoint's weights (tied ones once).
+	Parameters int64 `json:"parameters,omitempty"`
+	// DType is the element type the blocks store their weights in.
+	DType string `json:"dtype,omitempty"`
 }
 
 // BlockSpec is one block: its CID, size in bytes, its ONNX graph's inputs and
@@ -57,13 +85,34 @@ type StatePair struct {
 
 // DecoderSpec tells a generation loop how to drive a decoder model.
 type DecoderSpec struct {
-	Tokenizer     string `json:"tokenizer"`                // "bytes": token i is byte i
+	// Tokenizer is "bytes" (token i is byte i) or "hf": the Hugging Face
+	// tokenizer.json and tokenizer_config.json among the manifest's Files.
+	Tokenizer     string `json:"tokenizer"`
 	InputIDs      string `json:"input_ids"`                // int64 [batch, seq]
 	PositionIDs   string `json:"position_ids,omitempty"`   // int64 [batch, seq]
 	AttentionMask string `json:"attention_mask,omitempty"` // int64 [batch, past+seq], 1 = attend
 	Logits        string `json:"logits"`                   // float32 [batch, seq, vocab]
 	Vocab         int    `json:"vocab"`
 	MaxContext    int    `json:"max_context"`
+	// EOS lists the tokens that end a generation (generation_config.json's
+	// eos_token_id for an imported model), none for "bytes".
+	EOS []int64 `json:"eos,omitempty"`
+}
+
+// Tokenizers a DecoderSpec may name.
+const (
+	TokenizerBytes = "bytes" // token i is byte i
+	TokenizerHF    = "hf"    // tokenizer.json + tokenizer_config.json in Files
+)
+
+// File returns the manifest's file called name.
+func (m *Manifest) File(name string) (FileSpec, bool) {
+	for _, f := range m.Files {
+		if f.Name == name {
+			return f, true
+		}
+	}
+	return FileSpec{}, false
 }
 
 // TensorSpec is a named tensor with its element type and shape.
@@ -211,6 +260,41 @@ func (m *Manifest) Validate() error {
 		}
 		if !available[t.Name] {
 			return bad("model output %q is produced by no block", t.Name)
+		}
+	}
+	names := map[string]bool{}
+	for _, f := range m.Files {
+		c, err := ParseCID(f.CID)
+		switch {
+		case f.Name == "" || strings.ContainsAny(f.Name, "/\\") || f.Name == "." || f.Name == "..":
+			return bad("file name %q: want a plain file name", f.Name)
+		case names[f.Name]:
+			return bad("file %q listed twice", f.Name)
+		case err != nil:
+			return bad("file %q: %v", f.Name, err)
+		case f.CID != c.String():
+			return bad("file %q: CID %q is not in canonical form %s", f.Name, f.CID, c)
+		case c.Prefix().Codec != CodecBlock:
+			return bad("file %q: CID %s is not a raw CID", f.Name, c)
+		case f.Size < 0:
+			return bad("file %q: size %d", f.Name, f.Size)
+		}
+		names[f.Name] = true
+	}
+	if d := m.Decoder; d != nil {
+		switch d.Tokenizer {
+		case TokenizerBytes:
+		case TokenizerHF:
+			if _, ok := m.File("tokenizer.json"); !ok {
+				return bad("decoder: tokenizer %q needs a file tokenizer.json", d.Tokenizer)
+			}
+		default:
+			return bad("decoder: unknown tokenizer %q", d.Tokenizer)
+		}
+		for _, e := range d.EOS {
+			if e < 0 || e >= int64(d.Vocab) {
+				return bad("decoder: eos token %d outside the vocabulary [0,%d)", e, d.Vocab)
+			}
 		}
 	}
 	return nil

@@ -184,3 +184,78 @@ func extract(tgz, path string) ([]byte, error) {
 		}
 	}
 }
+
+// Install returns the node_modules folder of an npm project holding pkgs
+// (each "name@version"), installed once with `npm install` into
+// .cache/npm-install/NAME at the repository root, for tests that run a
+// JavaScript reference with node. The folder is built under a temporary
+// name and renamed into place, so an interrupted install is never taken
+// for a finished one. Like Fetch, it returns ErrUnreachable (wrapped) when
+// npm cannot reach the registry.
+func Install(name string, pkgs ...string) (string, error) {
+	fetching.Lock()
+	defer fetching.Unlock()
+	root, err := RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	dir := filepath.Join(root, ".cache", "npm-install", name)
+	modules := filepath.Join(dir, "node_modules")
+	if _, err := os.Stat(filepath.Join(dir, ".complete")); err == nil {
+		return modules, nil
+	}
+	if fetching.unreachable != nil {
+		return "", fetching.unreachable
+	}
+	if _, err := exec.LookPath("npm"); err != nil {
+		return "", errors.New("npm not found: install npm (e.g. apt-get install npm) to run the JavaScript references")
+	}
+	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+		return "", err
+	}
+	tmp, err := os.MkdirTemp(filepath.Dir(dir), "."+name+"-")
+	if err != nil {
+		return "", err
+	}
+	defer os.RemoveAll(tmp)
+	if err := os.WriteFile(filepath.Join(tmp, "package.json"), []byte(`{"private": true}`), 0o644); err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), fetchTimeout)
+	defer cancel()
+	args := append([]string{"install", "--no-audit", "--no-fund", "--loglevel=error"}, pkgs...)
+	cmd := exec.CommandContext(ctx, "npm", args...)
+	cmd.Dir = tmp
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if ctx.Err() != nil || networkError.MatchString(msg) {
+			fetching.unreachable = fmt.Errorf("%w: npm install %s: %v: %s", ErrUnreachable, strings.Join(pkgs, " "), err, msg)
+			return "", fetching.unreachable
+		}
+		return "", fmt.Errorf("npm install %s: %v: %s", strings.Join(pkgs, " "), err, msg)
+	}
+	if err := os.WriteFile(filepath.Join(tmp, ".complete"), nil, 0o644); err != nil {
+		return "", err
+	}
+	os.RemoveAll(dir) // a folder left without .complete by an older run
+	if err := os.Rename(tmp, dir); err != nil {
+		return "", err
+	}
+	return modules, nil
+}
+
+// InstallT is Install for a test: it skips the test when the registry
+// cannot be reached and fails it on any other error.
+func InstallT(t testing.TB, name string, pkgs ...string) string {
+	t.Helper()
+	dir, err := Install(name, pkgs...)
+	if errors.Is(err, ErrUnreachable) {
+		t.Skipf("skipping: cannot install %s: %v", strings.Join(pkgs, " "), err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
