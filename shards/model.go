@@ -68,9 +68,36 @@ func (m *Model) Block(i int) ([]byte, error) {
 	return data, nil
 }
 
-// Verify checks that every block is present and matches its CID and size.
+// File returns the verified bytes of the model's file called name (see
+// Manifest.Files).
+func (m *Model) File(name string) ([]byte, error) {
+	f, ok := m.Manifest.File(name)
+	if !ok {
+		return nil, fmt.Errorf("model %s has no file %q", m.ID, name)
+	}
+	c, err := ParseCID(f.CID)
+	if err != nil {
+		return nil, err
+	}
+	data, err := m.Store.Get(c)
+	if err != nil {
+		return nil, fmt.Errorf("model %s file %s: %w", m.ID, name, err)
+	}
+	if int64(len(data)) != f.Size {
+		return nil, fmt.Errorf("model %s file %s: %d bytes, manifest says %d", m.ID, name, len(data), f.Size)
+	}
+	return data, nil
+}
+
+// Verify checks that every block and file is present and matches its CID
+// and size.
 func (m *Model) Verify() error {
 	var errs []error
+	for _, f := range m.Manifest.Files {
+		if _, err := m.File(f.Name); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	for i, b := range m.Manifest.Blocks {
 		data, err := m.Block(i)
 		if err == nil && int64(len(data)) != b.Size {
