@@ -1,0 +1,237 @@
+package text
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+
+	"github.com/dlclark/regexp2/v2"
+)
+
+// preTokenizer cuts normalized text into the pieces the model encodes one
+// by one.
+type preTokenizer interface {
+	preTokenize(pieces []string) ([]string, error)
+}
+
+type preTokenizerSeq []preTokenizer
+
+func (q preTokenizerSeq) preTokenize(pieces []string) ([]string, error) {
+	var err error
+	for _, p := range q {
+		if pieces, err = p.preTokenize(pieces); err != nil {
+			return nil, err
+		}
+	}
+	return pieces, nil
+}
+
+// Split behaviors: what happens to the matched delimiters.
+const (
+	behaviorRemoved            = "Removed"
+	behaviorIsolated           = "Isolated"
+	behaviorMergedWithPrevious = "MergedWithPrevious"
+	behaviorMergedWithNext     = "MergedWithNext"
+	behaviorContiguous         = "Contiguous"
+)
+
+type split struct {
+	pattern  pattern
+	behavior string
+	invert   bool
+}
+
+func (s *split) preTokenize(pieces []string) ([]string, error) {
+	var out []string
+	for _, p := range pieces {
+		out = s.splitOne(out, p)
+	}
+	return out, nil
+}
+
+// splitOne appends the pieces of text to out.
+func (s *split) splitOne(out []string, text string) []string {
+	type seg struct {
+		a, b  int
+		delim bool
+	}
+	var segs []seg
+	prev := 0
+	for _, m := range s.pattern.find(text) {
+		if m[0] > prev {
+			segs = append(segs, seg{prev, m[0], s.invert})
+		}
+		segs = append(segs, seg{m[0], m[1], !s.invert})
+		prev = m[1]
+	}
+	if prev < len(text) {
+		segs = append(segs, seg{prev, len(text), s.invert})
+	}
+	switch s.behavior {
+	case behaviorIsolated:
+		for _, g := range segs {
+			out = append(out, text[g.a:g.b])
+		}
+	case behaviorRemoved:
+		for _, g := range segs {
+			if !g.delim {
+				out = append(out, text[g.a:g.b])
+			}
+		}
+	case behaviorMergedWithPrevious:
+		start := -1
+		for _, g := range segs {
+			if start < 0 {
+				start = g.a
+			}
+			if g.delim {
+				out = append(out, text[start:g.b])
+				start = -1
+			}
+		}
+		if start >= 0 {
+			out = append(out, text[start:])
+		}
+	case behaviorMergedWithNext:
+		start := -1
+		for _, g := range segs {
+			if g.delim && start >= 0 {
+				out = append(out, text[start:g.a])
+				start = -1
+			}
+			if start < 0 {
+				start = g.a
+			}
+		}
+		if start >= 0 {
+			out = append(out, text[start:])
+		}
+	case behaviorContiguous:
+		for i := 0; i < len(segs); {
+			j := i + 1
+			for segs[i].delim && j < len(segs) && segs[j].delim {
+				j++
+			}
+			out = append(out, text[segs[i].a:segs[j-1].b])
+			i = j
+		}
+	}
+	return out
+}
+
+// gpt2Pattern is the ByteLevel pre-tokenizer's split when use_regex is set.
+var gpt2Pattern = func() *regexp2.Regexp {
+	re := regexp2.MustCompile(`'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`, regexp2.None)
+	re.MatchTimeout = regexTimeout
+	return re
+}()
+
+// byteLevel maps every byte to a printable rune (GPT-2's bytes_to_unicode),
+// after an optional GPT-2 split and leading space.
+type byteLevel struct {
+	addPrefixSpace bool
+	useRegex       bool
+}
+
+func (b *byteLevel) preTokenize(pieces []string) ([]string, error) {
+	var out []string
+	for _, p := range pieces {
+		if b.addPrefixSpace && !strings.HasPrefix(p, " ") {
+			p = " " + p
+		}
+		if b.useRegex {
+			ms, err := gpt2Pattern.FindAllStringIndex(p, -1)
+			if err != nil {
+				return nil, fmt.Errorf("ByteLevel split: %w", err)
+			}
+			for _, m := range ms {
+				out = append(out, toByteLevel(p[m[0]:m[1]]))
+			}
+			continue
+		}
+		out = append(out, toByteLevel(p))
+	}
+	return out, nil
+}
+
+// byteToRune and runeToByte are GPT-2's bytes_to_unicode table.
+var byteToRune, runeToByte = func() ([256]rune, map[rune]byte) {
+	var b2r [256]rune
+	r2b := make(map[rune]byte, 256)
+	n := 0
+	for b := range 256 {
+		printable := (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF)
+		if printable {
+			b2r[b] = rune(b)
+		} else {
+			b2r[b] = rune(256 + n)
+			n++
+		}
+		r2b[b2r[b]] = byte(b)
+	}
+	return b2r, r2b
+}()
+
+func toByteLevel(s string) string {
+	var b strings.Builder
+	b.Grow(2 * len(s))
+	for i := 0; i < len(s); i++ {
+		b.WriteRune(byteToRune[s[i]])
+	}
+	return b.String()
+}
+
+func loadPreTokenizer(raw json.RawMessage) (preTokenizer, error) {
+	if isNull(raw) {
+		return nil, nil
+	}
+	var t typed
+	if err := json.Unmarshal(raw, &t); err != nil {
+		return nil, err
+	}
+	switch t.Type {
+	case "Sequence":
+		var c struct {
+			PreTokenizers []json.RawMessage `json:"pretokenizers"`
+		}
+		if err := json.Unmarshal(raw, &c); err != nil {
+			return nil, err
+		}
+		var q preTokenizerSeq
+		for _, r := range c.PreTokenizers {
+			p, err := loadPreTokenizer(r)
+			if err != nil {
+				return nil, err
+			}
+			if p != nil {
+				q = append(q, p)
+			}
+		}
+		return q, nil
+	case "Split":
+		var c struct {
+			Pattern  pattern `json:"pattern"`
+			Behavior string  `json:"behavior"`
+			Invert   bool    `json:"invert"`
+		}
+		if err := json.Unmarshal(raw, &c); err != nil {
+			return nil, fmt.Errorf("Split: %w", err)
+		}
+		switch c.Behavior {
+		case behaviorRemoved, behaviorIsolated, behaviorMergedWithPrevious, behaviorMergedWithNext, behaviorContiguous:
+		default:
+			return nil, fmt.Errorf("%w: Split behavior %q", ErrUnknownComponent, c.Behavior)
+		}
+		return &split{c.Pattern, c.Behavior, c.Invert}, nil
+	case "ByteLevel":
+		c := struct {
+			AddPrefixSpace bool `json:"add_prefix_space"`
+			UseRegex       bool `json:"use_regex"`
+		}{UseRegex: true}
+		if err := json.Unmarshal(raw, &c); err != nil {
+			return nil, err
+		}
+		return &byteLevel{c.AddPrefixSpace, c.UseRegex}, nil
+	}
+	return nil, fmt.Errorf("%w: pre-tokenizer type %q", ErrUnknownComponent, t.Type)
+}
