@@ -26,7 +26,9 @@ func writeSmoke(t *testing.T, dir string) {
 	os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644)
 	os.WriteFile(filepath.Join(dir, "tokenizer.json"), []byte("{}"), 0o644)
 	var infos []safetensors.Info
-	add := func(name string, shape ...int64) { infos = append(infos, safetensors.Info{Name: name, DType: "F32", Shape: shape}) }
+	add := func(name string, shape ...int64) {
+		infos = append(infos, safetensors.Info{Name: name, DType: "F32", Shape: shape})
+	}
 	add("model.embed_tokens.weight", 300, 64)
 	for i := range 2 {
 		p := "model.layers." + string(rune('0'+i)) + "."
