@@ -63,17 +63,17 @@ func write(dir string, m *shards.Manifest, seed int64, layers []layer) (*shards.
 // nodes and encodes the model.
 func (g *graph) emit(inputs, outputs []shards.TensorSpec, layers []layer) ([]byte, error) {
 	for _, t := range inputs {
-		g.input(t)
+		g.Input(t)
 	}
 	for _, l := range layers {
-		g.scope = l.scope
+		g.Scope = l.scope
 		l.emit(g)
 	}
-	g.scope = ""
+	g.Scope = ""
 	for _, t := range outputs {
-		g.output(t)
+		g.Output(t)
 	}
-	return g.model()
+	return g.Encode(producer)
 }
 
 func writeFileAtomic(path string, data []byte) error {

@@ -121,7 +121,7 @@ func (c GPTConfig) embedding(ids, pos shards.TensorSpec) layer {
 		emit: func(g *graph) {
 			wte := g.weight("token", []int64{int64(c.Vocab), int64(c.Dim)}, centered(1))
 			wpe := g.weight("position", []int64{int64(c.Context), int64(c.Dim)}, centered(0.5))
-			g.opTo(h.Name, "Add", in(g.op("Gather", in(wte, ids.Name)), g.op("Gather", in(wpe, pos.Name))))
+			g.OpTo(h.Name, "Add", in(g.Op("Gather", in(wte, ids.Name)), g.Op("Gather", in(wpe, pos.Name))))
 		},
 	}
 }
@@ -148,31 +148,31 @@ func (c GPTConfig) decoder(i int, mask shards.TensorSpec) layer {
 			// Attention.
 			a := g.layerNorm("ln1", x.Name, c.Dim)
 			q := c.splitHeads(g, g.linear("q", a, c.Dim, c.Dim, 1))
-			g.opTo(presK.Name, "Concat", in(pastK.Name, c.splitHeads(g, g.linear("k", a, c.Dim, c.Dim, 1))), attrInt("axis", 2))
-			g.opTo(presV.Name, "Concat", in(pastV.Name, c.splitHeads(g, g.linear("v", a, c.Dim, c.Dim, 1))), attrInt("axis", 2))
-			kT := g.op("Transpose", in(presK.Name), attrInts("perm", 0, 1, 3, 2))
-			scores := g.op("Mul", in(g.op("MatMul", in(q, kT)), g.scalarFloat("1/sqrt(head_dim)", float32(1/math.Sqrt(float64(headDim))))))
-			scores = g.op("Where", in(attendable(g, pastK.Name, presK.Name, mask.Name), scores, g.scalarFloat("-1e9", -1e9)))
-			attn := g.op("MatMul", in(g.op("Softmax", in(scores), attrInt("axis", -1)), presV.Name))
-			h := g.op("Add", in(x.Name, g.linear("proj", c.mergeHeads(g, attn), c.Dim, c.Dim, out)))
+			g.OpTo(presK.Name, "Concat", in(pastK.Name, c.splitHeads(g, g.linear("k", a, c.Dim, c.Dim, 1))), attrInt("axis", 2))
+			g.OpTo(presV.Name, "Concat", in(pastV.Name, c.splitHeads(g, g.linear("v", a, c.Dim, c.Dim, 1))), attrInt("axis", 2))
+			kT := g.Op("Transpose", in(presK.Name), attrInts("perm", 0, 1, 3, 2))
+			scores := g.Op("Mul", in(g.Op("MatMul", in(q, kT)), g.ScalarFloat("1/sqrt(head_dim)", float32(1/math.Sqrt(float64(headDim))))))
+			scores = g.Op("Where", in(attendable(g, pastK.Name, presK.Name, mask.Name), scores, g.ScalarFloat("-1e9", -1e9)))
+			attn := g.Op("MatMul", in(g.Op("Softmax", in(scores), attrInt("axis", -1)), presV.Name))
+			h := g.Op("Add", in(x.Name, g.linear("proj", c.mergeHeads(g, attn), c.Dim, c.Dim, out)))
 			// MLP.
 			m := g.linear("fc1", g.layerNorm("ln2", h, c.Dim), c.Dim, 4*c.Dim, 1)
 			m = g.linear("fc2", g.gelu(m), 4*c.Dim, c.Dim, out)
-			g.opTo(y.Name, "Add", in(h, m))
+			g.OpTo(y.Name, "Add", in(h, m))
 		},
 	}
 }
 
 // splitHeads turns [batch, seq, dim] into [batch, heads, seq, head_dim].
 func (c GPTConfig) splitHeads(g *graph, x string) string {
-	x = g.op("Reshape", in(x, g.ints("shape[0,0,heads,head_dim]", 0, 0, int64(c.Heads), int64(c.Dim/c.Heads))))
-	return g.op("Transpose", in(x), attrInts("perm", 0, 2, 1, 3))
+	x = g.Op("Reshape", in(x, g.Ints("shape[0,0,heads,head_dim]", 0, 0, int64(c.Heads), int64(c.Dim/c.Heads))))
+	return g.Op("Transpose", in(x), attrInts("perm", 0, 2, 1, 3))
 }
 
 // mergeHeads is splitHeads' inverse.
 func (c GPTConfig) mergeHeads(g *graph, x string) string {
-	x = g.op("Transpose", in(x), attrInts("perm", 0, 2, 1, 3))
-	return g.op("Reshape", in(x, g.ints("shape[0,0,dim]", 0, 0, int64(c.Dim))))
+	x = g.Op("Transpose", in(x), attrInts("perm", 0, 2, 1, 3))
+	return g.Op("Reshape", in(x, g.Ints("shape[0,0,dim]", 0, 0, int64(c.Dim))))
 }
 
 // attendable returns a bool [batch, 1, seq, total] tensor saying which keys
@@ -181,16 +181,16 @@ func (c GPTConfig) mergeHeads(g *graph, x string) string {
 // are read off the cache tensors' shapes.
 func attendable(g *graph, past, present, mask string) string {
 	length := func(cache string) string { // dimension 2, as an int64 scalar
-		return g.op("Gather", in(g.op("Shape", in(cache)), g.scalarInt("2", 2)), attrInt("axis", 0))
+		return g.Op("Gather", in(g.Op("Shape", in(cache)), g.ScalarInt("2", 2)), attrInt("axis", 0))
 	}
 	p, t := length(past), length(present)
-	zero, one := g.scalarInt("0", 0), g.scalarInt("1", 1)
-	queries := g.op("Unsqueeze", in(g.op("Range", in(p, t, one)), g.ints("axes[1]", 1))) // [seq, 1]
-	keys := g.op("Range", in(zero, t, one))                                              // [total]
-	causal := g.op("LessOrEqual", in(keys, queries))                                     // [seq, total]
-	pad := g.op("Cast", in(g.op("Unsqueeze", in(mask, g.ints("axes[1,2]", 1, 2)))),      // [batch, 1, 1, total]
+	zero, one := g.ScalarInt("0", 0), g.ScalarInt("1", 1)
+	queries := g.Op("Unsqueeze", in(g.Op("Range", in(p, t, one)), g.Ints("axes[1]", 1))) // [seq, 1]
+	keys := g.Op("Range", in(zero, t, one))                                              // [total]
+	causal := g.Op("LessOrEqual", in(keys, queries))                                     // [seq, total]
+	pad := g.Op("Cast", in(g.Op("Unsqueeze", in(mask, g.Ints("axes[1,2]", 1, 2)))),      // [batch, 1, 1, total]
 		attrInt("to", int64(onnxpb.TensorProto_BOOL)))
-	return g.op("And", in(causal, pad))
+	return g.Op("And", in(causal, pad))
 }
 
 func (c GPTConfig) head(logits shards.TensorSpec) layer {
@@ -200,7 +200,7 @@ func (c GPTConfig) head(logits shards.TensorSpec) layer {
 		block: shards.BlockSpec{Inputs: []shards.TensorSpec{x}, Outputs: []shards.TensorSpec{logits}},
 		emit: func(g *graph) {
 			w := g.weight("logits.weight", []int64{int64(c.Dim), int64(c.Vocab)}, centered(1/math.Sqrt(float64(c.Dim))))
-			g.opTo(logits.Name, "MatMul", in(g.layerNorm("ln", x.Name, c.Dim), w))
+			g.OpTo(logits.Name, "MatMul", in(g.layerNorm("ln", x.Name, c.Dim), w))
 		},
 	}
 }

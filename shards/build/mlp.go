@@ -61,8 +61,8 @@ func MLP(cfg MLPConfig, dir string) (*shards.Model, error) {
 			scope: fmt.Sprintf("layer%d", i),
 			block: shards.BlockSpec{Inputs: []shards.TensorSpec{x}, Outputs: []shards.TensorSpec{y}},
 			emit: func(g *graph) {
-				a := g.op("Tanh", in(g.linear("fc", g.layerNorm("ln", x.Name, c.Dim), c.Dim, c.Dim, 1)))
-				g.opTo(y.Name, "Add", in(x.Name, a))
+				a := g.Op("Tanh", in(g.linear("fc", g.layerNorm("ln", x.Name, c.Dim), c.Dim, c.Dim, 1)))
+				g.OpTo(y.Name, "Add", in(x.Name, a))
 			},
 		}
 	}

@@ -10,7 +10,7 @@ import "math"
 func (g *graph) layerNorm(name, x string, dim int) string {
 	scale := g.weight(name+".scale", []int64{int64(dim)}, around(1, 0.1))
 	bias := g.weight(name+".bias", []int64{int64(dim)}, centered(0.1))
-	return g.op("LayerNormalization", in(x, scale, bias), attrInt("axis", -1), attrFloat("epsilon", 1e-5))
+	return g.Op("LayerNormalization", in(x, scale, bias), attrInt("axis", -1), attrFloat("epsilon", 1e-5))
 }
 
 // linear is x·W + b with W of shape [in, out] drawn with variance gain²/in, so
@@ -19,15 +19,15 @@ func (g *graph) layerNorm(name, x string, dim int) string {
 func (g *graph) linear(name, x string, inDim, outDim int, gain float64) string {
 	w := g.weight(name+".weight", []int64{int64(inDim), int64(outDim)}, centered(gain/math.Sqrt(float64(inDim))))
 	b := g.weight(name+".bias", []int64{int64(outDim)}, centered(0.02))
-	return g.op("Add", in(g.op("MatMul", in(x, w)), b))
+	return g.Op("Add", in(g.Op("MatMul", in(x, w)), b))
 }
 
 // gelu is GELU's tanh approximation built from primitive ops (Gelu itself
 // is opset 20): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
 func (g *graph) gelu(x string) string {
-	cube := g.op("Mul", in(g.op("Mul", in(x, x)), x))
-	inner := g.op("Add", in(x, g.op("Mul", in(cube, g.scalarFloat("0.044715", 0.044715)))))
-	t := g.op("Tanh", in(g.op("Mul", in(inner, g.scalarFloat("sqrt(2/pi)", float32(math.Sqrt(2/math.Pi)))))))
-	half := g.op("Mul", in(x, g.scalarFloat("0.5", 0.5)))
-	return g.op("Mul", in(half, g.op("Add", in(t, g.scalarFloat("1", 1)))))
+	cube := g.Op("Mul", in(g.Op("Mul", in(x, x)), x))
+	inner := g.Op("Add", in(x, g.Op("Mul", in(cube, g.ScalarFloat("0.044715", 0.044715)))))
+	t := g.Op("Tanh", in(g.Op("Mul", in(inner, g.ScalarFloat("sqrt(2/pi)", float32(math.Sqrt(2/math.Pi)))))))
+	half := g.Op("Mul", in(x, g.ScalarFloat("0.5", 0.5)))
+	return g.Op("Mul", in(half, g.Op("Add", in(t, g.ScalarFloat("1", 1)))))
 }

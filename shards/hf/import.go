@@ -160,11 +160,11 @@ func Import(src, out string, opts Options) (*shards.Model, error) {
 		prog.Block = i
 		g := newGraph(fmt.Sprintf("%s/block%d", m.Name, i), dtype)
 		for _, t := range p.spec.Inputs {
-			g.input(t)
+			g.Input(t)
 		}
 		p.emit(g)
 		for _, t := range p.spec.Outputs {
-			g.output(t)
+			g.Output(t)
 		}
 		c, size, err := bw.write(g)
 		if err != nil {
