@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -57,19 +58,72 @@ type Options struct {
 	Seed int64
 
 	// Verify runs the whole model and the chained blocks on the sample
-	// inputs and fails when an output differs by more than Tolerance.
+	// inputs and fails when an output differs by more than its tolerance.
 	Verify bool
-	// Tolerance is the largest absolute difference Verify accepts. Zero
-	// means 1e-4.
+	// Tolerance is the largest absolute difference Verify accepts in any
+	// output. Zero (or less) means each output's own, from its element
+	// type and the whole model's values (see OutputTolerance).
 	Tolerance float64
 	// Runtime runs the sample inputs. Nil means
 	// shards.OpenRuntime(shards.RuntimeConfig{}).
 	Runtime *shards.Runtime
 }
 
-// DefaultTolerance is the largest difference Verify accepts when
-// Options.Tolerance is zero.
+// DefaultTolerance is the largest difference Verify accepts in a float32
+// output when Options.Tolerance is zero, and the least it accepts in a
+// float16 or bfloat16 one.
 const DefaultTolerance = 1e-4
+
+// Tolerances of the other element types, when Options.Tolerance is zero.
+const (
+	// Float64Tolerance is the largest difference accepted in a float64
+	// output: cutting a graph does not round float64 tensors, so only the
+	// order of operations may change.
+	Float64Tolerance = 1e-8
+	// HalfULPs is how many units in the last place, at the largest
+	// magnitude of an output's values in the whole model, a float16 or
+	// bfloat16 output may differ by. onnxruntime computes some half
+	// precision nodes in float32 and keeps float32 between consecutive
+	// ones; a cut rounds the tensor crossing it to its half precision
+	// type, and the next nodes carry and may amplify that rounding.
+	HalfULPs = 4
+)
+
+// OutputTolerance is the largest absolute difference Verify accepts, with
+// Options.Tolerance zero, between the blocks' and the whole model's values
+// of an output of element type dt whose largest magnitude in the whole
+// model is maxAbs:
+//
+//   - float32: DefaultTolerance;
+//   - float64: Float64Tolerance;
+//   - float16, bfloat16: HalfULPs units in the last place at maxAbs, and
+//     at least DefaultTolerance;
+//   - integer and bool types: 0, the values must be equal.
+func OutputTolerance(dt protocol.DType, maxAbs float64) float64 {
+	switch dt {
+	case protocol.Float32:
+		return DefaultTolerance
+	case protocol.Float64:
+		return Float64Tolerance
+	case protocol.Float16:
+		return max(DefaultTolerance, HalfULPs*ulp(maxAbs, 10, -14))
+	case protocol.BFloat16:
+		return max(DefaultTolerance, HalfULPs*ulp(maxAbs, 7, -126))
+	}
+	return 0
+}
+
+// ulp is the spacing of binary floating point numbers with mantissa bits
+// stored bits and least normal exponent minExp around x (for x below the
+// normal range, the subnormal spacing).
+func ulp(x float64, mantissa, minExp int) float64 {
+	exp := minExp
+	if x = math.Abs(x); x != 0 {
+		_, e := math.Frexp(x) // x = frac * 2^e, frac in [0.5, 1)
+		exp = max(e-1, minExp)
+	}
+	return math.Ldexp(1, exp-mantissa)
+}
 
 // Report says how a model was cut.
 type Report struct {
@@ -171,9 +225,6 @@ func Split(onnxModel []byte, dir string, opts Options) (*shards.Model, *Report, 
 	if opts.Slack <= 0 {
 		opts.Slack = 0.5
 	}
-	if opts.Tolerance <= 0 {
-		opts.Tolerance = DefaultTolerance
-	}
 	if (opts.Blocks > 0) == (len(opts.At) > 0) {
 		return nil, nil, fmt.Errorf("%w: give either a number of blocks or tensors to cut at", ErrOptions)
 	}
@@ -236,6 +287,9 @@ func Split(onnxModel []byte, dir string, opts Options) (*shards.Model, *Report, 
 	if err != nil {
 		return nil, nil, err
 	}
+	if testHookBlocks != nil {
+		testHookBlocks(blocks)
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, nil, err
 	}
@@ -263,6 +317,10 @@ func Split(onnxModel []byte, dir string, opts Options) (*shards.Model, *Report, 
 	rep.Notes = append(rep.Notes, s.notes...)
 	return model, rep, nil
 }
+
+// testHookBlocks, set only by tests, may change the blocks before Split
+// writes and verifies them: a test corrupts one to see Verify catch it.
+var testHookBlocks func(blocks [][]byte)
 
 // wholeFile is what Split writes as full.onnx: the source as it is, or,
 // when it leaves graph outputs untyped (which onnxruntime accepts but a

@@ -3,6 +3,7 @@ package split
 import (
 	"errors"
 	"fmt"
+	"math"
 
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
@@ -87,13 +88,39 @@ func (s *splitter) verify(model *shards.Model, rep *Report) (err error) {
 					return fmt.Errorf("%w: output %q (%s, step %d): %v", ErrMismatch, o.Name, run.how, step, err)
 				}
 				worst = max(worst, d)
-				if d > s.opts.Tolerance {
+				tol, err := s.tolerance(want[o.Name])
+				if err != nil {
+					return fmt.Errorf("verify: output %q: %w", o.Name, err)
+				}
+				if d > tol {
 					rep.Verified, rep.MaxAbsDiff = true, worst
-					return fmt.Errorf("%w: output %q (%s, step %d) differs by %g, over the tolerance %g", ErrMismatch, o.Name, run.how, step, d, s.opts.Tolerance)
+					return fmt.Errorf("%w: output %q (%v, %s, step %d) differs by %g, over the tolerance %g", ErrMismatch, o.Name, want[o.Name].DType, run.how, step, d, tol)
 				}
 			}
 		}
 	}
 	rep.Verified, rep.MaxAbsDiff = true, worst
 	return nil
+}
+
+// tolerance is the largest difference accepted in an output whose value in
+// the whole model is want: Options.Tolerance when set, else
+// OutputTolerance of its element type at its largest finite magnitude.
+func (s *splitter) tolerance(want *protocol.Tensor) (float64, error) {
+	if s.opts.Tolerance > 0 {
+		return s.opts.Tolerance, nil
+	}
+	maxAbs := 0.0
+	if want.DType == protocol.Float16 || want.DType == protocol.BFloat16 {
+		v, err := want.Float64s()
+		if err != nil {
+			return 0, err
+		}
+		for _, x := range v {
+			if !math.IsInf(x, 0) && !math.IsNaN(x) {
+				maxAbs = max(maxAbs, math.Abs(x))
+			}
+		}
+	}
+	return OutputTolerance(want.DType, maxAbs), nil
 }

@@ -42,7 +42,7 @@ func shardSplit(_ context.Context, e *env, args []string) error {
 	inputFile := fs.String("input", "", "JSON file of sample inputs used as given ({name: {dtype, shape, data}})")
 	name := fs.String("name", "", "model name in the manifest (default: the file name)")
 	seed := fs.Int64("seed", 1, "seed of the random sample inputs")
-	tolerance := fs.Float64("tolerance", split.DefaultTolerance, "largest abs difference accepted between blocks and whole")
+	tolerance := fs.Float64("tolerance", 0, "largest abs difference accepted between blocks and whole (0: from each output's dtype, 1e-4 for float32)")
 	noVerify := fs.Bool("no-verify", false, "skip the blocks-vs-whole check")
 	var rf runtimeFlags
 	rf.register(fs)
