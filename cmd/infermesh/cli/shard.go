@@ -22,6 +22,7 @@ func runShard(ctx context.Context, e *env, args []string) error {
 		{"split", "cut a whole ONNX model into blocks where few tensors cross", shardSplit},
 		{"inspect", "print a model's blocks, CIDs, sizes, inputs and outputs", shardInspect},
 		{"run", "run all blocks in sequence on an input and print the outputs", shardRun},
+		{"import", "import a Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3) as blocks", shardImport},
 		{"generate", "decode text through the blocks with the KV cache", shardGenerate},
 		{"bench", "time block loads and a decode step, blocks vs full.onnx", shardBench},
 		{"publish", "add a local model to the running node's store and announce it to peers", shardPublish},

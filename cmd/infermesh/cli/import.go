@@ -1,0 +1,124 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/infermesh/infermesh/shards/hf"
+)
+
+func shardImport(_ context.Context, e *env, args []string) error {
+	fs := newFlags(e, "infermesh shard import", "SRC --out DIR [flags]",
+		"Imports a Hugging Face checkpoint folder (config.json, safetensors weights, tokenizer files) as blocks:\n"+
+			"one for the embedding, one per decoder layer (or --layers-per-block), one for the head.\n"+
+			"Supported: "+strings.Join(hf.Architectures, ", ")+".")
+	out := fs.String("out", "", "output model directory (required)")
+	dtype := fs.String("dtype", "auto", "weights in the blocks: auto (float16 for f16/bf16 checkpoints, float32 for f32), float32 or float16")
+	perBlock := fs.Int("layers-per-block", 1, "decoder layers per block")
+	pos, err := parse(fs, args, 1, 1)
+	if err != nil {
+		return err
+	}
+	if *out == "" {
+		fs.Usage()
+		return errUsage
+	}
+	cfg, err := hf.ReadConfig(pos[0])
+	if err != nil {
+		return err
+	}
+	for _, n := range cfg.Notes() {
+		fmt.Fprintf(e.stderr, "note: %s\n", n)
+	}
+	bar := newImportBar(e.stderr)
+	start := time.Now()
+	m, err := hf.Import(pos[0], *out, hf.Options{DType: *dtype, LayersPerBlock: *perBlock, Progress: bar.update})
+	bar.finish()
+	if err != nil {
+		return err
+	}
+	info := m.Manifest.Info
+	e.printf("imported %s (%s, %s parameters, %s) as model %s in %s\n  %d blocks, %s, in %s\n",
+		m.Manifest.Name, info.Architecture, humanCount(info.Parameters), info.DType, m.ID,
+		time.Since(start).Round(time.Millisecond), len(m.Manifest.Blocks), humanBytes(m.Manifest.TotalSize()), m.Dir)
+	return nil
+}
+
+// importBar draws an import's progress on stderr: one redrawn line on a
+// terminal, at most a few times a second; a plain line every few seconds
+// otherwise.
+type importBar struct {
+	w     io.Writer
+	tty   bool
+	start time.Time
+	last  time.Time
+	p     hf.Progress
+	drawn bool
+}
+
+const (
+	importBarEvery   = 200 * time.Millisecond // least time between redraws on a terminal
+	importLinesEvery = 5 * time.Second        // least time between lines otherwise
+)
+
+func newImportBar(w io.Writer) *importBar {
+	now := time.Now()
+	return &importBar{w: w, tty: isTerminal(w), start: now, last: now}
+}
+
+func (b *importBar) update(p hf.Progress) {
+	b.p = p
+	every := importLinesEvery
+	if b.tty {
+		every = importBarEvery
+	}
+	if now := time.Now(); now.Sub(b.last) >= every {
+		b.last = now
+		b.draw()
+	}
+}
+
+func (b *importBar) draw() {
+	p := b.p
+	pct := 100.0
+	if p.Total > 0 {
+		pct = 100 * float64(p.Done) / float64(p.Total)
+	}
+	rate := float64(p.Done) / 1e6 / max(time.Since(b.start).Seconds(), 1e-3)
+	line := fmt.Sprintf("%5.1f%%  %s / %s  %.0f MB/s  block %d/%d", pct, humanBytes(p.Done), humanBytes(p.Total), rate, p.Block+1, p.Blocks)
+	if !b.tty {
+		fmt.Fprintln(b.w, line)
+		return
+	}
+	const width = 30
+	fill := int(pct / 100 * width)
+	fmt.Fprintf(b.w, "\r[%s%s] %s\x1b[K", strings.Repeat("=", fill), strings.Repeat(" ", width-fill), line)
+	b.drawn = true
+}
+
+// finish draws the final state and ends the line.
+func (b *importBar) finish() {
+	if b.p.Blocks == 0 {
+		return
+	}
+	b.draw()
+	if b.tty {
+		fmt.Fprintln(b.w)
+	}
+}
+
+// humanCount writes a parameter count as people do: 1.24B, 135M, 583K.
+func humanCount(n int64) string {
+	switch {
+	case n >= 1e9:
+		return fmt.Sprintf("%.2fB", float64(n)/1e9)
+	case n >= 1e6:
+		return fmt.Sprintf("%.1fM", float64(n)/1e6)
+	case n >= 1e3:
+		return fmt.Sprintf("%.1fK", float64(n)/1e3)
+	}
+	return fmt.Sprint(n)
+}
