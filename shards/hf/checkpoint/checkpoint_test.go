@@ -361,3 +361,27 @@ func TestBiasFlags(t *testing.T) {
 		t.Error("Llama attention_bias: no o_proj bias")
 	}
 }
+
+// TestRewrite checks writing over an earlier checkpoint of another sharding
+// leaves only the new weights.
+func TestRewrite(t *testing.T) {
+	dir := t.TempDir()
+	cfg := Tiny(Llama)
+	cfg.Shards = 3
+	if err := Write(dir, cfg, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Shards = 1
+	cfg.Seed = 7
+	if err := Write(dir, cfg, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	entries, _ := os.ReadDir(dir)
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	if want := []string{"config.json", "generation_config.json", "model.safetensors"}; !reflect.DeepEqual(names, want) {
+		t.Errorf("files %v, want %v", names, want)
+	}
+}

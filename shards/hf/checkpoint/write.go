@@ -2,9 +2,11 @@ package checkpoint
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"hash/fnv"
 	"io"
+	"io/fs"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -125,6 +127,9 @@ func Write(dir string, cfg Config, tokenizerJSON, tokenizerConfigJSON []byte) er
 	if err != nil {
 		return err
 	}
+	if err := removeWeights(dir); err != nil {
+		return err
+	}
 	if len(groups) == 1 {
 		return writeFile(filepath.Join(dir, safetensors.SingleFile), cfg, groups[0])
 	}
@@ -149,6 +154,21 @@ func Write(dir string, cfg Config, tokenizerJSON, tokenizerConfigJSON []byte) er
 	}
 	if err := os.WriteFile(filepath.Join(dir, safetensors.IndexFile), index, 0o644); err != nil {
 		return fmt.Errorf("checkpoint: %w", err)
+	}
+	return nil
+}
+
+// removeWeights removes the weight files of an earlier checkpoint in dir, so
+// a stale index or single file cannot shadow the new weights.
+func removeWeights(dir string) error {
+	shards, err := filepath.Glob(filepath.Join(dir, "model-*-of-*.safetensors"))
+	if err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	for _, name := range append(shards, filepath.Join(dir, safetensors.SingleFile), filepath.Join(dir, safetensors.IndexFile)) {
+		if err := os.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("checkpoint: %w", err)
+		}
 	}
 	return nil
 }
