@@ -405,6 +405,8 @@ func (n *Node) routes() []route {
 		h("POST /v1/pull", n.handlePull),
 		h("POST /v1/completions", n.handleCompletions),
 		h("POST /v1/chat/completions", n.handleChat),
+		h("POST /v1/tokenize", n.handleTokenize),
+		h("POST /v1/detokenize", n.handleDetokenize),
 		h("GET /v1/models", n.handleModels),
 		h("GET /v1/models/{model}", n.handleModel),
 		h("POST /v1/jobs", n.handleJobCreate),

@@ -138,7 +138,7 @@ func (n *Node) spanCapacity(m *shards.Model) int {
 // serveFetched fetches blocks [start, end) of m from peers (what the store
 // lacks), loads and measures them.
 func (n *Node) serveFetched(ctx context.Context, m *shards.Model, start, end int) (*servedSpan, error) {
-	var cids []cid.Cid
+	cids := m.Manifest.FileCIDs() // a server of any span hands out the tokenizer too
 	for _, b := range m.Manifest.Blocks[start:end] {
 		c, err := shards.ParseCID(b.CID)
 		if err != nil {

@@ -63,9 +63,10 @@ type Node struct {
 		sync.Mutex
 		m map[string]*shards.Manifest
 	}
-	mesh  *mesh.Mesh
-	api   *http.Server
-	apiLn net.Listener
+	codecs textCodecs // parsed tokenizers of the text models asked for
+	mesh   *mesh.Mesh
+	api    *http.Server
+	apiLn  net.Listener
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -247,6 +248,7 @@ func (n *Node) provided() []cid.Cid {
 	var out []cid.Cid
 	for _, s := range n.servedSpans() {
 		out = append(out, s.model.ID)
+		out = append(out, s.model.Manifest.FileCIDs()...)
 		for _, b := range s.model.Manifest.Blocks[s.start:s.end] {
 			if c, err := shards.ParseCID(b.CID); err == nil {
 				out = append(out, c)

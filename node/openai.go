@@ -2,11 +2,13 @@ package node
 
 // The OpenAI-compatible surface: POST /v1/completions, POST
 // /v1/chat/completions (streamed as Server-Sent Events or not) and GET
-// /v1/models, for text models: a manifest whose decoder uses the "bytes"
-// tokenizer (token i is byte i). The model field is the model's ID (CID).
+// /v1/models, for text models: a manifest with a decoder, whose tokenizer is
+// "bytes" (token i is byte i) or an imported model's Hugging Face tokenizer
+// (text.go). The model field is the model's ID (CID).
 //
-// Chat messages become a prompt with a plain template: one line
-// "ROLE: CONTENT\n" per message, then "assistant: " for the reply.
+// Chat messages become a prompt through the model's chat template; a bytes
+// model has a plain one: one line "ROLE: CONTENT\n" per message, then
+// "assistant: " for the reply. Generation stops at the model's eos tokens.
 //
 // The parameters read are model, prompt (a string, an array of one
 // string, or an array of token IDs), messages, max_tokens (default 16
@@ -32,13 +34,12 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
-	"strings"
 	"time"
-	"unicode/utf8"
 
 	"github.com/infermesh/infermesh/mesh"
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
+	"github.com/infermesh/infermesh/shards/text/chat"
 	"github.com/ipfs/go-cid"
 )
 
@@ -126,19 +127,39 @@ func (n *Node) textModel(ctx context.Context, model string) (cid.Cid, *shards.Ma
 	}
 	if !isTextModel(man) {
 		return cid.Undef, nil, &httpError{http.StatusBadRequest, "unsupported_model",
-			fmt.Sprintf("model %s is not a text model (its manifest declares no decoder with the bytes tokenizer)", id)}
+			fmt.Sprintf("model %s is not a text model (its manifest declares no decoder)", id)}
 	}
 	return id, man, nil
 }
 
 func isTextModel(man *shards.Manifest) bool {
-	return man != nil && man.Decoder != nil && man.Decoder.Tokenizer == "bytes"
+	return man != nil && man.Decoder != nil
+}
+
+// textModelCodec resolves a text model and its codec.
+func (n *Node) textModelCodec(ctx context.Context, model string) (cid.Cid, *shards.Manifest, *textCodec, *httpError) {
+	id, man, herr := n.textModel(ctx, model)
+	if herr != nil {
+		return id, man, nil, herr
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	c, err := n.codec(ctx, id, man)
+	if err != nil {
+		status, code := meshStatus(err)
+		if status == http.StatusBadGateway {
+			status, code = http.StatusInternalServerError, "tokenizer"
+		}
+		return id, man, nil, &httpError{status, code, fmt.Sprintf("model %s: tokenizer: %v", id, err)}
+	}
+	return id, man, c, nil
 }
 
 // textRequest is one generation from a text model.
 type textRequest struct {
 	model     cid.Cid
 	man       *shards.Manifest
+	codec     *textCodec // nil: looked up from the manifest
 	prompt    []int64
 	maxTokens int
 	sampling  shards.Sampling
@@ -152,26 +173,18 @@ type textRequest struct {
 type textResult struct {
 	*GenerateResult
 	text      string
-	generated int    // tokens generated, a stop sequence included
-	finish    string // "stop" (a stop sequence) or "length"
+	generated int    // tokens generated, a stop sequence or eos token included
+	finish    string // "stop" (an eos token or a stop sequence) or "length"
 }
 
-// tokenText is the text of a token of the bytes tokenizer (none for
-// tokens past 255, which a larger vocabulary may have).
-func tokenText(tok int64) []byte {
-	if tok >= 0 && tok < 256 {
-		return []byte{byte(tok)}
+// checkTokens vets tokens against the model's vocabulary.
+func checkTokens(man *shards.Manifest, toks []int64) *httpError {
+	for _, t := range toks {
+		if t < 0 || t >= int64(man.Decoder.Vocab) {
+			return badRequest("token %d outside the vocabulary [0,%d)", t, man.Decoder.Vocab)
+		}
 	}
 	return nil
-}
-
-// bytesPrompt is the prompt of a text.
-func bytesPrompt(s string) []int64 {
-	p := make([]int64, len(s))
-	for i := range len(s) {
-		p[i] = int64(s[i])
-	}
-	return p
 }
 
 // checkPrompt vets a prompt against the model.
@@ -179,10 +192,8 @@ func checkPrompt(man *shards.Manifest, prompt []int64) *httpError {
 	if len(prompt) == 0 {
 		return badRequest("empty prompt")
 	}
-	for _, t := range prompt {
-		if t < 0 || t >= int64(man.Decoder.Vocab) {
-			return badRequest("token %d outside the vocabulary [0,%d)", t, man.Decoder.Vocab)
-		}
+	if herr := checkTokens(man, prompt); herr != nil {
+		return herr
 	}
 	if len(prompt) >= man.Decoder.MaxContext {
 		return &httpError{http.StatusBadRequest, "context_length_exceeded",
@@ -202,6 +213,12 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 	defer func() {
 		n.record(ctx, req.kind, req.model.String(), start, sess.infos, res.GenerateResult, err)
 	}()
+	codec := req.codec
+	if codec == nil {
+		if codec, err = n.codec(ctx, req.model, req.man); err != nil {
+			return nil, err
+		}
+	}
 	opts := req.opts
 	if opts.Check == nil {
 		opts.Check = checkOutputs(req.man)
@@ -213,10 +230,13 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 		return nil, badRequest("%v", err)
 	}
 	var (
-		toks []int64
-		text []byte
-		ends []int // len(text) after each token
-		sent int   // tokens emitted
+		toks   []int64
+		text   []byte
+		ends   []int // len(text) after each token
+		sent   int   // tokens emitted
+		stream = codec.stream()
+		// stopped: a stop sequence ended the generation, its text cut
+		stopped bool
 	)
 	release := func(upto int) error { // emits the tokens whose text ends by upto
 		for ; sent < len(toks) && ends[sent] <= upto; sent++ {
@@ -245,8 +265,16 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 			res.FirstToken = time.Since(start)
 		}
 		res.generated++
+		if codec.stops[tok] {
+			res.finish = "stop"
+			break
+		}
+		piece, err := stream.Add(tok)
+		if err != nil {
+			return nil, err
+		}
 		toks = append(toks, tok)
-		text = append(text, tokenText(tok)...)
+		text = append(text, piece...)
 		ends = append(ends, len(text))
 		if s, ok := stopAt(text, req.stop); ok {
 			cut := len(text) - len(s)
@@ -257,14 +285,18 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 			for k < len(toks) && ends[k] <= cut {
 				k++
 			}
-			toks, text, res.finish = toks[:k], text[:cut], "stop"
+			toks, text, res.finish, stopped = toks[:k], text[:cut], "stop", true
 			break
 		}
 		if err := release(len(text) - holdBack(text, req.stop)); err != nil {
 			return nil, err
 		}
 	}
-	if res.finish == "length" {
+	if !stopped {
+		if rest := stream.Flush(); rest != "" && len(ends) > 0 {
+			text = append(text, rest...)
+			ends[len(ends)-1] = len(text)
+		}
 		if err := release(len(text)); err != nil {
 			return nil, err
 		}
@@ -297,21 +329,6 @@ func holdBack(text []byte, stop []string) int {
 		}
 	}
 	return hold
-}
-
-// completeUTF8 is the length of the longest prefix of b that does not end
-// inside a UTF-8 sequence, so that streamed pieces of text split runes
-// nowhere.
-func completeUTF8(b []byte) int {
-	for i := len(b) - 1; i >= 0 && i >= len(b)-utf8.UTFMax+1; i-- {
-		if utf8.RuneStart(b[i]) {
-			if !utf8.FullRune(b[i:]) {
-				return i
-			}
-			break
-		}
-	}
-	return len(b)
 }
 
 // generateResponse is the answer of /v1/generate.
@@ -352,16 +369,20 @@ func (n *Node) generateAPI(w http.ResponseWriter, r *http.Request, req *Generate
 		writeAPIError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
 	}
-	model, man, herr := n.textModel(r.Context(), req.Model)
+	model, man, codec, herr := n.textModelCodec(r.Context(), req.Model)
+	var prompt []int64
 	if herr == nil {
-		herr = checkPrompt(man, bytesPrompt(req.Prompt))
+		prompt, herr = encodePrompt(codec, req.Prompt)
+	}
+	if herr == nil {
+		herr = checkPrompt(man, prompt)
 	}
 	if herr != nil {
 		writeAPIError(w, herr.status, herr.code, herr.msg)
 		return
 	}
 	sampling := shards.Sampling{Temperature: req.Temperature, TopK: req.TopK, TopP: req.TopP, Seed: req.Seed}
-	tr := &textRequest{model: model, man: man, prompt: bytesPrompt(req.Prompt), maxTokens: req.MaxTokens,
+	tr := &textRequest{model: model, man: man, codec: codec, prompt: prompt, maxTokens: req.MaxTokens,
 		sampling: sampling, stop: req.Stop, opts: mesh.InferOptions{FP16: req.FP16}, kind: "generate"}
 	var sse *sseWriter
 	var emit func(int64, string) error
@@ -490,8 +511,16 @@ type OpenAIModel struct {
 type MeshModel struct {
 	Name   string `json:"name,omitempty"` // from the manifest, when this node has it
 	Blocks int    `json:"blocks"`
-	// Text: a byte-level text model, for completions, chat and generate.
+	// Text: a text model, for completions, chat and generate.
 	Text bool `json:"text"`
+	// Of an imported text model: its architecture (as Hugging Face names
+	// it), weight dtype, parameter count; of any text model, its context
+	// length and tokenizer ("bytes" or "hf").
+	Architecture  string `json:"architecture,omitempty"`
+	DType         string `json:"dtype,omitempty"`
+	Parameters    int64  `json:"parameters,omitempty"`
+	ContextLength int    `json:"context_length,omitempty"`
+	Tokenizer     string `json:"tokenizer,omitempty"`
 	// Complete: every block has a server; Uncovered lists those that have
 	// none; Servers counts the peers serving some span.
 	Complete  bool  `json:"complete"`
@@ -550,19 +579,29 @@ func newID(prefix string) string {
 	return prefix + hex.EncodeToString(b)
 }
 
+// encodePrompt tokenizes a completion's prompt, with the special tokens
+// the tokenizer adds (Llama 2's <s>).
+func encodePrompt(codec *textCodec, s string) ([]int64, *httpError) {
+	p, err := codec.encode(s, true)
+	if err != nil {
+		return nil, badRequest("tokenizing the prompt: %v", err)
+	}
+	return p, nil
+}
+
 // completionPrompt reads the prompt of /v1/completions: a string, an
 // array of one string, or an array of token IDs.
-func completionPrompt(raw json.RawMessage) ([]int64, *httpError) {
+func completionPrompt(codec *textCodec, raw json.RawMessage) ([]int64, *httpError) {
 	var s string
 	if err := json.Unmarshal(raw, &s); err == nil {
-		return bytesPrompt(s), nil
+		return encodePrompt(codec, s)
 	}
 	var ss []string
 	if err := json.Unmarshal(raw, &ss); err == nil {
 		if len(ss) != 1 {
 			return nil, badRequest("prompt: one prompt per request, got %d", len(ss))
 		}
-		return bytesPrompt(ss[0]), nil
+		return encodePrompt(codec, ss[0])
 	}
 	var toks []int64
 	if err := json.Unmarshal(raw, &toks); err == nil {
@@ -571,16 +610,13 @@ func completionPrompt(raw json.RawMessage) ([]int64, *httpError) {
 	return nil, badRequest("prompt must be a string, an array of one string or an array of token IDs")
 }
 
-// ChatPrompt renders chat messages into the prompt of a byte-level model:
-// "ROLE: CONTENT\n" per message, then "assistant: ".
-func ChatPrompt(msgs []ChatMessage) (string, error) {
-	if len(msgs) == 0 {
-		return "", errors.New("messages must not be empty")
-	}
-	var b strings.Builder
+// chatMessages reads a chat's messages: each content a string or text
+// parts, joined.
+func chatMessages(msgs []ChatMessage) ([]chat.Message, error) {
+	out := make([]chat.Message, 0, len(msgs))
 	for i, m := range msgs {
 		if m.Role == "" {
-			return "", fmt.Errorf("messages[%d]: no role", i)
+			return nil, fmt.Errorf("messages[%d]: no role", i)
 		}
 		var text string
 		if err := json.Unmarshal(m.Content, &text); err != nil {
@@ -589,19 +625,18 @@ func ChatPrompt(msgs []ChatMessage) (string, error) {
 				Text string `json:"text"`
 			}
 			if err := json.Unmarshal(m.Content, &parts); err != nil {
-				return "", fmt.Errorf("messages[%d]: content must be a string or an array of text parts", i)
+				return nil, fmt.Errorf("messages[%d]: content must be a string or an array of text parts", i)
 			}
 			for _, p := range parts {
 				if p.Type != "text" {
-					return "", fmt.Errorf("messages[%d]: content part of type %q: only text is supported", i, p.Type)
+					return nil, fmt.Errorf("messages[%d]: content part of type %q: only text is supported", i, p.Type)
 				}
 				text += p.Text
 			}
 		}
-		fmt.Fprintf(&b, "%s: %s\n", m.Role, text)
+		out = append(out, chat.Message{Role: m.Role, Content: text})
 	}
-	b.WriteString("assistant: ")
-	return b.String(), nil
+	return out, nil
 }
 
 func (n *Node) handleCompletions(w http.ResponseWriter, r *http.Request) {
@@ -613,12 +648,9 @@ func (n *Node) handleCompletions(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, http.StatusBadRequest, "bad_request", "prompt is required")
 		return
 	}
-	prompt, herr := completionPrompt(req.Prompt)
-	if herr != nil {
-		writeAPIError(w, herr.status, herr.code, herr.msg)
-		return
-	}
-	n.openAI(w, r, &req.OpenAIParams, req.MaxTokens, prompt, false)
+	n.openAI(w, r, &req.OpenAIParams, req.MaxTokens, func(c *textCodec) ([]int64, *httpError) {
+		return completionPrompt(c, req.Prompt)
+	}, false)
 }
 
 func (n *Node) handleChat(w http.ResponseWriter, r *http.Request) {
@@ -626,7 +658,7 @@ func (n *Node) handleChat(w http.ResponseWriter, r *http.Request) {
 	if !readOpenAI(w, r, &req) {
 		return
 	}
-	text, err := ChatPrompt(req.Messages)
+	msgs, err := chatMessages(req.Messages)
 	if err != nil {
 		writeAPIError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
@@ -635,14 +667,15 @@ func (n *Node) handleChat(w http.ResponseWriter, r *http.Request) {
 	if req.MaxCompletionTokens != nil {
 		maxTokens = req.MaxCompletionTokens
 	}
-	n.openAI(w, r, &req.OpenAIParams, maxTokens, bytesPrompt(text), true)
+	n.openAI(w, r, &req.OpenAIParams, maxTokens, func(c *textCodec) ([]int64, *httpError) { return c.chatPrompt(msgs) }, true)
 }
 
 // openAI runs a completion or chat completion and answers it, whole or
-// streamed.
-func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, maxTokens *int, prompt []int64, chat bool) {
+// streamed; promptOf makes the prompt's tokens with the model's codec.
+func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, maxTokens *int,
+	promptOf func(*textCodec) ([]int64, *httpError), isChat bool) {
 	def := defaultCompletionTokens
-	if chat {
+	if isChat {
 		def = defaultChatTokens
 	}
 	sampling, limit, stop, herr := p.sampling(maxTokens, def)
@@ -650,7 +683,11 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 		writeAPIError(w, herr.status, herr.code, herr.msg)
 		return
 	}
-	model, man, herr := n.textModel(r.Context(), p.Model)
+	model, man, codec, herr := n.textModelCodec(r.Context(), p.Model)
+	var prompt []int64
+	if herr == nil {
+		prompt, herr = promptOf(codec)
+	}
 	if herr == nil {
 		herr = checkPrompt(man, prompt)
 	}
@@ -658,12 +695,12 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 		writeAPIError(w, herr.status, herr.code, herr.msg)
 		return
 	}
-	tr := &textRequest{model: model, man: man, prompt: prompt, maxTokens: limit, sampling: sampling, stop: stop, kind: "completion"}
-	if chat {
-		tr.kind = "chat"
+	tr := &textRequest{model: model, man: man, codec: codec, prompt: prompt, maxTokens: limit, sampling: sampling, stop: stop, kind: "completion"}
+	if isChat {
+		tr.kind = "isChat"
 	}
 	c := Completion{ID: newID("cmpl-"), Object: "text_completion", Created: time.Now().Unix(), Model: p.Model}
-	if chat {
+	if isChat {
 		c.ID, c.Object = newID("chatcmpl-"), "chat.completion"
 	}
 	usage := func(res *textResult) *Usage {
@@ -671,7 +708,7 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 	}
 	choice := func(text *string, finish *string) Choice {
 		ch := Choice{Text: text, FinishReason: finish}
-		if chat {
+		if isChat {
 			ch.Text = nil
 			if p.Stream {
 				ch.Delta = &ChatContent{Content: text}
@@ -692,7 +729,7 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 		return
 	}
 
-	if chat {
+	if isChat {
 		c.Object = "chat.completion.chunk"
 	}
 	sse := &sseWriter{w: w}
@@ -710,7 +747,7 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 		if cut == 0 {
 			return nil
 		}
-		if !sse.started && chat { // the first chunk carries the role
+		if !sse.started && isChat { // the first chunk carries the role
 			empty := ""
 			if err := chunk(Choice{Delta: &ChatContent{Role: "assistant", Content: &empty}}); err != nil {
 				return err
@@ -732,7 +769,7 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 		return
 	}
 	last := choice(nil, &res.finish)
-	if chat {
+	if isChat {
 		last.Delta = &ChatContent{}
 		if !sse.started {
 			empty := ""
@@ -796,6 +833,12 @@ func (n *Node) models(ctx context.Context) []OpenAIModel {
 		}
 		if man != nil {
 			info.Name, info.Blocks, info.Text = man.Name, len(man.Blocks), isTextModel(man)
+			if d := man.Decoder; d != nil {
+				info.ContextLength, info.Tokenizer = d.MaxContext, d.Tokenizer
+			}
+			if mi := man.Info; mi != nil {
+				info.Architecture, info.DType, info.Parameters = mi.Architecture, mi.DType, mi.Parameters
+			}
 		}
 		if mv, err := n.mesh.View().Model(ctx, c); err == nil {
 			info.Complete, info.Servers = mv.Complete(), len(mv.Peers)

@@ -37,6 +37,18 @@ func (n *Node) Publish(ctx context.Context, dir string) (cid.Cid, int64, error) 
 		cids = append(cids, c)
 		size += int64(len(data))
 	}
+	for _, f := range m.Manifest.Files {
+		data, err := m.File(f.Name)
+		if err != nil {
+			return cid.Undef, 0, err
+		}
+		c, err := n.store.Put(shards.CodecBlock, data)
+		if err != nil {
+			return cid.Undef, 0, err
+		}
+		cids = append(cids, c)
+		size += int64(len(data))
+	}
 	enc, err := m.Manifest.Encode()
 	if err != nil {
 		return cid.Undef, 0, err
@@ -68,8 +80,11 @@ func (n *Node) Pull(ctx context.Context, model cid.Cid, start, end int, progress
 	if _, err := n.store.Put(shards.CodecManifest, enc); err != nil {
 		return 0, err
 	}
-	var cids []cid.Cid
+	cids := man.FileCIDs()
 	var size int64
+	for _, f := range man.Files {
+		size += f.Size
+	}
 	for _, b := range man.Blocks[start:end] {
 		c, err := shards.ParseCID(b.CID)
 		if err != nil {

@@ -166,6 +166,20 @@ func (c *Client) GenerateStream(ctx context.Context, req node.GenerateAPIRequest
 	}
 }
 
+// Tokenize returns the tokens of a text (or, with req.Messages, of a chat
+// rendered by the model's template), with the model's tokenizer.
+func (c *Client) Tokenize(ctx context.Context, req node.TokenizeRequest) (*node.TokenizeResponse, error) {
+	var out node.TokenizeResponse
+	return &out, c.do(ctx, http.MethodPost, "/v1/tokenize", req, &out)
+}
+
+// Detokenize returns the text of tokens, special tokens left out.
+func (c *Client) Detokenize(ctx context.Context, model string, tokens []int64) (string, error) {
+	var out node.DetokenizeResponse
+	err := c.do(ctx, http.MethodPost, "/v1/detokenize", node.DetokenizeRequest{Model: model, Tokens: tokens}, &out)
+	return out.Content, err
+}
+
 func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
 	return c.doStatus(ctx, method, path, body, out, http.StatusOK)
 }

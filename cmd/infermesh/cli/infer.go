@@ -74,7 +74,7 @@ func runGenerate(ctx context.Context, e *env, args []string) error {
 		"Generates text through the mesh via the local node: a session along a route of peers, each keeping\n"+
 			"the KV cache of its blocks. Prints the text, the route and per-hop timings.")
 	model := fs.String("model", "", "model ID")
-	prompt := fs.String("prompt", "", "prompt text (bytes are tokens)")
+	prompt := fs.String("prompt", "", "prompt text, tokenized with the model's tokenizer")
 	tokens := fs.Int("tokens", 32, "tokens to generate")
 	temp := fs.Float64("temperature", 0, "sampling temperature (0 = greedy)")
 	topK := fs.Int("top-k", 0, "sample among the k most likely tokens (0 = all)")
@@ -102,7 +102,7 @@ func runGenerate(ctx context.Context, e *env, args []string) error {
 			e.printf("\n")
 			return err
 		}
-		e.printf("%s", printableByte(tok.Token))
+		e.printf("%s", printableText(tok.Text))
 	}
 	e.printf("\n")
 	e.printf("%d tokens: first after %.1f ms, then %.0f tokens/s; %d failovers\nroute (mean compute per step):\n",
