@@ -15,11 +15,14 @@
 //
 //   - config.go reads and checks config.json (ReadConfig) and computes the
 //     rotary frequencies;
-//   - graph.go is a small ONNX graph builder whose large initializers are
-//     references to checkpoint tensors, streamed in later;
+//   - graph.go extends shards/internal/onnxgraph's builder with weights
+//     that are references to checkpoint tensors, streamed in later, and
+//     the RMSNorm, linear and SiLU layers;
 //   - decoder.go emits the embedding, decoder-layer and head graphs;
 //   - stream.go writes a block file by streaming its weights from the
-//     checkpoint into the block store while hashing them;
+//     checkpoint into the block store while hashing them, converting
+//     bfloat16, float16 and float32 chunk by chunk (bfloat16 values beyond
+//     float16's range are an error naming the tensor);
 //   - import.go drives the import (Import) and writes the manifest.
 //
 // The blocks follow the conventions of the GPT test model of shards/build:

@@ -58,6 +58,9 @@ func Import(src, out string, opts Options) (*shards.Model, error) {
 	if perBlock < 0 {
 		return nil, fmt.Errorf("hf: layers per block %d", perBlock)
 	}
+	if _, err := os.Stat(filepath.Join(src, "tokenizer.json")); err != nil {
+		return nil, fmt.Errorf("hf: the model's tokenizer: %w", err)
+	}
 	ckpt, err := safetensors.OpenCheckpoint(src)
 	if err != nil {
 		return nil, err
@@ -141,9 +144,6 @@ func Import(src, out string, opts Options) (*shards.Model, error) {
 			return nil, err
 		}
 		m.Files = append(m.Files, shards.FileSpec{Name: name, CID: c.String(), Size: int64(len(data))})
-	}
-	if _, ok := m.File("tokenizer.json"); !ok {
-		return nil, fmt.Errorf("hf: %s has no tokenizer.json", src)
 	}
 
 	// Second pass: write the blocks.

@@ -164,36 +164,36 @@ func (bw *blockWriter) copyWeight(out io.Writer, w weightRef) error {
 }
 
 // convert converts little-endian elements of safetensors dtype from into
-// dst of element type to (Float32 or Float16).
+// dst of element type to (Float32 or Float16). Each pair has its own loop:
+// this runs over every weight of the model.
 func convert(dst []byte, to protocol.DType, src []byte, from string) error {
-	if (from == "F32" && to == protocol.Float32) || (from == "F16" && to == protocol.Float16) {
+	switch {
+	case from == "F32" && to == protocol.Float32, from == "F16" && to == protocol.Float16:
 		copy(dst, src)
-		return nil
-	}
-	var at func(i int) float32
-	switch from {
-	case "F32":
-		at = func(i int) float32 { return math.Float32frombits(binary.LittleEndian.Uint32(src[4*i:])) }
-	case "F16":
-		at = func(i int) float32 { return safetensors.F16ToFloat32(binary.LittleEndian.Uint16(src[2*i:])) }
-	case "BF16":
-		at = func(i int) float32 { return safetensors.BF16ToFloat32(binary.LittleEndian.Uint16(src[2*i:])) }
-	}
-	switch to {
-	case protocol.Float32:
+	case from == "BF16" && to == protocol.Float32:
 		for i := range len(dst) / 4 {
-			binary.LittleEndian.PutUint32(dst[4*i:], math.Float32bits(at(i)))
+			binary.LittleEndian.PutUint32(dst[4*i:], uint32(binary.LittleEndian.Uint16(src[2*i:]))<<16)
 		}
-	case protocol.Float16:
+	case from == "F16" && to == protocol.Float32:
+		for i := range len(dst) / 4 {
+			binary.LittleEndian.PutUint32(dst[4*i:], math.Float32bits(safetensors.F16ToFloat32(binary.LittleEndian.Uint16(src[2*i:]))))
+		}
+	case to == protocol.Float16:
 		for i := range len(dst) / 2 {
-			h, overflow := safetensors.Float32ToF16(at(i))
+			var f float32
+			if from == "BF16" {
+				f = safetensors.BF16ToFloat32(binary.LittleEndian.Uint16(src[2*i:]))
+			} else {
+				f = math.Float32frombits(binary.LittleEndian.Uint32(src[4*i:]))
+			}
+			h, overflow := safetensors.Float32ToF16(f)
 			if overflow {
-				return fmt.Errorf("%w: %g (import with --dtype float32)", ErrOverflow, at(i))
+				return fmt.Errorf("%w: %g (import with --dtype float32)", ErrOverflow, f)
 			}
 			binary.LittleEndian.PutUint16(dst[2*i:], h)
 		}
 	default:
-		return fmt.Errorf("cannot store weights as %v", to)
+		return fmt.Errorf("cannot convert %s weights to %v", from, to)
 	}
 	return nil
 }
