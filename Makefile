@@ -116,8 +116,8 @@ bench: build
 	$(BIN) shard bench $(BENCH_MODEL) --threads 1
 	$(BIN) shard bench $(BENCH_MODEL)
 
-demo: build
-	$(BIN) demo
+demo: build tokenizer
+	$(BIN) demo --tokenizer $(TOKENIZER_DIR)
 
 clean:
 	rm -rf bin demo

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/infermesh/infermesh/shards/text/texttest"
 )
 
 // run runs a command line in-process and returns its exit code and output.
@@ -76,9 +78,16 @@ func TestShardJourney(t *testing.T) {
 		t.Fatalf("generate: exit %d, %q, %q", code, gen, errs)
 	}
 
-	out = mustRun(t, "demo", "--dir", t.TempDir(), "--layers", "2", "--dim", "64", "--hops", "2", "--tokens", "6", "--prompts", "a|bc|def")
-	if !strings.Contains(out, "every token matches the local run") {
-		t.Fatalf("demo: %s", out)
+	tokJSON, tokCfg := texttest.Files(t, "llama3")
+	tokDir := t.TempDir()
+	os.WriteFile(filepath.Join(tokDir, "tokenizer.json"), tokJSON, 0o644)
+	os.WriteFile(filepath.Join(tokDir, "tokenizer_config.json"), tokCfg, 0o644)
+	out = mustRun(t, "demo", "--dir", t.TempDir(), "--tokenizer", tokDir, "--layers", "2", "--hidden", "64", "--hops", "2",
+		"--tokens", "6", "--prompts", "a|bc|Grüß Gott 🙂")
+	for _, want := range []string{"every token matches the local run", "<|start_header_id|>assistant<|end_header_id|>", "3 chats through the mesh at once"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("demo output lacks %q: %s", want, out)
+		}
 	}
 }
 

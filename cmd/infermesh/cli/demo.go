@@ -1,10 +1,14 @@
 package cli
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,24 +20,30 @@ import (
 	"github.com/infermesh/infermesh/node"
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
-	"github.com/infermesh/infermesh/shards/build"
+	"github.com/infermesh/infermesh/shards/hf"
+	"github.com/infermesh/infermesh/shards/hf/checkpoint"
 )
 
 // The demo starts a small real mesh on this machine: nodes with their own
 // identities, libp2p over QUIC on loopback and the private DHT, each serving
-// a span of a GPT-style model's blocks. A requester node that serves
-// nothing sends a single pass and several generations through it at once;
-// every result is checked against running the model locally.
+// a span of an imported Llama-architecture model (random weights in true
+// Hugging Face layout, with the real Llama 3 tokenizer and chat template).
+// A requester node that serves nothing sends a single pass and several chat
+// completions through it at once over its OpenAI-compatible API; every
+// result is checked against running the model locally.
 func runDemo(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "infermesh demo", "[flags]",
-		"Starts a mesh of nodes on loopback (QUIC, private DHT), splits a GPT-style model across them\n"+
-			"and generates through it, printing routes and timings, each checked against a local run.")
+		"Starts a mesh of nodes on loopback (QUIC, private DHT), imports a Llama-architecture checkpoint with\n"+
+			"random weights and the real Llama 3 tokenizer, splits it across them and chats through the\n"+
+			"OpenAI-compatible API, printing routes and timings, each answer checked against a local run.")
 	dir := fs.String("dir", "demo", "folder for the demo's model and node data")
-	layers := fs.Int("layers", 8, "decoder layers")
-	dim := fs.Int("dim", 256, "model width")
+	tokenizer := fs.String("tokenizer", filepath.Join(".cache", "tokenizers", "llama3"),
+		"folder with the Llama 3 tokenizer.json and tokenizer_config.json (`make tokenizer` fetches them)")
+	layers := fs.Int("layers", 4, "decoder layers")
+	hidden := fs.Int("hidden", 256, "model width (hidden_size)")
 	hops := fs.Int("hops", 3, "nodes the model is split across")
-	prompts := fs.String("prompts", "Hello mesh|Peer to peer|Inference without a cloud|Pipelines overlap", "prompts separated by |")
-	tokens := fs.Int("tokens", 24, "tokens to generate per prompt")
+	prompts := fs.String("prompts", "Hello mesh!|What is peer-to-peer inference?|Écris un haïku sur les réseaux.|用一句话介绍你自己", "user messages separated by |")
+	tokens := fs.Int("tokens", 24, "tokens to generate per reply")
 	verbose := fs.Bool("v", false, "show the nodes' logs")
 	if _, err := parse(fs, args, 0, 0); err != nil {
 		return err
@@ -43,17 +53,9 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 		logger = slog.New(slog.NewTextHandler(e.stderr, nil))
 	}
 
-	modelDir := filepath.Join(*dir, fmt.Sprintf("gpt-%dx%d", *layers, *dim))
-	m, err := shards.OpenModel(modelDir)
-	if err != nil || m.Verify() != nil {
-		start := time.Now()
-		os.RemoveAll(modelDir)
-		if m, err = build.GPT(build.GPTConfig{Layers: *layers, Dim: *dim, Seed: 1}, modelDir); err != nil {
-			return err
-		}
-		e.printf("built model %s: %d blocks, %s in %s\n", m.ID, len(m.Manifest.Blocks), humanBytes(m.Manifest.TotalSize()), time.Since(start).Round(time.Millisecond))
-	} else {
-		e.printf("model %s: %d blocks, %s (from %s)\n", m.ID, len(m.Manifest.Blocks), humanBytes(m.Manifest.TotalSize()), modelDir)
+	m, err := demoModel(e, *dir, *tokenizer, *layers, *hidden)
+	if err != nil {
+		return err
 	}
 	n := len(m.Manifest.Blocks)
 	if *hops < 1 || *hops > n {
@@ -94,7 +96,7 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 	boot := []string{requester.Status().Addrs[0]}
 	for h := range *hops {
 		first, end := h*n / *hops, (h+1)*n / *hops
-		nd, err := start(fmt.Sprintf("server%d", h), boot, fmt.Sprintf("%s:%d-%d", modelDir, first, end-1))
+		nd, err := start(fmt.Sprintf("server%d", h), boot, fmt.Sprintf("%s:%d-%d", m.Dir, first, end-1))
 		if err != nil {
 			return err
 		}
@@ -140,44 +142,162 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 	e.printf("single pass through the mesh in %s, max abs diff from the local run %.2g\n", res.Info.Total.Round(time.Microsecond), diff)
 	printHops(e, res.Info)
 
-	// Several generations at once: their steps overlap in the pipeline.
+	// Chats through the requester's OpenAI-compatible API, as an app sends
+	// them, several at once: their steps overlap in the pipeline.
+	api := &demoAPI{base: "http://" + requester.APIAddr(), model: m.ID.String()}
 	texts := strings.Split(*prompts, "|")
-	results := make([]*node.GenerateResult, len(texts))
+	first, err := api.tokenize(ctx, texts[0])
+	if err != nil {
+		return err
+	}
+	e.printf("\nthe model's chat template turns %q into %d tokens:\n%s\n", texts[0], len(first.Tokens), indent(strings.Join(first.Pieces, "")))
+	answers := make([]*node.Completion, len(texts))
 	errs := make([]error, len(texts))
 	var wg sync.WaitGroup
 	genStart := time.Now()
 	for i, text := range texts {
-		wg.Go(func() {
-			results[i], errs[i] = requester.Generate(ctx, node.GenerateRequest{Model: m.ID, Prompt: bytesToTokens(text), MaxTokens: *tokens}, nil)
-		})
+		wg.Go(func() { answers[i], errs[i] = api.chat(ctx, text, *tokens) })
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
 	took := time.Since(genStart)
-	e.printf("\n%d generations through the mesh at once: %d tokens in %s (%.0f tokens/s)\n", len(texts), len(texts)**tokens,
-		took.Round(time.Millisecond), float64(len(texts)**tokens)/took.Seconds())
+	generated := 0
+	for _, a := range answers {
+		generated += a.Usage.CompletionTokens
+	}
+	e.printf("\n%d chats through the mesh at once (POST /v1/chat/completions): %d tokens in %s (%.0f tokens/s)\n", len(texts), generated,
+		took.Round(time.Millisecond), float64(generated)/took.Seconds())
 	for i, text := range texts {
-		got := results[i].Tokens
-		wantTokens, err := localGenerate(local, m, bytesToTokens(text), len(got))
+		prompt, err := api.tokenize(ctx, text)
 		if err != nil {
 			return err
 		}
-		if !slices.Equal(got, wantTokens) {
-			return fmt.Errorf("prompt %q: the mesh generated %v, the local run %v", text, got, wantTokens)
+		wantTokens, err := localGenerate(local, m, prompt.Tokens, *tokens)
+		if err != nil {
+			return err
 		}
-		var out strings.Builder
-		for _, t := range got {
-			out.WriteString(printableByte(t))
+		wantText, err := api.detokenize(ctx, wantTokens)
+		if err != nil {
+			return err
 		}
-		e.printf("  %q -> \"%s\"  (first token %.1f ms)\n", text, out.String(), float64(results[i].FirstToken.Microseconds())/1000)
+		a := answers[i]
+		got := *a.Choices[0].Message.Content
+		if got != wantText || a.Usage.PromptTokens != len(prompt.Tokens) || a.Usage.CompletionTokens != len(wantTokens)+eosCount(wantTokens, *tokens) {
+			return fmt.Errorf("chat %q: the mesh answered %q (usage %+v), the local run %q (%d tokens)", text, got, *a.Usage, wantText, len(wantTokens))
+		}
+		e.printf("  %q -> %q  (%d+%d tokens)\n", text, printableText(got), a.Usage.PromptTokens, a.Usage.CompletionTokens)
 	}
-	last := results[0].Steps[len(results[0].Steps)-1]
-	e.printf("every token matches the local run; the route of the last step:\n")
-	printHops(e, last)
-	e.printf("(the weights are random, so the text is noise; what matters is that every path gives the same tokens)\n")
+	e.printf("every token matches the local run\n")
+	e.printf("(the weights are random: no model weights are reachable here, so the replies are noise; the tokenizer\n" +
+		" and chat template are Llama 3's own, and a real checkpoint imports the same way: infermesh shard import)\n")
 	return nil
+}
+
+// demoModel returns the demo's imported model in dir, writing a
+// random-weight checkpoint and importing it the first time.
+func demoModel(e *env, dir, tokenizer string, layers, hidden int) (*shards.Model, error) {
+	src := filepath.Join(dir, fmt.Sprintf("llama-hf-l%d-d%d", layers, hidden))
+	out := filepath.Join(dir, fmt.Sprintf("llama-l%d-d%d", layers, hidden))
+	if m, err := shards.OpenModel(out); err == nil && m.Verify() == nil {
+		e.printf("model %s: %d blocks, %s (from %s)\n", m.ID, len(m.Manifest.Blocks), humanBytes(m.Manifest.TotalSize()), out)
+		return m, nil
+	}
+	tokJSON, err := os.ReadFile(filepath.Join(tokenizer, "tokenizer.json"))
+	if err != nil {
+		return nil, fmt.Errorf("the demo uses the real Llama 3 tokenizer: %w (run `make tokenizer`, or pass --tokenizer DIR)", err)
+	}
+	tokCfg, err := os.ReadFile(filepath.Join(tokenizer, "tokenizer_config.json"))
+	if err != nil {
+		return nil, err
+	}
+	cfg := checkpoint.Llama32_1B() // its tokenizer's shape and rope, smaller
+	cfg.Hidden, cfg.Intermediate, cfg.Layers, cfg.Heads, cfg.KVHeads, cfg.HeadDim = hidden, 4*hidden, layers, 8, 2, 0
+	cfg.MaxPositions = 4096
+	// Untied: with random weights a tied head mostly echoes the last token.
+	cfg.TieEmbeddings = false
+	start := time.Now()
+	os.RemoveAll(src)
+	if err := checkpoint.Write(src, cfg, tokJSON, tokCfg); err != nil {
+		return nil, err
+	}
+	e.printf("wrote a random-weight Llama checkpoint in Hugging Face layout (%d layers, hidden %d, vocabulary %d, %s)\n"+
+		"with the real Llama 3 tokenizer and chat template: %s\n", layers, hidden, cfg.Vocab, cfg.DType, src)
+	os.RemoveAll(out)
+	m, err := hf.Import(src, out, hf.Options{})
+	if err != nil {
+		return nil, err
+	}
+	e.printf("imported (infermesh shard import %s --out %s): model %s, %d blocks, %s in %s\n\n", src, out, m.ID,
+		len(m.Manifest.Blocks), humanBytes(m.Manifest.TotalSize()), time.Since(start).Round(time.Millisecond))
+	return m, nil
+}
+
+// eosCount is 1 when a local run of n tokens stopped early at an eos token
+// (the mesh counts it as generated), else 0.
+func eosCount(toks []int64, n int) int {
+	if len(toks) < n {
+		return 1
+	}
+	return 0
+}
+
+func indent(s string) string {
+	return "    " + strings.ReplaceAll(printableText(s), "\n", "\n    ")
+}
+
+// demoAPI is the requester's HTTP API, as an app uses it.
+type demoAPI struct{ base, model string }
+
+func (a *demoAPI) post(ctx context.Context, path string, body, out any) error {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.base+path, bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s: %s", path, resp.Status, data)
+	}
+	return json.Unmarshal(data, out)
+}
+
+func (a *demoAPI) messages(text string) []map[string]string {
+	return []map[string]string{{"role": "user", "content": text}}
+}
+
+func (a *demoAPI) tokenize(ctx context.Context, text string) (*node.TokenizeResponse, error) {
+	var out node.TokenizeResponse
+	return &out, a.post(ctx, "/v1/tokenize", map[string]any{"model": a.model, "messages": a.messages(text), "with_pieces": true}, &out)
+}
+
+func (a *demoAPI) detokenize(ctx context.Context, toks []int64) (string, error) {
+	var out node.DetokenizeResponse
+	err := a.post(ctx, "/v1/detokenize", node.DetokenizeRequest{Model: a.model, Tokens: toks}, &out)
+	return out.Content, err
+}
+
+func (a *demoAPI) chat(ctx context.Context, text string, maxTokens int) (*node.Completion, error) {
+	var out node.Completion
+	err := a.post(ctx, "/v1/chat/completions", map[string]any{"model": a.model, "messages": a.messages(text),
+		"max_tokens": maxTokens, "temperature": 0}, &out)
+	if err == nil && (len(out.Choices) != 1 || out.Choices[0].Message == nil || out.Choices[0].Message.Content == nil || out.Usage == nil) {
+		err = fmt.Errorf("chat: an answer without a message or usage: %+v", out)
+	}
+	return &out, err
 }
 
 func printHops(e *env, info *mesh.StepInfo) {
@@ -190,7 +310,8 @@ func printHops(e *env, info *mesh.StepInfo) {
 	}
 }
 
-// localGenerate decodes greedily through a local span.
+// localGenerate decodes greedily through a local span, up to n tokens or
+// the model's first eos token (left out).
 func localGenerate(span *shards.Span, m *shards.Model, prompt []int64, n int) ([]int64, error) {
 	sess := span.NewSession()
 	defer sess.Close()
@@ -203,6 +324,9 @@ func localGenerate(span *shards.Span, m *shards.Model, prompt []int64, n int) ([
 		tok, err := dec.Next()
 		if err != nil {
 			return nil, err
+		}
+		if slices.Contains(m.Manifest.Decoder.EOS, tok) {
+			break
 		}
 		out = append(out, tok)
 	}
