@@ -250,3 +250,14 @@ func rewriteTensor(tb testing.TB, src, name string, edit func([]byte)) {
 		tb.Fatal(err)
 	}
 }
+
+// TestImportSlidingWindow: a Mistral window under max_position_embeddings
+// becomes the model's context, so that full attention is exact.
+func TestImportSlidingWindow(t *testing.T) {
+	cfg := checkpoint.Tiny(checkpoint.Mistral)
+	cfg.SlidingWindow = 128
+	m := importModel(t, writeCheckpoint(t, cfg), hf.Options{})
+	if got := m.Manifest.Decoder.MaxContext; got != 128 {
+		t.Fatalf("context %d, want the window 128", got)
+	}
+}

@@ -51,7 +51,8 @@ func refCases() []refCase {
 		{name: "qwen2-bf16-biases", cfg: qwen2, opts: hf.Options{DType: "float32"}, tol: tolFloat32},
 		{name: "qwen3-bf16-qknorm-headdim", cfg: qwen3, opts: hf.Options{DType: "float32"}, tol: tolFloat32},
 		{name: "qwen3-layers-per-block-2", cfg: qwen3, opts: hf.Options{DType: "float32", LayersPerBlock: 2}, tol: tolFloat32, perBlock: true},
-		{name: "mistral-f16", cfg: mistral, tol: tolFloat32},     // float16 weights as the checkpoint has them: exact
+		{name: "mistral-f16", cfg: mistral, tol: tolFloat32}, // float16 weights as the checkpoint has them: exact
+		{name: "mistral-f16-as-f32", cfg: mistral, opts: hf.Options{DType: "float32"}, tol: tolFloat32},
 		{name: "qwen2-bf16-as-f16", cfg: qwen2, tol: tolFloat32}, // bfloat16 to float16 is exact for these weights
 		{name: "llama-f32-as-f16", cfg: llama, opts: hf.Options{DType: "float16"}, tol: tolFloat16},
 	}
