@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/infermesh/infermesh/shards/hf/checkpoint"
 	"github.com/infermesh/infermesh/shards/safetensors"
@@ -398,4 +399,47 @@ func BenchmarkStepTiny(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// TestLlama32_1B runs the reference on Llama 3.2 1B's shapes when
+// INFERMESH_REF_1B names a folder holding (or to hold) that checkpoint: a
+// manual check of memory and speed at real size.
+func TestLlama32_1B(t *testing.T) {
+	dir := os.Getenv("INFERMESH_REF_1B")
+	if dir == "" {
+		t.Skip("set INFERMESH_REF_1B=folder to run Llama 3.2 1B's shapes")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "config.json")); err != nil {
+		if err := checkpoint.Write(dir, checkpoint.Llama32_1B(), nil, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	m, err := Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("loaded in %v", time.Since(start))
+	s := m.NewSession()
+	start = time.Now()
+	out, err := s.Step([]int64{128000, 9906, 11, 1917})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("4-token prompt in %v", time.Since(start))
+	start = time.Now()
+	if _, err := s.Step([]int64{argmax(out[3])}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("one decode step in %v", time.Since(start))
+}
+
+func argmax(v []float64) int64 {
+	best := 0
+	for i, x := range v {
+		if x > v[best] {
+			best = i
+		}
+	}
+	return int64(best)
 }
