@@ -443,3 +443,33 @@ func argmax(v []float64) int64 {
 	}
 	return int64(best)
 }
+
+// TestParallelMul checks the row split of large matrices gives exactly the
+// serial sums.
+func TestParallelMul(t *testing.T) {
+	const rows, cols = 1031, 1024 // rows × cols ≥ parallelMACs, rows not a multiple of the CPUs
+	m := matrix{rows: rows, cols: cols, w: make([]float32, rows*cols)}
+	for i := range m.w {
+		m.w[i] = float32(math.Sin(float64(i)))
+	}
+	b := make([]float32, rows)
+	for i := range b {
+		b[i] = float32(i) / rows
+	}
+	xs := [][]float64{make([]float64, cols), make([]float64, cols)}
+	for i := range cols {
+		xs[0][i], xs[1][i] = math.Cos(float64(i)), float64(i%7)
+	}
+	got := m.mul(xs, b)
+	for tk, x := range xs {
+		for r := range rows {
+			var acc float64
+			for c := range cols {
+				acc += float64(m.w[r*cols+c]) * x[c]
+			}
+			if acc += float64(b[r]); got[tk][r] != acc {
+				t.Fatalf("row %d of input %d: %v, want %v", r, tk, got[tk][r], acc)
+			}
+		}
+	}
+}
