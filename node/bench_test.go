@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -376,4 +377,66 @@ func BenchmarkAPIOverhead(b *testing.B) {
 	for b.Loop() {
 		b.ReportMetric(httpOverhead(b, req, m, 200), "http_overhead_%")
 	}
+}
+
+// BenchmarkImportedLlama3Hops: greedy decoding of an imported
+// Llama-architecture model, in this process against 3 hops on loopback,
+// interleaved; 32 tokens after an 8-token prompt. The model is the imported
+// one in $INFERMESH_BENCH_HF (make bench imports a checkpoint of Llama 3.2
+// 1B's shapes there), else a 4-layer one imported here.
+//
+// INFERMESH_BENCH_HF=DIR go test -run '^$' -bench ImportedLlama3Hops -benchtime 3x ./node/
+func BenchmarkImportedLlama3Hops(b *testing.B) {
+	var m *shards.Model
+	if dir := os.Getenv("INFERMESH_BENCH_HF"); dir != "" {
+		var err error
+		if m, err = shards.OpenModel(dir); err != nil {
+			b.Fatal(err)
+		}
+	} else {
+		m = importLlama(b, 4)
+	}
+	n := len(m.Manifest.Blocks)
+	req, _ := benchMesh(b, m, nil, fmt.Sprintf("0-%d", n/3-1), fmt.Sprintf("%d-%d", n/3, 2*n/3-1), fmt.Sprintf("%d-%d", 2*n/3, n-1))
+	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	span, err := rt.LoadSpan(m, 0, n)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer span.Close()
+	prompt := []int64{128000, 9906, 11, 1917, 0, 3639, 374, 264} // "<|begin_of_text|>Hello, world! What is a"
+	const tokens = 32
+	var tLocal, tMesh time.Duration
+	for b.Loop() {
+		t0 := time.Now()
+		sess := span.NewSession()
+		dec, err := shards.NewDecoder(m.Manifest.Decoder, sess, prompt, shards.Sampling{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for range tokens {
+			if _, err := dec.Next(); err != nil {
+				b.Fatal(err)
+			}
+		}
+		sess.Close()
+		t1 := time.Now()
+		// Node.Generate stops at an eos token: count what it made.
+		res, err := req.Generate(context.Background(), GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: tokens}, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if len(res.Tokens) != tokens {
+			b.Fatalf("the mesh generated %d tokens (an eos token?), want %d", len(res.Tokens), tokens)
+		}
+		tLocal += t1.Sub(t0)
+		tMesh += time.Since(t1)
+	}
+	k := float64(b.N * tokens)
+	b.ReportMetric(k/tLocal.Seconds(), "local_tok/s")
+	b.ReportMetric(k/tMesh.Seconds(), "mesh_tok/s")
+	b.ReportMetric(tLocal.Seconds()/tMesh.Seconds(), "mesh/local")
 }

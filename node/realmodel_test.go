@@ -22,7 +22,7 @@ import (
 // importLlama writes a random-weight checkpoint of the Llama architecture
 // with the real Llama 3 tokenizer (so its vocabulary: 128256 tokens),
 // imports it and returns the model.
-func importLlama(t *testing.T, layers int) *shards.Model {
+func importLlama(t testing.TB, layers int) *shards.Model {
 	t.Helper()
 	tokJSON, tokCfg := texttest.Files(t, "llama3")
 	src := filepath.Join(t.TempDir(), "Llama-tiny")

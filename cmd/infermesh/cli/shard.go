@@ -23,6 +23,7 @@ func runShard(ctx context.Context, e *env, args []string) error {
 		{"inspect", "print a model's blocks, CIDs, sizes, inputs and outputs", shardInspect},
 		{"run", "run all blocks in sequence on an input and print the outputs", shardRun},
 		{"import", "import a Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3) as blocks", shardImport},
+		{"checkpoint", "write a random-weight Hugging Face checkpoint to import (tests, demos, benches)", shardCheckpoint},
 		{"generate", "decode text through the blocks with the KV cache", shardGenerate},
 		{"bench", "time block loads and a decode step, blocks vs full.onnx", shardBench},
 		{"publish", "add a local model to the running node's store and announce it to peers", shardPublish},
@@ -114,7 +115,21 @@ func shardInspect(_ context.Context, e *env, args []string) error {
 	e.printf("model    %s\nname     %s (%s)\nblocks   %d, %s\ninputs   %s\noutputs  %s\n", m.ID, man.Name, man.Kind,
 		len(man.Blocks), humanBytes(man.TotalSize()), specList(man.Inputs), specList(man.Outputs))
 	if d := man.Decoder; d != nil {
-		e.printf("decoder  tokenizer %s, vocab %d, context %d\n", d.Tokenizer, d.Vocab, d.MaxContext)
+		e.printf("decoder  tokenizer %s, vocab %d, context %d", d.Tokenizer, d.Vocab, d.MaxContext)
+		if len(d.EOS) > 0 {
+			e.printf(", eos %v", d.EOS)
+		}
+		e.printf("\n")
+	}
+	if i := man.Info; i != nil {
+		e.printf("source   %s, %s parameters, weights %s\n", i.Architecture, humanCount(i.Parameters), i.DType)
+	}
+	for _, f := range man.Files {
+		status := "ok"
+		if _, err := m.File(f.Name); err != nil {
+			status = "BAD: " + err.Error()
+		}
+		e.printf("file     %-22s %s  %s  %s\n", f.Name, f.CID, humanBytes(f.Size), status)
 	}
 	e.printf("\n")
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
