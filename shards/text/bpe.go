@@ -1,12 +1,17 @@
 package text
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"strings"
 	"sync"
 	"unicode/utf8"
 )
+
+// maxVocab bounds token ids, so that a corrupt file cannot make Load
+// allocate gigabytes.
+const maxVocab = 1 << 24
 
 // Word cache bounds: pieces longer than cacheMaxPiece bytes are not cached,
 // and the cache is emptied when it reaches cacheMaxEntries.
@@ -40,29 +45,58 @@ type merge struct {
 
 func pairKey(a, b int32) uint64 { return uint64(uint32(a))<<32 | uint64(uint32(b)) }
 
-func loadModel(raw json.RawMessage) (*bpe, error) {
-	var t typed
-	if err := json.Unmarshal(raw, &t); err != nil {
-		return nil, err
+// modelJSON is tokenizer.json's model, read in the same pass as the rest
+// of the file (the vocabulary and merges are most of its bytes).
+type modelJSON struct {
+	Type                    string           `json:"type"`
+	Vocab                   map[string]int32 `json:"vocab"`
+	Merges                  mergesJSON       `json:"merges"`
+	UnkToken                *string          `json:"unk_token"`
+	FuseUnk                 bool             `json:"fuse_unk"`
+	ByteFallback            bool             `json:"byte_fallback"`
+	IgnoreMerges            bool             `json:"ignore_merges"`
+	Dropout                 *float64         `json:"dropout"`
+	ContinuingSubwordPrefix *string          `json:"continuing_subword_prefix"`
+	EndOfWordSuffix         *string          `json:"end_of_word_suffix"`
+}
+
+// mergesJSON reads merges written as "a b" strings or as ["a", "b"] pairs.
+type mergesJSON [][2]string
+
+func (ms *mergesJSON) UnmarshalJSON(data []byte) error {
+	rest := bytes.TrimSpace(data)
+	if len(rest) > 0 && rest[0] == '[' {
+		rest = bytes.TrimSpace(rest[1:])
 	}
-	if t.Type != "BPE" && t.Type != "" {
-		return nil, fmt.Errorf("%w: model type %q", ErrUnknownComponent, t.Type)
+	if len(rest) > 0 && rest[0] == '"' {
+		var strs []string
+		if err := json.Unmarshal(data, &strs); err != nil {
+			return err
+		}
+		out := make([][2]string, len(strs))
+		for i, s := range strs {
+			a, b, ok := strings.Cut(s, " ")
+			if !ok {
+				return fmt.Errorf("merge %d %q is not two tokens", i, s)
+			}
+			out[i] = [2]string{a, b}
+		}
+		*ms = out
+		return nil
 	}
-	var c struct {
-		Vocab                   map[string]int64 `json:"vocab"`
-		Merges                  json.RawMessage  `json:"merges"`
-		UnkToken                *string          `json:"unk_token"`
-		FuseUnk                 bool             `json:"fuse_unk"`
-		ByteFallback            bool             `json:"byte_fallback"`
-		IgnoreMerges            bool             `json:"ignore_merges"`
-		Dropout                 *float64         `json:"dropout"`
-		ContinuingSubwordPrefix *string          `json:"continuing_subword_prefix"`
-		EndOfWordSuffix         *string          `json:"end_of_word_suffix"`
+	var pairs [][2]string
+	if err := json.Unmarshal(data, &pairs); err != nil {
+		return fmt.Errorf("merges are neither \"a b\" strings nor [a, b] pairs: %w", err)
 	}
-	if err := json.Unmarshal(raw, &c); err != nil {
-		return nil, err
+	*ms = pairs
+	return nil
+}
+
+func loadModel(c *modelJSON) (*bpe, error) {
+	if c.Type != "BPE" && c.Type != "" {
+		return nil, fmt.Errorf("%w: model type %q", ErrUnknownComponent, c.Type)
 	}
-	if t.Type == "" && c.Merges == nil {
+	if c.Type == "" && c.Merges == nil {
 		return nil, fmt.Errorf("%w: model without a type or merges", ErrUnknownComponent)
 	}
 	if c.Dropout != nil && *c.Dropout != 0 {
@@ -75,7 +109,7 @@ func loadModel(raw json.RawMessage) (*bpe, error) {
 		return nil, fmt.Errorf("%w: BPE end_of_word_suffix %q", ErrUnknownComponent, *c.EndOfWordSuffix)
 	}
 	m := &bpe{
-		ids:          make(map[string]int32, len(c.Vocab)),
+		ids:          c.Vocab,
 		ignoreMerges: c.IgnoreMerges,
 		byteFallback: c.ByteFallback,
 		fuseUnk:      c.FuseUnk,
@@ -83,12 +117,14 @@ func loadModel(raw json.RawMessage) (*bpe, error) {
 		cache:        make(map[string][]int64),
 	}
 	n := 0
-	for tok, id := range c.Vocab {
-		if id < 0 || id > 1<<31-1 {
+	if m.ids == nil {
+		m.ids = map[string]int32{}
+	}
+	for tok, id := range m.ids {
+		if id < 0 || id >= maxVocab {
 			return nil, fmt.Errorf("vocab token %q has id %d", tok, id)
 		}
 		n = max(n, int(id)+1)
-		m.ids[tok] = int32(id)
 	}
 	m.vocab = make([]string, n)
 	m.hasID = make([]bool, n)
@@ -109,10 +145,7 @@ func loadModel(raw json.RawMessage) (*bpe, error) {
 		m.unk = id
 	}
 
-	pairs, err := parseMerges(c.Merges)
-	if err != nil {
-		return nil, err
-	}
+	pairs := c.Merges
 	m.merges = make(map[uint64]merge, len(pairs))
 	for rank, p := range pairs {
 		a, okA := m.ids[p[0]]
@@ -127,30 +160,6 @@ func loadModel(raw json.RawMessage) (*bpe, error) {
 		}
 	}
 	return m, nil
-}
-
-// parseMerges reads merges written as "a b" strings or as ["a", "b"] pairs.
-func parseMerges(raw json.RawMessage) ([][2]string, error) {
-	if isNull(raw) {
-		return nil, nil
-	}
-	var strs []string
-	if err := json.Unmarshal(raw, &strs); err == nil {
-		out := make([][2]string, len(strs))
-		for i, s := range strs {
-			a, b, ok := strings.Cut(s, " ")
-			if !ok {
-				return nil, fmt.Errorf("merge %d %q is not two tokens", i, s)
-			}
-			out[i] = [2]string{a, b}
-		}
-		return out, nil
-	}
-	var pairs [][2]string
-	if err := json.Unmarshal(raw, &pairs); err != nil {
-		return nil, fmt.Errorf("merges are neither \"a b\" strings nor [a, b] pairs: %w", err)
-	}
-	return pairs, nil
 }
 
 // encode appends the ids of one pre-tokenized piece to dst.

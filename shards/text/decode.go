@@ -48,7 +48,7 @@ func (t template) process(ids []int64, addSpecial bool) []int64 {
 	return out
 }
 
-func loadPostProcessor(raw json.RawMessage, ids map[string]int64) (postProcessor, error) {
+func loadPostProcessor(raw json.RawMessage, tokenID func(string) (int64, bool)) (postProcessor, error) {
 	if isNull(raw) {
 		return nil, nil
 	}
@@ -68,7 +68,7 @@ func loadPostProcessor(raw json.RawMessage, ids map[string]int64) (postProcessor
 		}
 		var q postProcessorSeq
 		for _, r := range c.Processors {
-			p, err := loadPostProcessor(r, ids)
+			p, err := loadPostProcessor(r, tokenID)
 			if err != nil {
 				return nil, err
 			}
@@ -105,7 +105,7 @@ func loadPostProcessor(raw json.RawMessage, ids map[string]int64) (postProcessor
 			case it.SpecialToken != nil:
 				st, ok := c.SpecialTokens[it.SpecialToken.ID]
 				if !ok {
-					id, known := ids[it.SpecialToken.ID]
+					id, known := tokenID(it.SpecialToken.ID)
 					if !known {
 						return nil, fmt.Errorf("TemplateProcessing: unknown special token %q", it.SpecialToken.ID)
 					}
@@ -319,7 +319,7 @@ func loadDecoder(raw json.RawMessage) (decoder, error) {
 			Content string  `json:"content"`
 		}
 		if err := json.Unmarshal(raw, &c); err != nil {
-			return nil, fmt.Errorf("Replace: %w", err)
+			return nil, fmt.Errorf("decoder Replace: %w", err)
 		}
 		if c.Pattern.re != nil {
 			return nil, fmt.Errorf("%w: Replace decoder with a Regex pattern", ErrUnknownComponent)
@@ -335,7 +335,7 @@ func loadDecoder(raw json.RawMessage) (decoder, error) {
 			return nil, err
 		}
 		if c.Content == "" {
-			return nil, fmt.Errorf("Strip decoder with empty content")
+			return nil, fmt.Errorf("decoder Strip has empty content")
 		}
 		return stripDecoder{c.Content, c.Start, c.Stop}, nil
 	}

@@ -200,7 +200,7 @@ func loadNormalizer(raw json.RawMessage) (normalizer, error) {
 			Content string  `json:"content"`
 		}
 		if err := json.Unmarshal(raw, &c); err != nil {
-			return nil, fmt.Errorf("Replace: %w", err)
+			return nil, fmt.Errorf("normalizer Replace: %w", err)
 		}
 		return replace{c.Pattern, c.Content}, nil
 	}

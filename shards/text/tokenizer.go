@@ -25,12 +25,12 @@ type Tokenizer struct {
 	post       postProcessor // nil: none
 	decoder    decoder       // nil: tokens joined with spaces
 
-	added    *addedSplitter
-	addedIDs map[int64]bool // ids of added tokens, which the ByteLevel decoder passes through
-	tokens   []string       // by id, vocabulary and added tokens; "" where no token has the id
-	hasToken []bool         // by id
-	ids      map[string]int64
-	special  map[int64]bool
+	added          *addedSplitter
+	addedIDs       map[int64]bool   // ids of added tokens, which the ByteLevel decoder passes through
+	tokens         []string         // by id, vocabulary and added tokens; "" where no token has the id
+	hasToken       []bool           // by id
+	addedByContent map[string]int64 // added tokens by content; the vocabulary is in model.ids
+	special        map[int64]bool
 
 	byteFallback bool // the decoder has a ByteFallback step
 	cleanup      bool // clean_up_tokenization_spaces
@@ -45,7 +45,7 @@ type fileJSON struct {
 	AddedTokens   []addedTokenJSON `json:"added_tokens"`
 	Normalizer    json.RawMessage  `json:"normalizer"`
 	PreTokenizer  json.RawMessage  `json:"pre_tokenizer"`
-	Model         json.RawMessage  `json:"model"`
+	Model         *modelJSON       `json:"model"`
 	PostProcessor json.RawMessage  `json:"post_processor"`
 	Decoder       json.RawMessage  `json:"decoder"`
 }
@@ -106,7 +106,7 @@ func Load(tokenizerJSON, tokenizerConfigJSON []byte) (*Tokenizer, error) {
 	if err := json.Unmarshal(tokenizerJSON, &f); err != nil {
 		return nil, fmt.Errorf("tokenizer.json: %w", err)
 	}
-	if isNull(f.Model) {
+	if f.Model == nil {
 		return nil, errors.New("tokenizer.json: no model")
 	}
 	t := &Tokenizer{cleanup: true}
@@ -128,20 +128,16 @@ func Load(tokenizerJSON, tokenizerConfigJSON []byte) (*Tokenizer, error) {
 	// The id space: the model's vocabulary, then the added tokens.
 	n := len(t.model.vocab)
 	for _, a := range f.AddedTokens {
-		if a.ID < 0 {
-			return nil, fmt.Errorf("tokenizer.json: added token %q has negative id %d", a.Content, a.ID)
+		if a.ID < 0 || a.ID >= maxVocab {
+			return nil, fmt.Errorf("tokenizer.json: added token %q has id %d", a.Content, a.ID)
 		}
 		n = max(n, int(a.ID)+1)
 	}
 	t.tokens = make([]string, n)
 	t.hasToken = make([]bool, n)
-	t.ids = make(map[string]int64, n)
-	for i, tok := range t.model.vocab {
-		if t.model.hasID[i] {
-			t.tokens[i], t.hasToken[i] = tok, true
-			t.ids[tok] = int64(i)
-		}
-	}
+	copy(t.tokens, t.model.vocab)
+	copy(t.hasToken, t.model.hasID)
+	t.addedByContent = make(map[string]int64, len(f.AddedTokens))
 	t.special = make(map[int64]bool)
 	t.addedIDs = make(map[int64]bool)
 	for _, a := range f.AddedTokens {
@@ -149,7 +145,7 @@ func Load(tokenizerJSON, tokenizerConfigJSON []byte) (*Tokenizer, error) {
 			return nil, fmt.Errorf("tokenizer.json: added token %d is empty", a.ID)
 		}
 		t.tokens[a.ID], t.hasToken[a.ID] = a.Content, true
-		t.ids[a.Content] = a.ID
+		t.addedByContent[a.Content] = a.ID
 		t.addedIDs[a.ID] = true
 		if a.Special {
 			t.special[a.ID] = true
@@ -157,7 +153,7 @@ func Load(tokenizerJSON, tokenizerConfigJSON []byte) (*Tokenizer, error) {
 	}
 	t.added = newAddedSplitter(f.AddedTokens)
 
-	if t.post, err = loadPostProcessor(f.PostProcessor, t.ids); err != nil {
+	if t.post, err = loadPostProcessor(f.PostProcessor, t.TokenID); err != nil {
 		return nil, fmt.Errorf("tokenizer.json: post_processor: %w", err)
 	}
 
@@ -185,7 +181,7 @@ func Load(tokenizerJSON, tokenizerConfigJSON []byte) (*Tokenizer, error) {
 				if err != nil {
 					return nil, fmt.Errorf("tokenizer_config.json: additional_special_tokens: %w", err)
 				}
-				if id, known := t.ids[s]; ok && known {
+				if id, known := t.TokenID(s); ok && known {
 					t.special[id] = true
 				}
 			}
@@ -261,8 +257,11 @@ func (t *Tokenizer) VocabSize() int { return len(t.tokens) }
 
 // TokenID returns the id of a vocabulary or added token.
 func (t *Tokenizer) TokenID(token string) (int64, bool) {
-	id, ok := t.ids[token]
-	return id, ok
+	if id, ok := t.addedByContent[token]; ok {
+		return id, true
+	}
+	id, ok := t.model.ids[token]
+	return int64(id), ok
 }
 
 // Token returns the string of token id.
