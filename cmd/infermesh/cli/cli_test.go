@@ -74,7 +74,7 @@ func TestShardJourney(t *testing.T) {
 	}
 
 	code, gen, errs := run(t, "shard", "generate", dir, "--prompt", "Hi", "--tokens", "8")
-	if code != 0 || !strings.Contains(errs, "8 tokens through 4 blocks") || gen == "" {
+	if code != 0 || !strings.Contains(errs, "8 tokens after a 2-token prompt through 4 blocks") || gen == "" {
 		t.Fatalf("generate: exit %d, %q, %q", code, gen, errs)
 	}
 

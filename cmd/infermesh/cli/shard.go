@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -297,7 +298,8 @@ func readAllStdin() ([]byte, error) { return io.ReadAll(os.Stdin) }
 func shardGenerate(_ context.Context, e *env, args []string) error {
 	fs := newFlags(e, "infermesh shard generate", "DIR --prompt TEXT [--tokens N]",
 		"Decodes token by token through the blocks, keeping each block's KV cache between steps.")
-	prompt := fs.String("prompt", "", "prompt text (bytes are tokens)")
+	prompt := fs.String("prompt", "", "prompt text, tokenized with the model's tokenizer (bytes for built models)")
+	chatMsg := fs.Bool("chat", false, "send the prompt as a user message through the model's chat template")
 	tokens := fs.Int("tokens", 32, "tokens to generate")
 	temp := fs.Float64("temperature", 0, "sampling temperature (0 = greedy)")
 	topK := fs.Int("top-k", 0, "sample among the k most likely tokens (0 = all)")
@@ -316,8 +318,16 @@ func shardGenerate(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if m.Manifest.Decoder == nil || m.Manifest.Decoder.Tokenizer != "bytes" {
-		return fmt.Errorf("model %s is not a byte-level text model (no decoder with tokenizer \"bytes\")", m.ID)
+	if m.Manifest.Decoder == nil {
+		return fmt.Errorf("model %s is not a text model (its manifest has no decoder)", m.ID)
+	}
+	codec, err := localCodec(m)
+	if err != nil {
+		return err
+	}
+	ids, err := codec.prompt(*prompt, *chatMsg)
+	if err != nil {
+		return err
 	}
 	_, span, err := rf.loadAll(m)
 	if err != nil {
@@ -326,7 +336,7 @@ func shardGenerate(_ context.Context, e *env, args []string) error {
 	defer span.Close()
 	sess := span.NewSession()
 	defer sess.Close()
-	dec, err := shards.NewDecoder(m.Manifest.Decoder, sess, bytesToTokens(*prompt), shards.Sampling{Temperature: *temp, TopK: *topK, Seed: *seed})
+	dec, err := shards.NewDecoder(m.Manifest.Decoder, sess, ids, shards.Sampling{Temperature: *temp, TopK: *topK, Seed: *seed})
 	if err != nil {
 		return err
 	}
@@ -341,11 +351,20 @@ func shardGenerate(_ context.Context, e *env, args []string) error {
 		if n == 0 {
 			first = time.Since(start)
 		}
-		e.printf("%s", printableByte(tok))
+		if slices.Contains(m.Manifest.Decoder.EOS, tok) {
+			n++
+			break
+		}
+		piece, err := codec.add(tok)
+		if err != nil {
+			return err
+		}
+		e.printf("%s", piece)
 	}
+	e.printf("%s", codec.flush())
 	total := time.Since(start)
-	fmt.Fprintf(e.stderr, "\n%d tokens through %d blocks: first after %s, then %.1f tokens/s\n", n, len(m.Manifest.Blocks),
-		first.Round(time.Microsecond), float64(n-1)/(total-first).Seconds())
+	fmt.Fprintf(e.stderr, "\n%d tokens after a %d-token prompt through %d blocks: first after %s, then %.1f tokens/s\n", n, len(ids),
+		len(m.Manifest.Blocks), first.Round(time.Microsecond), float64(n-1)/(total-first).Seconds())
 	return nil
 }
 
