@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/hf"
 	"github.com/infermesh/infermesh/shards/hf/checkpoint"
 )
@@ -38,6 +39,27 @@ func TestImportMemory(t *testing.T) {
 	if peak > 1536<<20 {
 		t.Fatalf("peak RSS %d MiB, want under 1536", peak>>20)
 	}
+
+	// The blocks load and run at this size (weights cast to float32 at
+	// load: several GB of memory), one session per block: fused into one
+	// graph, 2.5 GB of blocks would pass protobuf's 2 GiB limit.
+	rt, err := shards.OpenRuntime(shards.RuntimeConfig{SessionPerBlock: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	span, err := rt.LoadSpan(m, 0, len(m.Manifest.Blocks))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer span.Close()
+	loaded := time.Since(start)
+	start = time.Now()
+	out, err := span.Run(shards.StepInputs(m.Manifest.Decoder, []int64{128000, 791, 6864, 315}, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("loaded in %s; a 4-token prompt ran in %s, logits %v", loaded.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), out["logits"].Shape)
 }
 
 // peakRSS is the process's peak resident set (VmHWM).
