@@ -89,3 +89,31 @@ func BenchmarkLoad(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkStream measures streaming decode, one Add per token.
+func BenchmarkStream(b *testing.B) {
+	for _, m := range texttest.Models {
+		tj, cj := texttest.Files(b, m)
+		tok, err := Load(tj, cj)
+		if err != nil {
+			b.Fatal(err)
+		}
+		ids, err := tok.Encode(benchText, false)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(m, func(b *testing.B) {
+			b.ReportAllocs()
+			b.SetBytes(int64(len(benchText)))
+			for b.Loop() {
+				st := tok.NewStream(false)
+				for _, id := range ids {
+					if _, err := st.Add(id); err != nil {
+						b.Fatal(err)
+					}
+				}
+				st.Flush()
+			}
+		})
+	}
+}

@@ -375,7 +375,7 @@ func TestStream(t *testing.T) {
 		t.Run(m, func(t *testing.T) {
 			tok := toks[m]
 			bad := 0
-			for _, s := range append(strs, strings.Repeat("Streaming is fine. It 's long enough, isn't it ? ", 20)) {
+			for _, s := range append(strs, strings.Repeat("Streaming is fine. It 's long enough, isn't it ? ", 20), strings.Repeat("日本語のテキスト 😀👍🏽 ", 50)) {
 				ids, err := tok.Encode(s, true)
 				if err != nil {
 					t.Fatal(err)
@@ -396,6 +396,9 @@ func TestStream(t *testing.T) {
 							t.Errorf("%q: piece %q is not valid UTF-8", s, piece)
 						}
 						b.WriteString(piece)
+					}
+					if len(st.ids) > 2*streamRebaseAfter+streamContext {
+						t.Errorf("%q (skip %v): the stream's window grew to %d ids", s, skip, len(st.ids))
 					}
 					b.WriteString(st.Flush())
 					if b.String() != want {

@@ -4,16 +4,18 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"unicode"
 	"unicode/utf8"
 )
 
 // Stream window sizes: once more than streamRebaseAfter ids are pending and
-// all their text is out, the stream keeps only the last streamContext ids as
-// context, so that each Add decodes a bounded window.
+// all their text is out, the stream keeps only the last few ids (at least
+// streamContext) as context, so that each Add decodes a bounded window.
 const (
 	streamRebaseAfter = 32
 	streamContext     = 4
+	// streamContextRunes is the least text the context must decode to:
+	// longer than clean_up_tokenization's longest pattern (" n't").
+	streamContextRunes = 5
 )
 
 // errStreamUnstable means a later token changed text a Stream had already
@@ -87,23 +89,27 @@ func (s *Stream) window() (string, error) {
 	return cand, nil
 }
 
-// rebase keeps the last streamContext ids as context when their text can
-// stand for the text so far: it must be the tail of what was returned,
-// long enough, and start with a character no decoder treats specially at
-// the start (not a space, not a replacement character).
+// rebase keeps the last streamContext (or 2, 4 times as many) ids as context when their text can
+// stand for the text so far: it must be the tail of what was returned, at
+// least streamContextRunes long (so that a Strip decoder only ever strips
+// the context, and a clean-up pattern across its start lies in text already
+// final), and must not start inside a character (U+FFFD).
 func (s *Stream) rebase(cand string) {
-	ctx := s.ids[len(s.ids)-streamContext:]
-	text, err := s.t.Decode(ctx, s.skip)
-	if err != nil || len(text) < 8 || !strings.HasSuffix(s.prefixText+cand, text) {
+	for n := streamContext; n <= streamRebaseAfter/2; n *= 2 {
+		ctx := s.ids[len(s.ids)-n:]
+		text, err := s.t.Decode(ctx, s.skip)
+		if err != nil || utf8.RuneCountInString(text) < streamContextRunes || !strings.HasSuffix(s.prefixText+cand, text) {
+			continue
+		}
+		if r, _ := utf8.DecodeRuneInString(text); r == utf8.RuneError {
+			continue
+		}
+		s.ids = append(s.ids[:0:0], ctx...)
+		s.prefix = len(s.ids)
+		s.prefixText = text
+		s.out = ""
 		return
 	}
-	if r, _ := utf8.DecodeRuneInString(text); unicode.IsSpace(r) || r == utf8.RuneError {
-		return
-	}
-	s.ids = append(s.ids[:0:0], ctx...)
-	s.prefix = len(s.ids)
-	s.prefixText = text
-	s.out = ""
 }
 
 // cleanUpPrefixes are the ends of text that a following token could turn
