@@ -164,10 +164,40 @@ func corpus() []string {
 	return out
 }
 
-// refResult is reference.js's output for one string.
+// randomIDLists is how many random id lists per model the tests decode
+// with both implementations.
+const randomIDLists = 500
+
+// vocabSizes are the real tokenizers' id counts, added tokens included
+// (TestReference checks VocabSize against them).
+var vocabSizes = map[string]int{"llama3": 128256, "qwen3": 151669, "llama2": 32000}
+
+// randomIDs returns id lists drawn uniformly from a model's ids, the same
+// on every run. Llama 2's byte tokens <0x00>..<0xFF> (ids 3-258) are left
+// out: a run of them that is not valid UTF-8 decodes to one U+FFFD per
+// byte in Hugging Face's ByteFallback but to WHATWG replacement in
+// transformers.js; we follow Hugging Face.
+func randomIDs(model string, vocabSize int) [][]int64 {
+	r := rand.New(rand.NewPCG(uint64(len(model)), uint64(vocabSize)))
+	out := make([][]int64, randomIDLists)
+	for i := range out {
+		for range 1 + r.IntN(12) {
+			id := int64(r.IntN(vocabSize))
+			if model == "llama2" && id >= 3 && id <= 258 {
+				continue
+			}
+			out[i] = append(out[i], id)
+		}
+	}
+	return out
+}
+
+// refResult is reference.js's output for one string, or (D0, D1) for one
+// id list.
 type refResult struct {
 	E0, E1             []int64
 	D00, D01, D10, D11 string
+	D0, D1             string
 }
 
 var (
@@ -260,7 +290,7 @@ func runReference(modules string, strs []string) (map[string][]refResult, error)
 		if err := os.WriteFile(cp, cj, 0o644); err != nil {
 			return nil, err
 		}
-		models[m] = map[string]string{"tokenizer": tp, "config": cp}
+		models[m] = map[string]any{"tokenizer": tp, "config": cp, "ids": randomIDs(m, vocabSizes[m])}
 	}
 	job["models"] = models
 	cj, _ := json.Marshal(strs)
@@ -356,6 +386,24 @@ func TestReference(t *testing.T) {
 				if w.D00 == s {
 					if got, _ := tok.Decode(w.E0, false); got != s {
 						report("round trip", "%q decodes to %q", s, got)
+					}
+				}
+			}
+			if n := tok.VocabSize(); n != vocabSizes[m] {
+				t.Errorf("VocabSize %d, want %d", n, vocabSizes[m])
+			}
+			lists := randomIDs(m, vocabSizes[m])
+			for i, ids := range lists {
+				w := ref[m+"#ids"][i]
+				for _, c := range []struct {
+					skip bool
+					want string
+				}{{false, w.D0}, {true, w.D1}} {
+					got, err := tok.Decode(ids, c.skip)
+					if err != nil {
+						report("decode ids", "%v: %v", ids, err)
+					} else if got != c.want {
+						report("decode ids", "%v (skip %v):\n got  %q\n want %q", ids, c.skip, got, c.want)
 					}
 				}
 			}

@@ -1,10 +1,12 @@
 // reference.js encodes and decodes a corpus with @lenml/tokenizers (a
 // transformers.js port) for text's tests. Usage:
 //   NODE_PATH=<node_modules> node reference.js <job.json> <out.json>
-// job.json: {"models": {"name": {"tokenizer": path, "config": path}}, "corpus": path}
-// The corpus file is a JSON array of strings. Output, per model and string:
-// e0/e1 = encode without/with special tokens, d00/d01 = decode(e0) keeping /
-// skipping special tokens, d10/d11 = the same for e1.
+// job.json: {"models": {"name": {"tokenizer": path, "config": path,
+// "ids": [[id, ...], ...]}}, "corpus": path}; the corpus file is a JSON
+// array of strings. Output, per model and string: e0/e1 = encode
+// without/with special tokens, d00/d01 = decode(e0) keeping/skipping special
+// tokens, d10/d11 = the same for e1. Under "name#ids", per id list of the
+// model: d0/d1 = its decode keeping/skipping special tokens.
 const fs = require("fs");
 const { TokenizerLoader } = require("@lenml/tokenizers");
 
@@ -16,9 +18,10 @@ for (const [name, m] of Object.entries(job.models)) {
     tokenizerJSON: JSON.parse(fs.readFileSync(m.tokenizer, "utf8")),
     tokenizerConfig: JSON.parse(fs.readFileSync(m.config, "utf8")),
   });
+  // decode refuses an empty list; Hugging Face decodes it to "".
+  const dec = (ids, skip) =>
+    ids.length === 0 ? "" : tok.decode(ids, { skip_special_tokens: skip });
   out[name] = corpus.map((s) => {
-    const dec = (ids, skip) =>
-      ids.length === 0 ? "" : tok.decode(ids, { skip_special_tokens: skip });
     const e0 = tok.encode(s, { add_special_tokens: false });
     const e1 = tok.encode(s, { add_special_tokens: true });
     return {
@@ -30,5 +33,9 @@ for (const [name, m] of Object.entries(job.models)) {
       d11: dec(e1, true),
     };
   });
+  out[name + "#ids"] = (m.ids || []).map((ids) => ({
+    d0: dec(ids, false),
+    d1: dec(ids, true),
+  }));
 }
 fs.writeFileSync(process.argv[3], JSON.stringify(out));
