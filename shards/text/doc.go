@@ -29,8 +29,16 @@
 //
 // Split regexes are Oniguruma/Rust-style patterns run with
 // github.com/dlclark/regexp2/v2, which has the look-ahead that Go's regexp
-// lacks. Added tokens marked normalized are matched against the raw text, as
-// transformers.js does, not against the normalized text.
+// lacks.
+//
+// Known differences from the references: added tokens marked normalized are
+// matched against the raw text (as transformers.js does; Hugging Face
+// matches them after normalization); a ByteFallback run of <0xNN> tokens
+// that is not valid UTF-8 decodes to one U+FFFD per byte (as Hugging Face
+// does; transformers.js replaces maximal invalid subparts); \s in Split
+// regexes follows Unicode White_Space (as Rust's regex: U+0085 is a space,
+// U+FEFF is not, the reverse of JavaScript), and (?i:'s) does not match the
+// long s U+017F. Pair encoding (a second sequence) is not implemented.
 //
 // Files:
 //

@@ -218,3 +218,34 @@ func FuzzLoad(f *testing.F) {
 		}
 	})
 }
+
+// TestConcurrent encodes from several goroutines at once (the word cache is
+// shared); run it with -race.
+func TestConcurrent(t *testing.T) {
+	tok, err := Load(tinyJSON(tinyPre, tinyModel, tinyDec), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := tok.Encode("ab ab c ab", false)
+	done := make(chan error)
+	for range 4 {
+		go func() {
+			for range 200 {
+				got, err := tok.Encode("ab ab c ab", false)
+				if err == nil && !equal(got, want) {
+					err = errors.New("different ids")
+				}
+				if err != nil {
+					done <- err
+					return
+				}
+			}
+			done <- nil
+		}()
+	}
+	for range 4 {
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}
+}
