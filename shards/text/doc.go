@@ -37,8 +37,10 @@
 // that is not valid UTF-8 decodes to one U+FFFD per byte (as Hugging Face
 // does; transformers.js replaces maximal invalid subparts); \s in Split
 // regexes follows Unicode White_Space (as Rust's regex: U+0085 is a space,
-// U+FEFF is not, the reverse of JavaScript), and (?i:'s) does not match the
-// long s U+017F. Pair encoding (a second sequence) is not implemented.
+// U+FEFF is not, the reverse of JavaScript), and (?i:'s) folds case as Rust
+// does, so it also matches the long s U+017F, which transformers.js's
+// rewrite to '[sS] does not. Pair encoding (a second sequence) is not
+// implemented.
 //
 // Files:
 //
