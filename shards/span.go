@@ -53,6 +53,7 @@ var _ Runner = (*Span)(nil)
 
 type loadedBlock struct {
 	spec    BlockSpec
+	first   int // the manifest index of its (first) block
 	session *ort.DynamicAdvancedSession
 	// Outputs that must be pre-allocated: onnxruntime_go copies float16
 	// outputs that onnxruntime allocates short, and cannot wrap scalar
@@ -138,73 +139,142 @@ func (rt *Runtime) loadBlocks(m *Manifest, start, end int, data [][]byte, verifi
 			s.state = append(s.state, stateSlot{pair: p, spec: s.specByName[p.Input]})
 		}
 	}
-	if end-start > 1 && !rt.cfg.SessionPerBlock {
-		spec := s.fusedSpec()
-		fused, ok, err := fuse(parsed, spec.Inputs, spec.Outputs)
-		if err != nil {
-			return nil, err
-		}
-		if ok {
-			opts, err := rt.sessionOptions(true)
+	// Each group of contiguous blocks that fuses runs as one session, the
+	// rest one session per block.
+	type unit struct {
+		first int // the group's first block
+		spec  BlockSpec
+		data  []byte
+	}
+	var units []unit
+	for _, g := range fuseGroups(m.Blocks[start:end], rt.cfg.SessionPerBlock) {
+		a, b := start+g[0], start+g[1]
+		if b-a > 1 {
+			spec := s.groupSpec(a, b)
+			fused, ok, err := fuse(parsed[a-start:b-start], spec.Inputs, spec.Outputs)
 			if err != nil {
 				return nil, err
 			}
-			defer opts.Destroy()
-			b, err := newLoadedBlock(spec, fused, opts)
-			if err != nil {
-				return nil, fmt.Errorf("blocks %d-%d fused: %w", start, end-1, err)
+			if ok {
+				units = append(units, unit{a, spec, fused})
+				continue
 			}
-			s.blocks = []*loadedBlock{b}
-			return s, nil
+			rt.log.Debug("blocks cannot be fused (clashing names, functions or sparse weights); one session per block", "blocks", fmt.Sprintf("%d-%d", a, b-1))
 		}
-		rt.log.Debug("blocks cannot be fused (clashing names, functions or sparse weights); one session per block", "blocks", fmt.Sprintf("%d-%d", start, end-1))
+		for i := a; i < b; i++ {
+			units = append(units, unit{i, m.Blocks[i], data[i-start]})
+		}
 	}
-	// One session per block: their thread pools would spin against each
-	// other, so only a lone block may spin.
-	opts, err := rt.sessionOptions(end-start == 1)
+	// Sessions run one after another: their thread pools would spin
+	// against each other, so only a lone session may spin.
+	opts, err := rt.sessionOptions(len(units) == 1)
 	if err != nil {
 		return nil, err
 	}
 	defer opts.Destroy()
-	for i := start; i < end; i++ {
-		b, err := newLoadedBlock(m.Blocks[i], data[i-start], opts)
+	for _, u := range units {
+		b, err := newLoadedBlock(u.spec, u.data, opts)
 		if err != nil {
-			return nil, fmt.Errorf("block %d (%s): %w", i, m.Blocks[i].CID, err)
+			return nil, fmt.Errorf("block %d (%s): %w", u.first, m.Blocks[u.first].CID, err)
 		}
+		b.first = u.first
 		s.blocks = append(s.blocks, b)
 	}
 	return s, nil
 }
 
-// fusedSpec is the interface of the span's blocks merged into one graph:
-// the span inputs some block reads, the span outputs some block produces
-// (an input passed through to later hops is not a graph output), and all
-// state.
-func (s *Span) fusedSpec() BlockSpec {
-	read, produced := map[string]bool{}, map[string]TensorSpec{}
-	for _, b := range s.manifest.Blocks[s.start:s.end] {
-		for _, t := range b.Inputs {
-			read[t.Name] = true
+// maxFusedBytes bounds the blocks fused into one graph: an ONNX file is a
+// protobuf, which cannot exceed 2 GiB, and onnxruntime refuses bigger ones.
+var maxFusedBytes int64 = 1536 << 20
+
+// fuseGroups cuts blocks into runs of contiguous blocks to fuse, as
+// [first, end) index pairs: as long as their files add up to at most
+// maxFusedBytes (a bigger block stands alone). perBlock makes every block
+// its own group.
+func fuseGroups(blocks []BlockSpec, perBlock bool) [][2]int {
+	var groups [][2]int
+	var size int64
+	for i, b := range blocks {
+		if n := len(groups); n > 0 && !perBlock && size+b.Size <= maxFusedBytes {
+			groups[n-1][1] = i + 1
+			size += b.Size
+			continue
 		}
-		for _, t := range b.Outputs {
+		groups = append(groups, [2]int{i, i + 1})
+		size = b.Size
+	}
+	return groups
+}
+
+// groupSpec is the interface of blocks [a, b) of the span merged into one
+// graph: what they read that comes from before a (span inputs first, in
+// their order), what they produce that blocks after b read or the span
+// returns (span outputs first; an input passed through is not a graph
+// output), and their state.
+func (s *Span) groupSpec(a, b int) BlockSpec {
+	produced := map[string]TensorSpec{}
+	var order []string // produced, in block order
+	read := map[string]bool{}
+	var readOrder []TensorSpec // read from before a, in block order
+	stateIn := map[string]bool{}
+	for _, blk := range s.manifest.Blocks[a:b] {
+		for _, p := range blk.State {
+			stateIn[p.Input] = true
+		}
+		for _, t := range blk.Inputs {
+			if _, ok := produced[t.Name]; !ok && !stateIn[t.Name] && !read[t.Name] {
+				read[t.Name] = true
+				readOrder = append(readOrder, t)
+			}
+		}
+		for _, t := range blk.Outputs {
+			if _, ok := produced[t.Name]; !ok {
+				order = append(order, t.Name)
+			}
 			produced[t.Name] = t
 		}
 	}
+	later := map[string]bool{}
+	for _, blk := range s.manifest.Blocks[b:s.end] {
+		for _, t := range blk.Inputs {
+			later[t.Name] = true
+		}
+	}
 	var spec BlockSpec
+	first := map[string]bool{}
 	for _, t := range s.inputs {
 		if read[t.Name] {
 			spec.Inputs = append(spec.Inputs, t)
+			first[t.Name] = true
 		}
 	}
+	for _, t := range readOrder {
+		if !first[t.Name] {
+			spec.Inputs = append(spec.Inputs, t)
+		}
+	}
+	clear(first)
 	for _, t := range s.outputs {
 		if _, ok := produced[t.Name]; ok {
 			spec.Outputs = append(spec.Outputs, produced[t.Name])
+			first[t.Name] = true
+		}
+	}
+	stateOut := map[string]bool{}
+	for _, st := range s.state {
+		stateOut[st.pair.Output] = true
+	}
+	for _, name := range order {
+		if later[name] && !first[name] && !stateOut[name] {
+			spec.Outputs = append(spec.Outputs, produced[name])
 		}
 	}
 	for _, st := range s.state {
-		spec.Inputs = append(spec.Inputs, st.spec)
-		spec.Outputs = append(spec.Outputs, produced[st.pair.Output])
-		spec.State = append(spec.State, st.pair)
+		if stateIn[st.pair.Input] {
+			spec.Inputs = append(spec.Inputs, st.spec)
+			spec.Outputs = append(spec.Outputs, produced[st.pair.Output])
+			spec.State = append(spec.State, st.pair)
+		}
 	}
 	return spec
 }
@@ -293,7 +363,8 @@ func (s *Span) Start() int { return s.start }
 func (s *Span) End() int { return s.end }
 
 // Sessions is the number of onnxruntime sessions the span runs: 1 when its
-// blocks were fused, else one per block.
+// blocks were fused into one graph, more when they could not be (clashing
+// names) or would make a graph over maxFusedBytes.
 func (s *Span) Sessions() int { return len(s.blocks) }
 
 // Inputs are the tensors a caller sends in.
@@ -410,9 +481,9 @@ func (ss *spanSession) Step(inputs Tensors) (Tensors, error) {
 		}
 		live[st.pair.Input] = v
 	}
-	for i, b := range s.blocks {
+	for _, b := range s.blocks {
 		if err := b.run(live, dims); err != nil {
-			return nil, fmt.Errorf("block %d: %w", s.start+i, err)
+			return nil, fmt.Errorf("block %d: %w", b.first, err)
 		}
 	}
 	// Keep state outputs for the next step; hand back the span's outputs.
