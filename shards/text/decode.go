@@ -280,6 +280,22 @@ func (d stripDecoder) chain(toks []dtok) []dtok {
 	return toks
 }
 
+// metaspaceDecoder turns the replacement back into spaces; in the first
+// token it is dropped unless the scheme never prepends (as Hugging Face's
+// Metaspace decoder does).
+type metaspaceDecoder struct{ m *metaspace }
+
+func (d metaspaceDecoder) chain(toks []dtok) []dtok {
+	for i := range toks {
+		to := " "
+		if i == 0 && d.m.prepend != prependNever {
+			to = ""
+		}
+		toks[i].s = strings.ReplaceAll(toks[i].s, d.m.replacement, to)
+	}
+	return toks
+}
+
 func loadDecoder(raw json.RawMessage) (decoder, error) {
 	if isNull(raw) {
 		return nil, nil
@@ -311,6 +327,12 @@ func loadDecoder(raw json.RawMessage) (decoder, error) {
 		return byteLevelDecoder{}, nil
 	case "ByteFallback":
 		return byteFallbackDecoder{}, nil
+	case "Metaspace":
+		m, err := metaspaceConfig(raw)
+		if err != nil {
+			return nil, err
+		}
+		return metaspaceDecoder{m}, nil
 	case "Fuse":
 		return fuseDecoder{}, nil
 	case "Replace":

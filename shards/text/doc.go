@@ -21,11 +21,13 @@
 //     Sequence;
 //   - pre-tokenizers: Split (string or regex pattern; behaviors Isolated,
 //     Removed, MergedWithPrevious, MergedWithNext, Contiguous; invert),
-//     ByteLevel, Sequence;
+//     ByteLevel, Metaspace (prepend_scheme always, first or never; split),
+//     Sequence;
 //   - models: BPE (merges as "a b" strings or ["a", "b"] pairs,
 //     ignore_merges, byte_fallback, unk_token, fuse_unk);
 //   - post-processors: ByteLevel, TemplateProcessing, Sequence;
-//   - decoders: ByteLevel, Replace, ByteFallback, Fuse, Strip, Sequence.
+//   - decoders: ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip,
+//     Sequence.
 //
 // Split regexes are Oniguruma/Rust-style patterns run with
 // github.com/dlclark/regexp2/v2, which has the look-ahead that Go's regexp
@@ -39,7 +41,9 @@
 // regexes follows Unicode White_Space (as Rust's regex: U+0085 is a space,
 // U+FEFF is not, the reverse of JavaScript), and (?i:'s) folds case as Rust
 // does, so it also matches the long s U+017F, which transformers.js's
-// rewrite to '[sS] does not. Pair encoding (a second sequence) is not
+// rewrite to '[sS] does not; the Metaspace decoder drops every ▁ of the
+// first token as Hugging Face does (transformers.js drops one leading
+// space). Pair encoding (a second sequence) is not
 // implemented.
 //
 // Files:

@@ -9,17 +9,18 @@ import (
 )
 
 // preTokenizer cuts normalized text into the pieces the model encodes one
-// by one.
+// by one. atStart says the section begins the input (no added token before
+// it), which Metaspace's prepend_scheme "first" needs.
 type preTokenizer interface {
-	preTokenize(pieces []string) ([]string, error)
+	preTokenize(pieces []string, atStart bool) ([]string, error)
 }
 
 type preTokenizerSeq []preTokenizer
 
-func (q preTokenizerSeq) preTokenize(pieces []string) ([]string, error) {
+func (q preTokenizerSeq) preTokenize(pieces []string, atStart bool) ([]string, error) {
 	var err error
 	for _, p := range q {
-		if pieces, err = p.preTokenize(pieces); err != nil {
+		if pieces, err = p.preTokenize(pieces, atStart); err != nil {
 			return nil, err
 		}
 	}
@@ -41,7 +42,7 @@ type split struct {
 	invert   bool
 }
 
-func (s *split) preTokenize(pieces []string) ([]string, error) {
+func (s *split) preTokenize(pieces []string, _ bool) ([]string, error) {
 	var out []string
 	for _, p := range pieces {
 		out = s.splitOne(out, p)
@@ -133,7 +134,7 @@ type byteLevel struct {
 	useRegex       bool
 }
 
-func (b *byteLevel) preTokenize(pieces []string) ([]string, error) {
+func (b *byteLevel) preTokenize(pieces []string, _ bool) ([]string, error) {
 	var out []string
 	for _, p := range pieces {
 		if b.addPrefixSpace && !strings.HasPrefix(p, " ") {
@@ -179,6 +180,80 @@ func toByteLevel(s string) string {
 		b.WriteRune(byteToRune[s[i]])
 	}
 	return b.String()
+}
+
+// Metaspace prepend schemes: when a section gets the replacement in front.
+const (
+	prependAlways = "always"
+	prependFirst  = "first" // only the section at the start of the input
+	prependNever  = "never"
+)
+
+// metaspace is SentencePiece's whitespace handling: spaces become the
+// replacement (usually ▁), which is prepended per the scheme; with split,
+// pieces start at each replacement.
+type metaspace struct {
+	replacement string
+	prepend     string
+	split       bool
+}
+
+func (m *metaspace) preTokenize(pieces []string, atStart bool) ([]string, error) {
+	var out []string
+	for i, p := range pieces {
+		p = strings.ReplaceAll(p, " ", m.replacement)
+		if !strings.HasPrefix(p, m.replacement) &&
+			(m.prepend == prependAlways || (m.prepend == prependFirst && atStart && i == 0)) {
+			p = m.replacement + p
+		}
+		if !m.split {
+			out = append(out, p)
+			continue
+		}
+		for p != "" {
+			j := strings.Index(p[len(m.replacement):], m.replacement)
+			if j < 0 {
+				out = append(out, p)
+				break
+			}
+			out = append(out, p[:len(m.replacement)+j])
+			p = p[len(m.replacement)+j:]
+		}
+	}
+	return out, nil
+}
+
+// metaspaceConfig reads Metaspace's fields, old (add_prefix_space) or new
+// (prepend_scheme).
+func metaspaceConfig(raw json.RawMessage) (*metaspace, error) {
+	c := struct {
+		Replacement    string  `json:"replacement"`
+		AddPrefixSpace *bool   `json:"add_prefix_space"`
+		PrependScheme  *string `json:"prepend_scheme"`
+		Split          *bool   `json:"split"`
+	}{Replacement: "\u2581"}
+	if err := json.Unmarshal(raw, &c); err != nil {
+		return nil, err
+	}
+	if c.Replacement == "" {
+		return nil, fmt.Errorf("metaspace with an empty replacement")
+	}
+	m := &metaspace{replacement: c.Replacement, prepend: prependAlways, split: true}
+	if c.AddPrefixSpace != nil && !*c.AddPrefixSpace {
+		m.prepend = prependNever
+	}
+	if c.PrependScheme != nil {
+		switch *c.PrependScheme {
+		case prependAlways, prependFirst, prependNever:
+			m.prepend = *c.PrependScheme
+		default:
+			return nil, fmt.Errorf("%w: Metaspace prepend_scheme %q", ErrUnknownComponent, *c.PrependScheme)
+		}
+	}
+	if c.Split != nil {
+		m.split = *c.Split
+	}
+	return m, nil
 }
 
 func loadPreTokenizer(raw json.RawMessage) (preTokenizer, error) {
@@ -232,6 +307,8 @@ func loadPreTokenizer(raw json.RawMessage) (preTokenizer, error) {
 			return nil, err
 		}
 		return &byteLevel{c.AddPrefixSpace, c.UseRegex}, nil
+	case "Metaspace":
+		return metaspaceConfig(raw)
 	}
 	return nil, fmt.Errorf("%w: pre-tokenizer type %q", ErrUnknownComponent, t.Type)
 }

@@ -195,7 +195,7 @@ func Load(tokenizerJSON, tokenizerConfigJSON []byte) (*Tokenizer, error) {
 // Added-token strings inside s become their ids.
 func (t *Tokenizer) Encode(s string, addSpecial bool) ([]int64, error) {
 	var ids []int64
-	for _, sec := range t.added.split(s) {
+	for i, sec := range t.added.split(s) {
 		if sec.id >= 0 {
 			ids = append(ids, sec.id)
 			continue
@@ -210,7 +210,7 @@ func (t *Tokenizer) Encode(s string, addSpecial bool) ([]int64, error) {
 		pieces := []string{x}
 		if t.preTok != nil {
 			var err error
-			if pieces, err = t.preTok.preTokenize(pieces); err != nil {
+			if pieces, err = t.preTok.preTokenize(pieces, i == 0); err != nil {
 				return nil, err
 			}
 		}

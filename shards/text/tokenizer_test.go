@@ -166,7 +166,7 @@ func TestSplitBehaviors(t *testing.T) {
 		{behaviorRemoved, true, []string{"-", "-", "-"}},
 	} {
 		s := &split{pattern: pattern{str: "-"}, behavior: c.behavior, invert: c.invert}
-		got, _ := s.preTokenize([]string{"a-b--c"})
+		got, _ := s.preTokenize([]string{"a-b--c"}, true)
 		if strings.Join(got, "|") != strings.Join(c.want, "|") {
 			t.Errorf("%s (invert %v): %q, want %q", c.behavior, c.invert, got, c.want)
 		}
@@ -247,5 +247,39 @@ func TestConcurrent(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+func TestMetaspace(t *testing.T) {
+	for _, c := range []struct {
+		config  string
+		atStart bool
+		in      string
+		want    []string
+	}{
+		{`{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true}`, true, "Hey friend!  x", []string{"▁Hey", "▁friend!", "▁", "▁x"}},
+		{`{"type": "Metaspace", "replacement": "▁", "add_prefix_space": true}`, false, "Hey friend", []string{"▁Hey", "▁friend"}},
+		{`{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false}`, false, "Hey friend", []string{"Hey▁friend"}},
+		{`{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false}`, true, "Hey friend", []string{"▁Hey▁friend"}},
+		{`{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never"}`, true, " Hey", []string{"▁Hey"}},
+	} {
+		p, err := loadPreTokenizer([]byte(c.config))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _ := p.preTokenize([]string{c.in}, c.atStart)
+		if strings.Join(got, "|") != strings.Join(c.want, "|") {
+			t.Errorf("%s on %q (at start %v): %q, want %q", c.config, c.in, c.atStart, got, c.want)
+		}
+	}
+	d, err := loadDecoder([]byte(`{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(decodeTokens(d, []string{"▁▁Hey", "▁friend"}, []bool{false, false}), ""); got != "Hey friend" {
+		t.Errorf("Metaspace decoder: %q", got)
+	}
+	if _, err := loadPreTokenizer([]byte(`{"type": "Metaspace", "prepend_scheme": "sometimes"}`)); !errors.Is(err, ErrUnknownComponent) {
+		t.Errorf("bad prepend_scheme: %v", err)
 	}
 }
