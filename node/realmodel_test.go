@@ -5,10 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -214,4 +216,80 @@ func localGenerateUntil(t *testing.T, m *shards.Model, prompt []int64, n int) ([
 		out = append(out, tok)
 	}
 	return out, "length"
+}
+
+// A chat template that refuses a conversation answers 400 with the
+// template's own message; /v1/models describes an imported model;
+// /v1/tokenize speaks its tokenizer.
+func TestImportedModelAPI(t *testing.T) {
+	tokJSON, tokCfg := texttest.Files(t, "llama3")
+	var cfgMap map[string]any
+	if err := json.Unmarshal(tokCfg, &cfgMap); err != nil {
+		t.Fatal(err)
+	}
+	cfgMap["chat_template"] = `{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}` +
+		`{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}` +
+		`{{ bos_token + '[' + m['role'] + '] ' + m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}`
+	tokCfg, _ = json.Marshal(cfgMap)
+	src := filepath.Join(t.TempDir(), "Strict-tiny")
+	cfg := checkpoint.Tiny("LlamaForCausalLM")
+	cfg.Vocab, cfg.BOS, cfg.EOS, cfg.ExtraEOS = 128256, 128000, 128001, nil
+	if err := checkpoint.Write(src, cfg, tokJSON, tokCfg); err != nil {
+		t.Fatal(err)
+	}
+	m, err := hf.Import(src, filepath.Join(t.TempDir(), "model"), hf.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tm := startMeshOf(t, m, fmt.Sprintf("0-%d", len(m.Manifest.Blocks)-1))
+	model := m.ID.String()
+
+	resp := post(t, tm.requester, "/v1/chat/completions", map[string]any{"model": model, "max_tokens": 4,
+		"messages": []map[string]string{{"role": "user", "content": "a"}, {"role": "user", "content": "b"}}})
+	var e struct {
+		Error struct{ Code, Message string }
+	}
+	json.NewDecoder(resp.Body).Decode(&e)
+	if resp.StatusCode != http.StatusBadRequest || e.Error.Code != "template_refused" ||
+		!strings.Contains(e.Error.Message, "Conversation roles must alternate") {
+		t.Fatalf("refused conversation: %s %+v", resp.Status, e)
+	}
+	var ok Completion
+	postJSON(t, tm.requester, "/v1/chat/completions", map[string]any{"model": model, "max_tokens": 4, "temperature": 0,
+		"messages": []map[string]string{{"role": "user", "content": "a"}}}, &ok)
+	var tr TokenizeResponse
+	postJSON(t, tm.requester, "/v1/tokenize", map[string]any{"model": model,
+		"messages": []map[string]string{{"role": "user", "content": "a"}}}, &tr)
+	if ok.Usage == nil || ok.Usage.PromptTokens != len(tr.Tokens) || tr.Tokens[0] != 128000 {
+		t.Fatalf("chat usage %+v; the rendered prompt has tokens %v", ok.Usage, tr.Tokens)
+	}
+
+	postJSON(t, tm.requester, "/v1/tokenize", map[string]any{"model": model, "content": "Hello world", "with_pieces": true}, &tr)
+	if !slices.Equal(tr.Pieces, []string{"Hello", " world"}) {
+		t.Fatalf("tokenize: %+v", tr)
+	}
+	resp = post(t, tm.requester, "/v1/detokenize", map[string]any{"model": model, "tokens": []int64{1, 128256}})
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("detokenize of a token outside the vocabulary: %s", resp.Status)
+	}
+
+	var models struct{ Data []OpenAIModel }
+	r, err := http.Get("http://" + tm.requester.APIAddr() + "/v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	if err := json.NewDecoder(r.Body).Decode(&models); err != nil {
+		t.Fatal(err)
+	}
+	var found *MeshModel
+	for _, md := range models.Data {
+		if md.ID == model {
+			found = md.Mesh
+		}
+	}
+	if found == nil || found.Architecture != "LlamaForCausalLM" || found.DType != "float32" || found.Parameters <= 0 ||
+		found.ContextLength != cfg.MaxPositions || found.Tokenizer != "hf" || !found.Text {
+		t.Fatalf("/v1/models entry: %+v", found)
+	}
 }
