@@ -17,45 +17,48 @@ const regexTimeout = 10 * time.Second
 
 // normalizer rewrites a text section before pre-tokenization.
 type normalizer interface {
-	normalize(s string) string
+	normalize(s string) (string, error)
 }
 
 type normalizerSeq []normalizer
 
-func (q normalizerSeq) normalize(s string) string {
+func (q normalizerSeq) normalize(s string) (string, error) {
+	var err error
 	for _, n := range q {
-		s = n.normalize(s)
+		if s, err = n.normalize(s); err != nil {
+			return "", err
+		}
 	}
-	return s
+	return s, nil
 }
 
 type unicodeNorm struct{ form norm.Form }
 
-func (u unicodeNorm) normalize(s string) string { return u.form.String(s) }
+func (u unicodeNorm) normalize(s string) (string, error) { return u.form.String(s), nil }
 
 type lowercase struct{}
 
-func (lowercase) normalize(s string) string { return strings.ToLower(s) }
+func (lowercase) normalize(s string) (string, error) { return strings.ToLower(s), nil }
 
 type prepend struct{ prefix string }
 
-func (p prepend) normalize(s string) string {
+func (p prepend) normalize(s string) (string, error) {
 	if s == "" {
-		return s
+		return s, nil
 	}
-	return p.prefix + s
+	return p.prefix + s, nil
 }
 
 type strip struct{ left, right bool }
 
-func (p strip) normalize(s string) string {
+func (p strip) normalize(s string) (string, error) {
 	if p.left {
 		s = strings.TrimLeftFunc(s, unicode.IsSpace)
 	}
 	if p.right {
 		s = strings.TrimRightFunc(s, unicode.IsSpace)
 	}
-	return s
+	return s, nil
 }
 
 // replace replaces a string or every match of a regex.
@@ -64,19 +67,23 @@ type replace struct {
 	content string
 }
 
-func (r replace) normalize(s string) string {
+func (r replace) normalize(s string) (string, error) {
 	if r.pattern.re == nil {
-		return strings.ReplaceAll(s, r.pattern.str, r.content)
+		return strings.ReplaceAll(s, r.pattern.str, r.content), nil
+	}
+	ms, err := r.pattern.find(s)
+	if err != nil {
+		return "", err
 	}
 	var b strings.Builder
 	prev := 0
-	for _, m := range r.pattern.find(s) {
+	for _, m := range ms {
 		b.WriteString(s[prev:m[0]])
 		b.WriteString(r.content)
 		prev = m[1]
 	}
 	b.WriteString(s[prev:])
-	return b.String()
+	return b.String(), nil
 }
 
 // pattern is tokenizer.json's {"String": ...} or {"Regex": ...}.
@@ -112,14 +119,15 @@ func (p *pattern) UnmarshalJSON(data []byte) error {
 	return nil
 }
 
-// find returns the byte ranges of the non-overlapping matches in s.
-func (p *pattern) find(s string) [][]int {
+// find returns the byte ranges of the non-empty, non-overlapping matches
+// in s. Only a regex running past regexTimeout fails.
+func (p *pattern) find(s string) ([][]int, error) {
 	if p.re == nil {
 		var out [][]int
 		for i := 0; ; {
 			j := strings.Index(s[i:], p.str)
 			if j < 0 {
-				return out
+				return out, nil
 			}
 			out = append(out, []int{i + j, i + j + len(p.str)})
 			i += j + len(p.str)
@@ -127,9 +135,7 @@ func (p *pattern) find(s string) [][]int {
 	}
 	m, err := p.re.FindAllStringIndex(s, -1)
 	if err != nil {
-		// Only a timeout can fail a search: treat the rest as unmatched
-		// rather than failing the whole encode.
-		return m
+		return nil, fmt.Errorf("regex %q: %w", p.re.String(), err)
 	}
 	var out [][]int
 	for _, x := range m {
@@ -137,7 +143,7 @@ func (p *pattern) find(s string) [][]int {
 			out = append(out, x)
 		}
 	}
-	return out
+	return out, nil
 }
 
 func loadNormalizer(raw json.RawMessage) (normalizer, error) {

@@ -45,20 +45,27 @@ type split struct {
 func (s *split) preTokenize(pieces []string, _ bool) ([]string, error) {
 	var out []string
 	for _, p := range pieces {
-		out = s.splitOne(out, p)
+		var err error
+		if out, err = s.splitOne(out, p); err != nil {
+			return nil, err
+		}
 	}
 	return out, nil
 }
 
 // splitOne appends the pieces of text to out.
-func (s *split) splitOne(out []string, text string) []string {
+func (s *split) splitOne(out []string, text string) ([]string, error) {
 	type seg struct {
 		a, b  int
 		delim bool
 	}
 	var segs []seg
 	prev := 0
-	for _, m := range s.pattern.find(text) {
+	ms, err := s.pattern.find(text)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range ms {
 		if m[0] > prev {
 			segs = append(segs, seg{prev, m[0], s.invert})
 		}
@@ -117,7 +124,7 @@ func (s *split) splitOne(out []string, text string) []string {
 			i = j
 		}
 	}
-	return out
+	return out, nil
 }
 
 // gpt2Pattern is the ByteLevel pre-tokenizer's split when use_regex is set.

@@ -202,7 +202,10 @@ func (t *Tokenizer) Encode(s string, addSpecial bool) ([]int64, error) {
 		}
 		x := sec.text
 		if t.normalizer != nil {
-			x = t.normalizer.normalize(x)
+			var err error
+			if x, err = t.normalizer.normalize(x); err != nil {
+				return nil, err
+			}
 		}
 		if x == "" {
 			continue
