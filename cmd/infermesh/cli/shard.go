@@ -376,16 +376,6 @@ func bytesToTokens(s string) []int64 {
 	return out
 }
 
-// printableByte shows a byte token as text, escaping what a terminal would
-// mangle: a random model emits any byte.
-func printableByte(tok int64) string {
-	b := byte(tok)
-	if b == '\n' || (b >= 0x20 && b < 0x7f) {
-		return string(rune(b))
-	}
-	return fmt.Sprintf("\\x%02x", b)
-}
-
 func humanBytes(n int64) string {
 	const unit = 1024
 	if n < unit {
