@@ -39,6 +39,7 @@ import (
 	"github.com/infermesh/infermesh/mesh"
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
+	"github.com/infermesh/infermesh/shards/text"
 	"github.com/infermesh/infermesh/shards/text/chat"
 	"github.com/ipfs/go-cid"
 )
@@ -137,7 +138,7 @@ func isTextModel(man *shards.Manifest) bool {
 }
 
 // textModelCodec resolves a text model and its codec.
-func (n *Node) textModelCodec(ctx context.Context, model string) (cid.Cid, *shards.Manifest, *textCodec, *httpError) {
+func (n *Node) textModelCodec(ctx context.Context, model string) (cid.Cid, *shards.Manifest, *text.Codec, *httpError) {
 	id, man, herr := n.textModel(ctx, model)
 	if herr != nil {
 		return id, man, nil, herr
@@ -159,7 +160,7 @@ func (n *Node) textModelCodec(ctx context.Context, model string) (cid.Cid, *shar
 type textRequest struct {
 	model     cid.Cid
 	man       *shards.Manifest
-	codec     *textCodec // nil: looked up from the manifest
+	codec     *text.Codec // nil: looked up from the manifest
 	prompt    []int64
 	maxTokens int
 	sampling  shards.Sampling
@@ -234,7 +235,7 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 		text   []byte
 		ends   []int // len(text) after each token
 		sent   int   // tokens emitted
-		stream = codec.stream()
+		stream = codec.Stream()
 		// stopped: a stop sequence ended the generation, its text cut
 		stopped bool
 	)
@@ -265,7 +266,7 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 			res.FirstToken = time.Since(start)
 		}
 		res.generated++
-		if codec.stops[tok] {
+		if codec.Stop(tok) {
 			res.finish = "stop"
 			break
 		}
@@ -581,8 +582,8 @@ func newID(prefix string) string {
 
 // encodePrompt tokenizes a completion's prompt, with the special tokens
 // the tokenizer adds (Llama 2's <s>).
-func encodePrompt(codec *textCodec, s string) ([]int64, *httpError) {
-	p, err := codec.encode(s, true)
+func encodePrompt(codec *text.Codec, s string) ([]int64, *httpError) {
+	p, err := codec.Encode(s, true)
 	if err != nil {
 		return nil, badRequest("tokenizing the prompt: %v", err)
 	}
@@ -591,7 +592,7 @@ func encodePrompt(codec *textCodec, s string) ([]int64, *httpError) {
 
 // completionPrompt reads the prompt of /v1/completions: a string, an
 // array of one string, or an array of token IDs.
-func completionPrompt(codec *textCodec, raw json.RawMessage) ([]int64, *httpError) {
+func completionPrompt(codec *text.Codec, raw json.RawMessage) ([]int64, *httpError) {
 	var s string
 	if err := json.Unmarshal(raw, &s); err == nil {
 		return encodePrompt(codec, s)
@@ -648,7 +649,7 @@ func (n *Node) handleCompletions(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, http.StatusBadRequest, "bad_request", "prompt is required")
 		return
 	}
-	n.openAI(w, r, &req.OpenAIParams, req.MaxTokens, func(c *textCodec) ([]int64, *httpError) {
+	n.openAI(w, r, &req.OpenAIParams, req.MaxTokens, func(c *text.Codec) ([]int64, *httpError) {
 		return completionPrompt(c, req.Prompt)
 	}, false)
 }
@@ -667,13 +668,13 @@ func (n *Node) handleChat(w http.ResponseWriter, r *http.Request) {
 	if req.MaxCompletionTokens != nil {
 		maxTokens = req.MaxCompletionTokens
 	}
-	n.openAI(w, r, &req.OpenAIParams, maxTokens, func(c *textCodec) ([]int64, *httpError) { return c.chatPrompt(msgs) }, true)
+	n.openAI(w, r, &req.OpenAIParams, maxTokens, func(c *text.Codec) ([]int64, *httpError) { return chatPrompt(c, msgs) }, true)
 }
 
 // openAI runs a completion or chat completion and answers it, whole or
 // streamed; promptOf makes the prompt's tokens with the model's codec.
 func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, maxTokens *int,
-	promptOf func(*textCodec) ([]int64, *httpError), isChat bool) {
+	promptOf func(*text.Codec) ([]int64, *httpError), isChat bool) {
 	def := defaultCompletionTokens
 	if isChat {
 		def = defaultChatTokens
@@ -738,13 +739,10 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 		cc.Choices = []Choice{ch}
 		return sse.event("", cc)
 	}
-	var pending []byte
-	send := func(all bool) error {
-		cut := len(pending)
-		if !all {
-			cut = completeUTF8(pending)
-		}
-		if cut == 0 {
+	// The codec's stream hands out whole characters only: each piece of
+	// text goes out as it comes.
+	send := func(text string) error {
+		if text == "" {
 			return nil
 		}
 		if !sse.started && isChat { // the first chunk carries the role
@@ -753,17 +751,9 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 				return err
 			}
 		}
-		text := string(pending[:cut])
-		pending = slices.Clone(pending[cut:])
 		return chunk(choice(&text, nil))
 	}
-	res, err := n.generateText(r.Context(), tr, func(_ int64, text string) error {
-		pending = append(pending, text...)
-		return send(false)
-	})
-	if err == nil {
-		err = send(true)
-	}
+	res, err := n.generateText(r.Context(), tr, func(_ int64, text string) error { return send(text) })
 	if err != nil {
 		n.failText(w, r, sse, err)
 		return

@@ -13,9 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"strings"
 	"sync"
-	"unicode/utf8"
 
 	"github.com/ipfs/go-cid"
 
@@ -29,131 +27,21 @@ import (
 // takes some tens of MB parsed).
 const maxCodecs = 8
 
-// textCodec encodes prompts, renders chats and decodes generated tokens for
-// one model. The zero value's tok is nil: the bytes tokenizer.
-type textCodec struct {
-	tok      *text.Tokenizer // nil: token i is byte i
-	template *chat.Template  // nil: no chat template (chat is refused for hf models)
-	bos, eos string          // the template's bos_token and eos_token
-	stops    map[int64]bool  // tokens that end a generation
-}
-
-// bytesCodec is the codec of every "bytes" model.
-var bytesCodec = &textCodec{}
-
-// encode turns a prompt into tokens; addSpecial adds what the tokenizer's
-// post-processor adds (Llama 2's <s>), as a plain completion does. A chat
-// prompt rendered by the template already has them.
-func (c *textCodec) encode(s string, addSpecial bool) ([]int64, error) {
-	if c.tok == nil {
-		p := make([]int64, len(s))
-		for i := range len(s) {
-			p[i] = int64(s[i])
-		}
-		return p, nil
-	}
-	return c.tok.Encode(s, addSpecial)
-}
-
-// decode is the text of tokens; special tokens are left out.
-func (c *textCodec) decode(toks []int64) (string, error) {
-	if c.tok == nil {
-		b := make([]byte, 0, len(toks))
-		for _, t := range toks {
-			if t < 0 || t > 255 {
-				return "", fmt.Errorf("token %d is not a byte", t)
-			}
-			b = append(b, byte(t))
-		}
-		return string(b), nil
-	}
-	return c.tok.Decode(toks, true)
-}
-
-// tokenStream turns generated tokens into text as they come.
-type tokenStream interface {
-	// Add returns the text that token tok makes final.
-	Add(tok int64) (string, error)
-	// Flush returns what is left once generation ends.
-	Flush() string
-}
-
-// stream starts decoding a generation; special tokens are left out.
-func (c *textCodec) stream() tokenStream {
-	if c.tok == nil {
-		return &byteStream{}
-	}
-	return c.tok.NewStream(true)
-}
-
-// byteStream decodes byte tokens, holding back an incomplete UTF-8
-// sequence until its last byte comes; tokens past 255 have no text.
-type byteStream struct{ pending []byte }
-
-func (s *byteStream) Add(tok int64) (string, error) {
-	if tok < 0 || tok > 255 {
-		return "", nil
-	}
-	s.pending = append(s.pending, byte(tok))
-	cut := completeUTF8(s.pending)
-	out := string(s.pending[:cut])
-	s.pending = append(s.pending[:0], s.pending[cut:]...)
-	return out, nil
-}
-
-func (s *byteStream) Flush() string {
-	out := string(s.pending)
-	s.pending = nil
-	return out
-}
-
-// completeUTF8 is the length of the longest prefix of b that does not end
-// inside a UTF-8 sequence, so that streamed pieces of text split runes
-// nowhere.
-func completeUTF8(b []byte) int {
-	for i := len(b) - 1; i >= 0 && i >= len(b)-utf8.UTFMax+1; i-- {
-		if utf8.RuneStart(b[i]) {
-			if !utf8.FullRune(b[i:]) {
-				return i
-			}
-			break
-		}
-	}
-	return len(b)
-}
-
-// chatPrompt renders a conversation into the prompt's tokens: through the
-// model's chat template, or, for a bytes model, as "ROLE: CONTENT\n" per
-// message then "assistant: ".
-func (c *textCodec) chatPrompt(msgs []chat.Message) ([]int64, *httpError) {
+// chatPrompt renders a conversation with the model's codec, as the API
+// answers its failures.
+func chatPrompt(c *text.Codec, msgs []chat.Message) ([]int64, *httpError) {
 	if len(msgs) == 0 {
 		return nil, badRequest("messages must not be empty")
 	}
-	if c.tok == nil {
-		var b strings.Builder
-		for _, m := range msgs {
-			fmt.Fprintf(&b, "%s: %s\n", m.Role, m.Content)
-		}
-		b.WriteString("assistant: ")
-		p, _ := c.encode(b.String(), false)
-		return p, nil
-	}
-	if c.template == nil {
-		return nil, &httpError{http.StatusBadRequest, "no_chat_template",
-			"the model has no chat template (tokenizer_config.json has no chat_template): use /v1/completions"}
-	}
-	s, err := c.template.Render(msgs, chat.Options{AddGenerationPrompt: true, BOS: c.bos, EOS: c.eos})
+	p, err := c.Chat(msgs)
 	var terr *chat.TemplateError
-	if errors.As(err, &terr) {
+	switch {
+	case errors.As(err, &terr):
 		return nil, &httpError{http.StatusBadRequest, "template_refused", "the model's chat template refused the conversation: " + terr.Message}
-	}
-	if err != nil {
-		return nil, badRequest("rendering the chat template: %v", err)
-	}
-	// The template wrote the special tokens (BOS included) itself.
-	p, err := c.encode(s, false)
-	if err != nil {
-		return nil, badRequest("tokenizing the chat prompt: %v", err)
+	case errors.Is(err, text.ErrNoChatTemplate):
+		return nil, &httpError{http.StatusBadRequest, "no_chat_template", err.Error() + ": use /v1/completions"}
+	case err != nil:
+		return nil, badRequest("rendering the chat: %v", err)
 	}
 	return p, nil
 }
@@ -161,14 +49,14 @@ func (c *textCodec) chatPrompt(msgs []chat.Message) ([]int64, *httpError) {
 // textCodecs caches the codecs of models this node talked to.
 type textCodecs struct {
 	mu sync.Mutex
-	m  map[string]*textCodec
+	m  map[string]*text.Codec
 }
 
 // codec returns the text codec of model id with manifest man, reading its
 // tokenizer files from the store or fetching them from the mesh.
-func (n *Node) codec(ctx context.Context, id cid.Cid, man *shards.Manifest) (*textCodec, error) {
+func (n *Node) codec(ctx context.Context, id cid.Cid, man *shards.Manifest) (*text.Codec, error) {
 	if man.Decoder == nil || man.Decoder.Tokenizer == shards.TokenizerBytes {
-		return bytesCodec, nil
+		return text.BytesCodec, nil
 	}
 	key := id.String()
 	n.codecs.mu.Lock()
@@ -177,51 +65,20 @@ func (n *Node) codec(ctx context.Context, id cid.Cid, man *shards.Manifest) (*te
 	if ok {
 		return c, nil
 	}
-	files, err := n.modelFiles(ctx, man, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+	files, err := n.modelFiles(ctx, man, text.CodecFiles...)
 	if err != nil {
 		return nil, err
 	}
-	c, err = newHFCodec(man, files)
+	c, err = text.NewCodec(man, files)
 	if err != nil {
 		return nil, fmt.Errorf("model %s: %w", id, err)
 	}
 	n.codecs.mu.Lock()
 	if n.codecs.m == nil || len(n.codecs.m) >= maxCodecs {
-		n.codecs.m = map[string]*textCodec{} // content-addressed: dropping is always safe
+		n.codecs.m = map[string]*text.Codec{} // content-addressed: dropping is always safe
 	}
 	n.codecs.m[key] = c
 	n.codecs.mu.Unlock()
-	return c, nil
-}
-
-// newHFCodec builds the codec of an imported model from its files (absent
-// ones are missing from files).
-func newHFCodec(man *shards.Manifest, files map[string][]byte) (*textCodec, error) {
-	tok, err := text.Load(files["tokenizer.json"], files["tokenizer_config.json"])
-	if err != nil {
-		return nil, err
-	}
-	if tok.VocabSize() > man.Decoder.Vocab {
-		return nil, fmt.Errorf("the tokenizer has %d tokens but the model's vocabulary is %d", tok.VocabSize(), man.Decoder.Vocab)
-	}
-	c := &textCodec{tok: tok, stops: map[int64]bool{}}
-	for _, e := range man.Decoder.EOS {
-		c.stops[e] = true
-	}
-	if cfg := files["tokenizer_config.json"]; cfg != nil {
-		c.bos, c.eos = chat.BOSEOS(cfg)
-		c.template, err = chat.FromConfig(cfg, files["chat_template.jinja"])
-		if err != nil && !errors.Is(err, chat.ErrNoTemplate) {
-			return nil, fmt.Errorf("chat template: %w", err)
-		}
-	}
-	if len(c.stops) == 0 { // no generation_config: the tokenizer's own eos
-		if eos, ok := tok.EOS(); ok {
-			if id, ok := tok.TokenID(eos); ok {
-				c.stops[id] = true
-			}
-		}
-	}
 	return c, nil
 }
 
@@ -310,11 +167,11 @@ func (n *Node) handleTokenize(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			herr = badRequest("%v", err)
 		} else {
-			toks, herr = codec.chatPrompt(msgs)
+			toks, herr = chatPrompt(codec, msgs)
 		}
 	} else if herr == nil {
 		var err error
-		if toks, err = codec.encode(req.Content, req.AddSpecial); err != nil {
+		if toks, err = codec.Encode(req.Content, req.AddSpecial); err != nil {
 			herr = badRequest("tokenizing: %v", err)
 		}
 	}
@@ -328,7 +185,7 @@ func (n *Node) handleTokenize(w http.ResponseWriter, r *http.Request) {
 	}
 	if req.WithPieces {
 		for _, t := range toks {
-			piece, err := codec.piece(t)
+			piece, err := codec.Piece(t)
 			if err != nil {
 				writeAPIError(w, http.StatusInternalServerError, "tokenizer", err.Error())
 				return
@@ -356,18 +213,10 @@ func (n *Node) handleDetokenize(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, herr.status, herr.code, herr.msg)
 		return
 	}
-	s, err := codec.decode(req.Tokens)
+	s, err := codec.Decode(req.Tokens)
 	if err != nil {
 		writeAPIError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
 	}
 	writeJSON(w, http.StatusOK, DetokenizeResponse{Content: s})
-}
-
-// piece is the text of one token, special tokens included.
-func (c *textCodec) piece(tok int64) (string, error) {
-	if c.tok == nil {
-		return strings.ToValidUTF8(string([]byte{byte(tok)}), "\uFFFD"), nil
-	}
-	return c.tok.Decode([]int64{tok}, false)
 }

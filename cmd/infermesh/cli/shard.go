@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -325,7 +324,7 @@ func shardGenerate(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	ids, err := codec.prompt(*prompt, *chatMsg)
+	ids, err := localPrompt(codec, *prompt, *chatMsg)
 	if err != nil {
 		return err
 	}
@@ -340,6 +339,7 @@ func shardGenerate(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	stream := codec.Stream()
 	start := time.Now()
 	var first time.Duration
 	n := 0
@@ -351,29 +351,21 @@ func shardGenerate(_ context.Context, e *env, args []string) error {
 		if n == 0 {
 			first = time.Since(start)
 		}
-		if slices.Contains(m.Manifest.Decoder.EOS, tok) {
+		if codec.Stop(tok) {
 			n++
 			break
 		}
-		piece, err := codec.add(tok)
+		piece, err := stream.Add(tok)
 		if err != nil {
 			return err
 		}
-		e.printf("%s", piece)
+		e.printf("%s", printableText(validUTF8(piece)))
 	}
-	e.printf("%s", codec.flush())
+	e.printf("%s", printableText(validUTF8(stream.Flush())))
 	total := time.Since(start)
 	fmt.Fprintf(e.stderr, "\n%d tokens after a %d-token prompt through %d blocks: first after %s, then %.1f tokens/s\n", n, len(ids),
 		len(m.Manifest.Blocks), first.Round(time.Microsecond), float64(n-1)/(total-first).Seconds())
 	return nil
-}
-
-func bytesToTokens(s string) []int64 {
-	out := make([]int64, len(s))
-	for i := range len(s) {
-		out[i] = int64(s[i])
-	}
-	return out
 }
 
 func humanBytes(n int64) string {

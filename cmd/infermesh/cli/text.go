@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"strings"
 	"unicode"
-	"unicode/utf8"
 
 	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/text"
@@ -26,97 +25,33 @@ func printableText(s string) string {
 	return b.String()
 }
 
-// textCodec is a model's tokenizer for commands that run its blocks in
-// this process: bytes for built models, the model's own tokenizer files
-// (and chat template) for imported ones.
-type textCodec struct {
-	tok      *text.Tokenizer // nil: bytes
-	stream   *text.Stream
-	template *chat.Template
-	bos, eos string
-	pending  []byte // bytes model: an unfinished UTF-8 sequence
+// localCodec reads the text codec of a model in a local directory.
+func localCodec(m *shards.Model) (*text.Codec, error) {
+	files := map[string][]byte{}
+	for _, name := range text.CodecFiles {
+		if _, ok := m.Manifest.File(name); !ok {
+			continue
+		}
+		b, err := m.File(name)
+		if err != nil {
+			return nil, err
+		}
+		files[name] = b
+	}
+	return text.NewCodec(m.Manifest, files)
 }
 
-func localCodec(m *shards.Model) (*textCodec, error) {
-	if m.Manifest.Decoder.Tokenizer == shards.TokenizerBytes {
-		return &textCodec{}, nil
-	}
-	tokJSON, err := m.File("tokenizer.json")
-	if err != nil {
-		return nil, err
-	}
-	var tokCfg, tmpl []byte
-	if _, ok := m.Manifest.File("tokenizer_config.json"); ok {
-		if tokCfg, err = m.File("tokenizer_config.json"); err != nil {
-			return nil, err
-		}
-	}
-	if _, ok := m.Manifest.File("chat_template.jinja"); ok {
-		if tmpl, err = m.File("chat_template.jinja"); err != nil {
-			return nil, err
-		}
-	}
-	tok, err := text.Load(tokJSON, tokCfg)
-	if err != nil {
-		return nil, err
-	}
-	c := &textCodec{tok: tok, stream: tok.NewStream(true)}
-	if tokCfg != nil {
-		c.bos, c.eos = chat.BOSEOS(tokCfg)
-		if c.template, err = chat.FromConfig(tokCfg, tmpl); err != nil && !errors.Is(err, chat.ErrNoTemplate) {
-			return nil, err
-		}
-	}
-	return c, nil
-}
-
-// prompt tokenizes s, as a user message through the chat template when
-// asChat is set.
-func (c *textCodec) prompt(s string, asChat bool) ([]int64, error) {
-	if c.tok == nil {
-		if asChat {
-			s = "user: " + s + "\nassistant: "
-		}
-		return bytesToTokens(s), nil
-	}
+// localPrompt tokenizes s, as a user message through the model's chat
+// template when asChat is set.
+func localPrompt(c *text.Codec, s string, asChat bool) ([]int64, error) {
 	if !asChat {
-		return c.tok.Encode(s, true)
+		return c.Encode(s, true)
 	}
-	if c.template == nil {
-		return nil, errors.New("the model has no chat template: leave out --chat")
+	p, err := c.Chat([]chat.Message{{Role: "user", Content: s}})
+	if errors.Is(err, text.ErrNoChatTemplate) {
+		return nil, fmt.Errorf("%w: leave out --chat", err)
 	}
-	r, err := c.template.Render([]chat.Message{{Role: "user", Content: s}}, chat.Options{AddGenerationPrompt: true, BOS: c.bos, EOS: c.eos})
-	if err != nil {
-		return nil, err
-	}
-	return c.tok.Encode(r, false)
-}
-
-// add returns the printable text token tok completes.
-func (c *textCodec) add(tok int64) (string, error) {
-	if c.tok == nil {
-		if tok < 0 || tok > 255 {
-			return "", nil
-		}
-		c.pending = append(c.pending, byte(tok))
-		if !utf8.FullRune(c.pending) && len(c.pending) < utf8.UTFMax {
-			return "", nil
-		}
-		s := string(c.pending)
-		c.pending = c.pending[:0]
-		return printableText(validUTF8(s)), nil
-	}
-	s, err := c.stream.Add(tok)
-	return printableText(s), err
-}
-
-func (c *textCodec) flush() string {
-	if c.tok == nil {
-		s := string(c.pending)
-		c.pending = nil
-		return printableText(validUTF8(s))
-	}
-	return printableText(c.stream.Flush())
+	return p, err
 }
 
 // validUTF8 replaces each byte of s that is not part of a UTF-8 character
