@@ -114,8 +114,8 @@ func TestDashboardInABrowser(t *testing.T) {
 	if err != nil || !slices.Equal(toks, want.Tokens) {
 		t.Fatalf("the page got tokens %v; the API generates %v (%v)", toks, want.Tokens, err)
 	}
-	if len(text) == 0 {
-		t.Fatal("the page shows no text")
+	if len(text) == 0 || text != want.Text {
+		t.Fatalf("the page shows %q; the API generates %q", text, want.Text)
 	}
 	// Streamed: the count rose through intermediate values over time, not
 	// all at once at the end.

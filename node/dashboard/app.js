@@ -193,9 +193,8 @@ async function generate(ev) {
   $("gen-stop").disabled = false;
   const started = performance.now();
   let tokens = 0;
-  // Byte-level tokens may split a UTF-8 character: decode the bytes as a
-  // stream rather than showing each token's text on its own.
-  const text = new TextDecoder();
+  // Each event's text is whole characters (a token that ends inside one
+  // has none; the character comes with the token that completes it).
   window.genTokens = [];
   try {
     const resp = await api("/v1/generate", {
@@ -229,7 +228,7 @@ async function generate(ev) {
         if ("token" in msg) {
           tokens++;
           window.genTokens.push(msg.token);
-          out.textContent += msg.token >= 0 && msg.token < 256 ? text.decode(new Uint8Array([msg.token]), { stream: true }) : msg.text;
+          out.textContent += msg.text;
           out.dataset.tokens = String(tokens);
           stats.textContent = tokens + " tokens, " + ms(performance.now() - started);
         } else if ("route" in msg) {
@@ -238,7 +237,6 @@ async function generate(ev) {
         }
       }
     }
-    out.textContent += text.decode();
     out.dataset.state = "done";
   } catch (e) {
     out.dataset.state = e.name === "AbortError" ? "stopped" : "error";
