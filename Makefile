@@ -99,7 +99,12 @@ lint:
 # The figures of BENCHMARKS.md: Go benchmarks, then the interleaved
 # blocks-vs-whole decode comparison on an 8-layer, dim-512 GPT.
 BENCH_MODEL := .cache/bench/gpt-l8-d512
-bench: build
+# Issue 11's: a random-weight checkpoint of Llama 3.2 1B's shapes (2.5 GB,
+# written once), imported (time and peak memory), then decoded locally and
+# through 3 hops.
+BENCH_HF_CKPT := .cache/bench/llama3.2-1b-hf
+BENCH_HF      := .cache/bench/llama3.2-1b
+bench: build tokenizer
 	$(GO) test -run '^$$' -bench . -benchtime 100x -count 1 ./shards/...
 	$(GO) test -run '^$$' -bench MeshScale -benchtime 1x -count 1 ./mesh/
 	$(GO) test -run '^$$' -bench Transfer16MiB -benchtime 20x ./mesh/
@@ -115,6 +120,10 @@ bench: build
 	@test -f $(BENCH_MODEL)/manifest.json || $(BIN) shard build gpt --layers 8 --dim 512 --seed 1 --out $(BENCH_MODEL)
 	$(BIN) shard bench $(BENCH_MODEL) --threads 1
 	$(BIN) shard bench $(BENCH_MODEL)
+	@test -f $(BENCH_HF_CKPT)/model.safetensors || $(BIN) shard checkpoint --preset llama3.2-1b --tokenizer $(TOKENIZER_DIR) --out $(BENCH_HF_CKPT)
+	rm -rf $(BENCH_HF) && $(BIN) shard import $(BENCH_HF_CKPT) --out $(BENCH_HF)
+	$(GO) test -run '^$$' -bench ImportedLlama3Hops -benchtime 10x ./node/
+	INFERMESH_BENCH_HF=$(BENCH_HF) $(GO) test -run '^$$' -bench ImportedLlama3Hops -benchtime 1x -timeout 40m ./node/
 
 demo: build tokenizer
 	$(BIN) demo --tokenizer $(TOKENIZER_DIR)

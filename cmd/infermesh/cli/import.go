@@ -44,6 +44,9 @@ func shardImport(_ context.Context, e *env, args []string) error {
 	e.printf("imported %s (%s, %s parameters, %s) as model %s in %s\n  %d blocks, %s, in %s\n",
 		m.Manifest.Name, info.Architecture, humanCount(info.Parameters), info.DType, m.ID,
 		time.Since(start).Round(time.Millisecond), len(m.Manifest.Blocks), humanBytes(m.Manifest.TotalSize()), m.Dir)
+	if rss := peakRSS(); rss > 0 {
+		e.printf("  peak memory %s\n", humanBytes(rss))
+	}
 	return nil
 }
 
