@@ -23,18 +23,24 @@ type testMesh struct {
 
 func startTestMesh(t *testing.T, spans ...string) *testMesh {
 	t.Helper()
-	dir := filepath.Join(t.TempDir(), "gpt")
-	m, err := build.GPT(build.GPTConfig{Layers: 8, Dim: 64, Heads: 2, Context: 128, Seed: 5}, dir)
+	m, err := build.GPT(build.GPTConfig{Layers: 8, Dim: 64, Heads: 2, Context: 128, Seed: 5}, filepath.Join(t.TempDir(), "gpt"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startMeshOf(t, m, spans...)
+}
+
+// startMeshOf starts a requester serving nothing and one server per span
+// of m, and waits until the requester sees every block covered.
+func startMeshOf(t *testing.T, m *shards.Model, spans ...string) *testMesh {
+	t.Helper()
 	tm := &testMesh{model: m, requester: startTestNode(t, nil)}
 	t.Cleanup(func() { closeAll(append([]*Node{tm.requester}, tm.servers...)) })
 	boot := []string{tm.requester.Status().Addrs[0]}
 	for _, s := range spans {
-		tm.servers = append(tm.servers, startTestNode(t, boot, dir+":"+s))
+		tm.servers = append(tm.servers, startTestNode(t, boot, m.Dir+":"+s))
 	}
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(15 * time.Second)
 	for {
 		cov, err := tm.requester.Coverage(context.Background(), m.ID.String())
 		if err == nil && cov.Complete && len(cov.Peers) == len(spans) {
@@ -62,23 +68,11 @@ func localSpan(t testing.TB, m *shards.Model) *shards.Span {
 	return span
 }
 
-// localGenerate decodes greedily through the blocks in this process.
+// localGenerate decodes n tokens greedily through the blocks in this
+// process (a built model has no eos token to stop at).
 func localGenerate(t *testing.T, m *shards.Model, prompt []int64, n int) []int64 {
 	t.Helper()
-	sess := localSpan(t, m).NewSession()
-	defer sess.Close()
-	dec, err := shards.NewDecoder(m.Manifest.Decoder, sess, prompt, shards.Sampling{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []int64
-	for range n {
-		tok, err := dec.Next()
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, tok)
-	}
+	out, _ := localGenerateUntil(t, m, prompt, n)
 	return out
 }
 

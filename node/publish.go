@@ -23,22 +23,18 @@ func (n *Node) Publish(ctx context.Context, dir string) (cid.Cid, int64, error) 
 	if err != nil {
 		return cid.Undef, 0, err
 	}
-	var size int64
-	var cids []cid.Cid
+	// Every block, then every file (the tokenizer...), each read verified.
+	reads := make([]func() ([]byte, error), 0, len(m.Manifest.Blocks)+len(m.Manifest.Files))
 	for i := range m.Manifest.Blocks {
-		data, err := m.Block(i)
-		if err != nil {
-			return cid.Undef, 0, err
-		}
-		c, err := n.store.Put(shards.CodecBlock, data)
-		if err != nil {
-			return cid.Undef, 0, err
-		}
-		cids = append(cids, c)
-		size += int64(len(data))
+		reads = append(reads, func() ([]byte, error) { return m.Block(i) })
 	}
 	for _, f := range m.Manifest.Files {
-		data, err := m.File(f.Name)
+		reads = append(reads, func() ([]byte, error) { return m.File(f.Name) })
+	}
+	var size int64
+	var cids []cid.Cid
+	for _, read := range reads {
+		data, err := read()
 		if err != nil {
 			return cid.Undef, 0, err
 		}

@@ -2,7 +2,6 @@ package node
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -12,7 +11,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/hf"
@@ -39,29 +37,6 @@ func importLlama(t testing.TB, layers int) *shards.Model {
 		t.Fatal(err)
 	}
 	return m
-}
-
-// startMeshOf starts a requester serving nothing and one server per span
-// of the model in dir, and waits until the requester sees it covered.
-func startMeshOf(t *testing.T, m *shards.Model, spans ...string) *testMesh {
-	t.Helper()
-	tm := &testMesh{model: m, requester: startTestNode(t, nil)}
-	t.Cleanup(func() { closeAll(append([]*Node{tm.requester}, tm.servers...)) })
-	boot := []string{tm.requester.Status().Addrs[0]}
-	for _, s := range spans {
-		tm.servers = append(tm.servers, startTestNode(t, boot, m.Dir+":"+s))
-	}
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		cov, err := tm.requester.Coverage(context.Background(), m.ID.String())
-		if err == nil && cov.Complete && len(cov.Peers) == len(spans) {
-			return tm
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("coverage never complete: %+v %v", cov, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 const realChatScript = `

@@ -306,23 +306,8 @@ func loadDecoder(raw json.RawMessage) (decoder, error) {
 	}
 	switch t.Type {
 	case "Sequence":
-		var c struct {
-			Decoders []json.RawMessage `json:"decoders"`
-		}
-		if err := json.Unmarshal(raw, &c); err != nil {
-			return nil, err
-		}
-		var q decoderSeq
-		for _, r := range c.Decoders {
-			d, err := loadDecoder(r)
-			if err != nil {
-				return nil, err
-			}
-			if d != nil {
-				q = append(q, d)
-			}
-		}
-		return q, nil
+		q, err := loadSequence(raw, "decoders", loadDecoder)
+		return decoderSeq(q), err
 	case "ByteLevel":
 		return byteLevelDecoder{}, nil
 	case "ByteFallback":

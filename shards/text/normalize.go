@@ -156,23 +156,8 @@ func loadNormalizer(raw json.RawMessage) (normalizer, error) {
 	}
 	switch t.Type {
 	case "Sequence":
-		var c struct {
-			Normalizers []json.RawMessage `json:"normalizers"`
-		}
-		if err := json.Unmarshal(raw, &c); err != nil {
-			return nil, err
-		}
-		var q normalizerSeq
-		for _, r := range c.Normalizers {
-			n, err := loadNormalizer(r)
-			if err != nil {
-				return nil, err
-			}
-			if n != nil {
-				q = append(q, n)
-			}
-		}
-		return q, nil
+		q, err := loadSequence(raw, "normalizers", loadNormalizer)
+		return normalizerSeq(q), err
 	case "NFC":
 		return unicodeNorm{norm.NFC}, nil
 	case "NFD":

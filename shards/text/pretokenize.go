@@ -273,23 +273,8 @@ func loadPreTokenizer(raw json.RawMessage) (preTokenizer, error) {
 	}
 	switch t.Type {
 	case "Sequence":
-		var c struct {
-			PreTokenizers []json.RawMessage `json:"pretokenizers"`
-		}
-		if err := json.Unmarshal(raw, &c); err != nil {
-			return nil, err
-		}
-		var q preTokenizerSeq
-		for _, r := range c.PreTokenizers {
-			p, err := loadPreTokenizer(r)
-			if err != nil {
-				return nil, err
-			}
-			if p != nil {
-				q = append(q, p)
-			}
-		}
-		return q, nil
+		q, err := loadSequence(raw, "pretokenizers", loadPreTokenizer)
+		return preTokenizerSeq(q), err
 	case "Split":
 		var c struct {
 			Pattern  pattern `json:"pattern"`

@@ -73,6 +73,30 @@ type typed struct {
 	Type string `json:"type"`
 }
 
+// loadSequence reads a Sequence component: the list of components under
+// key, each read by load; null ones are left out.
+func loadSequence[T any](raw json.RawMessage, key string, load func(json.RawMessage) (T, error)) ([]T, error) {
+	var c map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &c); err != nil {
+		return nil, err
+	}
+	var list []json.RawMessage
+	if err := json.Unmarshal(c[key], &list); err != nil {
+		return nil, fmt.Errorf("Sequence: %q: %w", key, err)
+	}
+	var q []T
+	for _, r := range list {
+		x, err := load(r)
+		if err != nil {
+			return nil, err
+		}
+		if any(x) != nil {
+			q = append(q, x)
+		}
+	}
+	return q, nil
+}
+
 func isNull(raw json.RawMessage) bool {
 	s := strings.TrimSpace(string(raw))
 	return s == "" || s == "null"
