@@ -27,6 +27,11 @@ import (
 // takes some tens of MB parsed).
 const maxCodecs = 8
 
+// maxCodecFileBytes bounds each tokenizer file this node fetches and
+// parses: the largest real ones are some tens of MB, and a manifest may
+// claim anything.
+const maxCodecFileBytes = 128 << 20
+
 // chatPrompt renders a conversation with the model's codec, as the API
 // answers its failures.
 func chatPrompt(c *text.Codec, msgs []chat.Message) ([]int64, *httpError) {
@@ -90,6 +95,9 @@ func (n *Node) modelFiles(ctx context.Context, man *shards.Manifest, names ...st
 		f, ok := man.File(name)
 		if !ok {
 			continue
+		}
+		if f.Size > maxCodecFileBytes {
+			return nil, fmt.Errorf("the model's %s is %d bytes, over the %d this node reads", name, f.Size, maxCodecFileBytes)
 		}
 		c, _ := shards.ParseCID(f.CID)
 		if has, _ := n.store.Has(c); !has {
