@@ -235,12 +235,18 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 		text   []byte
 		ends   []int // len(text) after each token
 		sent   int   // tokens emitted
+		// whole: the tokens up to the last one that completed some text;
+		// those after it have none yet (they end inside a character, or
+		// are special) and wait, so that text the stream holds back goes
+		// out with a token, however the generation ends.
+		whole  int
 		stream = codec.Stream()
 		// stopped: a stop sequence ended the generation, its text cut
 		stopped bool
 	)
-	release := func(upto int) error { // emits the tokens whose text ends by upto
-		for ; sent < len(toks) && ends[sent] <= upto; sent++ {
+	// release emits the first n tokens whose text ends by upto.
+	release := func(n, upto int) error {
+		for ; sent < n && ends[sent] <= upto; sent++ {
 			if emit == nil {
 				continue
 			}
@@ -277,19 +283,22 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 		toks = append(toks, tok)
 		text = append(text, piece...)
 		ends = append(ends, len(text))
+		if piece != "" {
+			whole = len(toks)
+		}
 		if s, ok := stopAt(text, req.stop); ok {
 			cut := len(text) - len(s)
-			if err := release(cut); err != nil {
-				return nil, err
-			}
 			k := 0
 			for k < len(toks) && ends[k] <= cut {
 				k++
 			}
+			if err := release(k, cut); err != nil {
+				return nil, err
+			}
 			toks, text, res.finish, stopped = toks[:k], text[:cut], "stop", true
 			break
 		}
-		if err := release(len(text) - holdBack(text, req.stop)); err != nil {
+		if err := release(whole, len(text)-holdBack(text, req.stop)); err != nil {
 			return nil, err
 		}
 	}
@@ -298,7 +307,7 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 			text = append(text, rest...)
 			ends[len(ends)-1] = len(text)
 		}
-		if err := release(len(text)); err != nil {
+		if err := release(len(toks), len(text)); err != nil {
 			return nil, err
 		}
 	}

@@ -150,6 +150,17 @@ func TestGenerateStreamingStopAndBadRequests(t *testing.T) {
 	}
 	t.Logf("24 tokens streamed one event each, equal to the whole answer %q", whole.Text)
 
+	// A generation that ends inside a character: the bytes the stream held
+	// back still go out (as the replacement character JSON makes of them).
+	if lead := slices.IndexFunc(whole.Tokens, func(x int64) bool { return x >= 0xc2 && x <= 0xf4 }); lead >= 0 {
+		_, cut := streamGenerate(t, rq, map[string]any{"model": model, "prompt": "the mesh", "max_tokens": lead + 1})
+		if !strings.HasSuffix(cut.Text, "\uFFFD") {
+			t.Fatalf("cut after a lead byte: %q", cut.Text)
+		}
+	} else {
+		t.Logf("no UTF-8 lead byte among %v", whole.Tokens)
+	}
+
 	// A stop sequence: two ASCII bytes of the greedy output.
 	i := slices.IndexFunc(whole.Tokens[3:len(whole.Tokens)-1], func(x int64) bool { return x < 0x80 }) + 3
 	if i < 3 || whole.Tokens[i+1] >= 0x80 {
