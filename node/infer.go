@@ -120,8 +120,8 @@ func (n *Node) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 	}
 	if err == nil {
 		// Malformed inputs are the caller's: say so now, before any hop
-		// is asked (or blamed).
-		if err := shards.CheckTensors(man.Inputs, inputs); err != nil {
+		// is asked (or blamed). A single pass has no past.
+		if err := man.CheckStep(inputs, 0); err != nil {
 			return nil, fmt.Errorf("%w: %v", protocol.ErrBadRequest, err)
 		}
 		if opts.Check == nil {

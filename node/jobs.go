@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"net/http"
 	"sync"
 	"time"
@@ -66,6 +67,20 @@ func (n *Node) handleJobCreate(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
+	}
+	// Malformed inputs are the caller's: a 400 now, before any hop is
+	// asked (or blamed). A manifest that cannot be had yet is the mesh's
+	// to report, as for a single pass.
+	man, err := n.Manifest(r.Context(), model)
+	if errors.Is(err, mesh.ErrUnknownModel) {
+		meshError(w, err)
+		return
+	}
+	if err == nil {
+		if err := man.CheckStep(req.Inputs, 0); err != nil {
+			writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+			return
+		}
 	}
 	micro := req.MicroBatch
 	if micro <= 0 {

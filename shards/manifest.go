@@ -462,3 +462,61 @@ func CheckTensors(specs []TensorSpec, ts map[string]*protocol.Tensor) error {
 	}
 	return nil
 }
+
+// CheckInputs checks one call's inputs as CheckTensors does, and that
+// symbolic dimensions with the same name agree across them ("?" names
+// none): what a requester checks of a caller's inputs before any hop sees
+// them.
+func CheckInputs(specs []TensorSpec, ts map[string]*protocol.Tensor) error {
+	if err := CheckTensors(specs, ts); err != nil {
+		return err
+	}
+	type binding struct {
+		tensor string
+		dim    int
+		size   int64
+	}
+	bound := map[string]binding{}
+	for _, spec := range specs {
+		t := ts[spec.Name]
+		for i, d := range spec.Shape {
+			if d.Param == "" || d.Param == "?" {
+				continue
+			}
+			b, ok := bound[d.Param]
+			if !ok {
+				bound[d.Param] = binding{spec.Name, i, t.Shape[i]}
+				continue
+			}
+			if b.size != t.Shape[i] {
+				return fmt.Errorf("dimension %q disagrees: tensor %q has %d (dimension %d), tensor %q has %d (dimension %d)",
+					d.Param, b.tensor, b.size, b.dim, spec.Name, t.Shape[i], i)
+			}
+		}
+	}
+	return nil
+}
+
+// CheckStep checks the inputs of one call of m after past positions of a
+// session (0 for a single pass): CheckInputs against the model's inputs,
+// and for a decoder, that its attention mask covers past + seq positions
+// (seq being input_ids' last dimension).
+func (m *Manifest) CheckStep(ts map[string]*protocol.Tensor, past int64) error {
+	if err := CheckInputs(m.Inputs, ts); err != nil {
+		return err
+	}
+	d := m.Decoder
+	if d == nil || d.AttentionMask == "" {
+		return nil
+	}
+	ids, mask := ts[d.InputIDs], ts[d.AttentionMask]
+	if ids == nil || mask == nil || len(ids.Shape) == 0 || len(mask.Shape) == 0 {
+		return nil // not inputs of this model: CheckInputs said so if they must be
+	}
+	seq, total := ids.Shape[len(ids.Shape)-1], mask.Shape[len(mask.Shape)-1]
+	if total != past+seq {
+		return fmt.Errorf("tensor %q covers %d positions, want %d (%d past + %d in %q)",
+			d.AttentionMask, total, past+seq, past, seq, d.InputIDs)
+	}
+	return nil
+}
