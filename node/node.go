@@ -57,6 +57,7 @@ type Node struct {
 	store        stores            // own, then the --serve models' block folders
 	servedMu     sync.RWMutex
 	served       []*servedSpan
+	damaged      []*damagedSpan // --serve spans with bad blocks, until repairSpans
 	subs         subSpans
 	// manifests fetched from peers, by model ID (verified against it)
 	manifests struct {
@@ -137,8 +138,12 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	n.mesh.Serve(n, mesh.StageConfig{MaxInFlight: cfg.MaxInFlight, MaxSessions: cfg.MaxSessions})
 	n.metrics.gauges(n)
 	n.log.Info("node started", "peer", n.mesh.ID(), "addrs", n.mesh.Host().Addrs())
+	unserved := n.repairSpans(ctx)
 	if err := n.joinModels(ctx); err != nil {
 		return nil, err
+	}
+	if len(unserved) > 0 && len(n.servedSpans()) == 0 {
+		return nil, fmt.Errorf("nothing to serve: %w", errors.Join(unserved...))
 	}
 	if len(cfg.Models) > 0 {
 		n.wg.Go(n.rebalanceLoop)
@@ -183,8 +188,15 @@ func (n *Node) loadSpans(ctx context.Context) error {
 			return fmt.Errorf("--serve %s: model %s has %d blocks (0-%d)", s, m.ID, len(m.Manifest.Blocks), len(m.Manifest.Blocks)-1)
 		}
 		// LoadSpan reads every block through the store, which verifies it
-		// against its CID: nothing unverified is announced.
+		// against its CID: nothing unverified is announced. A block that
+		// fails (truncated, corrupted, missing) is set aside and the span
+		// repaired from peers once the node is in the mesh (repairSpans).
 		span, err := n.rt.LoadSpan(m, start, end)
+		if errors.Is(err, shards.ErrCorrupt) || errors.Is(err, shards.ErrNotFound) {
+			n.store = append(n.store, m.Store) // its good blocks and files still serve peers
+			n.damaged = append(n.damaged, n.damagedSpan(s, m, start, end, err))
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("--serve %s: %w", s, err)
 		}

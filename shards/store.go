@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/ipfs/go-cid"
 	mh "github.com/multiformats/go-multihash"
@@ -165,4 +166,22 @@ func (s *FileStore) List() ([]cid.Cid, error) {
 		}
 	}
 	return out, nil
+}
+
+// Quarantine moves the file of c out of the store into dir (created if
+// needed), named by the CID and the time, so that a copy that failed
+// verification is kept for a look but never read again. It returns where
+// the file went; a store without c returns "" and no error.
+func (s *FileStore) Quarantine(c cid.Cid, dir string) (string, error) {
+	if ok, _ := s.Has(c); !ok {
+		return "", nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("quarantine: %w", err)
+	}
+	to := filepath.Join(dir, fmt.Sprintf("%s.%d", c, time.Now().UnixNano()))
+	if err := os.Rename(s.Path(c), to); err != nil {
+		return "", fmt.Errorf("quarantine: %w", err)
+	}
+	return to, nil
 }
