@@ -59,6 +59,21 @@ type StepInfo struct {
 type call struct {
 	route []protocol.Hop
 	ch    chan *protocol.Message
+	// accusers: the sender of each error frame that names another hop than
+	// its sender's (guarded by the stage's mutex). An error frame not in it
+	// came from the hop it names, or from this node itself.
+	accusers map[*protocol.Message]int
+}
+
+// accuser returns the hop of c's route that sent error frame msg when that
+// is not the hop msg names, or -1.
+func (st *stage) accuser(c *call, msg *protocol.Message) int {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if j, ok := c.accusers[msg]; ok {
+		return j
+	}
+	return -1
 }
 
 func (st *stage) register(id uint64, route []protocol.Hop) *call {
@@ -94,9 +109,17 @@ func (st *stage) deliver(from peer.ID, msg *protocol.Message) {
 			return
 		}
 	case protocol.KindError:
-		// The failing hop or the one before it (which could not reach it)
-		// reports; so may this node itself.
-		if from != st.m.host.ID() && c.route[h].Peer != from.String() && (h == 0 || c.route[h-1].Peer != from.String()) {
+		// The failing hop reports, or this node itself; or a neighbour
+		// accuses it: the hop before (it could not reach it) or after (it
+		// sent malformed activations). An accusation is no proof: the
+		// requester remembers who made it (Accusations).
+		switch {
+		case from == st.m.host.ID(), c.route[h].Peer == from.String():
+		case h > 0 && c.route[h-1].Peer == from.String():
+			st.markAccuser(c, msg, h-1)
+		case h+1 < len(c.route) && c.route[h+1].Peer == from.String():
+			st.markAccuser(c, msg, h+1)
+		default:
 			return
 		}
 	default:
@@ -106,6 +129,45 @@ func (st *stage) deliver(from peer.ID, msg *protocol.Message) {
 	case c.ch <- msg:
 	default: // the requester stopped listening
 	}
+}
+
+func (st *stage) markAccuser(c *call, msg *protocol.Message, j int) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if c.accusers == nil {
+		c.accusers = map[*protocol.Message]int{}
+	}
+	c.accusers[msg] = j
+}
+
+// AccusationError is an error a hop reported about another hop of the
+// route. It is not proof against the accused: the requester routes the
+// step around both, bans neither on the accuser's word, and keeps the
+// accusation until the evidence confirms or refutes it (Accusations).
+type AccusationError struct {
+	Accuser int // the hop that reported, in the route the step ran on
+	Accused int // the hop it named
+	// Report is the error as reported, naming the accused.
+	Report *protocol.RemoteError
+	// By is the accuser's peer ID.
+	By string
+}
+
+func (e *AccusationError) Error() string {
+	return fmt.Sprintf("hop %d (%s) reports: %v", e.Accuser, e.By, e.Report)
+}
+
+func (e *AccusationError) Unwrap() error { return e.Report }
+
+// failedHops returns the hops of a route a step's failure at hop failed
+// puts in doubt: that hop; for an accusation, the accuser and the accused
+// and those between.
+func failedHops(failed int, err error) (lo, hi int) {
+	var ac *AccusationError
+	if errors.As(err, &ac) {
+		return min(ac.Accuser, ac.Accused), max(ac.Accuser, ac.Accused)
+	}
+	return failed, failed
 }
 
 var idMu sync.Mutex
@@ -120,15 +182,15 @@ func nextID() uint64 {
 
 // route plans hops for blocks [start, end) of a model, avoiding banned
 // peers and those the caller would rather not use.
-func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, avoid []peer.ID) ([]protocol.Hop, int, error) {
+func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, avoid []peer.ID, d *doubts) ([]protocol.Hop, int, error) {
 	mv, err := m.view.Model(ctx, model)
 	if err != nil {
 		return nil, 0, err
 	}
+	// The view's count is the manifest's when this node has it, and never
+	// one peer's against a majority; peers whose span does not fit it are
+	// left out of mv (Ignored), the distrusted included.
 	blocks := mv.Blocks
-	for _, p := range mv.Distrusted {
-		blocks = max(blocks, p.Span.Blocks)
-	}
 	if blocks == 0 {
 		return nil, 0, fmt.Errorf("%w: nobody serves model %s", ErrNoRoute, model)
 	}
@@ -140,11 +202,19 @@ func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, avoid [
 	// the request failing. Peers this node failed to reach since their last
 	// record (the view's distrusted) come back last (PlanRouteTrusting).
 	req := RouteRequest{Blocks: blocks, Start: start, End: end, Tokens: 1, From: m.coords.Self(), HaveFrom: true, Self: m.host.ID()}
-	avoided := map[peer.ID]bool{}
+	avoided, banned := map[peer.ID]bool{}, m.bans.set()
 	for _, p := range avoid {
 		avoided[p] = true
 	}
-	r, err := PlanRouteTrusting(Candidates(mv), peerCandidates(mv.Distrusted), req, avoided, m.bans.set())
+	if d != nil {
+		for _, p := range d.avoid {
+			avoided[p] = true
+		}
+		for _, p := range d.shun {
+			banned[p] = true
+		}
+	}
+	r, err := PlanRouteTrusting(Candidates(mv), peerCandidates(mv.Distrusted), req, avoided, banned)
 	if err != nil {
 		return nil, blocks, err
 	}
@@ -161,6 +231,9 @@ type bans struct {
 	mu    sync.Mutex
 	until map[peer.ID]time.Time
 	count map[peer.ID]int
+	// accusations are the faults hops reported of other hops, until the
+	// evidence settles them.
+	accusations Accusations
 }
 
 func (b *bans) ban(p peer.ID, kind FailureKind) {
@@ -188,6 +261,72 @@ func (m *Mesh) blame(p string, err error) {
 	}
 }
 
+// doubts are the peers a request leaves out of its retries after an
+// accusation, without banning them for other requests: the accused is
+// avoided (as InferOptions.Avoid), the accuser shunned (as if banned).
+// Both are let back in rather than the request failing.
+type doubts struct {
+	avoid, shun []peer.ID
+}
+
+// judge acts on the failure of a step at hop failed of route: it bans the
+// peer the evidence points at (BanDuration), and adds to d the peers to
+// leave out of the retries of this request. The evidence is a hop's report of
+// its own fault, or this node's own observation (a stall, a refused
+// result, a lost connection, a failure of its own hop): the accused is
+// banned, and the accusations against it were right. A report about
+// another hop is an accusation: neither is banned on it, both are left
+// out of the retry, and the accusation waits for the evidence (vindicate).
+// A hop whose accusations were refuted more often than confirmed is not
+// believed: its report is its own failure.
+func (m *Mesh) judge(route []protocol.Hop, failed int, err error, d *doubts) {
+	if failed < 0 || failed >= len(route) {
+		return
+	}
+	var ac *AccusationError
+	if !errors.As(err, &ac) {
+		if id, derr := peer.Decode(route[failed].Peer); derr == nil && ClassifyFailure(err) != FailBusy {
+			m.bans.accusations.Confirm(id, time.Now())
+		}
+		m.blame(route[failed].Peer, err)
+		return
+	}
+	accuser, err1 := peer.Decode(ac.By)
+	accused, err2 := peer.Decode(ac.Report.Peer)
+	if err1 != nil || err2 != nil {
+		return
+	}
+	if m.bans.accusations.Liar(accuser) {
+		m.log.Info("not believing a hop that accuses another; it is itself distrusted", "accuser", accuser, "accused", accused, "report", ac.Report)
+		m.blame(ac.By, fmt.Errorf("%w: %v", ErrFalseAccusation, ac.Report))
+		return
+	}
+	m.log.Info("a hop reports another's fault; routing around both, banning neither", "accuser", accuser, "accused", accused, "report", ac.Report)
+	m.bans.accusations.Accuse(accuser, accused, time.Now())
+	d.avoid = append(d.avoid, accused)
+	d.shun = append(d.shun, accuser)
+}
+
+// vindicate records that every hop of route did its part in a step that
+// succeeded: the accusations pending against them were wrong, and the
+// peers that made more wrong accusations than right are banned and
+// distrusted as liars.
+func (m *Mesh) vindicate(route []protocol.Hop) {
+	now := time.Now()
+	for _, h := range route {
+		id, err := peer.Decode(h.Peer)
+		if err != nil {
+			continue
+		}
+		for _, liar := range m.bans.accusations.Refute(id, now) {
+			right, wrong := m.bans.accusations.Tally(liar)
+			m.log.Info("a hop's accusations were refuted more often than confirmed; distrusting it", "peer", liar,
+				"right", right, "wrong", wrong)
+			m.blame(liar.String(), ErrFalseAccusation)
+		}
+	}
+}
+
 // set returns the peers banned now.
 func (b *bans) set() map[peer.ID]bool {
 	b.mu.Lock()
@@ -211,8 +350,9 @@ func (m *Mesh) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 	info := &StepInfo{}
 	start := time.Now()
 	var lastErr error
+	var d doubts // the peers accusations put in doubt during this request
 	for attempt := 0; attempt <= opts.MaxFailovers; attempt++ {
-		route, blocks, err := m.route(ctx, model, 0, 0, opts.Avoid)
+		route, blocks, err := m.route(ctx, model, 0, 0, opts.Avoid, &d)
 		if err != nil && blocks > 0 && errors.Is(err, ErrNoRoute) && attempt < opts.MaxFailovers {
 			select { // peers were banned by earlier attempts: let busy bans lapse
 			case <-time.After(RetryPause(attempt)):
@@ -226,18 +366,20 @@ func (m *Mesh) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 		}
 		out, micros, failed, err := m.runRoute(ctx, model, "", 0, route, inputs, opts)
 		if err == nil {
+			m.vindicate(route)
 			info.Route, info.HopMicros, info.Total = route, micros, time.Since(start)
 			return out, info, nil
 		}
 		if ctx.Err() != nil {
 			return nil, info, ctx.Err()
 		}
-		if failed == 0 && errors.Is(err, protocol.ErrBadRequest) {
+		var ac *AccusationError
+		if failed == 0 && errors.Is(err, protocol.ErrBadRequest) && !errors.As(err, &ac) {
 			return nil, info, err // the first hop refused our own inputs: no other hop will take them
 		}
 		lastErr = err
 		if failed >= 0 {
-			m.blame(route[failed].Peer, err)
+			m.judge(route, failed, err, &d)
 			info.Failovers++
 		}
 	}
@@ -245,8 +387,10 @@ func (m *Mesh) Infer(ctx context.Context, model cid.Cid, inputs shards.Tensors, 
 }
 
 // runRoute sends one step down route and waits for its result. On failure
-// it returns the index of the hop to blame (-1 when none can be), and keeps
-// the progress of the hops that answered in progress (for sessions).
+// it returns the index of the hop that failed (-1 when none can be): the
+// one to blame, or, with an *AccusationError, the hop that accused another
+// (judge decides), and keeps the progress of the hops that answered in
+// progress (for sessions).
 func (m *Mesh) runRoute(ctx context.Context, model cid.Cid, session string, step int, route []protocol.Hop, inputs shards.Tensors,
 	opts InferOptions) (shards.Tensors, []int64, int, error) {
 	out, micros, _, failed, err := m.runRouteProgress(ctx, model, session, step, route, inputs, opts)
@@ -315,7 +459,11 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 				if a.Header.Message == "disconnected" && h < len(route)-1 && progress[h] != nil {
 					continue // that hop already did its part; its successor carries on
 				}
-				return nil, micros, progress, h, &protocol.RemoteError{Code: a.Header.Code, Message: a.Header.Message, Hop: h, Peer: route[h].Peer}
+				report := &protocol.RemoteError{Code: a.Header.Code, Message: a.Header.Message, Hop: h, Peer: route[h].Peer}
+				if j := m.stage.accuser(c, a); j >= 0 {
+					return nil, micros, progress, j, &AccusationError{Accuser: j, Accused: h, Report: report, By: route[j].Peer}
+				}
+				return nil, micros, progress, h, report
 			}
 		}
 	}
@@ -404,7 +552,7 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 	start := time.Now()
 	info := &StepInfo{}
 	for attempt := 0; s.route == nil; attempt++ {
-		route, blocks, err := s.m.route(ctx, s.model, 0, 0, s.opts.Avoid)
+		route, blocks, err := s.m.route(ctx, s.model, 0, 0, s.opts.Avoid, nil)
 		if err != nil {
 			// A model the mesh serves but cannot cover right now (peers
 			// leaving and joining) is worth waiting for a little.
@@ -421,8 +569,10 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 		s.route = route
 		s.history = make([][]shards.Tensors, len(route))
 	}
-	// from: the hop this attempt starts at; in: what it gets.
+	// from: the hop this attempt starts at; in: what it gets; d: the peers
+	// accusations put in doubt during this step.
 	from, in := 0, inputs
+	var d doubts
 	micros := make([]int64, len(s.route))
 	for {
 		sub := s.route[from:]
@@ -432,6 +582,7 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 		s.record(from, in, progress)
 		if err == nil {
 			s.steps++
+			s.m.vindicate(s.route)
 			info.Route, info.HopMicros, info.Total = s.route, micros, time.Since(start)
 			return out, info, nil
 		}
@@ -441,16 +592,19 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 		if failed < 0 || info.Failovers >= s.opts.MaxFailovers {
 			return nil, info, err
 		}
-		f := from + failed
+		// The hops in doubt: the failed one; for an accusation, the accuser
+		// and the accused (judge bans neither on the accuser's word).
+		lo, f := failedHops(failed, err)
+		lo, f = from+lo, from+f
 		s.m.log.Info("hop failed; re-routing its span", "hop", f, "peer", s.route[f].Peer, "blocks",
-			fmt.Sprintf("%d-%d", s.route[f].Start, s.route[f].End-1), "err", err)
-		s.m.blame(s.route[f].Peer, err)
+			fmt.Sprintf("%d-%d", s.route[lo].Start, s.route[f].End-1), "err", err)
+		s.m.judge(s.route[from:], failed, err, &d)
 		info.Failovers++
 		// Replaying needs every past input of the first replaced hop; when
 		// some never reached us, replace from an earlier hop whose history
 		// is whole (the first hop's always is: it is what we sent).
-		r := ReplayFrom(f, s.complete)
-		if rerr := s.replace(ctx, r, f); rerr != nil {
+		r := ReplayFrom(lo, s.complete)
+		if rerr := s.replace(ctx, r, f, &d); rerr != nil {
 			s.m.log.Info("could not replace the hop yet", "err", rerr)
 			if info.Failovers >= s.opts.MaxFailovers {
 				return nil, info, errors.Join(err, rerr)
@@ -505,12 +659,13 @@ func (s *Session) complete(h int) bool {
 	return true
 }
 
-// replace re-routes the span of hops r..f around banned peers, replays the
-// session history of hop r on the new hops to rebuild their state, and
-// splices them into the route.
-func (s *Session) replace(ctx context.Context, r, f int) error {
+// replace re-routes the span of hops r..f around banned and avoided peers,
+// replays the session history of hop r on the new hops to rebuild their
+// state, and splices them into the route. A replay's failure adds to d
+// the peers it puts in doubt.
+func (s *Session) replace(ctx context.Context, r, f int, d *doubts) error {
 	old := protocol.Hop{Peer: s.route[f].Peer, Start: s.route[r].Start, End: s.route[f].End}
-	hops, _, err := s.m.route(ctx, s.model, old.Start, old.End, s.opts.Avoid)
+	hops, _, err := s.m.route(ctx, s.model, old.Start, old.End, s.opts.Avoid, d)
 	if err != nil {
 		return err
 	}
@@ -526,9 +681,7 @@ func (s *Session) replace(ctx context.Context, r, f int) error {
 	for step := 0; step < s.steps; step++ {
 		_, _, progress, failed, err := s.m.runRouteProgress(ctx, s.model, s.id, step, hops, s.history[f][step], replay)
 		if err != nil {
-			if failed >= 0 {
-				s.m.blame(hops[failed].Peer, err)
-			}
+			s.m.judge(hops, failed, err, d)
 			return fmt.Errorf("replaying step %d of blocks %d-%d on %v: %w", step, old.Start, old.End-1, hops, err)
 		}
 		for i := 0; i+1 < len(hops); i++ {

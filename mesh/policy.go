@@ -445,3 +445,129 @@ func aggPeer(b int) peer.ID {
 	}
 	return aggPeers.ids[b]
 }
+
+// Accusations. A hop may report a fault of another hop (the next one
+// unreachable, the previous one's activations malformed), but its word is
+// no proof: a hostile hop could frame an honest one. A requester bans a
+// peer only on its own report or the requester's own observation (a stall
+// at it, a result refused, a connection lost); a report about another peer
+// is an accusation, kept here until the evidence settles it: confirmed
+// when the requester then sees the accused fail by itself, refuted when
+// the accused does its part in a step that succeeds. A peer whose
+// accusations were refuted more often than confirmed is a liar: its
+// reports are not believed and it is routed around.
+
+// AccusationWindow is how long an accusation waits to be confirmed or
+// refuted before it is forgotten (counting neither way).
+const AccusationWindow = 10 * time.Minute
+
+// Bounds of an Accusations ledger: accusations pending against one peer,
+// and the accusers it keeps a tally of (past it, those in good standing
+// are forgotten).
+const (
+	maxPendingAccusations = 64
+	maxAccusers           = 4096
+)
+
+// ErrFalseAccusation is the fault of a peer whose reports of other peers'
+// faults were refuted more often than confirmed: it is banned and
+// distrusted as for a hard failure.
+var ErrFalseAccusation = errors.New("reported faults of other hops that the evidence refuted")
+
+// Accusations is a requester's ledger of the faults hops reported about
+// other hops. The zero value is ready; it is safe for concurrent use. It
+// reads no clock: callers pass the time.
+type Accusations struct {
+	mu      sync.Mutex
+	pending map[peer.ID][]accusation // by accused
+	tally   map[peer.ID]*accuserTally
+}
+
+type accusation struct {
+	by peer.ID
+	at time.Time
+}
+
+type accuserTally struct{ right, wrong int }
+
+// Accuse records that accuser reported a fault of accused at now.
+func (a *Accusations) Accuse(accuser, accused peer.ID, now time.Time) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.pending == nil {
+		a.pending, a.tally = map[peer.ID][]accusation{}, map[peer.ID]*accuserTally{}
+	}
+	list := slices.DeleteFunc(a.pending[accused], func(x accusation) bool { return now.Sub(x.at) > AccusationWindow })
+	if len(list) >= maxPendingAccusations {
+		list = list[1:]
+	}
+	a.pending[accused] = append(list, accusation{by: accuser, at: now})
+	if _, ok := a.tally[accuser]; !ok {
+		if len(a.tally) >= maxAccusers {
+			for p, t := range a.tally {
+				if t.wrong <= t.right {
+					delete(a.tally, p)
+				}
+			}
+		}
+		a.tally[accuser] = &accuserTally{}
+	}
+}
+
+// Confirm settles the pending accusations of accused as right: the
+// requester saw it fail by itself.
+func (a *Accusations) Confirm(accused peer.ID, now time.Time) {
+	a.settle(accused, now, true)
+}
+
+// Refute settles the pending accusations of accused as wrong: it did its
+// part in a step that succeeded. It returns the accusers this makes liars
+// (Liar turns true).
+func (a *Accusations) Refute(accused peer.ID, now time.Time) []peer.ID {
+	return a.settle(accused, now, false)
+}
+
+func (a *Accusations) settle(accused peer.ID, now time.Time, right bool) (liars []peer.ID) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	list := a.pending[accused]
+	if len(list) == 0 {
+		return nil
+	}
+	delete(a.pending, accused)
+	for _, x := range list {
+		t := a.tally[x.by]
+		if t == nil || now.Sub(x.at) > AccusationWindow {
+			continue
+		}
+		was := t.wrong > t.right
+		if right {
+			t.right++
+		} else {
+			t.wrong++
+		}
+		if !was && t.wrong > t.right {
+			liars = append(liars, x.by)
+		}
+	}
+	return liars
+}
+
+// Liar reports whether p's accusations were refuted more often than
+// confirmed.
+func (a *Accusations) Liar(p peer.ID) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	t := a.tally[p]
+	return t != nil && t.wrong > t.right
+}
+
+// Tally returns how many of p's accusations were confirmed and refuted.
+func (a *Accusations) Tally(p peer.ID) (right, wrong int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if t := a.tally[p]; t != nil {
+		return t.right, t.wrong
+	}
+	return 0, 0
+}

@@ -15,6 +15,7 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
 )
 
 // View answers, for a model, which peers serve each of its blocks, with
@@ -28,7 +29,16 @@ type View struct {
 	mu      sync.Mutex
 	models  map[string]*modelEntry
 	records map[peer.ID]*recordEntry
+	// manifests holds the block count of each model whose manifest this
+	// node was given (SetManifest): what the model is, which no peer's
+	// record can change. A model this node serves needs no entry: its own
+	// record, made from the manifest, says the same (FitBlocks).
+	manifests map[string]int
 }
+
+// maxManifests bounds the manifests' block counts a view remembers;
+// dropping them all is always safe (they are asked for again).
+const maxManifests = 256
 
 type modelEntry struct {
 	id        cid.Cid
@@ -46,13 +56,17 @@ type recordEntry struct {
 	// record. The peer stays out of routes until a newer record shows it
 	// alive again, or this one expires.
 	distrusted bool
+	// misfit: the models whose span in this record was found not to fit
+	// the model (logged once per record).
+	misfit map[string]bool
 }
 
 // ModelView is one model's coverage at a moment.
 type ModelView struct {
 	Model string
-	// Blocks is the model's block count, as its servers advertise it (0
-	// when nobody serves it).
+	// Blocks is the model's block count: its manifest's when this node
+	// has it; else this node's own span's, else the count most of its
+	// servers agree on (FitBlocks). 0 when nobody serves it.
 	Blocks int
 	// Peers serving some span of the model, nearest first.
 	Peers []PeerView
@@ -66,6 +80,10 @@ type ModelView struct {
 	// reach since their last record: left out of Peers and the coverage,
 	// they are routing's last resort.
 	Distrusted []PeerView
+	// Ignored are the peers whose record claims a span that does not fit
+	// the model (another block count, a span out of range): never routed
+	// to, never counted, whatever they claim.
+	Ignored []PeerView
 }
 
 // PeerView is a peer serving part of a model.
@@ -83,7 +101,77 @@ type PeerView struct {
 func (v *ModelView) Complete() bool { return v.Blocks > 0 && len(v.Uncovered) == 0 }
 
 func newView(m *Mesh) *View {
-	return &View{m: m, models: map[string]*modelEntry{}, records: map[peer.ID]*recordEntry{}}
+	return &View{m: m, models: map[string]*modelEntry{}, records: map[peer.ID]*recordEntry{}, manifests: map[string]int{}}
+}
+
+// SetManifest tells the view the manifest of a model (the caller checked
+// it against the model's CID): from then on the model's view takes its
+// block count from the manifest, and leaves out every peer whose record
+// does not fit it. Safe for concurrent use.
+func (v *View) SetManifest(model cid.Cid, man *shards.Manifest) {
+	if man == nil || len(man.Blocks) == 0 {
+		return
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.setBlocksLocked(model.String(), len(man.Blocks))
+}
+
+func (v *View) setBlocksLocked(model string, blocks int) {
+	if _, ok := v.manifests[model]; !ok && len(v.manifests) >= maxManifests {
+		v.manifests = map[string]int{}
+	}
+	v.manifests[model] = blocks
+}
+
+// SpanFits reports whether a served span fits a model of blocks blocks:
+// the same block count, and a non-empty span within it with one timing per
+// block.
+func SpanFits(s protocol.ServedSpan, blocks int) bool {
+	return blocks > 0 && s.Blocks == blocks && s.Start >= 0 && s.Start < s.End && s.End <= blocks &&
+		len(s.BlockMicros) == s.End-s.Start
+}
+
+// FitBlocks decides a model's block count from what its servers claim:
+// manifest, the count of the model's manifest, when known (> 0); else
+// the count of this node's own span (self; mine is 0 when it serves none
+// of the model); else the count claimed by the most peers, ties going to
+// the count under which the claimed spans cover every block, then to the
+// smaller count. One peer's claim never overrides the manifest, this
+// node's own, or a majority. It is pure.
+func FitBlocks(manifest, mine int, spans []protocol.ServedSpan) int {
+	if manifest > 0 {
+		return manifest
+	}
+	if mine > 0 {
+		return mine
+	}
+	votes := map[int]int{}
+	for _, s := range spans {
+		if SpanFits(s, s.Blocks) {
+			votes[s.Blocks]++
+		}
+	}
+	covers := func(n int) bool {
+		covered := make([]bool, n)
+		for _, s := range spans {
+			if s.Blocks == n && SpanFits(s, n) {
+				for b := s.Start; b < s.End; b++ {
+					covered[b] = true
+				}
+			}
+		}
+		return !slices.Contains(covered, false)
+	}
+	best, bestVotes, bestCovers := 0, 0, false
+	for n, c := range votes {
+		cv := covers(n)
+		switch {
+		case c > bestVotes, c == bestVotes && cv && !bestCovers, c == bestVotes && cv == bestCovers && n < best:
+			best, bestVotes, bestCovers = n, c, cv
+		}
+	}
+	return best
 }
 
 // learn takes a capacity record obtained outside a lookup (our own, or one
@@ -304,12 +392,28 @@ func (v *View) refresh(ctx context.Context, e *modelEntry) error {
 }
 
 // buildLocked assembles the model view from cached records, skipping
-// expired ones.
+// expired ones and leaving out (in Ignored) those whose span does not fit
+// the model's block count (FitBlocks).
 func (v *View) buildLocked(e *modelEntry) *ModelView {
 	now := time.Now()
 	self := v.m.host.ID()
 	myCoord := v.m.coords.Self()
 	mv := &ModelView{Model: e.id.String(), Updated: e.refreshed}
+	// The model's block count: from its manifest when known, else never
+	// from one peer against this node's own span or a majority.
+	mine := 0
+	var claims []protocol.ServedSpan
+	for p := range e.providers {
+		if r, ok := v.records[p]; ok && r.rec.Check(now) == nil {
+			if s, ok := r.rec.Span(mv.Model); ok {
+				claims = append(claims, s)
+				if p == self {
+					mine = s.Blocks
+				}
+			}
+		}
+	}
+	mv.Blocks = FitBlocks(v.manifests[mv.Model], mine, claims)
 	for p := range e.providers {
 		r, ok := v.records[p]
 		if !ok || r.rec.Check(now) != nil {
@@ -327,14 +431,27 @@ func (v *View) buildLocked(e *modelEntry) *ModelView {
 		default:
 			pv.RTT = UnknownRTT
 		}
+		if !SpanFits(span, mv.Blocks) {
+			if !r.misfit[mv.Model] {
+				if r.misfit == nil {
+					r.misfit = map[string]bool{}
+				}
+				r.misfit[mv.Model] = true
+				v.m.log.Debug("ignoring a capacity record that does not fit the model", "peer", p, "model", mv.Model,
+					"blocks", mv.Blocks, "claimed_blocks", span.Blocks, "start", span.Start, "end", span.End)
+			}
+			mv.Ignored = append(mv.Ignored, pv)
+			continue
+		}
 		if r.distrusted {
 			mv.Distrusted = append(mv.Distrusted, pv)
 			continue
 		}
 		mv.Peers = append(mv.Peers, pv)
-		mv.Blocks = max(mv.Blocks, span.Blocks)
 	}
-	slices.SortFunc(mv.Distrusted, func(a, b PeerView) int { return strings.Compare(string(a.ID), string(b.ID)) })
+	byID := func(a, b PeerView) int { return strings.Compare(string(a.ID), string(b.ID)) }
+	slices.SortFunc(mv.Distrusted, byID)
+	slices.SortFunc(mv.Ignored, byID)
 	sort.Slice(mv.Peers, func(i, j int) bool {
 		a, b := mv.Peers[i], mv.Peers[j]
 		if a.RTT != b.RTT { // unknown distances last

@@ -72,7 +72,12 @@ func (n *Node) subSpan(s *servedSpan, start, end int) (shards.Runner, error) {
 
 // Manifest returns the manifest of a model: from a served model, or fetched
 // from a peer that serves it (and checked against its CID).
-func (n *Node) Manifest(ctx context.Context, model cid.Cid) (*shards.Manifest, error) {
+func (n *Node) Manifest(ctx context.Context, model cid.Cid) (man *shards.Manifest, err error) {
+	defer func() { // what the model is, in the view: no peer's record can change it
+		if err == nil {
+			n.mesh.View().SetManifest(model, man)
+		}
+	}()
 	for _, s := range n.servedSpans() {
 		if s.model.ID.Equals(model) {
 			return s.model.Manifest, nil
@@ -87,7 +92,7 @@ func (n *Node) Manifest(ctx context.Context, model cid.Cid) (*shards.Manifest, e
 	if b, err := n.store.Get(model); err == nil { // published or pulled here; Get verified it
 		return shards.DecodeManifest(b)
 	}
-	man, err := n.mesh.FetchManifest(ctx, model)
+	man, err = n.mesh.FetchManifest(ctx, model)
 	if err != nil {
 		return nil, err
 	}
