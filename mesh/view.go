@@ -66,7 +66,8 @@ type ModelView struct {
 	Model string
 	// Blocks is the model's block count: its manifest's when this node
 	// has it; else this node's own span's, else the count most of its
-	// servers agree on (FitBlocks). 0 when nobody serves it.
+	// servers agree on (FitBlocks). 0 when no peer whose span fits the
+	// model serves it.
 	Blocks int
 	// Peers serving some span of the model, nearest first.
 	Peers []PeerView
@@ -448,6 +449,9 @@ func (v *View) buildLocked(e *modelEntry) *ModelView {
 			continue
 		}
 		mv.Peers = append(mv.Peers, pv)
+	}
+	if len(mv.Peers) == 0 && len(mv.Distrusted) == 0 {
+		mv.Blocks = 0 // nobody usable serves it (whatever the manifest says)
 	}
 	byID := func(a, b PeerView) int { return strings.Compare(string(a.ID), string(b.ID)) }
 	slices.SortFunc(mv.Distrusted, byID)
