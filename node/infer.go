@@ -52,6 +52,16 @@ func (n *Node) subSpan(s *servedSpan, start, end int) (shards.Runner, error) {
 		return sp, nil
 	}
 	sp, err := n.rt.LoadSpan(s.model, start, end)
+	if errors.Is(err, shards.ErrCorrupt) {
+		// A block went bad on disk since the span was verified.
+		for i := start; i < end; i++ {
+			if c, perr := shards.ParseCID(s.model.Manifest.Blocks[i].CID); perr == nil {
+				if _, gerr := s.model.Store.Get(c); errors.Is(gerr, shards.ErrCorrupt) {
+					n.blockFailed(c)
+				}
+			}
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -159,6 +160,15 @@ func (n *Node) serveFetched(ctx context.Context, m *shards.Model, start, end int
 		n.rt = rt
 	}
 	span, err := n.rt.LoadSpan(m, start, end)
+	if errors.Is(err, shards.ErrCorrupt) {
+		// A copy here went bad since it was stored: set it aside and
+		// fetch it again, once.
+		if bad := n.quarantineSpan(m, start, end); len(bad) > 0 {
+			if err = n.mesh.FetchBlocks(ctx, bad, n.own, mesh.FetchOptions{}); err == nil {
+				span, err = n.rt.LoadSpan(m, start, end)
+			}
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

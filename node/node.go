@@ -58,7 +58,12 @@ type Node struct {
 	servedMu     sync.RWMutex
 	served       []*servedSpan
 	damaged      []*damagedSpan // --serve spans with bad blocks, until repairSpans
-	subs         subSpans
+	// blocks being repaired after a read failed verification (blockFailed)
+	repairs struct {
+		sync.Mutex
+		m map[string]bool
+	}
+	subs subSpans
 	// manifests fetched from peers, by model ID (verified against it)
 	manifests struct {
 		sync.Mutex
@@ -129,7 +134,7 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	n.mesh, err = mesh.New(ctx, mesh.Config{
 		Key: key, ListenAddrs: cfg.Listen, Bootstrap: bootstrap, MDNS: !cfg.NoMDNS, NAT: !cfg.NoNAT,
 		DHTMode: cfg.DHTMode, RecordTTL: time.Duration(cfg.RecordTTL), ViewRefresh: time.Duration(cfg.ViewRefresh),
-		Version: Version, Logger: n.log, Store: n.store,
+		Version: Version, Logger: n.log, Store: watchedStore{n},
 		HostOptions: append([]libp2p.Option{libp2p.PrometheusRegisterer(n.metrics.reg)}, opts.HostOptions...),
 	}, n.advert)
 	if err != nil {

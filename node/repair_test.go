@@ -193,3 +193,92 @@ func TestCorruptBlockWithoutPeers(t *testing.T) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+// Issue 9, while running: a block that goes bad on disk is found when a
+// peer asks for it (or a span is loaded), moved aside and fetched again from
+// a peer; the span goes on from the node's own store. With no peer to fetch
+// from, the span holding it is no longer served nor announced.
+func TestRepairBlockWhileRunning(t *testing.T) {
+	m := buildRepairGPT(t)
+	peer := startTestNode(t, nil, m.Dir)
+	t.Cleanup(func() { peer.Close() })
+	dir := copyModel(t, m)
+	n, _, log, err := newServeNode(t, []string{peer.Status().Addrs[0]}, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log(log.String())
+		}
+	})
+	waitUntil(t, 10*time.Second, "the node sees its peer", func() bool {
+		cov, err := n.Coverage(context.Background(), m.ID.String())
+		return err == nil && len(cov.Peers) == 2
+	})
+	bad := mustCID(t, damage(t, m, dir, 1, true))
+	// What the block server reads: a verification failure starts the repair.
+	if _, err := (watchedStore{n}).Get(bad); err == nil {
+		t.Fatal("a corrupt block was read as good")
+	}
+	waitUntil(t, 20*time.Second, "the span served from the node's own store", func() bool {
+		s := n.servedSpans()
+		return len(s) == 1 && s[0].model.Store == n.own
+	})
+	if _, err := (watchedStore{n}).Get(bad); err != nil {
+		t.Fatalf("after the repair: %v\n%s", err, log)
+	}
+	// A sub-span loads from the repaired copies.
+	r, err := n.Runner(m.ID.String(), 1, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Run(syntheticInputs(r.Inputs())); err != nil {
+		t.Fatal(err)
+	}
+	// Then the node's own copy goes bad: loading a sub-span finds it.
+	damage(t, m, filepath.Dir(n.own.Dir()), 2, false) // DATA/blocks
+	n.subs.mu.Lock()
+	for _, sp := range n.subs.spans {
+		sp.Close()
+	}
+	n.subs.spans, n.subs.order = nil, nil
+	n.subs.mu.Unlock()
+	if _, err := n.Runner(m.ID.String(), 2, 3); err == nil {
+		t.Fatal("a sub-span loaded from a truncated block")
+	}
+	waitUntil(t, 20*time.Second, "the block fetched again", func() bool {
+		_, err := n.Runner(m.ID.String(), 2, 3)
+		return err == nil
+	})
+	if len(n.servedSpans()) != 1 {
+		t.Fatalf("the span was dropped\n%s", log)
+	}
+
+	// Alone, the node stops announcing the span it cannot repair.
+	dir2 := copyModel(t, m)
+	last := len(m.Manifest.Blocks) - 1
+	alone, _, log2, err := newServeNode(t, nil, dir2+":0-1", dir2+":2-"+itoa(last))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log(log2.String())
+		}
+	})
+	bad2 := mustCID(t, damage(t, m, dir2, 3, true))
+	(watchedStore{alone}).Get(bad2)
+	waitUntil(t, 30*time.Second, "the damaged span dropped", func() bool {
+		a := alone.advert()
+		return len(a.Models) == 1 && a.Models[0].End == 2
+	})
+	for _, c := range alone.provided() {
+		if c.Equals(bad2) {
+			t.Fatal("the bad block is still announced")
+		}
+	}
+	if !strings.Contains(log2.String(), "not serving a span any more") {
+		t.Errorf("the log does not say why:\n%s", log2)
+	}
+}

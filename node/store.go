@@ -11,6 +11,7 @@ import (
 
 	"github.com/ipfs/go-cid"
 
+	"github.com/infermesh/infermesh/mesh"
 	"github.com/infermesh/infermesh/shards"
 )
 
@@ -141,36 +142,12 @@ func (n *Node) repairSpans(ctx context.Context) []error {
 const repairFetchTimeout = 2 * time.Minute
 
 func (n *Node) repairSpan(ctx context.Context, d *damagedSpan, routed *bool) error {
-	m := d.model
-	lm, err := n.localModel(m.ID, m.Manifest)
+	lm, err := n.ownCopy(d.model, d.start, d.end)
 	if err != nil {
 		return err
 	}
-	var copyCIDs []cid.Cid
-	for _, f := range m.Manifest.Files {
-		if c, err := shards.ParseCID(f.CID); err == nil {
-			copyCIDs = append(copyCIDs, c)
-		}
-	}
-	for _, b := range m.Manifest.Blocks[d.start:d.end] {
-		if c, err := shards.ParseCID(b.CID); err == nil && !slices.ContainsFunc(d.missing, c.Equals) {
-			copyCIDs = append(copyCIDs, c)
-		}
-	}
-	for _, c := range copyCIDs {
-		if ok, _ := n.own.Has(c); ok {
-			continue
-		}
-		data, err := m.Store.Get(c)
-		if err != nil {
-			continue // a file: fetched from peers below, like the missing blocks
-		}
-		if _, err := n.own.Put(c.Prefix().Codec, data); err != nil {
-			return err
-		}
-	}
 	if len(d.missing) > 0 {
-		if len(n.cfg.Bootstrap) == 0 && n.cfg.NoMDNS {
+		if n.alone() {
 			return fmt.Errorf("%d block(s) failed verification and no peer is known to fetch them from (no --bootstrap)", len(d.missing))
 		}
 		if !*routed {
@@ -185,12 +162,227 @@ func (n *Node) repairSpan(ctx context.Context, d *damagedSpan, routed *bool) err
 	}
 	fctx, cancel := context.WithTimeout(ctx, repairFetchTimeout)
 	defer cancel()
-	s, err := n.serveFetched(fctx, lm, d.start, d.end)
+	s, err := n.serveFetched(fctx, lm, d.start, d.end) // fetches what ownCopy could not copy
 	if err != nil {
 		return err
 	}
 	s.reason = "--serve " + d.spec + " (repaired into the node's own store)"
 	n.addServed(s)
-	n.log.Info("repaired", "serve", d.spec, "model", m.ID, "blocks", fmt.Sprintf("%d-%d", d.start, d.end-1), "fetched", len(d.missing), "store", n.own.Dir())
+	n.log.Info("repaired", "serve", d.spec, "model", d.model.ID, "blocks", fmt.Sprintf("%d-%d", d.start, d.end-1), "fetched", len(d.missing), "store", n.own.Dir())
 	return nil
+}
+
+// ownCopy is model m served from the node's own store: the good copies of
+// its files and of blocks [start, end) in m's folder are copied there (what
+// has no good copy is left for the caller to fetch).
+func (n *Node) ownCopy(m *shards.Model, start, end int) (*shards.Model, error) {
+	lm, err := n.localModel(m.ID, m.Manifest)
+	if err != nil || m.Store == n.own {
+		return lm, err
+	}
+	var cids []cid.Cid
+	for _, f := range m.Manifest.Files {
+		if c, err := shards.ParseCID(f.CID); err == nil {
+			cids = append(cids, c)
+		}
+	}
+	for _, b := range m.Manifest.Blocks[start:end] {
+		if c, err := shards.ParseCID(b.CID); err == nil {
+			cids = append(cids, c)
+		}
+	}
+	for _, c := range cids {
+		if ok, _ := n.own.Has(c); ok {
+			continue
+		}
+		data, err := m.Store.Get(c)
+		if err != nil {
+			continue
+		}
+		if _, err := n.own.Put(c.Prefix().Codec, data); err != nil {
+			return nil, err
+		}
+	}
+	return lm, nil
+}
+
+// quarantineSpan moves aside the copies of blocks [start, end) of m that
+// fail verification in m's store, and returns their CIDs.
+func (n *Node) quarantineSpan(m *shards.Model, start, end int) []cid.Cid {
+	var bad []cid.Cid
+	for i := start; i < end; i++ {
+		c, err := shards.ParseCID(m.Manifest.Blocks[i].CID)
+		if err != nil {
+			continue
+		}
+		if _, err := m.Store.Get(c); err != nil {
+			n.quarantine(m.Store, c, i, filepath.Join(n.opts.DataDir, QuarantineDir), err)
+			bad = append(bad, c)
+		}
+	}
+	return bad
+}
+
+// watchedStore is the store the mesh serves blocks from: a read that fails
+// verification there starts the repair of that block (blockFailed).
+type watchedStore struct{ n *Node }
+
+var _ shards.Store = watchedStore{}
+
+func (w watchedStore) Put(codec uint64, data []byte) (cid.Cid, error) {
+	return w.n.store.Put(codec, data)
+}
+func (w watchedStore) Add(c cid.Cid, r io.Reader) error { return w.n.store.Add(c, r) }
+func (w watchedStore) Remove(c cid.Cid) error           { return w.n.store.Remove(c) }
+func (w watchedStore) Has(c cid.Cid) (bool, error)      { return w.n.store.Has(c) }
+func (w watchedStore) List() ([]cid.Cid, error)         { return w.n.store.List() }
+
+func (w watchedStore) Get(c cid.Cid) ([]byte, error) {
+	data, err := w.n.store.Get(c)
+	if errors.Is(err, shards.ErrCorrupt) {
+		w.n.blockFailed(c)
+	}
+	return data, err
+}
+
+// blockFailed starts, in the background, the repair of block c, whose
+// only copies here failed verification while the node runs: they are moved
+// aside and a good copy fetched from peers into the node's own store; spans
+// served from a folder that lost c are then served from the node's own
+// store. If no peer sends c, the spans holding it are no longer served nor
+// announced. One repair per block runs at a time.
+func (n *Node) blockFailed(c cid.Cid) {
+	key := c.String()
+	n.repairs.Lock()
+	if n.repairs.m == nil {
+		n.repairs.m = map[string]bool{}
+	}
+	if n.repairs.m[key] || n.ctx.Err() != nil {
+		n.repairs.Unlock()
+		return
+	}
+	n.repairs.m[key] = true
+	n.repairs.Unlock()
+	n.wg.Go(func() {
+		defer func() {
+			n.repairs.Lock()
+			delete(n.repairs.m, key)
+			n.repairs.Unlock()
+		}()
+		n.repairBlock(c)
+	})
+}
+
+func (n *Node) repairBlock(c cid.Cid) {
+	qdir := filepath.Join(n.opts.DataDir, QuarantineDir)
+	for _, st := range n.store {
+		if fs, ok := st.(*shards.FileStore); ok {
+			if _, err := fs.Get(c); errors.Is(err, shards.ErrCorrupt) {
+				n.quarantine(fs, c, -1, qdir, err)
+			}
+		}
+	}
+	data, err := n.store.Get(c)
+	if err == nil {
+		// A good copy in another folder: the node's own store, which
+		// spans repaired or fetched read from, gets it too.
+		if ok, _ := n.own.Has(c); !ok {
+			if _, err := n.own.Put(c.Prefix().Codec, data); err != nil {
+				n.dropSpansOf(c, err)
+				return
+			}
+		}
+	} else {
+		ctx, cancel := context.WithTimeout(n.ctx, repairFetchTimeout)
+		if n.alone() {
+			err = errors.New("no peer is known to fetch it from (no --bootstrap)")
+		} else {
+			wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
+			err = n.mesh.WaitRouting(wctx)
+			wcancel()
+		}
+		// Providers come and go: a few tries before giving the span up.
+		for try := 0; err == nil; try++ {
+			if err = n.mesh.FetchBlocks(ctx, []cid.Cid{c}, n.own, mesh.FetchOptions{}); err == nil || try == 2 {
+				break
+			}
+			select {
+			case <-time.After(time.Second << try):
+			case <-ctx.Done():
+			}
+		}
+		cancel()
+		if err != nil {
+			n.dropSpansOf(c, err)
+			return
+		}
+		n.log.Info("repaired block from peers", "cid", c, "store", n.own.Dir())
+	}
+	// Spans of a model folder that lost c go on from the node's own store;
+	// the loaded sessions stay as they are.
+	for _, s := range n.servedSpans() {
+		if s.model.Store == n.own || !spanHolds(s, c) {
+			continue
+		}
+		lm, err := n.ownCopy(s.model, s.start, s.end)
+		for i := s.start; err == nil && i < s.end; i++ {
+			_, err = lm.Block(i)
+		}
+		if err != nil {
+			n.dropSpansOf(c, err)
+			return
+		}
+		next := *s
+		next.model = lm
+		n.servedMu.Lock()
+		if i := slices.Index(n.served, s); i >= 0 {
+			n.served[i] = &next
+		}
+		n.servedMu.Unlock()
+	}
+}
+
+// spanHolds reports whether block c is among those s serves.
+func spanHolds(s *servedSpan, c cid.Cid) bool {
+	for _, b := range s.model.Manifest.Blocks[s.start:s.end] {
+		if b.CID == c.String() {
+			return true
+		}
+	}
+	return false
+}
+
+// dropSpansOf stops serving and announcing the spans holding block c,
+// which cannot be repaired; their loaded sessions close after dropGrace.
+func (n *Node) dropSpansOf(c cid.Cid, why error) {
+	var dropped []*servedSpan
+	for _, s := range n.servedSpans() {
+		if spanHolds(s, c) {
+			n.dropServed(s)
+			dropped = append(dropped, s)
+			n.log.Error("not serving a span any more: a block failed verification and could not be repaired", "model", s.model.ID,
+				"blocks", fmt.Sprintf("%d-%d", s.start, s.end-1), "cid", c, "err", why)
+		}
+	}
+	if len(dropped) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(n.ctx, 30*time.Second)
+	if err := n.mesh.Publish(ctx); err != nil && n.ctx.Err() == nil {
+		n.log.Warn("announcing the dropped span", "err", err)
+	}
+	cancel()
+	select {
+	case <-time.After(dropGrace):
+	case <-n.ctx.Done():
+	}
+	for _, s := range dropped {
+		s.span.Close()
+	}
+}
+
+// alone reports whether the node has no peer to fetch from and no way to
+// find one.
+func (n *Node) alone() bool {
+	return len(n.cfg.Bootstrap) == 0 && n.cfg.NoMDNS && len(n.mesh.Host().Network().Peers()) == 0
 }
