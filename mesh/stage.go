@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"sync"
 	"time"
 
@@ -37,9 +38,29 @@ type StageConfig struct {
 	// SessionIdle closes a session unused this long (default 2 min).
 	SessionIdle time.Duration
 	// MaxFrameBytes bounds one stage frame this node accepts (default 256
-	// MiB, at most protocol.MaxFrameBytes): a peer cannot make it allocate
-	// more than this per stream.
+	// MiB, at most protocol.MaxFrameBytes). Memory for a frame grows only
+	// as its bytes arrive, and a request's tensors must also fit the
+	// inputs of the span it asks for before any of its body is read.
 	MaxFrameBytes int
+	// MaxInFlightPerPeer bounds the steps one sending peer may have
+	// computing at once (default MaxInFlight - MaxInFlight/4, at least 1),
+	// so that others always find a slot; one more gets busy.
+	MaxInFlightPerPeer int
+	// MaxSessionsPerPeer bounds the sessions one sending peer may hold
+	// open here (default max(8, MaxSessions/4)); one more gets busy.
+	MaxSessionsPerPeer int
+	// MaxStreamsPerPeer bounds the stage streams one peer may have open to
+	// this node at once (default 8; an honest peer uses one); one more is
+	// reset at once.
+	MaxStreamsPerPeer int
+	// StreamIdle closes a stage stream on which no frame came (and, for a
+	// stream this node opened, none was sent) for this long (default
+	// protocol.StageStreamIdle). A node opens a new stream rather than
+	// write on one unused for half of it.
+	StreamIdle time.Duration
+	// FrameTimeout resets a stage stream whose frame, once begun, delivers
+	// no byte for this long (default protocol.StageFrameTimeout).
+	FrameTimeout time.Duration
 }
 
 func (c *StageConfig) defaults() {
@@ -55,6 +76,21 @@ func (c *StageConfig) defaults() {
 	if c.MaxFrameBytes <= 0 || c.MaxFrameBytes > protocol.MaxFrameBytes {
 		c.MaxFrameBytes = 256 << 20
 	}
+	if c.MaxInFlightPerPeer <= 0 {
+		c.MaxInFlightPerPeer = max(1, c.MaxInFlight-c.MaxInFlight/4)
+	}
+	if c.MaxSessionsPerPeer <= 0 {
+		c.MaxSessionsPerPeer = max(8, c.MaxSessions/4)
+	}
+	if c.MaxStreamsPerPeer <= 0 {
+		c.MaxStreamsPerPeer = 8
+	}
+	if c.StreamIdle <= 0 {
+		c.StreamIdle = protocol.StageStreamIdle
+	}
+	if c.FrameTimeout <= 0 {
+		c.FrameTimeout = protocol.StageFrameTimeout
+	}
 }
 
 // stage is the serving side of the stage protocol, and the delivery of
@@ -68,8 +104,12 @@ type stage struct {
 	inFlight int
 	stats    StageStats
 	sessions map[sessionKey]*hopSession
-	links    map[peer.ID]*link
-	pending  map[uint64]*call // this node's requests awaiting answers
+	// per sending peer: steps computing, sessions held, inbound streams open
+	peerInFlight map[peer.ID]int
+	peerSessions map[peer.ID]int
+	peerStreams  map[peer.ID]int
+	links        map[peer.ID]*link
+	pending      map[uint64]*call // this node's requests awaiting answers
 	// requests their requesters cancelled, not to be run or forwarded
 	cancelled map[cancelKey]bool
 }
@@ -95,8 +135,12 @@ type sessionKey struct {
 }
 
 type hopSession struct {
-	sess     shards.Session
-	next     int // the step it expects
+	sess shards.Session
+	// owner is the peer that opened it (the requester at the first hop,
+	// the previous hop after): its quota holds the session.
+	owner    peer.ID
+	dropped  bool // removed while a step ran: that step closes it
+	next     int  // the step it expects
 	lastUsed time.Time
 	busy     bool
 	// lastOut is what step next-1 produced. A requester that resumes a
@@ -111,6 +155,9 @@ type hopSession struct {
 type link struct {
 	mu sync.Mutex
 	s  network.Stream
+	// lastWrite is when a frame was last written (or the link opened);
+	// guarded by the stage's mu.
+	lastWrite time.Time
 }
 
 // linkDialTimeout bounds opening a stage stream to a peer: a peer that
@@ -121,7 +168,7 @@ const linkDialTimeout = 2 * time.Second
 
 func newStage(m *Mesh) *stage {
 	st := &stage{m: m, sessions: map[sessionKey]*hopSession{}, links: map[peer.ID]*link{}, pending: map[uint64]*call{},
-		cancelled: map[cancelKey]bool{}}
+		cancelled: map[cancelKey]bool{}, peerInFlight: map[peer.ID]int{}, peerSessions: map[peer.ID]int{}, peerStreams: map[peer.ID]int{}}
 	st.cfg.defaults()
 	m.host.SetStreamHandler(protocol.StageProtocol, st.handleStream)
 	return st
@@ -142,18 +189,73 @@ func (m *Mesh) Load() protocol.Load {
 	return protocol.Load{InFlight: m.stage.inFlight}
 }
 
-// handleStream reads frames until the stream ends; each is handled on its
-// own goroutine so that one slow step does not hold up the others.
-func (st *stage) handleStream(s network.Stream) {
+// handleStream reads frames on a stage stream a peer opened.
+func (st *stage) handleStream(s network.Stream) { st.readLoop(s, nil) }
+
+// readLoop reads frames until the stream ends, idles past StreamIdle or
+// stalls inside a frame past FrameTimeout; each request is handled on its
+// own goroutine so that one slow step does not hold up the others. l is
+// the link when this node opened the stream (its writes keep it alive),
+// nil for a stream a peer opened (at most MaxStreamsPerPeer of those per
+// peer).
+func (st *stage) readLoop(s network.Stream, l *link) {
 	from := s.Conn().RemotePeer()
-	defer s.Close()
 	st.mu.Lock()
-	limit := st.cfg.MaxFrameBytes
+	cfg := st.cfg
+	if l == nil {
+		if st.peerStreams[from] >= cfg.MaxStreamsPerPeer {
+			st.stats.StreamsRefused++
+			st.mu.Unlock()
+			st.m.log.Debug("stage stream refused: too many from this peer", "peer", from)
+			s.Reset()
+			return
+		}
+		st.peerStreams[from]++
+	}
 	st.mu.Unlock()
+	defer func() {
+		st.mu.Lock()
+		if l == nil {
+			if st.peerStreams[from]--; st.peerStreams[from] <= 0 {
+				delete(st.peerStreams, from)
+			}
+		} else if st.links[from] == l {
+			delete(st.links, from) // the next frame to this peer opens a new link
+		}
+		st.mu.Unlock()
+	}()
+	r := &deadlineReader{s: s, idle: cfg.StreamIdle, progress: cfg.FrameTimeout}
+	if l != nil {
+		r.lastWrite = func() time.Time {
+			st.mu.Lock()
+			defer st.mu.Unlock()
+			return l.lastWrite
+		}
+	}
+	opts := protocol.ReadOptions{MaxBytes: cfg.MaxFrameBytes, Check: func(k protocol.Kind, h *protocol.Header) error {
+		return st.check(from, k, h)
+	}}
 	for {
-		msg, err := protocol.ReadMessage(s, limit)
+		r.frameBoundary()
+		msg, err := protocol.ReadMessageWith(r, opts)
+		if errors.Is(err, protocol.ErrRefused) {
+			if msg.Kind == protocol.KindRequest {
+				st.m.wg.Go(func() { st.handleRequest(from, msg, err) })
+			}
+			continue
+		}
 		if err != nil {
-			if !errors.Is(err, io.EOF) && st.m.ctx.Err() == nil {
+			switch {
+			case errors.Is(err, io.EOF) || st.m.ctx.Err() != nil:
+				s.Close()
+			case r.idled:
+				st.m.log.Debug("stage stream idle: closed", "peer", from)
+				st.countTimeout()
+				s.Close()
+			default:
+				if r.stalled {
+					st.countTimeout()
+				}
 				st.m.log.Debug("stage stream ended", "peer", from, "err", err)
 				s.Reset()
 			}
@@ -167,13 +269,169 @@ func (st *stage) handleStream(s network.Stream) {
 	}
 }
 
+func (st *stage) countTimeout() {
+	st.mu.Lock()
+	st.stats.StreamsTimedOut++
+	st.mu.Unlock()
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// deadlineReader sets a stream's read deadline before each read: between
+// frames the stream may idle for idle (counted from the last frame read,
+// or the last frame written when lastWrite is set), inside a frame each
+// read must bring bytes within progress.
+type deadlineReader struct {
+	s              network.Stream
+	idle, progress time.Duration
+	lastWrite      func() time.Time // nil: reads alone keep the stream alive
+	boundary       bool             // no byte of the next frame read yet
+	waitFrom       time.Time        // when the wait for the next frame began
+	idled          bool             // the stream timed out between frames
+	stalled        bool             // a frame brought no byte for progress
+}
+
+func (r *deadlineReader) frameBoundary() { r.boundary, r.waitFrom = true, time.Now() }
+
+func (r *deadlineReader) Read(p []byte) (int, error) {
+	if !r.boundary {
+		r.s.SetReadDeadline(time.Now().Add(r.progress))
+		n, err := r.s.Read(p)
+		if err != nil && isTimeout(err) {
+			r.stalled = true
+		}
+		return n, err
+	}
+	for {
+		alive := r.waitFrom
+		if r.lastWrite != nil {
+			if w := r.lastWrite(); w.After(alive) {
+				alive = w
+			}
+		}
+		r.s.SetReadDeadline(alive.Add(r.idle))
+		n, err := r.s.Read(p)
+		if n > 0 {
+			r.boundary = false
+			return n, err
+		}
+		if err != nil && isTimeout(err) {
+			// Nothing of a frame was read, so waiting again loses nothing:
+			// do, if this node wrote on the stream meanwhile.
+			if r.lastWrite != nil && time.Since(r.lastWrite()) < r.idle {
+				continue
+			}
+			r.idled = true
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+}
+
+// check sees a frame's header before its body is read, and refuses (the
+// body is then read and dropped, never kept) what this node would not use:
+// a request whose tensors do not fit the inputs of the span it asks for
+// (so the model's manifest, not only the protocol's limits, bounds what a
+// request may make this node receive), an answer to no request of ours,
+// or a close that carries tensors.
+func (st *stage) check(from peer.ID, k protocol.Kind, h *protocol.Header) error {
+	switch k {
+	case protocol.KindRequest:
+		if h.Hop < 0 || h.Hop >= len(h.Route) || h.Route[h.Hop].Peer != st.m.host.ID().String() {
+			return &refusal{err: errors.New("request not for this node")}
+		}
+		st.mu.Lock()
+		provider := st.provider
+		st.mu.Unlock()
+		if provider == nil {
+			return &refusal{code: protocol.CodeUnknownBlock, err: errors.New("this node serves nothing")}
+		}
+		hop := h.Route[h.Hop]
+		runner, err := provider.Runner(h.Model, hop.Start, hop.End)
+		if err != nil {
+			return &refusal{code: protocol.CodeUnknownBlock, err: err}
+		}
+		if err := fitsInputs(runner.Inputs(), h.Tensors); err != nil {
+			return &refusal{code: protocol.CodeBadRequest, err: err}
+		}
+		return nil
+	case protocol.KindClose:
+		if len(h.Tensors) > 0 {
+			return &refusal{err: errors.New("close with tensors")}
+		}
+		return nil
+	default:
+		st.mu.Lock()
+		c, ok := st.pending[h.ID]
+		st.mu.Unlock()
+		if len(h.Tensors) > 0 && (!ok || h.Hop < 0 || h.Hop >= len(c.route) || c.route[h.Hop].Peer != from.String()) {
+			return &refusal{err: errors.New("tensors answering no request of ours")}
+		}
+		return nil
+	}
+}
+
+// refusal is why check refused a frame; code, if set, is answered to a
+// request's requester.
+type refusal struct {
+	code protocol.ErrorCode
+	err  error
+}
+
+func (r *refusal) Error() string { return r.err.Error() }
+
+// fitsInputs checks a request's declared tensors against a span's inputs,
+// as shards.CheckInputs does the tensors themselves: each input present
+// once with its type, rank and fixed dimensions, symbolic dimensions of one
+// name equal across them, and nothing else.
+func fitsInputs(specs []shards.TensorSpec, metas []protocol.TensorMeta) error {
+	byName := make(map[string]protocol.TensorMeta, len(metas))
+	for _, m := range metas {
+		if _, dup := byName[m.Name]; dup {
+			return fmt.Errorf("tensor %q sent twice", m.Name)
+		}
+		byName[m.Name] = m
+	}
+	if len(byName) > len(specs) {
+		return fmt.Errorf("%d tensors sent, the span takes %d", len(byName), len(specs))
+	}
+	bound := map[string]int64{}
+	for _, spec := range specs {
+		m, ok := byName[spec.Name]
+		if !ok {
+			return fmt.Errorf("missing tensor %q", spec.Name)
+		}
+		if m.DType != spec.DType || len(m.Shape) != len(spec.Shape) {
+			return fmt.Errorf("tensor %q is %v%v, want %v of rank %d", spec.Name, m.DType, m.Shape, spec.DType, len(spec.Shape))
+		}
+		for i, d := range spec.Shape {
+			switch {
+			case d.Param == "":
+				if m.Shape[i] != d.Size {
+					return fmt.Errorf("tensor %q has dimension %d = %d, want %d", spec.Name, i, m.Shape[i], d.Size)
+				}
+			case d.Param != "?":
+				if b, ok := bound[d.Param]; ok && b != m.Shape[i] {
+					return fmt.Errorf("tensor %q has %s = %d, another input %d", spec.Name, d.Param, m.Shape[i], b)
+				}
+				bound[d.Param] = m.Shape[i]
+			}
+		}
+	}
+	return nil
+}
+
 // dispatch acts on a frame from a peer (or from this node itself): a
 // request runs, a close ends its session, anything else answers one of our
 // own requests.
 func (st *stage) dispatch(from peer.ID, msg *protocol.Message) {
 	switch msg.Kind {
 	case protocol.KindRequest:
-		st.m.wg.Go(func() { st.handleRequest(from, msg) })
+		st.m.wg.Go(func() { st.handleRequest(from, msg, nil) })
 	case protocol.KindClose:
 		st.closeSession(from, msg)
 	default:
@@ -201,6 +459,9 @@ func (st *stage) send(ctx context.Context, to peer.ID, msg *protocol.Message) er
 			l.s.SetWriteDeadline(time.Now().Add(30 * time.Second))
 		}
 		err = protocol.WriteMessage(l.s, msg)
+		st.mu.Lock()
+		l.lastWrite = time.Now()
+		st.mu.Unlock()
 		l.mu.Unlock()
 		if err == nil {
 			return nil
@@ -215,6 +476,14 @@ func (st *stage) send(ctx context.Context, to peer.ID, msg *protocol.Message) er
 func (st *stage) link(ctx context.Context, to peer.ID) (*link, error) {
 	st.mu.Lock()
 	l, ok := st.links[to]
+	if ok && time.Since(l.lastWrite) > st.cfg.StreamIdle/2 {
+		// The peer may close a stream idle for StreamIdle; a frame must
+		// never race that, so an idle link is closed and replaced.
+		delete(st.links, to)
+		old := l
+		st.m.wg.Go(func() { old.mu.Lock(); old.s.Close(); old.mu.Unlock() })
+		ok = false
+	}
 	st.mu.Unlock()
 	if ok {
 		return l, nil
@@ -226,17 +495,17 @@ func (st *stage) link(ctx context.Context, to peer.ID) (*link, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Frames also flow back on a stream we opened (a peer answers on any
-	// link), so read it too.
-	st.m.wg.Go(func() { st.handleStream(s) })
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if old, ok := st.links[to]; ok { // lost a race: keep the first
 		s.Close()
 		return old, nil
 	}
-	l = &link{s: s}
+	l = &link{s: s, lastWrite: time.Now()}
 	st.links[to] = l
+	// Frames also flow back on a stream we opened (a peer answers on any
+	// link), so read it too.
+	st.m.wg.Go(func() { st.readLoop(s, l) })
 	return l, nil
 }
 
@@ -250,7 +519,10 @@ func (st *stage) dropLink(to peer.ID, l *link) {
 }
 
 // handleRequest runs one step at this hop and passes the outputs on.
-func (st *stage) handleRequest(from peer.ID, msg *protocol.Message) {
+// refused, if set, is why check refused the request's tensors (the
+// message then has none): it is answered once the request is known to be
+// for this node and from a peer allowed to send it.
+func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused error) {
 	h := &msg.Header
 	self := st.m.host.ID().String()
 	requester, err := peer.Decode(h.Requester)
@@ -262,6 +534,21 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message) {
 	// a hop its inputs.
 	if (h.Hop == 0 && from != requester) || (h.Hop > 0 && h.Route[h.Hop-1].Peer != from.String()) {
 		st.fail(requester, h, protocol.CodeBadRequest, "request from a peer that is not the previous hop")
+		return
+	}
+	if refused != nil {
+		var r *refusal
+		if !errors.As(refused, &r) || r.code == "" {
+			return
+		}
+		if r.code == protocol.CodeBadRequest && h.Hop > 0 {
+			// As in compute: malformed activations blame the previous hop.
+			blamed := *h
+			blamed.Hop = h.Hop - 1
+			st.fail(requester, &blamed, protocol.CodeBadOutput, "sent malformed activations: "+r.err.Error())
+			return
+		}
+		st.fail(requester, h, r.code, r.err.Error())
 		return
 	}
 	ctx := st.m.ctx
@@ -277,13 +564,13 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message) {
 	if st.isCancelled(h) {
 		return
 	}
-	if !st.admit() {
-		st.fail(requester, h, protocol.CodeBusy, fmt.Sprintf("%d steps in flight", st.cfg.MaxInFlight))
+	if why := st.admit(from); why != "" {
+		st.fail(requester, h, protocol.CodeBusy, why)
 		return
 	}
 	start := time.Now()
-	out, code, err := st.compute(requester, msg)
-	st.release()
+	out, code, err := st.compute(from, requester, msg)
+	st.release(from)
 	if err != nil {
 		var blame *blameError
 		if errors.As(err, &blame) {
@@ -333,26 +620,32 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message) {
 	}
 }
 
-func (st *stage) admit() bool {
+// admit takes a compute slot for a step sent by from, or says why not.
+func (st *stage) admit(from peer.ID) (busy string) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if st.inFlight >= st.cfg.MaxInFlight {
-		st.stats.Busy++
-		return false
+		return fmt.Sprintf("%d steps in flight", st.inFlight)
+	}
+	if st.peerInFlight[from] >= st.cfg.MaxInFlightPerPeer {
+		return fmt.Sprintf("%d steps in flight from this peer", st.peerInFlight[from])
 	}
 	st.inFlight++
+	st.peerInFlight[from]++
 	st.stats.Steps++
 	st.stats.PeakInFlight = max(st.stats.PeakInFlight, st.inFlight)
-	return true
+	return ""
 }
 
 // StageStats count what a node's stage server did.
 type StageStats struct {
-	Steps        uint64 // steps admitted
-	Busy         uint64 // requests turned away busy
-	PeakInFlight int    // most steps computing at once
-	InFlight     int    // steps computing now
-	Sessions     int    // sessions open now
+	Steps           uint64 // steps admitted
+	Busy            uint64 // requests answered busy (compute slots or sessions full, overall or for the peer)
+	StreamsRefused  uint64 // inbound stage streams reset at once: the peer had MaxStreamsPerPeer open
+	StreamsTimedOut uint64 // stage streams closed idle or reset for a stalled frame
+	PeakInFlight    int    // most steps computing at once
+	InFlight        int    // steps computing now
+	Sessions        int    // sessions open now
 }
 
 // StageStats reports the stage server's counters.
@@ -364,15 +657,18 @@ func (m *Mesh) StageStats() StageStats {
 	return s
 }
 
-func (st *stage) release() {
+func (st *stage) release(from peer.ID) {
 	st.mu.Lock()
 	st.inFlight--
+	if st.peerInFlight[from]--; st.peerInFlight[from] <= 0 {
+		delete(st.peerInFlight, from)
+	}
 	st.mu.Unlock()
 }
 
 // compute runs the hop's span on the message's tensors, in the request's
 // session when it has one.
-func (st *stage) compute(requester peer.ID, msg *protocol.Message) ([]protocol.NamedTensor, protocol.ErrorCode, error) {
+func (st *stage) compute(from, requester peer.ID, msg *protocol.Message) ([]protocol.NamedTensor, protocol.ErrorCode, error) {
 	h := &msg.Header
 	hop := h.Route[h.Hop]
 	st.mu.Lock()
@@ -399,7 +695,7 @@ func (st *stage) compute(requester peer.ID, msg *protocol.Message) ([]protocol.N
 		out, err = runner.Run(inputs)
 	} else {
 		key := sessionKey{requester: requester.String(), session: h.Session, model: h.Model, start: hop.Start, end: hop.End}
-		hs, repeat, code, serr := st.session(key, runner, h.Step)
+		hs, repeat, code, serr := st.session(key, from, runner, h.Step)
 		if serr != nil {
 			return nil, code, serr
 		}
@@ -409,6 +705,9 @@ func (st *stage) compute(requester peer.ID, msg *protocol.Message) ([]protocol.N
 			out, err = hs.sess.Step(inputs)
 			st.mu.Lock()
 			hs.busy = false
+			if hs.dropped {
+				hs.sess.Close() // removed while it ran
+			}
 			if err == nil {
 				hs.next++
 				hs.lastOut = out
@@ -430,7 +729,7 @@ func (st *stage) compute(requester peer.ID, msg *protocol.Message) ([]protocol.N
 // session finds or opens the hop's state for a session step. Steps must
 // come in order: a step run twice would corrupt the KV cache, so a repeat
 // of the last step returns its outputs (repeat) instead.
-func (st *stage) session(key sessionKey, runner shards.Runner, step int) (_ *hopSession, repeat shards.Tensors, _ protocol.ErrorCode, _ error) {
+func (st *stage) session(key sessionKey, from peer.ID, runner shards.Runner, step int) (_ *hopSession, repeat shards.Tensors, _ protocol.ErrorCode, _ error) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	hs, ok := st.sessions[key]
@@ -438,14 +737,18 @@ func (st *stage) session(key sessionKey, runner shards.Runner, step int) (_ *hop
 		if step != 0 {
 			return nil, nil, protocol.CodeUnknownSession, fmt.Errorf("session %s: step %d but no state here", key.session, step)
 		}
-		if len(st.sessions) >= st.cfg.MaxSessions {
+		if len(st.sessions) >= st.cfg.MaxSessions || st.peerSessions[from] >= st.cfg.MaxSessionsPerPeer {
 			st.expireLocked(time.Now())
-			if len(st.sessions) >= st.cfg.MaxSessions {
-				return nil, nil, protocol.CodeBusy, fmt.Errorf("%d sessions open", len(st.sessions))
-			}
 		}
-		hs = &hopSession{sess: runner.NewSession()}
+		if len(st.sessions) >= st.cfg.MaxSessions {
+			return nil, nil, protocol.CodeBusy, fmt.Errorf("%d sessions open", len(st.sessions))
+		}
+		if n := st.peerSessions[from]; n >= st.cfg.MaxSessionsPerPeer {
+			return nil, nil, protocol.CodeBusy, fmt.Errorf("%d sessions open from this peer", n)
+		}
+		hs = &hopSession{sess: runner.NewSession(), owner: from}
 		st.sessions[key] = hs
+		st.peerSessions[from]++
 	}
 	if hs.busy {
 		return nil, nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d while another step runs", key.session, step)
@@ -487,19 +790,31 @@ func (st *stage) closeSession(from peer.ID, msg *protocol.Message) {
 	}
 	for k, hs := range st.sessions {
 		if k.requester == h.Requester && k.session == h.Session && !hs.busy {
-			hs.sess.Close()
-			delete(st.sessions, k)
+			st.removeLocked(k, hs)
 		}
 	}
 	st.mu.Unlock()
+}
+
+// removeLocked drops a session and frees its owner's quota; a session
+// whose step is running is closed when the step ends.
+func (st *stage) removeLocked(k sessionKey, hs *hopSession) {
+	delete(st.sessions, k)
+	if st.peerSessions[hs.owner]--; st.peerSessions[hs.owner] <= 0 {
+		delete(st.peerSessions, hs.owner)
+	}
+	if hs.busy {
+		hs.dropped = true
+		return
+	}
+	hs.sess.Close()
 }
 
 // expireLocked closes sessions idle past SessionIdle.
 func (st *stage) expireLocked(now time.Time) {
 	for k, hs := range st.sessions {
 		if !hs.busy && now.Sub(hs.lastUsed) > st.cfg.SessionIdle {
-			hs.sess.Close()
-			delete(st.sessions, k)
+			st.removeLocked(k, hs)
 		}
 	}
 }
@@ -521,6 +836,11 @@ func (st *stage) expiryLoop() {
 
 // fail reports an error at hop h.Hop to the requester.
 func (st *stage) fail(requester peer.ID, h *protocol.Header, code protocol.ErrorCode, msg string) {
+	if code == protocol.CodeBusy {
+		st.mu.Lock()
+		st.stats.Busy++
+		st.mu.Unlock()
+	}
 	e := &protocol.Message{Kind: protocol.KindError, Header: protocol.Header{ID: h.ID, Requester: h.Requester, Model: h.Model,
 		Session: h.Session, Step: h.Step, Hop: h.Hop, Code: code, Message: msg}}
 	if h.Hop >= 0 && h.Hop < len(h.Route) {
@@ -541,8 +861,7 @@ func (st *stage) closeAll() {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	for k, hs := range st.sessions {
-		hs.sess.Close()
-		delete(st.sessions, k)
+		st.removeLocked(k, hs)
 	}
 	for p, l := range st.links {
 		l.s.Reset()
@@ -562,6 +881,7 @@ func (e *blameError) Error() string { return e.err.Error() }
 // just lost, at its first hop that has not reported, instead of waiting
 // for their timeout.
 func (st *stage) peerGone(p peer.ID) {
+	st.dropSessionsOf(p)
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	for id, c := range st.pending {
@@ -576,6 +896,33 @@ func (st *stage) peerGone(p peer.ID) {
 			default:
 			}
 			break
+		}
+	}
+}
+
+// dropSessionsOf frees at once the sessions of a peer that disconnected:
+// those it requested, and those it opened (as the previous hop) for a
+// requester this node is not connected to either. A session whose
+// requester is still here survives its previous hop: the requester may be
+// failing that hop over and go on with this one's state.
+func (st *stage) dropSessionsOf(p peer.ID) {
+	st.mu.Lock()
+	requesters := map[string]bool{}
+	for k, hs := range st.sessions {
+		if hs.owner == p && k.requester != p.String() {
+			requesters[k.requester] = false
+		}
+	}
+	st.mu.Unlock()
+	for r := range requesters {
+		id, err := peer.Decode(r)
+		requesters[r] = err == nil && st.m.host.Network().Connectedness(id) == network.Connected
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for k, hs := range st.sessions {
+		if k.requester == p.String() || (hs.owner == p && !requesters[k.requester]) {
+			st.removeLocked(k, hs)
 		}
 	}
 }

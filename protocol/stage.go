@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"time"
 	"unsafe"
 )
 
@@ -61,6 +62,15 @@ const (
 	MaxHeaderBytes  = 64 << 10
 	MaxFrameTensors = 64
 	MaxRouteHops    = 64
+)
+
+// Deadlines of stage streams. A receiver may close a stage stream on which
+// no frame came for StageStreamIdle (a sender opens a new stream instead of
+// writing on one it left unused for half that), and resets one whose
+// frame, once begun, brings no byte for StageFrameTimeout.
+const (
+	StageStreamIdle   = 2 * time.Minute
+	StageFrameTimeout = 10 * time.Second
 )
 
 // Hop is one step of a route: a peer runs blocks [Start, End).
@@ -239,9 +249,41 @@ func WriteMessage(w io.Writer, m *Message) error {
 }
 
 // ReadMessage reads one frame, refusing any over maxBytes (at most
-// MaxFrameBytes) before allocating it. Tensors are checked against their
-// declared shapes; float16-on-the-wire tensors come back as float32.
+// MaxFrameBytes). It is ReadMessageWith with only that bound.
 func ReadMessage(r io.Reader, maxBytes int) (*Message, error) {
+	return ReadMessageWith(r, ReadOptions{MaxBytes: maxBytes})
+}
+
+// ReadOptions bound what ReadMessageWith accepts.
+type ReadOptions struct {
+	// MaxBytes bounds the frame (0 or more than MaxFrameBytes:
+	// MaxFrameBytes).
+	MaxBytes int
+	// Check, if set, sees the kind and the decoded, size-checked header
+	// before any byte of the body is read. An error refuses the frame: its
+	// body is read and thrown away without being kept (the stream stays
+	// in step), and ReadMessageWith returns the message with its header
+	// and no tensors, and an error wrapping both ErrRefused and Check's.
+	Check func(Kind, *Header) error
+}
+
+// ErrRefused is returned, wrapped, with a frame whose header
+// ReadOptions.Check refused; the frame was read whole and dropped.
+var ErrRefused = errors.New("stage frame refused")
+
+// readChunk is what a reader sets aside for a tensor before its first
+// byte arrives; after that, a tensor's buffer at most doubles to hold what
+// has arrived, so a peer that declares a large tensor and sends nothing
+// costs this, not the size it declared.
+const readChunk = 64 << 10
+
+// ReadMessageWith reads one frame. Sizes are checked before anything is
+// allocated (header and body must be exactly as long as declared, within
+// opts.MaxBytes), and tensor memory grows only as bytes arrive: at most
+// twice what has been received plus 64 KiB. Tensors are checked against
+// their declared shapes; float16-on-the-wire tensors come back as float32.
+func ReadMessageWith(r io.Reader, opts ReadOptions) (*Message, error) {
+	maxBytes := opts.MaxBytes
 	if maxBytes <= 0 || maxBytes > MaxFrameBytes {
 		maxBytes = MaxFrameBytes
 	}
@@ -263,8 +305,8 @@ func ReadMessage(r io.Reader, maxBytes int) (*Message, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: header length: %v", ErrBadFrame, unexpected(err))
 	}
-	if hlen > MaxHeaderBytes {
-		return nil, fmt.Errorf("%w: header of %d bytes over %d", ErrBadFrame, hlen, MaxHeaderBytes)
+	if rest := uint64(br.Buffered()) + uint64(lr.N); hlen > MaxHeaderBytes || hlen > rest {
+		return nil, fmt.Errorf("%w: header of %d bytes (limit %d, frame holds %d)", ErrBadFrame, hlen, MaxHeaderBytes, rest)
 	}
 	// The bufio reader may hold a few bytes past the varint: read through it.
 	hdr := make([]byte, hlen)
@@ -298,14 +340,25 @@ func ReadMessage(r io.Reader, maxBytes int) (*Message, error) {
 			n *= d
 		}
 		sizes[i] = n * int64(t.Wire.Size())
+		if sizes[i] > MaxTensorBytes {
+			return nil, fmt.Errorf("%w: tensor %q of %d bytes over %d", ErrBadFrame, t.Name, sizes[i], MaxTensorBytes)
+		}
 		want += sizes[i]
 	}
 	if rest := int64(br.Buffered()) + lr.N; rest != want {
 		return nil, fmt.Errorf("%w: body of %d bytes, header declares %d", ErrBadFrame, rest, want)
 	}
+	if opts.Check != nil {
+		if cerr := opts.Check(m.Kind, h); cerr != nil {
+			if _, err := io.Copy(io.Discard, br); err != nil || lr.N > 0 {
+				return nil, fmt.Errorf("%w: refused frame's body: %v", ErrBadFrame, unexpected(orEOF(err)))
+			}
+			return m, fmt.Errorf("%w: %w", ErrRefused, cerr)
+		}
+	}
 	for i, t := range h.Tensors {
-		data := make([]byte, sizes[i])
-		if _, err := io.ReadFull(br, data); err != nil {
+		data, err := readGrowing(br, sizes[i])
+		if err != nil {
 			return nil, fmt.Errorf("%w: tensor %q: %v", ErrBadFrame, t.Name, unexpected(err))
 		}
 		if t.Wire == Float16 && t.DType == Float32 {
@@ -314,6 +367,33 @@ func ReadMessage(r io.Reader, maxBytes int) (*Message, error) {
 		m.Tensors = append(m.Tensors, NamedTensor{Name: t.Name, Tensor: &Tensor{DType: t.DType, Shape: t.Shape, Data: data}})
 	}
 	return m, nil
+}
+
+// readGrowing reads exactly n bytes, setting aside at most readChunk
+// before the first arrives and then at most doubling the buffer as it
+// fills, never past n.
+func readGrowing(r io.Reader, n int64) ([]byte, error) {
+	buf := make([]byte, 0, min(n, readChunk))
+	for int64(len(buf)) < n {
+		if len(buf) == cap(buf) {
+			grown := make([]byte, len(buf), min(n, 2*int64(cap(buf))))
+			copy(grown, buf)
+			buf = grown
+		}
+		k, err := r.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+k]
+		if err != nil && int64(len(buf)) < n {
+			return nil, err
+		}
+	}
+	return buf, nil
+}
+
+func orEOF(err error) error {
+	if err == nil {
+		return io.EOF
+	}
+	return err
 }
 
 func unexpected(err error) error {

@@ -5,9 +5,12 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
+	"runtime"
 	"slices"
 	"testing"
+	"testing/iotest"
 
 	"github.com/infermesh/infermesh/protocol"
 )
@@ -140,6 +143,141 @@ func FuzzReadMessage(f *testing.F) {
 			if err := nt.Validate(); err != nil {
 				t.Fatalf("decoded an invalid tensor: %v", err)
 			}
+		}
+		var out bytes.Buffer
+		if err := protocol.WriteMessage(&out, m); err != nil {
+			t.Fatalf("re-encoding: %v", err)
+		}
+	})
+}
+
+// hugeHeader is a frame's start declaring one float32 tensor of the given
+// bytes, with none of the body.
+func hugeHeader(t testing.TB, bytes int64) []byte {
+	t.Helper()
+	hdr := fmt.Sprintf(`{"id":1,"requester":"","model":"","step":0,"hop":0,"tensors":[{"name":"x","dtype":"float32","shape":[%d],"wire":"float32"}]}`, bytes/4)
+	b := binary.LittleEndian.AppendUint32(nil, uint32(1+len(binary.AppendUvarint(nil, uint64(len(hdr))))+len(hdr)+int(bytes)))
+	b = append(b, byte(protocol.KindRequest))
+	b = binary.AppendUvarint(b, uint64(len(hdr)))
+	return append(b, hdr...)
+}
+
+// Issue 12: a header declaring a 250 MiB tensor followed by nothing (or
+// by a little) must not make the reader set 250 MiB aside: memory grows
+// with the bytes that arrived.
+func TestReadMessageAllocatesOnlyWhatArrives(t *testing.T) {
+	const declared = 250 << 20
+	for _, sent := range []int{0, 1 << 20} {
+		frame := append(hugeHeader(t, declared), make([]byte, sent)...)
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		_, err := protocol.ReadMessage(bytes.NewReader(frame), protocol.MaxFrameBytes)
+		runtime.ReadMemStats(&after)
+		if !errors.Is(err, protocol.ErrBadFrame) {
+			t.Fatalf("%d bytes of a 250 MiB body: %v, want ErrBadFrame", sent, err)
+		}
+		alloc := after.TotalAlloc - before.TotalAlloc
+		t.Logf("%d bytes of a 250 MiB body sent: %d KiB allocated", sent, alloc>>10)
+		if limit := uint64(4*sent + 1<<20); alloc > limit {
+			t.Errorf("%d bytes of a 250 MiB body sent: %d bytes allocated, want at most %d", sent, alloc, limit)
+		}
+	}
+}
+
+// A large tensor that does arrive whole still reads correctly through
+// the growing buffer, from a reader that returns a few bytes at a time.
+func TestReadMessageGrowsToLargeTensors(t *testing.T) {
+	vals := make([]float32, 3<<20/4+3)
+	for i := range vals {
+		vals[i] = float32(i)
+	}
+	var b bytes.Buffer
+	in := &protocol.Message{Kind: protocol.KindResult, Header: protocol.Header{ID: 9},
+		Tensors: []protocol.NamedTensor{{Name: "y", Tensor: protocol.NewTensor([]int64{int64(len(vals))}, vals)}}}
+	if err := protocol.WriteMessage(&b, in); err != nil {
+		t.Fatal(err)
+	}
+	m, err := protocol.ReadMessage(iotest.HalfReader(&b), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(m.Tensors[0].Data, in.Tensors[0].Data) {
+		t.Fatal("tensor bytes differ")
+	}
+}
+
+// A frame its Check refuses is read whole and dropped: the caller gets its
+// header and ErrRefused, and the next frame reads normally.
+func TestReadMessageCheckRefuses(t *testing.T) {
+	var b bytes.Buffer
+	for id := range uint64(2) {
+		protocol.WriteMessage(&b, &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: id + 1},
+			Tensors: []protocol.NamedTensor{{Name: "x", Tensor: protocol.NewTensor([]int64{1024}, make([]float32, 1024))}}})
+	}
+	errNo := errors.New("not this one")
+	opts := protocol.ReadOptions{Check: func(k protocol.Kind, h *protocol.Header) error {
+		if h.ID == 1 {
+			return errNo
+		}
+		return nil
+	}}
+	m, err := protocol.ReadMessageWith(&b, opts)
+	if !errors.Is(err, protocol.ErrRefused) || !errors.Is(err, errNo) || m == nil || m.Header.ID != 1 || len(m.Tensors) != 0 {
+		t.Fatalf("refused frame: %v, %+v", err, m)
+	}
+	m, err = protocol.ReadMessageWith(&b, opts)
+	if err != nil || m.Header.ID != 2 || len(m.Tensors) != 1 {
+		t.Fatalf("frame after a refused one: %v", err)
+	}
+	// A refused frame cut short is a broken stream, not a refusal.
+	var c bytes.Buffer
+	protocol.WriteMessage(&c, &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: 1},
+		Tensors: []protocol.NamedTensor{{Name: "x", Tensor: protocol.NewTensor([]int64{1024}, make([]float32, 1024))}}})
+	if _, err := protocol.ReadMessageWith(bytes.NewReader(c.Bytes()[:c.Len()-10]), opts); !errors.Is(err, protocol.ErrBadFrame) || errors.Is(err, protocol.ErrRefused) {
+		t.Fatalf("truncated refused frame: %v", err)
+	}
+}
+
+// FuzzReadMessageWith decodes arbitrary bytes under a small frame bound and
+// a Check that refuses some headers: no panic, no frame over the bound,
+// refused frames come back without tensors, accepted ones re-encode, and
+// memory set aside stays within a small multiple of the input.
+func FuzzReadMessageWith(f *testing.F) {
+	var b bytes.Buffer
+	protocol.WriteMessage(&b, &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: 2, FP16: true},
+		Tensors: []protocol.NamedTensor{{Name: "x", Tensor: protocol.NewTensor([]int64{2}, []float32{1, 2})}}})
+	f.Add(b.Bytes())
+	f.Add(hugeHeader(f, 250<<20))
+	f.Add([]byte{1, 0, 0, 0, 1})
+	const limit = 64 << 10
+	f.Fuzz(func(t *testing.T, data []byte) {
+		refuse := errors.New("odd id")
+		m, err := protocol.ReadMessageWith(bytes.NewReader(data), protocol.ReadOptions{MaxBytes: limit,
+			Check: func(_ protocol.Kind, h *protocol.Header) error {
+				if h.ID%2 == 1 {
+					return refuse
+				}
+				return nil
+			}})
+		if errors.Is(err, protocol.ErrRefused) {
+			if m == nil || m.Header.ID%2 != 1 || len(m.Tensors) != 0 {
+				t.Fatalf("refused frame came back as %+v", m)
+			}
+			return
+		}
+		if err != nil {
+			return
+		}
+		size := 0
+		for _, nt := range m.Tensors {
+			if err := nt.Validate(); err != nil {
+				t.Fatalf("decoded an invalid tensor: %v", err)
+			}
+			size += len(nt.Data)
+		}
+		if size > 2*limit { // float16 on the wire doubles
+			t.Fatalf("%d tensor bytes from a frame bounded at %d", size, limit)
 		}
 		var out bytes.Buffer
 		if err := protocol.WriteMessage(&out, m); err != nil {

@@ -1,0 +1,279 @@
+package mesh
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
+
+	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
+)
+
+// Issue 12: one peer must never take the mesh down. These tests play a
+// hostile peer built from this package and protocol/, writing raw frames on
+// stage streams to a node over real libp2p QUIC on loopback.
+
+// echoProvider serves every span of every model with echoRunner.
+type echoProvider struct{}
+
+func (echoProvider) Runner(model string, start, end int) (shards.Runner, error) {
+	return echoRunner{}, nil
+}
+
+// echoRunner takes x (float32 [1, seq]) and hands it on as y.
+type echoRunner struct{}
+
+func (echoRunner) Run(in shards.Tensors) (shards.Tensors, error) {
+	return shards.Tensors{"y": in["x"]}, nil
+}
+func (echoRunner) NewSession() shards.Session { return &echoSession{} }
+func (echoRunner) Inputs() []shards.TensorSpec {
+	return []shards.TensorSpec{{Name: "x", DType: protocol.Float32, Shape: []shards.Dim{{Size: 1}, {Param: "seq"}}}}
+}
+
+type echoSession struct{ steps int }
+
+func (s *echoSession) Step(in shards.Tensors) (shards.Tensors, error) {
+	s.steps++
+	return shards.Tensors{"y": in["x"]}, nil
+}
+func (s *echoSession) Steps() int   { return s.steps }
+func (s *echoSession) Close() error { return nil }
+
+// rawStageStream opens a stage stream from one node to another, as a
+// hostile peer writing its own bytes does.
+func rawStageStream(t testing.TB, from, to *testNode) network.Stream {
+	t.Helper()
+	s, err := from.Host().NewStream(context.Background(), to.ID(), libp2pprotocol.ID(protocol.StageProtocol))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// frameHead is the start of a request frame for server from requester
+// whose header declares one float32 tensor x of the given bytes; none of
+// the body follows.
+func frameHead(t testing.TB, requester, server peer.ID, bytes int64) []byte {
+	t.Helper()
+	h := protocol.Header{ID: 1, Requester: requester.String(), Model: "m",
+		Route:   []protocol.Hop{{Peer: server.String(), Start: 0, End: 1}},
+		Tensors: []protocol.TensorMeta{{Name: "x", DType: protocol.Float32, Wire: protocol.Float32, Shape: []int64{1, bytes / 4}}}}
+	hdr, err := json.Marshal(&h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := binary.LittleEndian.AppendUint32(nil, uint32(1+len(binary.AppendUvarint(nil, uint64(len(hdr))))+len(hdr)+int(bytes)))
+	b = append(b, byte(protocol.KindRequest))
+	b = binary.AppendUvarint(b, uint64(len(hdr)))
+	return append(b, hdr...)
+}
+
+// heapInUse is the process's live heap after a collection.
+func heapInUse() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapInuse
+}
+
+// waitClosed reads s until the other side closes or resets it, and says
+// how long that took from start; it fails the test past within.
+func waitClosed(t testing.TB, s network.Stream, start time.Time, within time.Duration) time.Duration {
+	t.Helper()
+	s.SetReadDeadline(start.Add(within))
+	_, err := io.Copy(io.Discard, s)
+	if isTimeout(err) {
+		t.Errorf("stream still open after %s", within)
+	}
+	return time.Since(start)
+}
+
+// Acceptance 1 of issue 12: 48 streams, each declaring a 250 MiB tensor
+// and sending nothing more, grow the node's heap by far less than 32 MiB,
+// and the node closes each within its frame timeout.
+func TestStageHostileHeadersDoNotAllocate(t *testing.T) {
+	c := newCluster(t)
+	server := c.start(t, nil, time.Minute)
+	const frameTimeout = time.Second
+	server.Serve(echoProvider{}, StageConfig{FrameTimeout: frameTimeout, StreamIdle: 10 * time.Second, MaxStreamsPerPeer: 64})
+	hostile := c.start(t, []peer.AddrInfo{addrInfo(server.Mesh)}, time.Minute)
+
+	const streams, declared = 48, 250 << 20
+	before := heapInUse()
+	head := frameHead(t, hostile.ID(), server.ID(), declared)
+	var opened []network.Stream
+	start := time.Now()
+	for range streams {
+		s := rawStageStream(t, hostile, server)
+		if _, err := s.Write(head); err != nil {
+			t.Fatal(err)
+		}
+		opened = append(opened, s)
+	}
+	// Every header is in: the server is waiting in 48 bodies.
+	time.Sleep(frameTimeout / 2)
+	during := heapInUse()
+	grew := int64(during) - int64(before)
+	t.Logf("%d streams declaring %d MiB each (%d bytes sent each): heap %d -> %d MiB (%+d KiB)",
+		streams, declared>>20, len(head), before>>20, during>>20, grew>>10)
+	if grew > 32<<20 {
+		t.Errorf("heap grew by %d MiB", grew>>20)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var slowest time.Duration
+	for _, s := range opened {
+		wg.Go(func() {
+			d := waitClosed(t, s, start, frameTimeout+5*time.Second)
+			mu.Lock()
+			slowest = max(slowest, d)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	t.Logf("all %d stalled streams closed by the server %s after the first header (frame timeout %s); stats %+v",
+		streams, slowest.Round(time.Millisecond), frameTimeout, server.StageStats())
+	if got := server.StageStats().StreamsTimedOut; got < streams {
+		t.Errorf("%d streams timed out, want %d", got, streams)
+	}
+}
+
+// The server resets at once the stage streams one peer opens past
+// MaxStreamsPerPeer.
+func TestStageStreamsPerPeerBounded(t *testing.T) {
+	c := newCluster(t)
+	server := c.start(t, nil, time.Minute)
+	server.Serve(echoProvider{}, StageConfig{FrameTimeout: 5 * time.Second, MaxStreamsPerPeer: 4})
+	hostile := c.start(t, []peer.AddrInfo{addrInfo(server.Mesh)}, time.Minute)
+	head := frameHead(t, hostile.ID(), server.ID(), 250<<20)
+	start := time.Now()
+	for range 12 {
+		s := rawStageStream(t, hostile, server)
+		s.Write(head)
+		defer s.Reset()
+	}
+	waitFor(t, 3*time.Second, "streams past the bound refused", func() (bool, string) {
+		st := server.StageStats()
+		return st.StreamsRefused == 8, fmt.Sprintf("%+v", st)
+	})
+	t.Logf("8 of 12 streams refused within %s", time.Since(start).Round(time.Millisecond))
+}
+
+// Acceptance 2 of issue 12: a stream that sends nothing is closed by the
+// server once idle for StreamIdle.
+func TestStageIdleStreamClosed(t *testing.T) {
+	c := newCluster(t)
+	server := c.start(t, nil, time.Minute)
+	const idle = 1500 * time.Millisecond
+	server.Serve(echoProvider{}, StageConfig{StreamIdle: idle})
+	hostile := c.start(t, []peer.AddrInfo{addrInfo(server.Mesh)}, time.Minute)
+	s := rawStageStream(t, hostile, server)
+	start := time.Now()
+	took := waitClosed(t, s, start, idle+5*time.Second) // the read sends the protocol's handshake, no frame
+	t.Logf("idle stream closed by the server after %s (idle deadline %s)", took.Round(time.Millisecond), idle)
+	if took < idle-200*time.Millisecond {
+		t.Errorf("closed after %s, before the idle deadline %s", took, idle)
+	}
+}
+
+// Acceptance 3 of issue 12: one peer opening 300 sessions gets busy past
+// its quota while a second peer still opens sessions and steps them; when
+// the hostile peer disconnects its sessions are freed at once, and every
+// busy answer was counted.
+func TestStageSessionQuota(t *testing.T) {
+	c := newCluster(t)
+	server := c.start(t, nil, time.Minute)
+	server.Serve(echoProvider{}, StageConfig{MaxInFlight: 512})
+	boot := []peer.AddrInfo{addrInfo(server.Mesh)}
+	hostile := c.start(t, boot, time.Minute)
+	honest := c.start(t, boot, time.Minute)
+	quota := max(8, 256/4)
+
+	route := []protocol.Hop{{Peer: server.ID().String(), Start: 0, End: 1}}
+	x := protocol.NewTensor([]int64{1, 1}, []float32{7})
+	request := func(from *testNode, id uint64, session string, step int) *protocol.Message {
+		return &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: id, Requester: from.ID().String(),
+			Model: "m", Session: session, Step: step, Route: route}, Tensors: []protocol.NamedTensor{{Name: "x", Tensor: x}}}
+	}
+	// The hostile peer writes 300 step-0 requests back to back on one raw
+	// stream; it registers them only to count the answers.
+	const attempts = 300
+	var calls []*call
+	for i := range attempts {
+		calls = append(calls, hostile.stage.register(uint64(i+1), route))
+	}
+	s := rawStageStream(t, hostile, server)
+	for i := range attempts {
+		if err := protocol.WriteMessage(s, request(hostile, uint64(i+1), fmt.Sprintf("evil%03d", i), 0)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	results, busy := 0, 0
+	for i, c := range calls {
+		select {
+		case msg := <-c.ch:
+			switch {
+			case msg.Kind == protocol.KindResult:
+				results++
+			case msg.Kind == protocol.KindError && msg.Header.Code == protocol.CodeBusy:
+				busy++
+			default:
+				t.Fatalf("request %d: %v %s %s", i, msg.Kind, msg.Header.Code, msg.Header.Message)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("request %d: no answer", i)
+		}
+	}
+	stats := server.StageStats()
+	t.Logf("hostile peer: %d sessions opened, %d busy answers; server: %+v", results, busy, stats)
+	if results != quota || busy != attempts-quota {
+		t.Errorf("hostile peer opened %d sessions and got %d busy, want %d and %d", results, busy, quota, attempts-quota)
+	}
+	if stats.Busy != uint64(busy) {
+		t.Errorf("busy counter %d, hostile peer got %d busy answers", stats.Busy, busy)
+	}
+
+	// The honest peer finds room and steps its session.
+	for step := range 3 {
+		id := uint64(1000 + step)
+		c := honest.stage.register(id, route)
+		if err := honest.stage.send(context.Background(), server.ID(), request(honest, id, "honest", step)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case msg := <-c.ch:
+			if msg.Kind != protocol.KindResult {
+				t.Fatalf("honest step %d: %v %s %s", step, msg.Kind, msg.Header.Code, msg.Header.Message)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("honest step %d: no answer", step)
+		}
+		honest.stage.unregister(id)
+	}
+	if got := server.StageStats().Sessions; got != quota+1 {
+		t.Fatalf("%d sessions open, want %d", got, quota+1)
+	}
+
+	// The hostile peer leaves: its sessions go at once, the honest one stays.
+	left := time.Now()
+	if err := hostile.Close(); err != nil && !errors.Is(err, context.Canceled) {
+		t.Log(err)
+	}
+	took := waitFor(t, 2*time.Second, "hostile sessions freed", func() (bool, string) {
+		n := server.StageStats().Sessions
+		return n == 1, fmt.Sprintf("%d sessions", n)
+	})
+	t.Logf("hostile peer's %d sessions freed %s after it left (closed in %s)", quota, took.Round(time.Millisecond), time.Since(left).Round(time.Millisecond))
+}
