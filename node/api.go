@@ -8,10 +8,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"mime"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/infermesh/infermesh/mesh"
@@ -85,7 +90,20 @@ func (n *Node) startAPI() error {
 	for _, r := range n.routes() {
 		mux.Handle(r.pattern, r.handler)
 	}
-	n.api = &http.Server{Handler: n.metrics.instrument(requireToken(n.cfg.APIToken, mux)), ReadHeaderTimeout: 5 * time.Second}
+	readTimeout, idleTimeout := time.Duration(n.cfg.APIReadTimeout), time.Duration(n.cfg.APIIdleTimeout)
+	if readTimeout == 0 {
+		readTimeout = DefaultAPIReadTimeout
+	}
+	if idleTimeout == 0 {
+		idleTimeout = DefaultAPIIdleTimeout
+	}
+	guard := newAPIGuard(addr, ln.Addr())
+	// No WriteTimeout: a streamed generation or pull lasts as long as it
+	// lasts. Reading a request, headers and body, is bounded; once the body
+	// is read (bodyRead) the server lifts the bound.
+	n.api = &http.Server{Handler: n.metrics.instrument(guard.wrap(requireToken(n.cfg.APIToken, mux))),
+		ReadHeaderTimeout: min(5*time.Second, readTimeout), ReadTimeout: readTimeout, IdleTimeout: idleTimeout}
+	ln = limitListener(ln, maxAPIConns)
 	n.wg.Go(func() {
 		if err := n.api.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			n.log.Error("api stopped", "err", err)
@@ -226,8 +244,13 @@ func writeError(w http.ResponseWriter, status int, code, msg string) {
 	writeJSON(w, status, map[string]any{"error": map[string]string{"code": code, "message": msg}})
 }
 
-// maxRequestBytes bounds an API request body.
+// maxRequestBytes bounds an API request body (tensors for /v1/infer, rows
+// for /v1/jobs).
 const maxRequestBytes = 64 << 20
+
+// maxSmallRequestBytes bounds the body of requests that name things
+// (publish, pull).
+const maxSmallRequestBytes = 64 << 10
 
 // InferRequest is POST /v1/infer: one pass of a model through the mesh.
 type InferRequest struct {
@@ -313,7 +336,14 @@ func timings(route []protocol.Hop, micros []int64) []HopTiming {
 }
 
 func readRequest(w http.ResponseWriter, r *http.Request, v any) bool {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRequestBytes))
+	return readRequestUpTo(w, r, v, maxRequestBytes)
+}
+
+// readRequestUpTo decodes a body of at most limit bytes into v, refusing
+// fields v does not have.
+func readRequestUpTo(w http.ResponseWriter, r *http.Request, v any, limit int64) bool {
+	body := http.MaxBytesReader(w, r.Body, limit)
+	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		status := http.StatusBadRequest
@@ -324,7 +354,17 @@ func readRequest(w http.ResponseWriter, r *http.Request, v any) bool {
 		writeError(w, status, "bad_request", err.Error())
 		return false
 	}
+	bodyRead(body)
 	return true
+}
+
+// bodyRead reads what is left of a request's body after its JSON (bounded,
+// as body is), while the server's read deadline holds: a client may not
+// trickle it. At its end the server lifts the deadline and watches the
+// connection, so that a long stream runs on and a client that goes away
+// cancels the request's context.
+func bodyRead(body io.Reader) {
+	io.Copy(io.Discard, body)
 }
 
 // meshError maps a failure of a request through the mesh to an HTTP answer.
@@ -356,9 +396,15 @@ func (n *Node) handleInfer(w http.ResponseWriter, r *http.Request) {
 // handleGenerate is POST /v1/generate (see generateAPI in openai.go).
 func (n *Node) handleGenerate(w http.ResponseWriter, r *http.Request) {
 	var req GenerateAPIRequest
-	if readRequest(w, r, &req) {
-		n.generateAPI(w, r, &req)
+	body := http.MaxBytesReader(w, r.Body, maxTextRequestBytes)
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		textBodyError(w, err)
+		return
 	}
+	bodyRead(body)
+	n.generateAPI(w, r, &req)
 }
 
 // requireToken answers 401 to requests without "Authorization: Bearer
@@ -377,6 +423,116 @@ func requireToken(token string, next http.Handler) http.Handler {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="infermesh"`)
 			writeError(w, http.StatusUnauthorized, "unauthorized", "this node's API needs its token: Authorization: Bearer TOKEN")
 			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// maxAPIConns bounds the API's open connections; past it, new ones wait
+// in the kernel's accept queue.
+const maxAPIConns = 512
+
+// limitListener accepts at most n connections at once.
+func limitListener(ln net.Listener, n int) net.Listener {
+	return &limitedListener{Listener: ln, slots: make(chan struct{}, n)}
+}
+
+type limitedListener struct {
+	net.Listener
+	slots chan struct{}
+}
+
+func (l *limitedListener) Accept() (net.Conn, error) {
+	l.slots <- struct{}{}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.slots
+		return nil, err
+	}
+	return &limitedConn{Conn: c, release: func() { <-l.slots }}, nil
+}
+
+type limitedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
+}
+
+// apiGuard keeps browsers' cross-site requests off the API. A request is
+// refused (403) when its Host is not one of the API's own names (a page
+// whose domain an attacker re-pointed at 127.0.0.1, DNS rebinding), or
+// when it carries an Origin other than the API's own (a page elsewhere
+// posting to it; browsers send Origin with every POST, curl and the SDKs
+// send none). A POST must be JSON (Content-Type: application/json), which
+// no page can send cross-site without a preflight the API never answers.
+type apiGuard struct {
+	port  string          // the listener's port
+	hosts map[string]bool // lower-case names and IPs, without the port
+	anyIP bool            // the API listens on every address: any IP literal names it
+}
+
+func newAPIGuard(configured string, addr net.Addr) *apiGuard {
+	g := &apiGuard{hosts: map[string]bool{"localhost": true}}
+	if h, p, err := net.SplitHostPort(addr.String()); err == nil {
+		g.port, g.hosts[strings.ToLower(h)] = p, true
+	}
+	if h, _, err := net.SplitHostPort(configured); err == nil {
+		if ip := net.ParseIP(h); h == "" || ip != nil && ip.IsUnspecified() {
+			g.anyIP = true
+		} else {
+			g.hosts[strings.ToLower(h)] = true
+		}
+	}
+	return g
+}
+
+// ours says whether host (HOST or HOST:PORT) names the API. An IP literal
+// cannot be rebound, so any loopback IP names it, and any IP at all when
+// it listens on every address.
+func (g *apiGuard) ours(hostport string) bool {
+	h, p, err := net.SplitHostPort(hostport)
+	if err != nil {
+		h, p = strings.TrimSuffix(strings.TrimPrefix(hostport, "["), "]"), "80"
+	}
+	if p != g.port || h == "" {
+		return false
+	}
+	h = strings.ToLower(strings.TrimSuffix(h, "."))
+	if g.hosts[h] {
+		return true
+	}
+	ip := net.ParseIP(h)
+	return ip != nil && (ip.IsLoopback() || g.anyIP)
+}
+
+func (g *apiGuard) wrap(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !g.ours(r.Host) {
+			writeError(w, http.StatusForbidden, "forbidden_host",
+				fmt.Sprintf("Host %q is not this API's address: call it as 127.0.0.1:%s, localhost:%s or its configured address", r.Host, g.port, g.port))
+			return
+		}
+		if origin := r.Header.Get("Origin"); origin != "" {
+			u, err := url.Parse(origin)
+			if err != nil || u.Scheme != "http" || u.Path != "" || !g.ours(u.Host) {
+				writeError(w, http.StatusForbidden, "forbidden_origin",
+					fmt.Sprintf("requests from pages of %q are refused: only this API's own pages (its dashboard) and programs that send no Origin may call it", origin))
+				return
+			}
+		}
+		if r.Method == http.MethodPost || r.Method == http.MethodPut || r.Method == http.MethodPatch {
+			mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+			if err != nil || mt != "application/json" && !strings.HasSuffix(mt, "+json") {
+				writeError(w, http.StatusUnsupportedMediaType, "unsupported_media_type",
+					"request bodies are JSON: send Content-Type: application/json (with curl: --json, or -H 'Content-Type: application/json')")
+				return
+			}
 		}
 		next.ServeHTTP(w, r)
 	})

@@ -49,6 +49,17 @@ type Config struct {
 	DHTMode string `json:"dht_mode"`
 	// API is the local HTTP API's address (default 127.0.0.1:8700).
 	API string `json:"api"`
+	// APIReadTimeout bounds the time a client has to send a request, headers
+	// and body (default 30s): a caller trickling its body is cut off.
+	// Answers, streamed ones included, are not bounded.
+	APIReadTimeout Duration `json:"api_read_timeout,omitempty"`
+	// APIIdleTimeout is how long a kept-alive API connection may wait for
+	// its next request (default 2m).
+	APIIdleTimeout Duration `json:"api_idle_timeout,omitempty"`
+	// PublishDirs are the directories POST /v1/publish may read models from,
+	// with everything below them, besides DATA/models and the directories of
+	// Serve, which are always allowed.
+	PublishDirs []string `json:"publish_dirs,omitempty"`
 	// APIToken, when set, is required of every API request as
 	// "Authorization: Bearer TOKEN". An API on anything but loopback must
 	// have one.
@@ -90,6 +101,16 @@ type Config struct {
 // DefaultAPI is the local API's default address.
 const DefaultAPI = "127.0.0.1:8700"
 
+// Defaults of the fields whose zero means a default.
+const (
+	// DefaultAPIReadTimeout bounds reading one API request, headers and
+	// body: a 64 MiB body over loopback takes well under a second.
+	DefaultAPIReadTimeout = 30 * time.Second
+	// DefaultAPIIdleTimeout is how long an idle kept-alive API connection
+	// is held.
+	DefaultAPIIdleTimeout = 2 * time.Minute
+)
+
 // Duration is a time.Duration written in JSON as "5m", "30s".
 type Duration time.Duration
 
@@ -115,7 +136,8 @@ func (d *Duration) Set(s string) error { return d.UnmarshalText([]byte(s)) }
 // DefaultConfig is what `infermesh node init` writes.
 func DefaultConfig() Config {
 	return Config{Listen: mesh.DefaultListenAddrs, API: DefaultAPI, DHTMode: "auto", Provider: "cpu", LogLevel: "info",
-		RecordTTL: Duration(mesh.DefaultRecordTTL), ViewRefresh: Duration(mesh.DefaultViewRefresh)}
+		RecordTTL: Duration(mesh.DefaultRecordTTL), ViewRefresh: Duration(mesh.DefaultViewRefresh),
+		Rebalance: Duration(defaultRebalance)}
 }
 
 // LoadConfig reads DATA/config.json.
@@ -163,6 +185,14 @@ func (c *Config) Validate() error {
 	}
 	if time.Duration(c.RecordTTL) < 0 || time.Duration(c.ViewRefresh) < 0 {
 		return errors.New("record_ttl and view_refresh must not be negative")
+	}
+	if time.Duration(c.APIReadTimeout) < 0 || time.Duration(c.APIIdleTimeout) < 0 {
+		return errors.New("api_read_timeout and api_idle_timeout must not be negative")
+	}
+	for _, d := range c.PublishDirs {
+		if d == "" {
+			return errors.New("publish_dirs: an empty directory")
+		}
 	}
 	return nil
 }

@@ -54,6 +54,11 @@ func TestInitAndLoadConfig(t *testing.T) {
 	if got.Serve[0] != "models/gpt:0-3" || time.Duration(got.RecordTTL) != 90*time.Second || got.API != DefaultAPI {
 		t.Fatalf("config round trip: %+v", got)
 	}
+	// What `infermesh node init` writes says the defaults the README names.
+	raw, _ := os.ReadFile(filepath.Join(dir, ConfigFile))
+	if !strings.Contains(string(raw), `"rebalance": "2m0s"`) || time.Duration(got.Rebalance) != 2*time.Minute {
+		t.Fatalf("init's config: rebalance %v, want 2m:\n%s", got.Rebalance, raw)
+	}
 	if info, _ := os.Stat(filepath.Join(dir, IdentityFile)); info.Mode().Perm() != 0o600 {
 		t.Fatalf("identity mode %v", info.Mode())
 	}

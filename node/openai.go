@@ -83,19 +83,67 @@ func meshStatus(err error) (int, string) {
 	return http.StatusBadGateway, "mesh"
 }
 
+// Bounds on text requests, so that a huge prompt costs neither the memory
+// nor the time of tokenizing it.
+const (
+	// maxBytesPerToken is more bytes of text than any token stands for in
+	// practice: byte-level BPE vocabularies (Llama 3, Qwen, Mistral) make
+	// 3 to 5 bytes of real text a token, and their longest tokens (runs of
+	// spaces or of '=') are a few dozen bytes. A text longer than the
+	// model's context times this cannot fit it, and is refused before it is
+	// tokenized. (Every token is at least one byte, so bytes >= tokens, but
+	// not the other way round: the bound is on the refusal side.)
+	maxBytesPerToken = 32
+	// maxTextRequestBytes bounds the body of a text request (completions,
+	// chats, generate, tokenize): the largest context of the models
+	// supported, 128k tokens (Llama 3.x), at maxBytesPerToken is 4 MiB of
+	// text; four times that leaves room for JSON escapes and the other
+	// fields. A larger body is refused as context_length_exceeded.
+	maxTextRequestBytes = 16 << 20
+)
+
 // readOpenAI decodes a request body, accepting fields it does not know (as
 // OpenAI's clients send many).
 func readOpenAI(w http.ResponseWriter, r *http.Request, v any) bool {
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRequestBytes)).Decode(v); err != nil {
-		status := http.StatusBadRequest
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			status = http.StatusRequestEntityTooLarge
-		}
-		writeAPIError(w, status, "bad_request", "invalid request body: "+err.Error())
+	body := http.MaxBytesReader(w, r.Body, maxTextRequestBytes)
+	if err := json.NewDecoder(body).Decode(v); err != nil {
+		textBodyError(w, err)
 		return false
 	}
+	bodyRead(body)
 	return true
+}
+
+// textBodyError answers a text request whose body could not be decoded.
+func textBodyError(w http.ResponseWriter, err error) {
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		writeAPIError(w, http.StatusBadRequest, "context_length_exceeded",
+			fmt.Sprintf("the request is over %d MiB: more text than any model's context holds", maxTextRequestBytes>>20))
+		return
+	}
+	writeAPIError(w, http.StatusBadRequest, "bad_request", "invalid request body: "+err.Error())
+}
+
+// checkTextBytes refuses, before it is tokenized, a text of size bytes
+// that cannot fit the model's context (see maxBytesPerToken).
+func checkTextBytes(man *shards.Manifest, size int) *httpError {
+	if limit := man.Decoder.MaxContext * maxBytesPerToken; size > limit {
+		return &httpError{http.StatusBadRequest, "context_length_exceeded",
+			fmt.Sprintf("the prompt is %d bytes, more than the model's context of %d tokens can hold (at most %d bytes)",
+				size, man.Decoder.MaxContext, limit)}
+	}
+	return nil
+}
+
+// chatBytes is the size of a chat for checkTextBytes: its text, and a
+// token's worth for each message, which every template frames.
+func chatBytes(msgs []chat.Message) int {
+	size := 0
+	for _, m := range msgs {
+		size += len(m.Role) + len(m.Content) + maxBytesPerToken
+	}
+	return size
 }
 
 // httpError is a failure with its HTTP answer.
@@ -231,10 +279,10 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 		return nil, badRequest("%v", err)
 	}
 	var (
-		toks   []int64
-		text   []byte
-		ends   []int // len(text) after each token
-		sent   int   // tokens emitted
+		toks []int64
+		text []byte
+		ends []int // len(text) after each token
+		sent int   // tokens emitted
 		// whole: the tokens up to the last one that completed some text;
 		// those after it have none yet (they end inside a character, or
 		// are special) and wait, so that text the stream holds back goes
@@ -382,7 +430,7 @@ func (n *Node) generateAPI(w http.ResponseWriter, r *http.Request, req *Generate
 	model, man, codec, herr := n.textModelCodec(r.Context(), req.Model)
 	var prompt []int64
 	if herr == nil {
-		prompt, herr = encodePrompt(codec, req.Prompt)
+		prompt, herr = encodePrompt(man, codec, req.Prompt)
 	}
 	if herr == nil {
 		herr = checkPrompt(man, prompt)
@@ -590,8 +638,11 @@ func newID(prefix string) string {
 }
 
 // encodePrompt tokenizes a completion's prompt, with the special tokens
-// the tokenizer adds (Llama 2's <s>).
-func encodePrompt(codec *text.Codec, s string) ([]int64, *httpError) {
+// the tokenizer adds (Llama 2's <s>), unless it is too long for the model.
+func encodePrompt(man *shards.Manifest, codec *text.Codec, s string) ([]int64, *httpError) {
+	if herr := checkTextBytes(man, len(s)); herr != nil {
+		return nil, herr
+	}
 	p, err := codec.Encode(s, true)
 	if err != nil {
 		return nil, badRequest("tokenizing the prompt: %v", err)
@@ -601,17 +652,17 @@ func encodePrompt(codec *text.Codec, s string) ([]int64, *httpError) {
 
 // completionPrompt reads the prompt of /v1/completions: a string, an
 // array of one string, or an array of token IDs.
-func completionPrompt(codec *text.Codec, raw json.RawMessage) ([]int64, *httpError) {
+func completionPrompt(man *shards.Manifest, codec *text.Codec, raw json.RawMessage) ([]int64, *httpError) {
 	var s string
 	if err := json.Unmarshal(raw, &s); err == nil {
-		return encodePrompt(codec, s)
+		return encodePrompt(man, codec, s)
 	}
 	var ss []string
 	if err := json.Unmarshal(raw, &ss); err == nil {
 		if len(ss) != 1 {
 			return nil, badRequest("prompt: one prompt per request, got %d", len(ss))
 		}
-		return encodePrompt(codec, ss[0])
+		return encodePrompt(man, codec, ss[0])
 	}
 	var toks []int64
 	if err := json.Unmarshal(raw, &toks); err == nil {
@@ -658,8 +709,8 @@ func (n *Node) handleCompletions(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, http.StatusBadRequest, "bad_request", "prompt is required")
 		return
 	}
-	n.openAI(w, r, &req.OpenAIParams, req.MaxTokens, func(c *text.Codec) ([]int64, *httpError) {
-		return completionPrompt(c, req.Prompt)
+	n.openAI(w, r, &req.OpenAIParams, req.MaxTokens, func(man *shards.Manifest, c *text.Codec) ([]int64, *httpError) {
+		return completionPrompt(man, c, req.Prompt)
 	}, false)
 }
 
@@ -677,13 +728,19 @@ func (n *Node) handleChat(w http.ResponseWriter, r *http.Request) {
 	if req.MaxCompletionTokens != nil {
 		maxTokens = req.MaxCompletionTokens
 	}
-	n.openAI(w, r, &req.OpenAIParams, maxTokens, func(c *text.Codec) ([]int64, *httpError) { return chatPrompt(c, msgs) }, true)
+	n.openAI(w, r, &req.OpenAIParams, maxTokens, func(man *shards.Manifest, c *text.Codec) ([]int64, *httpError) {
+		if herr := checkTextBytes(man, chatBytes(msgs)); herr != nil {
+			return nil, herr
+		}
+		return chatPrompt(c, msgs)
+	}, true)
 }
 
 // openAI runs a completion or chat completion and answers it, whole or
-// streamed; promptOf makes the prompt's tokens with the model's codec.
+// streamed; promptOf makes the prompt's tokens with the model's codec,
+// refusing a text too long for its manifest's context before tokenizing.
 func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, maxTokens *int,
-	promptOf func(*text.Codec) ([]int64, *httpError), isChat bool) {
+	promptOf func(*shards.Manifest, *text.Codec) ([]int64, *httpError), isChat bool) {
 	def := defaultCompletionTokens
 	if isChat {
 		def = defaultChatTokens
@@ -696,7 +753,7 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 	model, man, codec, herr := n.textModelCodec(r.Context(), p.Model)
 	var prompt []int64
 	if herr == nil {
-		prompt, herr = promptOf(codec)
+		prompt, herr = promptOf(man, codec)
 	}
 	if herr == nil {
 		herr = checkPrompt(man, prompt)

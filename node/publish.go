@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -117,12 +118,15 @@ type TransferResponse struct {
 
 func (n *Node) handlePublish(w http.ResponseWriter, r *http.Request) {
 	var req PublishRequest
-	if !readRequest(w, r, &req) {
+	if !readRequestUpTo(w, r, &req, maxSmallRequestBytes) {
 		return
 	}
-	dir, err := filepath.Abs(req.Dir)
-	if err != nil {
-		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+	dir, ok := n.publishable(req.Dir)
+	if !ok {
+		// The same answer whether the path exists or not.
+		writeError(w, http.StatusForbidden, "forbidden_dir", fmt.Sprintf(
+			"this node publishes only from %s, the directories it serves (--serve) and those given with --publish-dir (publish_dirs); %q is none of them",
+			filepath.Join(n.opts.DataDir, PublishDir), req.Dir))
 		return
 	}
 	start := time.Now()
@@ -132,6 +136,66 @@ func (n *Node) handlePublish(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, TransferResponse{Model: id.String(), Bytes: size, Seconds: time.Since(start).Seconds()})
+}
+
+// PublishDir is the directory of a node's data directory that POST
+// /v1/publish always reads from.
+const PublishDir = "models"
+
+// publishRoots are the directories POST /v1/publish reads models from, with
+// everything below them: DATA/models, the --serve models' directories and
+// the configured publish_dirs, each absolute and with its links resolved.
+func (n *Node) publishRoots() []string {
+	dirs := append([]string{filepath.Join(n.opts.DataDir, PublishDir)}, n.cfg.PublishDirs...)
+	for _, s := range n.cfg.Serve {
+		if dir, _, _, err := ParseServe(s); err == nil {
+			dirs = append(dirs, dir)
+		}
+	}
+	var roots []string
+	for _, d := range dirs {
+		abs, err := filepath.Abs(d)
+		if err != nil {
+			continue
+		}
+		roots = append(roots, abs)
+		if real, err := filepath.EvalSymlinks(abs); err == nil && real != abs {
+			roots = append(roots, real)
+		}
+	}
+	return roots
+}
+
+// publishable resolves dir (links included) and says whether it lies under
+// one of publishRoots. Whether a path outside them exists is not told: one
+// is refused before it is looked at.
+func (n *Node) publishable(dir string) (string, bool) {
+	if dir == "" {
+		return "", false
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", false
+	}
+	roots := n.publishRoots()
+	if !under(abs, roots) {
+		return "", false
+	}
+	real, err := filepath.EvalSymlinks(abs)
+	if err != nil {
+		return abs, true // inside an allowed directory: OpenModel says what is wrong
+	}
+	return real, under(real, roots) // a link may not lead out
+}
+
+// under says whether path is one of dirs or below one.
+func under(path string, dirs []string) bool {
+	for _, d := range dirs {
+		if rel, err := filepath.Rel(d, path); err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+			return true
+		}
+	}
+	return false
 }
 
 // PullEvent is one line of POST /v1/pull's answer, a stream of JSON lines
@@ -146,7 +210,7 @@ type PullEvent struct {
 
 func (n *Node) handlePull(w http.ResponseWriter, r *http.Request) {
 	var req PullRequest
-	if !readRequest(w, r, &req) {
+	if !readRequestUpTo(w, r, &req, maxSmallRequestBytes) {
 		return
 	}
 	id, err := shards.ParseCID(req.Model)

@@ -167,20 +167,23 @@ func (n *Node) handleTokenize(w http.ResponseWriter, r *http.Request) {
 	if !readOpenAI(w, r, &req) {
 		return
 	}
-	_, _, codec, herr := n.textModelCodec(r.Context(), req.Model)
+	_, man, codec, herr := n.textModelCodec(r.Context(), req.Model)
 	var toks []int64
 	if herr == nil && len(req.Messages) > 0 {
 		var msgs []chat.Message
 		msgs, err := chatMessages(req.Messages)
 		if err != nil {
 			herr = badRequest("%v", err)
-		} else {
+		} else if herr = checkTextBytes(man, chatBytes(msgs)); herr == nil {
 			toks, herr = chatPrompt(codec, msgs)
 		}
 	} else if herr == nil {
-		var err error
-		if toks, err = codec.Encode(req.Content, req.AddSpecial); err != nil {
-			herr = badRequest("tokenizing: %v", err)
+		// A text longer than the context is refused before it is tokenized.
+		if herr = checkTextBytes(man, len(req.Content)); herr == nil {
+			var err error
+			if toks, err = codec.Encode(req.Content, req.AddSpecial); err != nil {
+				herr = badRequest("tokenizing: %v", err)
+			}
 		}
 	}
 	if herr != nil {
