@@ -205,7 +205,7 @@ func (n *Node) loadSpans(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("--serve %s: %w", s, err)
 		}
-		micros, err := MeasureBlocks(ctx, n.rt, m, start, end, n.opts.MeasureRounds)
+		micros, err := measureSpan(ctx, n.rt, m, start, end, n.opts.MeasureRounds)
 		if err != nil {
 			span.Close()
 			return fmt.Errorf("--serve %s: measuring blocks: %w", s, err)

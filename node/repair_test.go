@@ -182,6 +182,18 @@ func TestCorruptBlockWithoutPeers(t *testing.T) {
 		t.Errorf("the log does not say why the span is not served:\n%s", l)
 	}
 
+	// A damaged block before a span does not keep the span from being
+	// measured and served.
+	dir3 := copyModel(t, m)
+	damage(t, m, dir3, 0, false)
+	n3, _, log3, err := newServeNode(t, nil, dir3+":2-"+itoa(last))
+	if err != nil {
+		t.Fatalf("block 0 damaged, serving 2-%d: %v\n%s", last, err, log3)
+	}
+	if s := n3.servedSpans(); len(s) != 1 || s[0].start != 2 || len(s[0].micros) != last-1 {
+		t.Fatalf("serving %d spans", len(s))
+	}
+
 	// Only the damaged span: a clear error, not a node serving nothing.
 	dir2 := copyModel(t, m)
 	damage(t, m, dir2, 1, false)
