@@ -58,7 +58,7 @@ func (m *metrics) gauges(n *Node) {
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "infermesh_stage_steps_total",
 		Help: "Steps this node computed for the mesh."}, func() float64 { return float64(n.mesh.StageStats().Steps) }))
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "infermesh_stage_busy_total",
-		Help: "Steps this node turned away busy."}, func() float64 { return float64(n.mesh.StageStats().Busy) }))
+		Help: "Requests this node answered busy: compute slots or sessions full, overall or for the sending peer."}, func() float64 { return float64(n.mesh.StageStats().Busy) }))
 	gauge("infermesh_connected_peers", "Peers this node is connected to.", func() float64 {
 		return float64(len(n.mesh.Host().Network().Peers()))
 	})
