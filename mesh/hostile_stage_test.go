@@ -277,3 +277,44 @@ func TestStageSessionQuota(t *testing.T) {
 	})
 	t.Logf("hostile peer's %d sessions freed %s after it left (closed in %s)", quota, took.Round(time.Millisecond), time.Since(left).Round(time.Millisecond))
 }
+
+// A request whose tensors do not fit the inputs of the span it asks for is
+// refused from its header: its body (8 MiB here) is read and dropped
+// without being kept, the requester gets bad_request, and the next frame
+// on the same stream is served.
+func TestStageRefusesTensorsTheSpanDoesNotTake(t *testing.T) {
+	c := newCluster(t)
+	server := c.start(t, nil, time.Minute)
+	server.Serve(echoProvider{}, StageConfig{})
+	peerNode := c.start(t, []peer.AddrInfo{addrInfo(server.Mesh)}, time.Minute)
+	route := []protocol.Hop{{Peer: server.ID().String(), Start: 0, End: 1}}
+	frame := func(id uint64, shape []int64) *protocol.Message {
+		n := shape[0] * shape[1]
+		return &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: id, Requester: peerNode.ID().String(),
+			Model: "m", Route: route}, Tensors: []protocol.NamedTensor{{Name: "x", Tensor: protocol.NewTensor(shape, make([]float32, n))}}}
+	}
+	bad, good := peerNode.stage.register(1, route), peerNode.stage.register(2, route)
+	s := rawStageStream(t, peerNode, server)
+	defer s.Close()
+	if err := protocol.WriteMessage(s, frame(1, []int64{2, 1 << 20})); err != nil { // the span takes [1, seq]
+		t.Fatal(err)
+	}
+	if err := protocol.WriteMessage(s, frame(2, []int64{1, 4})); err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []struct {
+		c    *call
+		kind protocol.Kind
+		code protocol.ErrorCode
+	}{{bad, protocol.KindError, protocol.CodeBadRequest}, {good, protocol.KindResult, ""}} {
+		select {
+		case msg := <-w.c.ch:
+			if msg.Kind != w.kind || msg.Header.Code != w.code {
+				t.Fatalf("request %d: %v %s %s, want %v %s", msg.Header.ID, msg.Kind, msg.Header.Code, msg.Header.Message, w.kind, w.code)
+			}
+			t.Logf("request %d: %v %s %s", msg.Header.ID, msg.Kind, msg.Header.Code, msg.Header.Message)
+		case <-time.After(10 * time.Second):
+			t.Fatal("no answer")
+		}
+	}
+}
