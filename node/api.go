@@ -97,7 +97,7 @@ func (n *Node) startAPI() error {
 	if idleTimeout == 0 {
 		idleTimeout = DefaultAPIIdleTimeout
 	}
-	guard := newAPIGuard(addr, ln.Addr())
+	guard := newAPIGuard(addr, ln.Addr(), n.cfg.APIToken != "")
 	// No WriteTimeout: a streamed generation or pull lasts as long as it
 	// lasts. Reading a request, headers and body, is bounded; once the body
 	// is read (bodyRead) the server lifts the bound.
@@ -471,14 +471,17 @@ func (c *limitedConn) Close() error {
 // posting to it; browsers send Origin with every POST, curl and the SDKs
 // send none). A POST must be JSON (Content-Type: application/json), which
 // no page can send cross-site without a preflight the API never answers.
+// An API with a token answers any Host (operators may call it by a name of
+// their own; a rebound page has no token), still only from its own pages.
 type apiGuard struct {
-	port  string          // the listener's port
-	hosts map[string]bool // lower-case names and IPs, without the port
-	anyIP bool            // the API listens on every address: any IP literal names it
+	port    string          // the listener's port
+	hosts   map[string]bool // lower-case names and IPs, without the port
+	anyIP   bool            // the API listens on every address: any IP literal names it
+	anyHost bool            // the API has a token: any Host
 }
 
-func newAPIGuard(configured string, addr net.Addr) *apiGuard {
-	g := &apiGuard{hosts: map[string]bool{"localhost": true}}
+func newAPIGuard(configured string, addr net.Addr, token bool) *apiGuard {
+	g := &apiGuard{hosts: map[string]bool{"localhost": true}, anyHost: token}
 	if h, p, err := net.SplitHostPort(addr.String()); err == nil {
 		g.port, g.hosts[strings.ToLower(h)] = p, true
 	}
@@ -513,14 +516,14 @@ func (g *apiGuard) ours(hostport string) bool {
 
 func (g *apiGuard) wrap(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !g.ours(r.Host) {
+		if !g.anyHost && !g.ours(r.Host) {
 			writeError(w, http.StatusForbidden, "forbidden_host",
 				fmt.Sprintf("Host %q is not this API's address: call it as 127.0.0.1:%s, localhost:%s or its configured address", r.Host, g.port, g.port))
 			return
 		}
 		if origin := r.Header.Get("Origin"); origin != "" {
 			u, err := url.Parse(origin)
-			if err != nil || u.Scheme != "http" || u.Path != "" || !g.ours(u.Host) {
+			if err != nil || u.Scheme != "http" || u.Path != "" || !strings.EqualFold(u.Host, r.Host) && !g.ours(u.Host) {
 				writeError(w, http.StatusForbidden, "forbidden_origin",
 					fmt.Sprintf("requests from pages of %q are refused: only this API's own pages (its dashboard) and programs that send no Origin may call it", origin))
 				return

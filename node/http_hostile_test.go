@@ -161,6 +161,24 @@ func TestAPIRefusesCrossSiteRequests(t *testing.T) {
 	if tr.Model != model {
 		t.Fatalf("publish of the served directory: %+v", tr)
 	}
+	// An API with a token answers to any name (a rebound page has no
+	// token), but still only to its own pages.
+	tokened := startNodeWith(t, nil, "", func(c *Config) { c.APIToken = "s3cret" })
+	_, tport, _ := net.SplitHostPort(tokened.APIAddr())
+	for _, c := range []struct {
+		h    map[string]string
+		want int
+	}{
+		{map[string]string{"Host": "mybox.lan:" + tport, "Authorization": "Bearer s3cret"}, 200},
+		{map[string]string{"Host": "mybox.lan:" + tport, "Origin": "http://mybox.lan:" + tport, "Authorization": "Bearer s3cret"}, 200},
+		{map[string]string{"Host": "evil.example:" + tport, "Origin": "http://evil.example:" + tport}, 401},
+		{map[string]string{"Origin": "http://evil.example", "Authorization": "Bearer s3cret"}, 403},
+	} {
+		if status, _, b := apiCall(t, tokened, "GET", "/v1/status", c.h, ""); status != c.want {
+			t.Errorf("GET /v1/status of a node with a token, %v: %d %s, want %d", c.h, status, b, c.want)
+		}
+	}
+
 	// A directory given with --publish-dir, and what is under it.
 	allowed := startNodeWith(t, nil, "", func(c *Config) { c.PublishDirs = []string{tm.model.Dir + "/.."} })
 	postJSON(t, allowed, "/v1/publish", PublishRequest{Dir: tm.model.Dir}, &tr)
