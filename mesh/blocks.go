@@ -279,8 +279,12 @@ type blockFetch struct {
 
 // block fetches c into the store.
 func (f *fetch) block(ctx context.Context, c cid.Cid) error {
+	// No provider yet is no reason to give up: a server's provider
+	// records may still be on their way (it announces in the background
+	// after it starts), so an empty lookup waits and asks again like a
+	// round of busy providers does.
 	provs, err := f.providers(ctx, c)
-	if err != nil {
+	if err != nil && ctx.Err() != nil {
 		return err
 	}
 	b := &blockFetch{c: c, total: -1, from: map[peer.ID]bool{}}
@@ -292,6 +296,9 @@ func (f *fetch) block(ctx context.Context, c cid.Cid) error {
 			// Everyone known is out or busy: wait, and ask the DHT
 			// again, since providers come and go.
 			if round >= lookupRounds {
+				if len(provs) == 0 {
+					return fmt.Errorf("block %s: no provider found", c)
+				}
 				if len(failed) == 0 && len(busy) == 0 {
 					return fmt.Errorf("block %s: every provider banned", c)
 				}
