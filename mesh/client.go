@@ -21,8 +21,16 @@ import (
 // defaults named on each field.
 type InferOptions struct {
 	// StepTimeout bounds one step end to end (default 30 s); past it the
-	// requester treats the hop that has not answered as failed.
+	// requester treats the hop that has not answered as failed. It is the
+	// outer bound: a hop that makes no progress is failed over sooner, at
+	// its progress deadline (HopProgressTimeout).
 	StepTimeout time.Duration
+	// ProgressFloor is the least time a hop is given to report after the
+	// hop before it did (default ProgressFloor); a hop not yet seen to
+	// complete a step on its span gets ProgressColdFloor/ProgressFloor
+	// times as much. Tests lower it; a negative value turns progress
+	// deadlines off (the step timeout alone applies).
+	ProgressFloor time.Duration
 	// MaxFailovers bounds how many times one step is re-routed (default 16).
 	MaxFailovers int
 	// FP16 sends float32 activations as float16 (half the bytes; not
@@ -43,6 +51,9 @@ func (o *InferOptions) defaults() {
 	}
 	if o.MaxFailovers <= 0 {
 		o.MaxFailovers = 16
+	}
+	if o.ProgressFloor == 0 {
+		o.ProgressFloor = ProgressFloor
 	}
 }
 
@@ -419,11 +430,44 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 	}
 	micros := make([]int64, len(route))
 	progress := make([]shards.Tensors, len(route)) // progress[h]: what hop h sent on
+	allow := m.progressTimeouts(ctx, model, route, tokensOf(inputs), opts.ProgressFloor)
 	if err := m.stage.send(ctx, first, msg); err != nil {
 		return nil, micros, progress, 0, fmt.Errorf("hop 0: %w", err)
 	}
+	// frontier is the first hop none of whose successors has reported: a
+	// report from hop h shows every hop up to h did its part. The
+	// frontier must report within its progress deadline, counted from
+	// when the hop before it reported (or the request was sent).
+	frontier := 0
+	var deadline <-chan time.Time
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
+	arm := func() {
+		timer.Stop()
+		deadline = nil
+		if allow[frontier] > 0 {
+			timer.Reset(allow[frontier])
+			deadline = timer.C
+		}
+	}
+	arm()
+	reported := func(h int) {
+		m.stage.markWarm(msg.Header.Model, route, h)
+		if h+1 > frontier && h+1 < len(route) {
+			frontier = h + 1
+			arm()
+		}
+	}
 	for {
 		select {
+		case <-deadline:
+			// A hop that stops answering (crashed without closing its
+			// connection, wedged, or hostile) is failed over now rather than
+			// at the step timeout.
+			m.cancelRequest(id, "", route[frontier:]) // the request only: the session stays at the hops
+			return nil, micros, progress, frontier, fmt.Errorf("%w: hop %d made no progress in %s", ErrStall, frontier,
+				allow[frontier].Round(time.Millisecond))
 		case <-ctx.Done():
 			if err := parent.Err(); err != nil {
 				// The caller gave up: tell the hops, so that those still
@@ -431,19 +475,17 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 				m.cancelRequest(id, session, route)
 				return nil, micros, progress, -1, err
 			}
-			// Blame the first hop that has not reported.
-			blame := 0
-			for blame < len(route)-1 && progress[blame] != nil {
-				blame++
-			}
-			return nil, micros, progress, blame, fmt.Errorf("%w (%s)", ErrStall, opts.StepTimeout)
+			// Blame the first hop none of whose successors has reported.
+			return nil, micros, progress, frontier, fmt.Errorf("%w (%s)", ErrStall, opts.StepTimeout)
 		case a := <-c.ch:
 			h := a.Header.Hop
 			switch a.Kind {
 			case protocol.KindProgress:
 				micros[h], progress[h] = a.Header.Micros, a.Map()
+				reported(h)
 			case protocol.KindResult:
 				micros[h] = a.Header.Micros
+				reported(h)
 				if session != "" {
 					m.awaitProgress(c, ctx, progress, micros)
 				}
@@ -467,6 +509,65 @@ func (m *Mesh) runRouteProgress(ctx context.Context, model cid.Cid, session stri
 			}
 		}
 	}
+}
+
+// progressTimeouts returns, for each hop of route, how long it may take
+// to report once the hop before it did (HopProgressTimeout): from its
+// advertised block_micros for its span, tokens, the estimated RTT and
+// floor (ProgressColdFloor's multiple of it for a hop not yet seen to
+// complete a step on its span with the same next hop: it may be loading the
+// span or dialling its successor). 0 means no deadline but the step's: a
+// negative floor, or a hop whose timings this node does not know.
+func (m *Mesh) progressTimeouts(ctx context.Context, model cid.Cid, route []protocol.Hop, tokens int, floor time.Duration) []time.Duration {
+	allow := make([]time.Duration, len(route))
+	if floor < 0 {
+		return allow
+	}
+	mv, err := m.view.Model(ctx, model)
+	if err != nil {
+		return allow
+	}
+	byID := map[string]PeerView{}
+	for _, pvs := range [][]PeerView{mv.Distrusted, mv.Peers} {
+		for _, pv := range pvs {
+			byID[pv.ID.String()] = pv
+		}
+	}
+	for i, h := range route {
+		pv, ok := byID[h.Peer]
+		if !ok || h.Start < pv.Span.Start || h.End > pv.Span.End || len(pv.Span.BlockMicros) != pv.Span.End-pv.Span.Start {
+			continue
+		}
+		var us float64
+		for b := h.Start; b < h.End; b++ {
+			us += max(pv.Span.BlockMicros[b-pv.Span.Start], 0)
+		}
+		f := floor
+		if !m.stage.isWarm(model.String(), route, i) {
+			f = floor * (ProgressColdFloor / ProgressFloor)
+		}
+		allow[i] = HopProgressTimeout(us, tokens, pv.RTT, f)
+	}
+	return allow
+}
+
+// tokensOf estimates how many token positions a step carries, which its
+// compute time grows with: input_ids' elements when present (batch times
+// sequence; a session's first step carries the whole prompt), else, for
+// activations, the elements of each float tensor of rank 3 or more but its
+// last dimension ([batch, seq, width]), the largest; at least 1.
+func tokensOf(inputs shards.Tensors) int {
+	if t, ok := inputs["input_ids"]; ok && t != nil {
+		return int(max(protocol.NumElements(t.Shape), 1))
+	}
+	n := int64(1)
+	for _, t := range inputs {
+		if t == nil || len(t.Shape) < 3 || t.DType == protocol.Int64 || t.DType == protocol.Bool {
+			continue
+		}
+		n = max(n, protocol.NumElements(t.Shape[:len(t.Shape)-1]))
+	}
+	return int(n)
 }
 
 // progressGrace is how long a requester waits, after a result, for the

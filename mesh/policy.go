@@ -571,3 +571,47 @@ func (a *Accusations) Tally(p peer.ID) (right, wrong int) {
 	}
 	return 0, 0
 }
+
+// Progress deadlines: a requester does not wait the whole step timeout to
+// learn that a hop is dead. Once the hop before it has reported (or, for
+// the first hop, once the request is sent), a hop must report progress or
+// its result within HopProgressTimeout, or it is failed over as stalled.
+// The step timeout remains the outer bound of the whole step.
+const (
+	// ProgressFloor is the least time a hop is given, whatever its
+	// advertised speed: scheduling, garbage collection, opening a stream
+	// to the next hop (milliseconds when alive) and a loaded machine's
+	// jitter all fit in it.
+	ProgressFloor = 2 * time.Second
+	// ProgressColdFloor replaces ProgressFloor for a hop this node has not
+	// yet seen complete a step on that span with that next hop: it may be
+	// loading the span (a sub-span of what it serves is loaded on demand),
+	// opening the session's state, or dialling its successor (up to
+	// linkDialTimeout).
+	ProgressColdFloor = 10 * time.Second
+	// ProgressFactor multiplies a hop's advertised compute time for its
+	// span (the sum of its block_micros, times the step's tokens): a hop
+	// at its limit of steps in flight on a busy CPU, or whose timing was
+	// measured idle, computes several times slower than it advertises.
+	ProgressFactor = 10
+	// ProgressUnknownRTT is the round trip assumed for a hop whose RTT
+	// cannot be estimated from coordinates.
+	ProgressUnknownRTT = 250 * time.Millisecond
+)
+
+// HopProgressTimeout is how long a requester waits for a hop's progress
+// (or result) after the hop before it reported: floor, plus a round trip
+// each way (request in, progress back), plus ProgressFactor times the
+// hop's advertised compute time for the step, spanMicros (its span's
+// block_micros summed) per token times tokens (a session's first step
+// carries the whole prompt). A negative rtt is unknown.
+func HopProgressTimeout(spanMicros float64, tokens int, rtt, floor time.Duration) time.Duration {
+	if rtt < 0 {
+		rtt = ProgressUnknownRTT
+	}
+	compute := spanMicros * float64(max(tokens, 1)) * ProgressFactor * float64(time.Microsecond)
+	if compute > float64(time.Hour) || compute != compute { // absurd claims are bounded by the step timeout anyway
+		compute = float64(time.Hour)
+	}
+	return floor + 2*rtt + time.Duration(max(compute, 0))
+}

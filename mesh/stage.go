@@ -112,6 +112,44 @@ type stage struct {
 	pending      map[uint64]*call // this node's requests awaiting answers
 	// requests their requesters cancelled, not to be run or forwarded
 	cancelled map[cancelKey]bool
+	// warm: the hops (peer, model, span, next peer) that answered one of
+	// this node's requests: they have the span loaded and a link to the
+	// next hop, so they get the normal progress deadline, not the cold one.
+	warm map[warmKey]bool
+}
+
+type warmKey struct {
+	peer, model string
+	start, end  int
+	next        string // the next hop's peer; "" for the last hop
+}
+
+// maxWarm bounds the warm hops remembered.
+const maxWarm = 4096
+
+func hopKey(model string, route []protocol.Hop, h int) warmKey {
+	k := warmKey{peer: route[h].Peer, model: model, start: route[h].Start, end: route[h].End}
+	if h+1 < len(route) {
+		k.next = route[h+1].Peer
+	}
+	return k
+}
+
+// isWarm reports whether hop h of route answered one of this node's
+// requests before, with the same span and next hop.
+func (st *stage) isWarm(model string, route []protocol.Hop, h int) bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.warm[hopKey(model, route, h)]
+}
+
+func (st *stage) markWarm(model string, route []protocol.Hop, h int) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.warm == nil || len(st.warm) >= maxWarm {
+		st.warm = map[warmKey]bool{}
+	}
+	st.warm[hopKey(model, route, h)] = true
 }
 
 type cancelKey struct {
