@@ -94,8 +94,34 @@ func (s *FileStore) Add(c cid.Cid, r io.Reader) error {
 	})
 }
 
+// tempPattern names the files a write fills before renaming them into
+// place.
+const tempPattern = ".tmp-*"
+
+// RemoveTemp deletes the temporary files writes left behind when their
+// process was killed mid-transfer, and returns how many it removed. Only
+// the store's sole user may call it, before it writes (a node holding its
+// data directory's lock, on its own store): another process's write in
+// progress would lose its file.
+func (s *FileStore) RemoveTemp() (int, error) {
+	tmps, err := filepath.Glob(filepath.Join(s.dir, tempPattern))
+	if err != nil {
+		return 0, err
+	}
+	removed := 0
+	var errs []error
+	for _, p := range tmps {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+			continue
+		}
+		removed++
+	}
+	return removed, errors.Join(errs...)
+}
+
 func (s *FileStore) write(c cid.Cid, fill func(io.Writer) error) error {
-	f, err := os.CreateTemp(s.dir, ".tmp-*")
+	f, err := os.CreateTemp(s.dir, tempPattern)
 	if err != nil {
 		return fmt.Errorf("block store: %w", err)
 	}
