@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -18,6 +19,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/p2p/discovery/mdns"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/infermesh/infermesh/protocol"
 	"github.com/infermesh/infermesh/shards"
@@ -55,7 +58,8 @@ type Config struct {
 	// NAT turns on port mapping, the AutoNAT service and hole punching.
 	NAT bool
 	// DHTMode is "server", "client" or "auto" (empty): auto serves the DHT
-	// once AutoNAT finds the node reachable.
+	// once AutoNAT finds the node reachable, and at once when NAT is off
+	// or the mesh is private (autoServer).
 	DHTMode string
 	// RecordTTL is how long a published capacity record is valid
 	// (DefaultRecordTTL). It is republished every RecordTTL/3.
@@ -132,6 +136,8 @@ type Mesh struct {
 	bans   bans // peers that failed our requests, for a while
 	advert func() Advert
 	mdns   mdns.Service
+	// dhtWhy says why the DHT is in the mode it started in.
+	dhtWhy string
 
 	pubMu   sync.Mutex // serialises Publish
 	seq     uint64
@@ -165,9 +171,14 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 	mode := dht.ModeAuto
 	switch cfg.DHTMode {
 	case "server":
-		mode = dht.ModeServer
+		mode, m.dhtWhy = dht.ModeServer, "configured"
 	case "client":
-		mode = dht.ModeClient
+		mode, m.dhtWhy = dht.ModeClient, "configured"
+	default:
+		m.dhtWhy = "auto: server once AutoNAT finds the node reachable"
+		if why := autoServer(cfg.NAT, m.host.Addrs(), cfg.Bootstrap); why != "" {
+			mode, m.dhtWhy = dht.ModeServer, "auto: "+why
+		}
 	}
 	m.dht, err = dht.New(m.host,
 		dht.ProtocolPrefix(DHTPrefix),
@@ -223,6 +234,54 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 	m.wg.Go(m.stage.expiryLoop)
 	return m, nil
 }
+
+// autoServer says why a node in DHT mode auto should serve the DHT from
+// the start, or "" to leave it to AutoNAT. AutoNAT only judges a node
+// reachable when peers offering its service dial it back: with NAT
+// traversal off (ours and, usually, the peers') or in a private mesh
+// (loopback or LAN addresses only, for the node and its bootstrap peers)
+// that never happens, and a mesh of DHT clients stores no provider
+// records: `shard pull` finds nobody. A node with private addresses
+// joining through public peers is likely behind a NAT, and stays auto.
+// It is pure.
+func autoServer(nat bool, addrs []ma.Multiaddr, bootstrap []peer.AddrInfo) string {
+	if !nat {
+		return "NAT traversal off (--no-nat)"
+	}
+	private := func(a ma.Multiaddr) bool { return manet.IsIPLoopback(a) || manet.IsPrivateAddr(a) }
+	if len(addrs) == 0 {
+		return ""
+	}
+	for _, a := range addrs {
+		if !private(a) {
+			return ""
+		}
+	}
+	for _, ai := range bootstrap {
+		for _, a := range ai.Addrs {
+			if !private(a) {
+				return ""
+			}
+		}
+	}
+	return "private mesh (loopback or LAN addresses only)"
+}
+
+// DHTMode is the mode the node's DHT is in now: "server" or "client" (a
+// node in mode auto moves between them as AutoNAT judges it).
+func (m *Mesh) DHTMode() string {
+	// A DHT server, and only a server, takes streams of the DHT protocol
+	// (kad-dht does not export its current mode; Mode is the configured one).
+	kad := libp2pprotocol.ID(DHTPrefix + "/kad/1.0.0")
+	if slices.Contains(m.host.Mux().Protocols(), kad) {
+		return "server"
+	}
+	return "client"
+}
+
+// DHTModeReason says why the DHT started in its mode: configured, or
+// auto and why.
+func (m *Mesh) DHTModeReason() string { return m.dhtWhy }
 
 // connectBootstrap dials the bootstrap peers; it fails only when there were
 // some and none answered.
