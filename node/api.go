@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/infermesh/infermesh/mesh"
@@ -34,6 +35,9 @@ type Status struct {
 	Accelerators []protocol.Accelerator `json:"accelerators"`
 	Coord        protocol.Coordinate    `json:"coord"`
 	Connected    int                    `json:"connected_peers"`
+	// DHTMode is the mode the node's DHT is in now: server (it stores
+	// records and answers lookups) or client (it only asks).
+	DHTMode string `json:"dht_mode"`
 }
 
 // Coverage is GET /v1/peers?model=CID: who serves each block of a model.
@@ -76,16 +80,29 @@ type PeersResponse struct {
 	Connected []string   `json:"connected"`
 }
 
+// listenAPI binds the API's address (Config.Validate allowed loopback
+// only, or a token). New does it first: a taken port fails at once.
+func listenAPI(addr string) (net.Listener, error) {
+	if addr == "" {
+		addr = DefaultAPI
+	}
+	ln, err := net.Listen("tcp", addr)
+	if errors.Is(err, syscall.EADDRINUSE) {
+		return nil, fmt.Errorf("api: %s is taken (another infermesh node?): pick another address with --api (0 for any port): %w", addr, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("api: listen on %s (--api): %w", addr, err)
+	}
+	return ln, nil
+}
+
+// startAPI serves the API on the listener New bound.
 func (n *Node) startAPI() error {
 	addr := n.cfg.API
 	if addr == "" {
 		addr = DefaultAPI
 	}
-	ln, err := net.Listen("tcp", addr) // Config.Validate allowed loopback only
-	if err != nil {
-		return fmt.Errorf("api: %w", err)
-	}
-	n.apiLn = ln
+	ln := n.apiLn
 	mux := http.NewServeMux()
 	for _, r := range n.routes() {
 		mux.Handle(r.pattern, r.handler)
@@ -126,7 +143,7 @@ func (n *Node) startAPI() error {
 func (n *Node) Status() Status {
 	a := n.advert()
 	st := Status{ID: n.mesh.ID().String(), Version: Version, Serving: a.Models, Load: a.Load, Accelerators: a.Accelerators,
-		Coord: n.mesh.Coord(), Connected: len(n.mesh.Host().Network().Peers())}
+		Coord: n.mesh.Coord(), Connected: len(n.mesh.Host().Network().Peers()), DHTMode: n.mesh.DHTMode()}
 	for _, addr := range n.mesh.Host().Addrs() {
 		st.Addrs = append(st.Addrs, addr.String()+"/p2p/"+st.ID)
 	}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -72,7 +73,8 @@ type Node struct {
 	codecs textCodecs // parsed tokenizers of the text models asked for
 	mesh   *mesh.Mesh
 	api    *http.Server
-	apiLn  net.Listener
+	apiLn  net.Listener // bound first thing in New, served once the node is up
+	unlock func() error // releases DATA/lock
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -113,6 +115,15 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 			n.Close()
 		}
 	}()
+	// Before anything else: one node per data directory (one identity, one
+	// block store), and the API port, so that a second node on a machine
+	// fails at once rather than after joining the mesh and loading blocks.
+	if n.unlock, err = lockDataDir(opts.DataDir); err != nil {
+		return nil, err
+	}
+	if n.apiLn, err = listenAPI(cfg.API); err != nil {
+		return nil, err
+	}
 	key, err := loadIdentity(filepath.Join(opts.DataDir, IdentityFile))
 	if err != nil {
 		return nil, err
@@ -122,6 +133,12 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	own, err := shards.OpenFileStore(filepath.Join(opts.DataDir, "blocks"))
 	if err != nil {
 		return nil, err
+	}
+	// Ours alone (DATA/lock is held): what a killed transfer left is junk.
+	if removed, err := own.RemoveTemp(); err != nil {
+		n.log.Warn("leftover temporary files not removed", "dir", own.Dir(), "err", err)
+	} else if removed > 0 {
+		n.log.Info("removed temporary files a stopped transfer left", "dir", own.Dir(), "files", removed)
 	}
 	n.own, n.store = own, stores{own}
 	if err := n.loadSpans(ctx); err != nil {
@@ -142,7 +159,8 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 	}
 	n.mesh.Serve(n, mesh.StageConfig{MaxInFlight: cfg.MaxInFlight, MaxSessions: cfg.MaxSessions})
 	n.metrics.gauges(n)
-	n.log.Info("node started", "peer", n.mesh.ID(), "addrs", n.mesh.Host().Addrs())
+	n.log.Info("node started", "peer", n.mesh.ID(), "addrs", n.mesh.Host().Addrs(),
+		"dht_mode", n.mesh.DHTMode(), "dht_mode_why", n.mesh.DHTModeReason())
 	unserved := n.repairSpans(ctx)
 	if err := n.joinModels(ctx); err != nil {
 		return nil, err
@@ -327,14 +345,14 @@ func (n *Node) coverageLog() {
 	t := time.NewTicker(max(time.Duration(n.cfg.ViewRefresh), time.Second))
 	defer t.Stop()
 	for {
-		for _, id := range n.ServedModels() {
+		for _, s := range n.servedSpans() {
 			ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
-			mv, err := n.mesh.View().Model(ctx, id)
+			mv, err := n.mesh.View().Model(ctx, s.model.ID)
 			cancel()
 			if err != nil {
 				continue
 			}
-			summary := coverageSummary(mv)
+			summary := coverageSummary(mv, len(s.model.Manifest.Blocks))
 			if summary != last[mv.Model] {
 				last[mv.Model] = summary
 				n.log.Info("coverage", "model", mv.Model, "state", summary)
@@ -349,19 +367,55 @@ func (n *Node) coverageLog() {
 }
 
 // coverageSummary is one line: complete or which blocks nobody serves, and
-// how many peers serve each block.
-func coverageSummary(mv *mesh.ModelView) string {
+// how many peers serve each block. blocks is the model's block count from
+// its manifest: a view that knows no server yet (not even this node's own
+// record, published in the background) has none, and every block is
+// missing from it.
+func coverageSummary(mv *mesh.ModelView, blocks int) string {
 	var b strings.Builder
-	if mv.Complete() {
+	switch {
+	case mv.Complete():
 		fmt.Fprintf(&b, "complete, %d peers", len(mv.Peers))
-	} else {
-		fmt.Fprintf(&b, "INCOMPLETE (nobody serves blocks %v), %d peers", mv.Uncovered, len(mv.Peers))
+	case mv.Blocks == 0:
+		fmt.Fprintf(&b, "INCOMPLETE (no server known yet: blocks %s missing), %d peers", blockRanges(seq(blocks)), len(mv.Peers))
+	default:
+		fmt.Fprintf(&b, "INCOMPLETE (nobody serves blocks %s), %d peers", blockRanges(mv.Uncovered), len(mv.Peers))
 	}
 	b.WriteString("; servers per block:")
 	for _, who := range mv.ByBlock {
 		fmt.Fprintf(&b, " %d", len(who))
 	}
 	return b.String()
+}
+
+// seq is 0..n-1.
+func seq(n int) []int {
+	out := make([]int, n)
+	for i := range out {
+		out[i] = i
+	}
+	return out
+}
+
+// blockRanges writes sorted block numbers as ranges: "0-3, 7, 9-10".
+func blockRanges(blocks []int) string {
+	if len(blocks) == 0 {
+		return "none"
+	}
+	var parts []string
+	for i := 0; i < len(blocks); {
+		j := i
+		for j+1 < len(blocks) && blocks[j+1] == blocks[j]+1 {
+			j++
+		}
+		if i == j {
+			parts = append(parts, strconv.Itoa(blocks[i]))
+		} else {
+			parts = append(parts, fmt.Sprintf("%d-%d", blocks[i], blocks[j]))
+		}
+		i = j + 1
+	}
+	return strings.Join(parts, ", ")
 }
 
 // Close leaves the mesh gracefully (an empty record first), stops the API
@@ -374,6 +428,8 @@ func (n *Node) Close() error {
 		errs = append(errs, n.api.Shutdown(ctx))
 		cancel()
 		os.Remove(filepath.Join(n.opts.DataDir, APIFile))
+	} else if n.apiLn != nil {
+		n.apiLn.Close() // bound, never served: New failed half-way
 	}
 	n.wg.Wait()
 	if n.mesh != nil {
@@ -388,7 +444,30 @@ func (n *Node) Close() error {
 	}
 	n.subs.spans = nil
 	n.subs.mu.Unlock()
+	if n.unlock != nil {
+		errs = append(errs, n.unlock()) // last: the data directory is free again
+		n.unlock = nil
+	}
 	return errors.Join(errs...)
+}
+
+// LockFile, in the data directory, is locked by the node running on it;
+// it holds that node's pid.
+const LockFile = "lock"
+
+// DataDirInUseError is New's error when another node holds the data
+// directory's lock.
+type DataDirInUseError struct {
+	Dir string
+	PID int // of the node holding it; 0 when unknown
+}
+
+func (e *DataDirInUseError) Error() string {
+	pid := "pid unknown"
+	if e.PID > 0 {
+		pid = fmt.Sprintf("pid %d", e.PID)
+	}
+	return fmt.Sprintf("%s is in use by another infermesh node (%s)", e.Dir, pid)
 }
 
 // sortedPeers orders peer IDs for stable output.

@@ -3,9 +3,13 @@ package cli
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -199,7 +203,32 @@ func nodeClient(api, dataDir string) (*client.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := client.New(base, nil)
+	// A refused connection means nobody listens there: most often a node
+	// that crashed and left DATA/api behind. Say so, up front and if the
+	// node goes away between requests.
+	noNode := &noNodeError{addr: strings.TrimPrefix(base, "http://"), from: "--api"}
+	if api == "" {
+		noNode.from = "read from " + filepath.Join(dataDir, node.APIFile) + "; it may have crashed"
+	}
+	if u, err := url.Parse(base); err == nil && u.Host != "" {
+		conn, err := net.DialTimeout("tcp", u.Host, 5*time.Second)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, noNode
+		}
+		if err == nil {
+			conn.Close()
+		}
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	dialer := &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}
+	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := dialer.DialContext(ctx, network, addr)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, noNode
+		}
+		return conn, err
+	}
+	c := client.New(base, &http.Client{Transport: tr})
 	if cfg, err := node.LoadConfig(dataDir); err == nil {
 		c.Token = cfg.APIToken // the node's own token, from its data directory
 	}
@@ -207,6 +236,16 @@ func nodeClient(api, dataDir string) (*client.Client, error) {
 		c.Token = t
 	}
 	return c, nil
+}
+
+// noNodeError is a refused connection to the local node's API.
+type noNodeError struct {
+	addr string
+	from string // where the address came from
+}
+
+func (e *noNodeError) Error() string {
+	return fmt.Sprintf("no infermesh node is running at %s (%s): start one with `infermesh node`", e.addr, e.from)
 }
 
 func runPeers(ctx context.Context, e *env, args []string) error {
