@@ -82,7 +82,7 @@ func loadSequence[T any](raw json.RawMessage, key string, load func(json.RawMess
 	}
 	var list []json.RawMessage
 	if err := json.Unmarshal(c[key], &list); err != nil {
-		return nil, fmt.Errorf("Sequence: %q: %w", key, err)
+		return nil, fmt.Errorf("sequence component: %q: %w", key, err)
 	}
 	var q []T
 	for _, r := range list {
