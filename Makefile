@@ -115,6 +115,9 @@ bench: build tokenizer
 	$(GO) test -run '^$$' -bench JoinFiveNodes -benchtime 1x ./node/
 	$(GO) test -run '^$$' -bench APILoad -benchtime 1x ./node/
 	$(GO) test -run '^$$' -bench APIOverhead -benchtime 1x ./node/
+	@# Fails while 8 peers can fill a node's session table (BENCHMARKS.md,
+	@# "Under attack"); its figures are logged either way, and the rest runs.
+	-$(GO) test -run '^$$' -bench StageUnderAttack -benchtime 1x ./node/
 	$(GO) test -run '^$$' -bench Scale -benchtime 1x ./simulations/
 	$(GO) test -run '^$(CALIBRATION)$$' -count 1 -v ./simulations/ | grep 'calibration:'
 	@test -f $(BENCH_MODEL)/manifest.json || $(BIN) shard build gpt --layers 8 --dim 512 --seed 1 --out $(BENCH_MODEL)
