@@ -318,3 +318,53 @@ func TestStageRefusesTensorsTheSpanDoesNotTake(t *testing.T) {
 		}
 	}
 }
+
+// Many identities, each under its per-peer quota, fill the session table:
+// a peer holding less than its fair share still gets a session, the least
+// recently used idle one of the biggest holder making room.
+func TestStageSessionFairShare(t *testing.T) {
+	c := newCluster(t)
+	server := c.start(t, nil, time.Minute)
+	server.Serve(echoProvider{}, StageConfig{MaxInFlight: 64, MaxSessions: 16, MaxSessionsPerPeer: 8})
+	boot := []peer.AddrInfo{addrInfo(server.Mesh)}
+	route := []protocol.Hop{{Peer: server.ID().String(), Start: 0, End: 1}}
+	x := protocol.NewTensor([]int64{1, 1}, []float32{7})
+	step := func(from *testNode, id uint64, session string, n int) *protocol.Message {
+		t.Helper()
+		call := from.stage.register(id, route)
+		defer from.stage.unregister(id)
+		msg := &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: id, Requester: from.ID().String(),
+			Model: "m", Session: session, Step: n, Route: route}, Tensors: []protocol.NamedTensor{{Name: "x", Tensor: x}}}
+		if err := from.stage.send(context.Background(), server.ID(), msg); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case answer := <-call.ch:
+			return answer
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s step %d: no answer", session, n)
+		}
+		return nil
+	}
+	// Two identities fill the table, 8 sessions each (their quota).
+	for h := range 2 {
+		hostile := c.start(t, boot, time.Minute)
+		for i := range 8 {
+			if a := step(hostile, uint64(i+1), fmt.Sprintf("evil%d-%d", h, i), 0); a.Kind != protocol.KindResult {
+				t.Fatalf("hostile %d session %d: %v %s", h, i, a.Kind, a.Header.Message)
+			}
+		}
+	}
+	if got := server.StageStats().Sessions; got != 16 {
+		t.Fatalf("%d sessions open, want the table full (16)", got)
+	}
+	honest := c.start(t, boot, time.Minute)
+	for n := range 3 {
+		if a := step(honest, uint64(100+n), "honest", n); a.Kind != protocol.KindResult {
+			t.Fatalf("honest step %d with the table full: %v %s %s", n, a.Kind, a.Header.Code, a.Header.Message)
+		}
+	}
+	if st := server.StageStats(); st.Evicted != 1 || st.Sessions != 16 {
+		t.Fatalf("stats %+v: want one session evicted for the honest peer", st)
+	}
+}

@@ -681,6 +681,7 @@ type StageStats struct {
 	Busy            uint64 // requests answered busy (compute slots or sessions full, overall or for the peer)
 	StreamsRefused  uint64 // inbound stage streams reset at once: the peer had MaxStreamsPerPeer open
 	StreamsTimedOut uint64 // stage streams closed idle or reset for a stalled frame
+	Evicted         uint64 // sessions dropped from a full table for a peer under its fair share
 	PeakInFlight    int    // most steps computing at once
 	InFlight        int    // steps computing now
 	Sessions        int    // sessions open now
@@ -778,7 +779,7 @@ func (st *stage) session(key sessionKey, from peer.ID, runner shards.Runner, ste
 		if len(st.sessions) >= st.cfg.MaxSessions || st.peerSessions[from] >= st.cfg.MaxSessionsPerPeer {
 			st.expireLocked(time.Now())
 		}
-		if len(st.sessions) >= st.cfg.MaxSessions {
+		if len(st.sessions) >= st.cfg.MaxSessions && !st.evictForLocked(from) {
 			return nil, nil, protocol.CodeBusy, fmt.Errorf("%d sessions open", len(st.sessions))
 		}
 		if n := st.peerSessions[from]; n >= st.cfg.MaxSessionsPerPeer {
@@ -832,6 +833,46 @@ func (st *stage) closeSession(from peer.ID, msg *protocol.Message) {
 		}
 	}
 	st.mu.Unlock()
+}
+
+// evictForLocked makes room in a full session table for a peer holding
+// less than its fair share (the table divided among the peers holding
+// sessions, this one included): it drops the least recently used idle
+// session of the peer holding the most, when that is over the fair
+// share. The per-peer quota alone bounds one identity, not many: peers
+// that each stay under it could together fill the table and shut everyone
+// else out. It reports whether a session was dropped.
+func (st *stage) evictForLocked(from peer.ID) bool {
+	owners := len(st.peerSessions)
+	if st.peerSessions[from] == 0 {
+		owners++
+	}
+	share := st.cfg.MaxSessions / owners
+	if st.peerSessions[from] >= share {
+		return false
+	}
+	var most peer.ID
+	for p, n := range st.peerSessions {
+		if n > st.peerSessions[most] {
+			most = p
+		}
+	}
+	if st.peerSessions[most] <= share {
+		return false
+	}
+	var victim *hopSession
+	var victimKey sessionKey
+	for k, hs := range st.sessions {
+		if hs.owner == most && !hs.busy && (victim == nil || hs.lastUsed.Before(victim.lastUsed)) {
+			victim, victimKey = hs, k
+		}
+	}
+	if victim == nil {
+		return false
+	}
+	st.removeLocked(victimKey, victim)
+	st.stats.Evicted++
+	return true
 }
 
 // removeLocked drops a session and frees its owner's quota; a session
