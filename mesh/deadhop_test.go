@@ -5,7 +5,6 @@ import (
 	"errors"
 	"path/filepath"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -25,22 +24,7 @@ func newGPTServingMesh(t testing.TB) *servingMesh {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sm := &servingMesh{model: m, rt: rt}
-	t.Cleanup(func() {
-		var wg sync.WaitGroup
-		for _, ms := range sm.meshes {
-			wg.Go(func() { ms.Close() })
-		}
-		wg.Wait()
-		for _, p := range sm.providers {
-			p.close()
-		}
-	})
-	return sm
+	return servingMeshOf(t, m)
 }
 
 // serveWrapped starts a node advertising sp that runs blocks [start, end)

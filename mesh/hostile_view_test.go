@@ -34,6 +34,12 @@ func newServingMesh(t testing.TB) *servingMesh {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return servingMeshOf(t, m)
+}
+
+// servingMeshOf is a servingMesh of model m, closed at the end of the test.
+func servingMeshOf(t testing.TB, m *shards.Model) *servingMesh {
+	t.Helper()
 	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
 	if err != nil {
 		t.Fatal(err)
