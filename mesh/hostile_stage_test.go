@@ -368,3 +368,62 @@ func TestStageSessionFairShare(t *testing.T) {
 		t.Fatalf("stats %+v: want one session evicted for the honest peer", st)
 	}
 }
+
+// slowProvider's sessions take a while per step, like a loaded hop.
+type lateProvider struct{ delay time.Duration }
+
+func (p lateProvider) Runner(model string, start, end int) (shards.Runner, error) {
+	return lateRunner{echoRunner{}, p.delay}, nil
+}
+
+type lateRunner struct {
+	echoRunner
+	delay time.Duration
+}
+
+func (r lateRunner) NewSession() shards.Session { return &lateSession{delay: r.delay} }
+
+type lateSession struct {
+	echoSession
+	delay time.Duration
+}
+
+func (s *lateSession) Step(in shards.Tensors) (shards.Tensors, error) {
+	time.Sleep(s.delay)
+	return s.echoSession.Step(in)
+}
+
+// A step sent again while it still runs (a requester that gave up waiting
+// on the hop and then let it back in) gets that step's outputs once they
+// exist, not a refusal, and the step runs once.
+func TestStageResentRunningStep(t *testing.T) {
+	c := newCluster(t)
+	server := c.start(t, nil, time.Minute)
+	server.Serve(lateProvider{delay: 400 * time.Millisecond}, StageConfig{})
+	requester := c.start(t, []peer.AddrInfo{addrInfo(server.Mesh)}, time.Minute)
+	route := []protocol.Hop{{Peer: server.ID().String(), Start: 0, End: 1}}
+	x := protocol.NewTensor([]int64{1, 2}, []float32{3, 4})
+	var calls []*call
+	for id := uint64(1); id <= 2; id++ {
+		calls = append(calls, requester.stage.register(id, route))
+		msg := &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: id, Requester: requester.ID().String(),
+			Model: "m", Session: "s1", Step: 0, Route: route}, Tensors: []protocol.NamedTensor{{Name: "x", Tensor: x}}}
+		if err := requester.stage.send(context.Background(), server.ID(), msg); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond) // the first is running when the second comes
+	}
+	for i, cl := range calls {
+		select {
+		case msg := <-cl.ch:
+			if msg.Kind != protocol.KindResult {
+				t.Fatalf("request %d: %v %s %s", i+1, msg.Kind, msg.Header.Code, msg.Header.Message)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("request %d: no answer", i+1)
+		}
+	}
+	if st := server.StageStats(); st.Sessions != 1 {
+		t.Fatalf("stats %+v: want the one session", st)
+	}
+}

@@ -181,6 +181,8 @@ type hopSession struct {
 	next     int  // the step it expects
 	lastUsed time.Time
 	busy     bool
+	// ran is closed when the running step (busy) ends.
+	ran chan struct{}
 	// lastOut is what step next-1 produced. A requester that resumes a
 	// step at this hop without knowing the hop had done it (its progress
 	// was still on the way) gets these outputs again rather than a step
@@ -744,6 +746,7 @@ func (st *stage) compute(from, requester peer.ID, msg *protocol.Message) ([]prot
 			out, err = hs.sess.Step(inputs)
 			st.mu.Lock()
 			hs.busy = false
+			close(hs.ran)
 			if hs.dropped {
 				hs.sess.Close() // removed while it ran
 			}
@@ -789,8 +792,20 @@ func (st *stage) session(key sessionKey, from peer.ID, runner shards.Runner, ste
 		st.sessions[key] = hs
 		st.peerSessions[from]++
 	}
-	if hs.busy {
-		return nil, nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d while another step runs", key.session, step)
+	for hs.busy {
+		if step != hs.next {
+			return nil, nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d while another step runs", key.session, step)
+		}
+		// The step now running, sent again: a requester that gave up
+		// waiting on this hop (a progress deadline) and let it back in.
+		// It gets that step's outputs once they exist, not a refusal.
+		ran := hs.ran
+		st.mu.Unlock()
+		<-ran
+		st.mu.Lock()
+		if hs.dropped || st.sessions[key] != hs {
+			return nil, nil, protocol.CodeUnknownSession, fmt.Errorf("session %s: dropped while step %d ran", key.session, step)
+		}
 	}
 	hs.lastUsed = time.Now()
 	if step == hs.next-1 && hs.lastOut != nil {
@@ -805,7 +820,7 @@ func (st *stage) session(key sessionKey, from peer.ID, runner shards.Runner, ste
 	if step != hs.next {
 		return nil, nil, protocol.CodeBadRequest, fmt.Errorf("session %s: step %d, expected %d", key.session, step, hs.next)
 	}
-	hs.busy = true
+	hs.busy, hs.ran = true, make(chan struct{})
 	return hs, nil, "", nil
 }
 
