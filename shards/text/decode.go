@@ -49,14 +49,11 @@ func (t template) process(ids []int64, addSpecial bool) []int64 {
 }
 
 func loadPostProcessor(raw json.RawMessage, tokenID func(string) (int64, bool)) (postProcessor, error) {
-	if isNull(raw) {
-		return nil, nil
-	}
-	var t typed
-	if err := json.Unmarshal(raw, &t); err != nil {
+	typ, present, err := componentType(raw)
+	if !present || err != nil {
 		return nil, err
 	}
-	switch t.Type {
+	switch typ {
 	case "ByteLevel":
 		return byteLevelPost{}, nil
 	case "Sequence":
@@ -118,7 +115,7 @@ func loadPostProcessor(raw json.RawMessage, tokenID func(string) (int64, bool)) 
 		}
 		return tp, nil
 	}
-	return nil, fmt.Errorf("%w: post-processor type %q", ErrUnknownComponent, t.Type)
+	return nil, fmt.Errorf("%w: post-processor type %q", ErrUnknownComponent, typ)
 }
 
 // dtok is a token on its way through the decoders; added marks added
@@ -297,14 +294,11 @@ func (d metaspaceDecoder) chain(toks []dtok) []dtok {
 }
 
 func loadDecoder(raw json.RawMessage) (decoder, error) {
-	if isNull(raw) {
-		return nil, nil
-	}
-	var t typed
-	if err := json.Unmarshal(raw, &t); err != nil {
+	typ, present, err := componentType(raw)
+	if !present || err != nil {
 		return nil, err
 	}
-	switch t.Type {
+	switch typ {
 	case "Sequence":
 		q, err := loadSequence(raw, "decoders", loadDecoder)
 		return decoderSeq(q), err
@@ -346,7 +340,7 @@ func loadDecoder(raw json.RawMessage) (decoder, error) {
 		}
 		return stripDecoder{c.Content, c.Start, c.Stop}, nil
 	}
-	return nil, fmt.Errorf("%w: decoder type %q", ErrUnknownComponent, t.Type)
+	return nil, fmt.Errorf("%w: decoder type %q", ErrUnknownComponent, typ)
 }
 
 // cleanUpPairs is transformers' clean_up_tokenization: spaces before

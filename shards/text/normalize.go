@@ -147,14 +147,11 @@ func (p *pattern) find(s string) ([][]int, error) {
 }
 
 func loadNormalizer(raw json.RawMessage) (normalizer, error) {
-	if isNull(raw) {
-		return nil, nil
-	}
-	var t typed
-	if err := json.Unmarshal(raw, &t); err != nil {
+	typ, present, err := componentType(raw)
+	if !present || err != nil {
 		return nil, err
 	}
-	switch t.Type {
+	switch typ {
 	case "Sequence":
 		q, err := loadSequence(raw, "normalizers", loadNormalizer)
 		return normalizerSeq(q), err
@@ -195,5 +192,5 @@ func loadNormalizer(raw json.RawMessage) (normalizer, error) {
 		}
 		return replace{c.Pattern, c.Content}, nil
 	}
-	return nil, fmt.Errorf("%w: normalizer type %q", ErrUnknownComponent, t.Type)
+	return nil, fmt.Errorf("%w: normalizer type %q", ErrUnknownComponent, typ)
 }

@@ -264,14 +264,11 @@ func metaspaceConfig(raw json.RawMessage) (*metaspace, error) {
 }
 
 func loadPreTokenizer(raw json.RawMessage) (preTokenizer, error) {
-	if isNull(raw) {
-		return nil, nil
-	}
-	var t typed
-	if err := json.Unmarshal(raw, &t); err != nil {
+	typ, present, err := componentType(raw)
+	if !present || err != nil {
 		return nil, err
 	}
-	switch t.Type {
+	switch typ {
 	case "Sequence":
 		q, err := loadSequence(raw, "pretokenizers", loadPreTokenizer)
 		return preTokenizerSeq(q), err
@@ -302,5 +299,5 @@ func loadPreTokenizer(raw json.RawMessage) (preTokenizer, error) {
 	case "Metaspace":
 		return metaspaceConfig(raw)
 	}
-	return nil, fmt.Errorf("%w: pre-tokenizer type %q", ErrUnknownComponent, t.Type)
+	return nil, fmt.Errorf("%w: pre-tokenizer type %q", ErrUnknownComponent, typ)
 }

@@ -73,6 +73,20 @@ type typed struct {
 	Type string `json:"type"`
 }
 
+// componentType reads the "type" of a pipeline component (a normalizer,
+// pre-tokenizer, post-processor or decoder); present is false for a null
+// or absent one.
+func componentType(raw json.RawMessage) (typ string, present bool, err error) {
+	if isNull(raw) {
+		return "", false, nil
+	}
+	var t typed
+	if err := json.Unmarshal(raw, &t); err != nil {
+		return "", true, err
+	}
+	return t.Type, true, nil
+}
+
 // loadSequence reads a Sequence component: the list of components under
 // key, each read by load; null ones are left out.
 func loadSequence[T any](raw json.RawMessage, key string, load func(json.RawMessage) (T, error)) ([]T, error) {
