@@ -9,6 +9,7 @@ import (
 	"io"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -67,7 +68,13 @@ func rawStageStream(t testing.TB, from, to *testNode) network.Stream {
 // the body follows.
 func frameHead(t testing.TB, requester, server peer.ID, bytes int64) []byte {
 	t.Helper()
-	h := protocol.Header{ID: 1, Requester: requester.String(), Model: "m",
+	return frameHeadID(t, 1, requester, server, bytes)
+}
+
+// frameHeadID is frameHead for a request of the given ID.
+func frameHeadID(t testing.TB, id uint64, requester, server peer.ID, bytes int64) []byte {
+	t.Helper()
+	h := protocol.Header{ID: id, Requester: requester.String(), Model: "m",
 		Route:   []protocol.Hop{{Peer: server.String(), Start: 0, End: 1}},
 		Tensors: []protocol.TensorMeta{{Name: "x", DType: protocol.Float32, Wire: protocol.Float32, Shape: []int64{1, bytes / 4}}}}
 	hdr, err := json.Marshal(&h)
@@ -425,5 +432,144 @@ func TestStageResentRunningStep(t *testing.T) {
 	}
 	if st := server.StageStats(); st.Sessions != 1 {
 		t.Fatalf("stats %+v: want the one session", st)
+	}
+}
+
+// Request frames sent at full speed are held within MaxHeldBytes: one
+// peer gets at most half of it, all peers together at most all of it,
+// while small frames (decode steps) still pass; a frame over the half is
+// taken when the node holds nothing else; every refusal is a busy answer
+// from the header, and the stream stays usable.
+func TestStageHeldFramesBounded(t *testing.T) {
+	c := newCluster(t)
+	server := c.start(t, nil, time.Minute)
+	const limit = 64 << 20
+	server.Serve(echoProvider{}, StageConfig{MaxHeldBytes: limit})
+	boot := []peer.AddrInfo{addrInfo(server.Mesh)}
+	a, b, honest := c.start(t, boot, time.Minute), c.start(t, boot, time.Minute), c.start(t, boot, time.Minute)
+	route := []protocol.Hop{{Peer: server.ID().String(), Start: 0, End: 1}}
+
+	// open starts a frame of the given size from p and sends all of its
+	// body but the last byte, so that the server holds it.
+	type open struct {
+		s    network.Stream
+		call *call
+	}
+	var nextID atomic.Uint64
+	start := func(p *testNode, bytes int64) open {
+		t.Helper()
+		id := nextID.Add(1)
+		cl := p.stage.register(id, route)
+		head := frameHeadID(t, id, p.ID(), server.ID(), bytes)
+		s := rawStageStream(t, p, server)
+		if _, err := s.Write(head); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Write(make([]byte, bytes-1)); err != nil {
+			t.Fatal(err)
+		}
+		return open{s, cl}
+	}
+	finish := func(o open) {
+		if _, err := o.s.Write([]byte{0}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	answer := func(o open, want protocol.Kind, code protocol.ErrorCode) {
+		t.Helper()
+		select {
+		case msg := <-o.call.ch:
+			if msg.Kind != want || msg.Header.Code != code {
+				t.Fatalf("answer %v %q %s, want %v %q", msg.Kind, msg.Header.Code, msg.Header.Message, want, code)
+			}
+			if code != "" {
+				t.Logf("refused: %s", msg.Header.Message)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("no answer")
+		}
+	}
+	heldIs := func(want int64) {
+		t.Helper()
+		for range 500 {
+			if server.StageStats().HeldBytes == want {
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		t.Fatalf("held %d bytes, want %d", server.StageStats().HeldBytes, want)
+	}
+
+	const big = 24 << 20
+	a1 := start(a, big)
+	heldIs(big)
+	// A refused frame is answered once its body, dropped, is through.
+	a2 := start(a, big) // a's second: over its half
+	finish(a2)
+	answer(a2, protocol.KindError, protocol.CodeBusy)
+	b1 := start(b, big)
+	heldIs(2 * big)
+	// honest's large frame is over the node's limit; its small one passes.
+	h1 := start(honest, big)
+	finish(h1)
+	answer(h1, protocol.KindError, protocol.CodeBusy)
+	small := start(honest, 4<<10)
+	finish(small)
+	answer(small, protocol.KindResult, "")
+
+	finish(a1)
+	finish(b1)
+	answer(a1, protocol.KindResult, "")
+	answer(b1, protocol.KindResult, "")
+	heldIs(0)
+	// A frame over the half is taken by a quiet node.
+	whole := start(a, limit-(1<<20))
+	heldIs(limit - (1 << 20))
+	finish(whole)
+	answer(whole, protocol.KindResult, "")
+	st := server.StageStats()
+	t.Logf("server: %+v", st)
+	if st.PeakHeldBytes > limit || st.Busy != 2 {
+		t.Fatalf("peak held %d (limit %d), %d busy answers (want 2)", st.PeakHeldBytes, limit, st.Busy)
+	}
+}
+
+// contextProvider is echoProvider for a model with a context window.
+type contextProvider struct {
+	echoProvider
+	context int
+}
+
+func (p contextProvider) MaxContext(string) int { return p.context }
+
+// A request covering more positions than the model's context is refused
+// from its header (a small frame must not buy a huge attention), one
+// within it runs.
+func TestStageRefusesStepsPastTheContext(t *testing.T) {
+	c := newCluster(t)
+	server := c.start(t, nil, time.Minute)
+	server.Serve(contextProvider{context: 16}, StageConfig{})
+	requester := c.start(t, []peer.AddrInfo{addrInfo(server.Mesh)}, time.Minute)
+	route := []protocol.Hop{{Peer: server.ID().String(), Start: 0, End: 1}}
+	for i, w := range []struct {
+		seq  int64
+		code protocol.ErrorCode
+	}{{17, protocol.CodeBadRequest}, {16, ""}} {
+		id := uint64(i + 1)
+		cl := requester.stage.register(id, route)
+		msg := &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: id, Requester: requester.ID().String(), Model: "m", Route: route},
+			Tensors: []protocol.NamedTensor{{Name: "x", Tensor: protocol.NewTensor([]int64{1, w.seq}, make([]float32, w.seq))}}}
+		if err := requester.stage.send(context.Background(), server.ID(), msg); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case got := <-cl.ch:
+			if got.Header.Code != w.code {
+				t.Fatalf("seq %d: %v %q %s, want code %q", w.seq, got.Kind, got.Header.Code, got.Header.Message, w.code)
+			}
+			t.Logf("seq %d: %v %s %s", w.seq, got.Kind, got.Header.Code, got.Header.Message)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("seq %d: no answer", w.seq)
+		}
 	}
 }

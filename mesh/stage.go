@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"sync"
 	"time"
 
@@ -23,15 +24,29 @@ type SpanProvider interface {
 	Runner(model string, start, end int) (shards.Runner, error)
 }
 
+// ContextLimiter, when a SpanProvider implements it, gives the most
+// positions a model's steps may cover (its context window; 0: no bound).
+// A request whose symbolic dimensions (sequence, positions covered,
+// batch) exceed it is refused from its header: a step's cost grows with
+// the square of the positions it covers, and a frame small enough to
+// pass every byte limit could otherwise ask a hop for hours of compute.
+type ContextLimiter interface {
+	MaxContext(model string) int
+}
+
 // ErrNotServed is returned by a SpanProvider for blocks it does not serve.
 var ErrNotServed = errors.New("blocks not served here")
 
 // StageConfig bounds what a node's stage server accepts. Zero values take
 // the defaults named on each field.
 type StageConfig struct {
-	// MaxInFlight is how many steps may compute at once (default 8); one
-	// more gets an immediate busy.
+	// MaxInFlight is how many steps may compute at once (default: the
+	// CPUs Go may use, at least 2: more steps at once only share the same
+	// cores). Steps past it wait their turn, fairly among sending peers.
 	MaxInFlight int
+	// MaxWaiting bounds the steps waiting for a compute slot (default 4 x
+	// MaxInFlight); one more gets an immediate busy.
+	MaxWaiting int
 	// MaxSessions bounds open sessions (default 256), each holding its
 	// blocks' KV cache; one more gets busy.
 	MaxSessions int
@@ -42,9 +57,20 @@ type StageConfig struct {
 	// as its bytes arrive, and a request's tensors must also fit the
 	// inputs of the span it asks for before any of its body is read.
 	MaxFrameBytes int
+	// MaxHeldBytes bounds the memory of the request frames this node holds
+	// at once, arriving, waiting or computing, all peers together (default
+	// 256 MiB, at least MaxFrameBytes/2). One peer may hold at most half of
+	// it, so a peer sending large frames at full speed cannot fill it
+	// alone; frames of at most smallFrameBytes (decode steps) count only
+	// against their peer's half, so large frames never shut them out; and
+	// a frame over the half is taken when the node holds no other, so a
+	// long prompt still runs on a quiet node. A frame past these bounds is
+	// answered busy from its header, its body dropped unkept.
+	MaxHeldBytes int64
 	// MaxInFlightPerPeer bounds the steps one sending peer may have
-	// computing at once (default MaxInFlight - MaxInFlight/4, at least 1),
-	// so that others always find a slot; one more gets busy.
+	// computing or waiting at once (default three quarters of MaxInFlight
+	// + MaxWaiting, at least 1), so that others always find room; one
+	// more gets busy.
 	MaxInFlightPerPeer int
 	// MaxSessionsPerPeer bounds the sessions one sending peer may hold
 	// open here (default max(8, MaxSessions/4)); one more gets busy.
@@ -65,7 +91,10 @@ type StageConfig struct {
 
 func (c *StageConfig) defaults() {
 	if c.MaxInFlight <= 0 {
-		c.MaxInFlight = 8
+		c.MaxInFlight = max(2, runtime.GOMAXPROCS(0))
+	}
+	if c.MaxWaiting <= 0 {
+		c.MaxWaiting = 4 * c.MaxInFlight
 	}
 	if c.MaxSessions <= 0 {
 		c.MaxSessions = 256
@@ -77,13 +106,17 @@ func (c *StageConfig) defaults() {
 		c.MaxFrameBytes = 256 << 20
 	}
 	if c.MaxInFlightPerPeer <= 0 {
-		c.MaxInFlightPerPeer = max(1, c.MaxInFlight-c.MaxInFlight/4)
+		all := c.MaxInFlight + c.MaxWaiting
+		c.MaxInFlightPerPeer = max(1, all-all/4)
 	}
 	if c.MaxSessionsPerPeer <= 0 {
 		c.MaxSessionsPerPeer = max(8, c.MaxSessions/4)
 	}
 	if c.MaxStreamsPerPeer <= 0 {
 		c.MaxStreamsPerPeer = 8
+	}
+	if c.MaxHeldBytes <= 0 {
+		c.MaxHeldBytes = max(256<<20, int64(c.MaxFrameBytes)/2)
 	}
 	if c.StreamIdle <= 0 {
 		c.StreamIdle = protocol.StageStreamIdle
@@ -100,13 +133,17 @@ type stage struct {
 	cfg      StageConfig
 	provider SpanProvider
 
-	mu       sync.Mutex
-	inFlight int
+	mu sync.Mutex
+	// compute hands out compute slots; Serve replaces it, and a step
+	// gives its slot back to the queue it took it from.
+	compute  *fairQueue
 	stats    StageStats
 	sessions map[sessionKey]*hopSession
-	// per sending peer: steps computing, sessions held, inbound streams open
-	peerInFlight map[peer.ID]int
+	// per sending peer: sessions held, inbound streams open, request frame
+	// bytes held (see StageConfig.MaxHeldBytes; held is all peers')
 	peerSessions map[peer.ID]int
+	peerHeld     map[peer.ID]int64
+	held         int64
 	peerStreams  map[peer.ID]int
 	links        map[peer.ID]*link
 	pending      map[uint64]*call // this node's requests awaiting answers
@@ -208,8 +245,10 @@ const linkDialTimeout = 2 * time.Second
 
 func newStage(m *Mesh) *stage {
 	st := &stage{m: m, sessions: map[sessionKey]*hopSession{}, links: map[peer.ID]*link{}, pending: map[uint64]*call{},
-		cancelled: map[cancelKey]bool{}, peerInFlight: map[peer.ID]int{}, peerSessions: map[peer.ID]int{}, peerStreams: map[peer.ID]int{}}
+		cancelled: map[cancelKey]bool{}, peerSessions: map[peer.ID]int{}, peerStreams: map[peer.ID]int{},
+		peerHeld: map[peer.ID]int64{}}
 	st.cfg.defaults()
+	st.compute = newFairQueue(st.cfg.MaxInFlight, st.cfg.MaxWaiting, st.cfg.MaxInFlightPerPeer)
 	m.host.SetStreamHandler(protocol.StageProtocol, st.handleStream)
 	return st
 }
@@ -219,14 +258,17 @@ func (m *Mesh) Serve(p SpanProvider, cfg StageConfig) {
 	cfg.defaults()
 	m.stage.mu.Lock()
 	m.stage.provider, m.stage.cfg = p, cfg
+	m.stage.compute = newFairQueue(cfg.MaxInFlight, cfg.MaxWaiting, cfg.MaxInFlightPerPeer)
 	m.stage.mu.Unlock()
 }
 
 // Load is the stage server's current load, for the capacity record.
 func (m *Mesh) Load() protocol.Load {
 	m.stage.mu.Lock()
-	defer m.stage.mu.Unlock()
-	return protocol.Load{InFlight: m.stage.inFlight}
+	q := m.stage.compute
+	m.stage.mu.Unlock()
+	running, waiting, _ := q.load()
+	return protocol.Load{InFlight: running, Queued: waiting}
 }
 
 // handleStream reads frames on a stage stream a peer opened.
@@ -272,12 +314,25 @@ func (st *stage) readLoop(s network.Stream, l *link) {
 			return l.lastWrite
 		}
 	}
+	var holding int64 // the memory held for the request frame being read
 	opts := protocol.ReadOptions{MaxBytes: cfg.MaxFrameBytes, Check: func(k protocol.Kind, h *protocol.Header) error {
-		return st.check(from, k, h)
+		if err := st.check(from, k, h); err != nil || k != protocol.KindRequest {
+			return err
+		}
+		n := frameMemory(h)
+		if err := st.hold(from, n); err != nil {
+			return err
+		}
+		holding = n
+		return nil
 	}}
 	for {
 		r.frameBoundary()
+		holding = 0
 		msg, err := protocol.ReadMessageWith(r, opts)
+		if err != nil && holding > 0 {
+			st.unhold(from, holding)
+		}
 		if errors.Is(err, protocol.ErrRefused) {
 			if msg.Kind == protocol.KindRequest {
 				st.m.wg.Go(func() { st.handleRequest(from, msg, err) })
@@ -302,11 +357,67 @@ func (st *stage) readLoop(s network.Stream, l *link) {
 			return
 		}
 		if st.m.ctx.Err() != nil {
+			st.unhold(from, holding)
 			s.Reset()
 			return
 		}
+		if held := holding; held > 0 {
+			st.m.wg.Go(func() {
+				defer st.unhold(from, held)
+				st.handleRequest(from, msg, nil)
+			})
+			continue
+		}
 		st.dispatch(from, msg)
 	}
+}
+
+// smallFrameBytes is the largest request frame counted only against its
+// peer's share of MaxHeldBytes: a decode step's activations are far less.
+const smallFrameBytes = 1 << 20
+
+// frameMemory is what a request frame's tensors take in memory once read
+// (float16 on the wire is held as float32).
+func frameMemory(h *protocol.Header) int64 {
+	var n int64
+	for _, t := range h.Tensors {
+		n += protocol.NumElements(t.Shape) * int64(t.DType.Size())
+	}
+	return n
+}
+
+// hold takes n bytes of the held-frames budget for a request frame from
+// a peer, or refuses it busy (see StageConfig.MaxHeldBytes).
+func (st *stage) hold(from peer.ID, n int64) error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	limit := st.cfg.MaxHeldBytes
+	share, mine := limit/2, st.peerHeld[from]
+	quiet := st.held == 0
+	switch {
+	case n <= smallFrameBytes && mine+n <= share:
+	case n > smallFrameBytes && mine+n <= share && st.held+n <= limit:
+	case quiet:
+	default:
+		return &refusal{code: protocol.CodeBusy, err: fmt.Errorf("no room for a %d MiB frame: request frames held %d MiB of %d, from this peer %d MiB of %d",
+			(n+(1<<20)-1)>>20, st.held>>20, limit>>20, mine>>20, share>>20)}
+	}
+	st.held += n
+	st.peerHeld[from] = mine + n
+	st.stats.PeakHeldBytes = max(st.stats.PeakHeldBytes, st.held)
+	return nil
+}
+
+func (st *stage) unhold(from peer.ID, n int64) {
+	if n <= 0 {
+		return
+	}
+	st.mu.Lock()
+	st.held -= n
+	if st.peerHeld[from] -= n; st.peerHeld[from] <= 0 {
+		delete(st.peerHeld, from)
+	}
+	st.mu.Unlock()
 }
 
 func (st *stage) countTimeout() {
@@ -398,6 +509,11 @@ func (st *stage) check(from peer.ID, k protocol.Kind, h *protocol.Header) error 
 		if err := fitsInputs(runner.Inputs(), h.Tensors); err != nil {
 			return &refusal{code: protocol.CodeBadRequest, err: err}
 		}
+		if cl, ok := provider.(ContextLimiter); ok {
+			if err := withinContext(runner.Inputs(), h.Tensors, cl.MaxContext(h.Model)); err != nil {
+				return &refusal{code: protocol.CodeBadRequest, err: err}
+			}
+		}
 		return nil
 	case protocol.KindClose:
 		if len(h.Tensors) > 0 {
@@ -423,6 +539,27 @@ type refusal struct {
 }
 
 func (r *refusal) Error() string { return r.err.Error() }
+
+// withinContext checks that no symbolic dimension of a request's declared
+// tensors exceeds limit (0: no bound); fitsInputs has matched them to
+// specs.
+func withinContext(specs []shards.TensorSpec, metas []protocol.TensorMeta, limit int) error {
+	if limit <= 0 {
+		return nil
+	}
+	byName := make(map[string]shards.TensorSpec, len(specs))
+	for _, s := range specs {
+		byName[s.Name] = s
+	}
+	for _, m := range metas {
+		for i, d := range byName[m.Name].Shape {
+			if d.Param != "" && i < len(m.Shape) && m.Shape[i] > int64(limit) {
+				return fmt.Errorf("tensor %q has %s = %d, past the model's context of %d positions", m.Name, d.Param, m.Shape[i], limit)
+			}
+		}
+	}
+	return nil
+}
 
 // fitsInputs checks a request's declared tensors against a span's inputs,
 // as shards.CheckInputs does the tensors themselves: each input present
@@ -604,13 +741,24 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 	if st.isCancelled(h) {
 		return
 	}
-	if why := st.admit(from); why != "" {
+	st.mu.Lock()
+	q := st.compute
+	st.mu.Unlock()
+	why, err := q.acquire(ctx, from)
+	if why != "" {
 		st.fail(requester, h, protocol.CodeBusy, why)
 		return
 	}
+	if err != nil {
+		if st.m.ctx.Err() == nil && !st.isCancelled(h) {
+			st.fail(requester, h, protocol.CodeDeadline, "deadline passed waiting for a compute slot")
+		}
+		return
+	}
+	st.countStep()
 	start := time.Now()
-	out, code, err := st.compute(from, requester, msg)
-	st.release(from)
+	out, code, err := st.run(from, requester, msg)
+	q.release(from, time.Since(start).Microseconds())
 	if err != nil {
 		var blame *blameError
 		if errors.As(err, &blame) {
@@ -660,21 +808,10 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 	}
 }
 
-// admit takes a compute slot for a step sent by from, or says why not.
-func (st *stage) admit(from peer.ID) (busy string) {
+func (st *stage) countStep() {
 	st.mu.Lock()
-	defer st.mu.Unlock()
-	if st.inFlight >= st.cfg.MaxInFlight {
-		return fmt.Sprintf("%d steps in flight", st.inFlight)
-	}
-	if st.peerInFlight[from] >= st.cfg.MaxInFlightPerPeer {
-		return fmt.Sprintf("%d steps in flight from this peer", st.peerInFlight[from])
-	}
-	st.inFlight++
-	st.peerInFlight[from]++
 	st.stats.Steps++
-	st.stats.PeakInFlight = max(st.stats.PeakInFlight, st.inFlight)
-	return ""
+	st.mu.Unlock()
 }
 
 // StageStats count what a node's stage server did.
@@ -686,6 +823,9 @@ type StageStats struct {
 	Evicted         uint64 // sessions dropped from a full table for a peer under its fair share
 	PeakInFlight    int    // most steps computing at once
 	InFlight        int    // steps computing now
+	Waiting         int    // steps waiting for a compute slot now
+	HeldBytes       int64  // memory of the request frames held now
+	PeakHeldBytes   int64  // the most ever held at once
 	Sessions        int    // sessions open now
 }
 
@@ -694,22 +834,14 @@ func (m *Mesh) StageStats() StageStats {
 	m.stage.mu.Lock()
 	defer m.stage.mu.Unlock()
 	s := m.stage.stats
-	s.InFlight, s.Sessions = m.stage.inFlight, len(m.stage.sessions)
+	s.InFlight, s.Waiting, s.PeakInFlight = m.stage.compute.load()
+	s.Sessions, s.HeldBytes = len(m.stage.sessions), m.stage.held
 	return s
 }
 
-func (st *stage) release(from peer.ID) {
-	st.mu.Lock()
-	st.inFlight--
-	if st.peerInFlight[from]--; st.peerInFlight[from] <= 0 {
-		delete(st.peerInFlight, from)
-	}
-	st.mu.Unlock()
-}
-
-// compute runs the hop's span on the message's tensors, in the request's
+// run runs the hop's span on the message's tensors, in the request's
 // session when it has one.
-func (st *stage) compute(from, requester peer.ID, msg *protocol.Message) ([]protocol.NamedTensor, protocol.ErrorCode, error) {
+func (st *stage) run(from, requester peer.ID, msg *protocol.Message) ([]protocol.NamedTensor, protocol.ErrorCode, error) {
 	h := &msg.Header
 	hop := h.Route[h.Hop]
 	st.mu.Lock()

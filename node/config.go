@@ -85,8 +85,10 @@ type Config struct {
 	RecordTTL Duration `json:"record_ttl"`
 	// ViewRefresh is how often the view re-reads models (default 5s).
 	ViewRefresh Duration `json:"view_refresh"`
-	// MaxInFlight is how many steps this node computes at once (default 8);
-	// past it, requests get an immediate busy and go elsewhere.
+	// MaxInFlight is how many steps this node computes at once (default:
+	// its CPUs, at least 2); past it, steps wait their turn, shared fairly
+	// among the peers sending them, and past 4x that get busy and go
+	// elsewhere.
 	MaxInFlight int `json:"max_in_flight"`
 	// MaxSessions bounds open generation sessions (default 256).
 	MaxSessions int `json:"max_sessions"`

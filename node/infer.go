@@ -44,6 +44,18 @@ func (n *Node) Runner(model string, start, end int) (shards.Runner, error) {
 	return nil, fmt.Errorf("%w: model %s blocks %d-%d", mesh.ErrNotServed, model, start, end-1)
 }
 
+// MaxContext is the context window of a model this node serves (0 when
+// it has none or serves no such model): the stage server refuses steps
+// covering more positions.
+func (n *Node) MaxContext(model string) int {
+	for _, s := range n.servedSpans() {
+		if s.model.ID.String() == model && s.model.Manifest.Decoder != nil {
+			return s.model.Manifest.Decoder.MaxContext
+		}
+	}
+	return 0
+}
+
 func (n *Node) subSpan(s *servedSpan, start, end int) (shards.Runner, error) {
 	key := subSpanKey{s.model.ID.String(), start, end}
 	n.subs.mu.Lock()

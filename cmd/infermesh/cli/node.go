@@ -76,7 +76,7 @@ func configFlags(fs *flag.FlagSet, c *node.Config) {
 	fs.Var(&c.APIIdleTimeout, "api-idle-timeout", "how long an idle kept-alive API connection is held (0 = 2m)")
 	fs.Var(&c.RecordTTL, "record-ttl", "how long a capacity record is valid")
 	fs.Var(&c.ViewRefresh, "view-refresh", "how often the view re-reads models from the DHT")
-	fs.IntVar(&c.MaxInFlight, "max-in-flight", c.MaxInFlight, "steps computed at once; past it requests get busy (0 = 8)")
+	fs.IntVar(&c.MaxInFlight, "max-in-flight", c.MaxInFlight, "steps computed at once; past it steps wait, fairly among peers, and past 4x that get busy (0 = the CPUs, at least 2)")
 	fs.IntVar(&c.MaxSessions, "max-sessions", c.MaxSessions, "open generation sessions (0 = 256)")
 	fs.IntVar(&c.Threads, "threads", c.Threads, "onnxruntime intra-op threads per session (0 = one per core)")
 	fs.StringVar(&c.Provider, "provider", c.Provider, "execution provider: cpu or cuda")
