@@ -78,11 +78,13 @@ type Class struct {
 	// mean of an exponential extra delay per message (default 0).
 	LastMileMS float64 `yaml:"last_mile_ms"`
 	JitterMS   float64 `yaml:"jitter_ms"`
-	// Slots is how many passes it runs at once at full speed (default 8,
-	// the stage server's MaxInFlight).
+	// Slots is how many passes it runs at once at full speed (default 8;
+	// the stage server's MaxInFlight is now its CPUs, at least 2).
 	Slots int `yaml:"slots"`
-	// Queue is how many passes may wait for a slot: 0 (default) answers
-	// busy at once, as the stage server does; -1 queues without bound.
+	// Queue is how many passes may wait for a slot, first come, first
+	// served: 0 (default) answers busy at once, as the stage server did
+	// before it queued (it now queues 4 x MaxInFlight, fairly among
+	// sending peers); -1 queues without bound.
 	Queue int `yaml:"queue"`
 	// Sessions bounds the generation sessions open at once (each holding
 	// its blocks' KV cache): one more is answered busy (default 256, the
