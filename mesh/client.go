@@ -39,6 +39,11 @@ type InferOptions struct {
 	// Avoid lists peers to leave out of routes while others cover their
 	// blocks (an operator's preference; tests steer routes with it).
 	Avoid []peer.ID
+	// RequesterLoop makes a generation run its decode loop at the
+	// requester (each token comes back before the next step goes out)
+	// instead of as a decode ring (Session.Ring); for clients that feed
+	// tokens of their own.
+	RequesterLoop bool
 	// Check, if set, vets a result before it is accepted (the model's
 	// declared outputs, say); a result it refuses blames the last hop,
 	// which is routed around like any failed hop.
@@ -74,6 +79,7 @@ type call struct {
 	// its sender's (guarded by the stage's mutex). An error frame not in it
 	// came from the hop it names, or from this node itself.
 	accusers map[*protocol.Message]int
+	ring     bool // a decode ring: its last hop sends to its first
 }
 
 // accuser returns the hop of c's route that sent error frame msg when that
@@ -89,6 +95,16 @@ func (st *stage) accuser(c *call, msg *protocol.Message) int {
 
 func (st *stage) register(id uint64, route []protocol.Hop) *call {
 	c := &call{route: route, ch: make(chan *protocol.Message, len(route)+2)}
+	st.mu.Lock()
+	st.pending[id] = c
+	st.mu.Unlock()
+	return c
+}
+
+// registerRing registers a decode ring's request: many steps' frames
+// come for it, so it buffers more of them.
+func (st *stage) registerRing(id uint64, route []protocol.Hop) *call {
+	c := &call{route: route, ch: make(chan *protocol.Message, 4*len(route)+16), ring: true}
 	st.mu.Lock()
 	st.pending[id] = c
 	st.mu.Unlock()
@@ -130,6 +146,9 @@ func (st *stage) deliver(from peer.ID, msg *protocol.Message) {
 			st.markAccuser(c, msg, h-1)
 		case h+1 < len(c.route) && c.route[h+1].Peer == from.String():
 			st.markAccuser(c, msg, h+1)
+		case c.ring && h == 0 && c.route[len(c.route)-1].Peer == from.String():
+			// A decode ring's last hop feeds the first.
+			st.markAccuser(c, msg, len(c.route)-1)
 		default:
 			return
 		}

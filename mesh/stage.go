@@ -509,6 +509,11 @@ func (st *stage) check(from peer.ID, k protocol.Kind, h *protocol.Header) error 
 		if err := fitsInputs(runner.Inputs(), h.Tensors); err != nil {
 			return &refusal{code: protocol.CodeBadRequest, err: err}
 		}
+		if h.Ring != nil {
+			if err := checkRing(h); err != nil {
+				return &refusal{code: protocol.CodeBadRequest, err: err}
+			}
+		}
 		if cl, ok := provider.(ContextLimiter); ok {
 			if err := withinContext(runner.Inputs(), h.Tensors, cl.MaxContext(h.Model)); err != nil {
 				return &refusal{code: protocol.CodeBadRequest, err: err}
@@ -709,7 +714,9 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 	}
 	// Only the requester (for the first hop) or the previous hop may send
 	// a hop its inputs.
-	if (h.Hop == 0 && from != requester) || (h.Hop > 0 && h.Route[h.Hop-1].Peer != from.String()) {
+	// In a decode ring, the first hop's later steps come from the last hop.
+	ringFeed := h.Ring != nil && h.Step > 0 && h.Route[len(h.Route)-1].Peer == from.String()
+	if (h.Hop == 0 && from != requester && !ringFeed) || (h.Hop > 0 && h.Route[h.Hop-1].Peer != from.String()) {
 		st.fail(requester, h, protocol.CodeBadRequest, "request from a peer that is not the previous hop")
 		return
 	}
@@ -777,6 +784,10 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 	next := &protocol.Message{Kind: protocol.KindRequest, Header: *h, Tensors: out}
 	next.Header.Tensors = nil
 	next.Header.Micros = micros
+	if h.Hop == len(h.Route)-1 && h.Ring != nil {
+		st.ringTurn(ctx, requester, h, out, micros)
+		return
+	}
 	if h.Hop == len(h.Route)-1 {
 		next.Kind = protocol.KindResult
 		if err := st.send(ctx, requester, next); err != nil {
@@ -800,7 +811,9 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 	// requester keeps to rebuild a lost hop's state elsewhere.
 	progress := &protocol.Message{Kind: protocol.KindProgress, Header: *h}
 	progress.Header.Tensors, progress.Header.Micros, progress.Header.Route = nil, micros, nil
-	if h.Session != "" {
+	if h.Session != "" && h.Ring == nil {
+		// A ring's requester replays tokens, not activations, after a
+		// failover: its progress is only a heartbeat.
 		progress.Tensors = out
 	}
 	if err := st.send(ctx, requester, progress); err != nil {
@@ -975,8 +988,8 @@ func (st *stage) closeSession(from peer.ID, msg *protocol.Message) {
 		}
 	}
 	for k, hs := range st.sessions {
-		if k.requester == h.Requester && k.session == h.Session && !hs.busy {
-			st.removeLocked(k, hs)
+		if k.requester == h.Requester && k.session == h.Session {
+			st.removeLocked(k, hs) // a step running now closes it when done
 		}
 	}
 	st.mu.Unlock()

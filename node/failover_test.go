@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/shards"
 )
 
 // kill stops a node the way a crash would: no goodbye record.
@@ -25,10 +26,11 @@ func kill(n *Node) {
 	}
 }
 
-// Acceptance 2 of issue 4: every span served by two peers; over 100
-// generations a random serving node is killed in the middle of every
-// fifth one (and a fresh node takes its place). Every generation completes
-// with the tokens of the local run.
+// Acceptance 2 of issue 4 (and 1 of issue 13): every span served by two
+// peers; over 100 generations of 64 tokens, half of them sampled with a
+// seed, a random serving node is killed in the middle of every fifth one
+// (and a fresh node takes its place). Every generation completes with the
+// tokens of the local run.
 func TestFailoverKeepsGenerationsExact(t *testing.T) {
 	if testing.Short() {
 		t.Skip("100 generations")
@@ -44,14 +46,20 @@ func TestFailoverKeepsGenerationsExact(t *testing.T) {
 	for i, n := range tm.servers {
 		live[n] = spans[i]
 	}
-	const gens, tokens = 100, 16
+	const gens, tokens = 100, 64
 	kills, failovers := 0, 0
 	for g := range gens {
 		prompt := []int64(nil)
 		for _, b := range []byte(fmt.Sprintf("generation %d:", g)) {
 			prompt = append(prompt, int64(b))
 		}
-		want := localGenerate(t, tm.model, prompt, tokens)
+		// Half the generations sample (seeded): a failover must replay
+		// the sampler's position too, not only the tokens.
+		var sampling shards.Sampling
+		if g%2 == 1 {
+			sampling = shards.Sampling{Temperature: 0.8, TopK: 50, Seed: uint64(g)}
+		}
+		want, _ := localGenerateWith(t, tm.model, prompt, tokens, sampling)
 		killAt := -1
 		if g%5 == 0 {
 			killAt = 1 + rng.IntN(tokens-2)
@@ -91,7 +99,7 @@ func TestFailoverKeepsGenerationsExact(t *testing.T) {
 		}
 		genStart := time.Now()
 		res, err := tm.requester.Generate(context.Background(), GenerateRequest{Model: tm.model.ID, Prompt: prompt, MaxTokens: tokens,
-			Options: mesh.InferOptions{StepTimeout: 5 * time.Second}}, emit)
+			Sampling: sampling, Options: mesh.InferOptions{StepTimeout: 5 * time.Second}}, emit)
 		genTook := time.Since(genStart)
 		wg.Wait()
 		if testing.Verbose() && time.Since(genStart) > time.Second {

@@ -56,6 +56,18 @@ func (n *Node) MaxContext(model string) int {
 	return 0
 }
 
+// Decoder is the decoder spec of a model this node serves (nil when it has
+// none or serves no such model): the last hop of a decode ring reads the
+// logits and builds the next step's inputs with it.
+func (n *Node) Decoder(model string) *shards.DecoderSpec {
+	for _, s := range n.servedSpans() {
+		if s.model.ID.String() == model {
+			return s.model.Manifest.Decoder
+		}
+	}
+	return nil
+}
+
 func (n *Node) subSpan(s *servedSpan, start, end int) (shards.Runner, error) {
 	key := subSpanKey{s.model.ID.String(), start, end}
 	n.subs.mu.Lock()
@@ -225,16 +237,22 @@ type meshSession struct {
 
 func (m *meshSession) Step(in shards.Tensors) (shards.Tensors, error) {
 	out, info, err := m.s.Step(m.ctx, in)
-	if info != nil {
-		m.infos = append(m.infos, info)
-		if m.metrics != nil {
-			m.metrics.observeStep(len(info.Route), info.Failovers)
-			if err == nil {
-				m.metrics.tokens.Inc() // each decoding step yields one token
-			}
+	m.observe(info, err)
+	return out, err
+}
+
+// observe counts a step (each decoding step yields one token).
+func (m *meshSession) observe(info *mesh.StepInfo, err error) {
+	if info == nil {
+		return
+	}
+	m.infos = append(m.infos, info)
+	if m.metrics != nil {
+		m.metrics.observeStep(len(info.Route), info.Failovers)
+		if err == nil {
+			m.metrics.tokens.Inc()
 		}
 	}
-	return out, err
 }
 
 func (m *meshSession) Steps() int   { return len(m.infos) }

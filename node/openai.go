@@ -274,10 +274,11 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 	}
 	sess.s = n.mesh.NewSession(req.model, opts)
 	defer sess.Close()
-	dec, err := shards.NewDecoder(req.man.Decoder, sess, req.prompt, req.sampling)
+	next, stop, err := n.tokenSource(ctx, req, sess, codec)
 	if err != nil {
-		return nil, badRequest("%v", err)
+		return nil, err
 	}
+	defer stop()
 	var (
 		toks []int64
 		text []byte
@@ -309,7 +310,7 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 		return nil
 	}
 	for range req.maxTokens {
-		tok, err := dec.Next()
+		tok, err := next()
 		if errors.Is(err, shards.ErrContextFull) {
 			break
 		}
@@ -362,6 +363,67 @@ func (n *Node) generateText(ctx context.Context, req *textRequest, emit func(tok
 	res.Tokens, res.text = toks, string(text)
 	res.Steps, res.Total = sess.infos, time.Since(start)
 	return res, nil
+}
+
+// tokenSource gives a generation's tokens one at a time: from a decode
+// ring (the route's last hop samples and feeds the first), or, with
+// opts.RequesterLoop, from a loop run here (each token comes back before
+// the next step goes out). next returns shards.ErrContextFull when the
+// model's context is full; stop ends the ring early.
+func (n *Node) tokenSource(ctx context.Context, req *textRequest, sess *meshSession, codec *text.Codec) (next func() (int64, error), stop func(), err error) {
+	spec := req.man.Decoder
+	if req.opts.RequesterLoop {
+		dec, err := shards.NewDecoder(spec, sess, req.prompt, req.sampling)
+		if err != nil {
+			return nil, nil, badRequest("%v", err)
+		}
+		return dec.Next, func() {}, nil
+	}
+	if _, err := shards.NewDecoder(spec, nil, req.prompt, req.sampling); err != nil {
+		return nil, nil, badRequest("%v", err) // the prompt's tokens checked as a local run would
+	}
+	room := spec.MaxContext - len(req.prompt)
+	if room <= 0 {
+		return func() (int64, error) { return 0, shards.ErrContextFull }, func() {}, nil
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	toks := make(chan mesh.RingToken, 1)
+	done := make(chan error, 1)
+	go func() {
+		o := mesh.RingOptions{Prompt: shards.StepInputs(spec, req.prompt, 0), Positions: len(req.prompt),
+			Sampling: req.sampling, MaxTokens: min(req.maxTokens, room), Eos: codec.StopTokens()}
+		done <- sess.s.Ring(ctx, o, func(t mesh.RingToken) bool {
+			select {
+			case toks <- t:
+				return true
+			case <-ctx.Done():
+				return false
+			}
+		})
+		close(toks)
+	}()
+	produced := 0
+	next = func() (int64, error) {
+		t, ok := <-toks
+		if !ok {
+			if err := <-done; err != nil {
+				return 0, err
+			}
+			if produced < req.maxTokens {
+				return 0, shards.ErrContextFull // the ring stopped before max tokens: only the context does that, or eos (seen by the caller)
+			}
+			return 0, errors.New("decode ring ended early")
+		}
+		produced++
+		sess.observe(t.Info, nil)
+		return t.Token, nil
+	}
+	stop = func() {
+		cancel()
+		for range toks {
+		}
+	}
+	return next, stop, nil
 }
 
 // stopAt says which stop sequence text ends with, if any.

@@ -120,16 +120,30 @@ func TestMeshInferAndGenerateEqualLocal(t *testing.T) {
 		t.Logf("fp16 on the wire: max abs diff %.2g", d)
 	}
 
+	// Generations: greedy and seeded-sampled, as a decode ring (the
+	// default) and with the requester running the loop.
 	prompt := []int64{'t', 'h', 'e', ' ', 'm', 'e', 's', 'h'}
-	want := localGenerate(t, m, prompt, 64)
-	res, err := tm.requester.Generate(ctx, GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: 64}, nil)
-	if err != nil {
-		t.Fatal(err)
+	for _, c := range []struct {
+		name     string
+		sampling shards.Sampling
+		loop     bool
+	}{
+		{"greedy ring", shards.Sampling{}, false},
+		{"sampled ring", shards.Sampling{Temperature: 0.9, TopK: 40, TopP: 0.95, Seed: 7}, false},
+		{"greedy requester loop", shards.Sampling{}, true},
+		{"sampled requester loop", shards.Sampling{Temperature: 0.9, TopK: 40, TopP: 0.95, Seed: 7}, true},
+	} {
+		want, _ := localGenerateWith(t, m, prompt, 64, c.sampling)
+		res, err := tm.requester.Generate(ctx, GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: 64, Sampling: c.sampling,
+			Options: mesh.InferOptions{RequesterLoop: c.loop}}, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if !slices.Equal(res.Tokens, want) {
+			t.Fatalf("%s: mesh generated %v\nlocal generated %v", c.name, res.Tokens, want)
+		}
+		t.Logf("%s: 64 tokens identical to the local run; first token %s, total %s", c.name, res.FirstToken, res.Total)
 	}
-	if !slices.Equal(res.Tokens, want) {
-		t.Fatalf("mesh generated %v\nlocal generated %v", res.Tokens, want)
-	}
-	t.Logf("64 tokens identical to the local run; first token %s, total %s", res.FirstToken, res.Total)
 }
 
 // A batch cut into micro-batches that travel the pipeline at once gives the

@@ -173,9 +173,15 @@ func TestImportedLlamaChatThroughMesh(t *testing.T) {
 // up to n tokens or an eos token (left out), and says how it ended.
 func localGenerateUntil(t *testing.T, m *shards.Model, prompt []int64, n int) ([]int64, string) {
 	t.Helper()
+	return localGenerateWith(t, m, prompt, n, shards.Sampling{})
+}
+
+// localGenerateWith is localGenerateUntil with a sampler.
+func localGenerateWith(t *testing.T, m *shards.Model, prompt []int64, n int, s shards.Sampling) ([]int64, string) {
+	t.Helper()
 	sess := localSpan(t, m).NewSession()
 	defer sess.Close()
-	dec, err := shards.NewDecoder(m.Manifest.Decoder, sess, prompt, shards.Sampling{})
+	dec, err := shards.NewDecoder(m.Manifest.Decoder, sess, prompt, s)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -106,7 +106,48 @@ type Header struct {
 	Message   string       `json:"message,omitempty"`  // errors
 	Micros    int64        `json:"micros,omitempty"`   // progress/result: the hop's compute time
 	Tensors   []TensorMeta `json:"tensors,omitempty"`  // the body's tensors, in order
+	Ring      *Ring        `json:"ring,omitempty"`     // a session step of a decode ring
 }
+
+// Ring, on a session's request, runs the decode loop inside the route: the
+// last hop samples the next token from the step's logits, sends it to the
+// requester as a result (one int64 tensor, RingToken) and, unless the ring
+// stops, to the first hop as the next step's input, without waiting for
+// the requester. On a result, Done says the ring stopped at that token.
+type Ring struct {
+	Temperature float64 `json:"temperature,omitempty"` // 0: greedy
+	TopK        int     `json:"top_k,omitempty"`
+	TopP        float64 `json:"top_p,omitempty"`
+	Seed        uint64  `json:"seed,omitempty"`
+	// Index is the sampler index of the token this step yields (the
+	// tokens generated before it); with Seed it is all of the sampler's
+	// state.
+	Index int `json:"index"`
+	// MaxTokens: the ring stops after the token of index MaxTokens-1.
+	MaxTokens int `json:"max_tokens"`
+	// Eos: the ring stops after any of these tokens.
+	Eos []int64 `json:"eos,omitempty"`
+	// Forced tokens are taken, in order, instead of sampled ones, for
+	// indices Index, Index+1, ...: a requester replaying a generation to
+	// rebuild the hops' state after a failover.
+	Forced []int64 `json:"forced,omitempty"`
+	// Positions is how many positions the session's state holds once
+	// this step is done: where the next token goes.
+	Positions int `json:"positions"`
+	// StepMillis bounds each step: the last hop sets the next step's
+	// deadline this far ahead.
+	StepMillis int64 `json:"step_millis,omitempty"`
+	// Done, on a result, says the ring stopped after this token (eos,
+	// MaxTokens, or the model's context full).
+	Done bool `json:"done,omitempty"`
+}
+
+// RingToken names the one tensor of a ring's result: the sampled token,
+// int64 [1].
+const RingToken = "token"
+
+// MaxRingForced bounds Ring.Forced: a header is at most MaxHeaderBytes.
+const MaxRingForced = 4096
 
 // Message is a stage message: kind, header and tensors (in the order of
 // Header.Tensors, which Write fills).

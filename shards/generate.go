@@ -1,6 +1,7 @@
 package shards
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
@@ -29,10 +30,10 @@ type Sampling struct {
 type Decoder struct {
 	spec   *DecoderSpec
 	sess   Session
-	tokens []int64 // prompt and generated so far
-	fed    int     // tokens already in the KV cache
-	sample Sampling
-	rng    *rand.Rand
+	tokens    []int64 // prompt and generated so far
+	fed       int     // tokens already in the KV cache
+	generated int     // tokens generated so far: the next one's sampler index
+	sample    Sampling
 }
 
 // ErrContextFull is returned when a sequence reaches the model's context.
@@ -51,8 +52,7 @@ func NewDecoder(spec *DecoderSpec, sess Session, prompt []int64, s Sampling) (*D
 			return nil, fmt.Errorf("token %d outside the vocabulary [0,%d)", t, spec.Vocab)
 		}
 	}
-	return &Decoder{spec: spec, sess: sess, tokens: slices.Clone(prompt), sample: s,
-		rng: rand.New(rand.NewPCG(s.Seed, s.Seed^0x9e3779b97f4a7c15))}, nil
+	return &Decoder{spec: spec, sess: sess, tokens: slices.Clone(prompt), sample: s}, nil
 }
 
 // StepInputs builds the inputs of one decoding step for a batch of one:
@@ -92,7 +92,8 @@ func (d *Decoder) Next() (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	tok := d.sample.pick(logits, d.rng)
+	tok := d.sample.Pick(logits, d.generated)
+	d.generated++
 	d.tokens = append(d.tokens, tok)
 	return tok, nil
 }
@@ -114,7 +115,14 @@ func LastLogits(t *protocol.Tensor) ([]float32, error) {
 	return all[len(all)-vocab:], nil
 }
 
-func (s Sampling) pick(logits []float32, rng *rand.Rand) int64 {
+// Pick chooses the token of sampler index index (the index-th token
+// generated, from 0) from logits. Its randomness is a function of the seed
+// and the index alone, not of earlier draws: whoever samples the index-th
+// token (this process, the last hop of a route, a replacement of it after
+// a failover) picks the same one from the same logits, which is what
+// makes a seeded generation through the mesh equal to a local one, and
+// exact across failovers.
+func (s Sampling) Pick(logits []float32, index int) int64 {
 	if s.Temperature <= 0 {
 		best := 0
 		for i, v := range logits {
@@ -160,7 +168,12 @@ func (s Sampling) pick(logits []float32, rng *rand.Rand) int64 {
 			total += w
 		}
 	}
-	r := rng.Float64() * total
+	// ChaCha8 keyed by (seed, index): independent draws per index, with no
+	// correlation between neighbouring indices to worry about.
+	var key [32]byte
+	binary.LittleEndian.PutUint64(key[0:], s.Seed)
+	binary.LittleEndian.PutUint64(key[8:], uint64(index))
+	r := rand.New(rand.NewChaCha8(key)).Float64() * total
 	for i, w := range weights {
 		if r -= w; r <= 0 {
 			return int64(idx[i])

@@ -1,7 +1,7 @@
 package shards
 
 import (
-	"math/rand/v2"
+	"math"
 	"testing"
 )
 
@@ -11,10 +11,9 @@ func TestTopP(t *testing.T) {
 	// the other two ~0.06 each.
 	logits := []float32{0, 1, 0, 2}
 	count := func(s Sampling) map[int64]int {
-		rng := rand.New(rand.NewPCG(1, 2))
 		seen := map[int64]int{}
-		for range 2000 {
-			seen[s.pick(logits, rng)]++
+		for i := range 2000 {
+			seen[s.Pick(logits, i)]++
 		}
 		return seen
 	}
@@ -29,5 +28,43 @@ func TestTopP(t *testing.T) {
 	}
 	if got := count(Sampling{TopP: 0.1}); len(got) != 1 || got[3] != 2000 {
 		t.Fatalf("greedy ignores top_p: picked %v", got)
+	}
+}
+
+// Pick's draw depends on the seed and the token's index only: the same
+// pair picks the same token whatever was drawn before (a failover's replay
+// and the last hop of a route sample as a local run does), and over many
+// indices the picks follow the distribution.
+func TestPickByIndex(t *testing.T) {
+	logits := []float32{0, 1, 0, 2}
+	s := Sampling{Temperature: 1, Seed: 42}
+	first := make([]int64, 500)
+	for i := range first {
+		first[i] = s.Pick(logits, i)
+	}
+	for i := len(first) - 1; i >= 0; i-- { // in another order: the same
+		if got := s.Pick(logits, i); got != first[i] {
+			t.Fatalf("index %d: %d, then %d", i, first[i], got)
+		}
+	}
+	other, same := Sampling{Temperature: 1, Seed: 43}, 0
+	for i := range first {
+		if other.Pick(logits, i) == first[i] {
+			same++
+		}
+	}
+	if same == len(first) {
+		t.Fatal("seeds 42 and 43 picked the same 500 tokens")
+	}
+	n := 0
+	for i := range 20000 {
+		if s.Pick(logits, i) == 3 {
+			n++
+		}
+	}
+	// p(3) = e^2 / (1 + e + 1 + e^2) = 0.6103
+	want := math.Exp(2) / (2 + math.E + math.Exp(2))
+	if got := float64(n) / 20000; math.Abs(got-want) > 0.02 {
+		t.Fatalf("token 3 picked %.3f of the time, want %.3f", got, want)
 	}
 }

@@ -3,6 +3,7 @@ package text
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"unicode/utf8"
 
@@ -110,6 +111,16 @@ func (c *Codec) Piece(tok int64) (string, error) {
 
 // Stop says whether tok ends a generation (one of the model's eos tokens).
 func (c *Codec) Stop(tok int64) bool { return c.stops[tok] }
+
+// StopTokens lists the model's eos tokens, in order.
+func (c *Codec) StopTokens() []int64 {
+	out := make([]int64, 0, len(c.stops))
+	for t := range c.stops {
+		out = append(out, t)
+	}
+	slices.Sort(out)
+	return out
+}
 
 // TokenStream turns generated tokens into text as they come: Add returns
 // the text token tok makes final (never half a UTF-8 character), Flush

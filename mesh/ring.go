@@ -1,0 +1,348 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
+)
+
+// DecoderProvider, when a SpanProvider implements it, gives the decoder
+// spec of a model the node serves (nil when it has none): the last hop of a
+// decode ring needs it to read the logits and build the next step's
+// inputs.
+type DecoderProvider interface {
+	Decoder(model string) *shards.DecoderSpec
+}
+
+// checkRing vets a ring request's parameters from its header.
+func checkRing(h *protocol.Header) error {
+	r := h.Ring
+	switch {
+	case h.Session == "":
+		return errors.New("a decode ring needs a session")
+	case r.Index < 0 || r.MaxTokens <= r.Index || r.Positions < 1:
+		return fmt.Errorf("ring index %d, max tokens %d, positions %d", r.Index, r.MaxTokens, r.Positions)
+	case len(r.Forced) > protocol.MaxRingForced || len(r.Eos) > 64:
+		return fmt.Errorf("ring with %d forced and %d eos tokens", len(r.Forced), len(r.Eos))
+	case !(r.Temperature >= 0) || math.IsInf(r.Temperature, 0) || r.TopK < 0 || !(r.TopP >= 0 && r.TopP <= 1):
+		return fmt.Errorf("ring sampling temperature %g, top_k %d, top_p %g", r.Temperature, r.TopK, r.TopP)
+	case r.StepMillis < 0:
+		return fmt.Errorf("ring step_millis %d", r.StepMillis)
+	}
+	return nil
+}
+
+// ringTurn is the last hop's part of a decode ring: it picks the step's
+// token (the next forced one, or sampled with the shards sampler at the
+// ring's index), sends the next step to the first hop unless the ring
+// stops here, and the token to the requester.
+func (st *stage) ringTurn(ctx context.Context, requester peer.ID, h *protocol.Header, out []protocol.NamedTensor, micros int64) {
+	r := *h.Ring
+	fail := func(code protocol.ErrorCode, err error) { st.fail(requester, h, code, err.Error()) }
+	st.mu.Lock()
+	dp, _ := st.provider.(DecoderProvider)
+	st.mu.Unlock()
+	var dec *shards.DecoderSpec
+	if dp != nil {
+		dec = dp.Decoder(h.Model)
+	}
+	if dec == nil {
+		fail(protocol.CodeBadRequest, errors.New("this hop cannot close a decode ring: the model has no decoder spec here"))
+		return
+	}
+	var logits *protocol.Tensor
+	for _, t := range out {
+		if t.Name == dec.Logits {
+			logits = t.Tensor
+		}
+	}
+	last, err := shards.LastLogits(logits)
+	if err != nil {
+		fail(protocol.CodeInternal, err)
+		return
+	}
+	var tok int64
+	if len(r.Forced) > 0 {
+		tok, r.Forced = r.Forced[0], r.Forced[1:]
+	} else {
+		tok = shards.Sampling{Temperature: r.Temperature, TopK: r.TopK, TopP: r.TopP, Seed: r.Seed}.Pick(last, r.Index)
+	}
+	r.Done = r.Index+1 >= r.MaxTokens || slices.Contains(r.Eos, tok) ||
+		(dec.MaxContext > 0 && r.Positions+1 > dec.MaxContext) || st.isCancelled(h)
+	if !r.Done {
+		// The next step first: it is the ring's critical path.
+		next := &protocol.Message{Kind: protocol.KindRequest, Header: *h}
+		next.Header.Hop, next.Header.Step, next.Header.Tensors, next.Header.Micros = 0, h.Step+1, nil, 0
+		nr := r
+		nr.Index, nr.Positions = r.Index+1, r.Positions+1
+		next.Header.Ring = &nr
+		if r.StepMillis > 0 {
+			next.Header.Deadline = time.Now().Add(time.Duration(r.StepMillis) * time.Millisecond).UnixMilli()
+		}
+		in := ringInputs(dec, tok, r.Positions)
+		for _, name := range sortedNames(in) {
+			next.Tensors = append(next.Tensors, protocol.NamedTensor{Name: name, Tensor: in[name]})
+		}
+		first, err := peer.Decode(h.Route[0].Peer)
+		if err == nil {
+			err = st.send(ctx, first, next)
+		}
+		if err != nil {
+			// Blame the first hop: we computed fine but cannot reach it.
+			blamed := next.Header
+			st.fail(requester, &blamed, protocol.CodeUnreachable, fmt.Sprintf("closing the decode ring: %v", err))
+			return
+		}
+	}
+	res := &protocol.Message{Kind: protocol.KindResult, Header: *h}
+	res.Header.Tensors, res.Header.Micros, res.Header.Route = nil, micros, nil
+	r.Forced = nil
+	res.Header.Ring = &r
+	res.Tensors = []protocol.NamedTensor{{Name: protocol.RingToken, Tensor: protocol.NewTensor([]int64{1}, []int64{tok})}}
+	if err := st.send(ctx, requester, res); err != nil {
+		st.m.log.Debug("ring token not delivered", "requester", requester, "err", err)
+	}
+}
+
+// ringInputs are the inputs of a decode step for one token at position pos
+// of a batch of one, as shards.StepInputs builds them for a local run.
+func ringInputs(dec *shards.DecoderSpec, tok int64, pos int) shards.Tensors {
+	tokens := make([]int64, pos+1)
+	tokens[pos] = tok
+	return shards.StepInputs(dec, tokens, pos)
+}
+
+// RingOptions describe a generation run as a decode ring (Session.Ring).
+type RingOptions struct {
+	// Prompt is the first step's inputs (the whole prompt, as
+	// shards.StepInputs builds them) and Positions its length.
+	Prompt    shards.Tensors
+	Positions int
+	Sampling  shards.Sampling
+	// MaxTokens bounds the tokens generated; Eos tokens end the
+	// generation (the eos token itself is the last one emitted).
+	MaxTokens int
+	Eos       []int64
+}
+
+// RingToken is one token of a decode ring, with how its step travelled.
+type RingToken struct {
+	Token int64
+	Info  *StepInfo
+}
+
+// ErrRingReplay is returned when a failover would replay more tokens than
+// a ring request can carry (protocol.MaxRingForced).
+var ErrRingReplay = errors.New("too many tokens to replay in a decode ring")
+
+// Ring runs a generation as a decode ring: the route's last hop samples
+// each token, feeds it to the first hop and streams it here, so this node
+// is out of the per-token loop. emit gets each token in order (from this
+// goroutine); returning false stops the ring. When a hop fails, the
+// session restarts on a new route and replays the prompt and the tokens
+// emitted so far, step by step as they first ran, with the sampler at the
+// same index: the generation goes on as if nothing had happened. The
+// session must be new; it is done after Ring.
+func (s *Session) Ring(ctx context.Context, o RingOptions, emit func(RingToken) bool) error {
+	if s.closed || s.steps > 0 {
+		return errors.New("a decode ring needs a new session")
+	}
+	if o.MaxTokens <= 0 || o.Positions <= 0 {
+		return fmt.Errorf("ring: max tokens %d, positions %d", o.MaxTokens, o.Positions)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// Tokens arrive at the ring's pace and are emitted at the caller's:
+	// the channel holds every token the ring may yield, so a slow emit
+	// never holds up the frames of the ring.
+	toks := make(chan RingToken, o.MaxTokens)
+	errc := make(chan error, 1)
+	go func() {
+		defer close(toks)
+		errc <- s.ring(ctx, o, toks)
+	}()
+	for t := range toks {
+		if !emit(t) {
+			cancel()
+			for range toks {
+			}
+			<-errc
+			return nil
+		}
+	}
+	return <-errc
+}
+
+// ring drives the ring until it is done, failing over as needed.
+func (s *Session) ring(ctx context.Context, o RingOptions, toks chan<- RingToken) error {
+	var got []int64 // tokens emitted so far
+	var d doubts
+	failovers := 0
+	for {
+		if s.route == nil {
+			var dd *doubts
+			if failovers > 0 {
+				dd = &d
+			}
+			route, blocks, err := s.m.route(ctx, s.model, 0, 0, s.opts.Avoid, dd)
+			if err != nil {
+				if blocks == 0 || !errors.Is(err, ErrNoRoute) || failovers >= s.opts.MaxFailovers {
+					return err
+				}
+				failovers++
+				select {
+				case <-time.After(RetryPause(failovers)):
+					continue
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			}
+			s.route = route
+		}
+		if len(got) > protocol.MaxRingForced {
+			return fmt.Errorf("%w: %d (at most %d)", ErrRingReplay, len(got), protocol.MaxRingForced)
+		}
+		failed, err := s.ringOnce(ctx, o, &got, failovers, toks)
+		if err == nil {
+			s.steps = len(got)
+			s.m.vindicate(s.route)
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if failed < 0 || failovers >= s.opts.MaxFailovers {
+			return err
+		}
+		_, f := failedHops(failed, err)
+		s.m.log.Info("hop failed; restarting the decode ring on a new route", "hop", f, "peer", s.route[f].Peer,
+			"tokens", len(got), "err", err)
+		s.m.judge(s.route, failed, err, &d)
+		failovers++
+		// The hops' state is at different steps now: start a new session
+		// (the old one closed everywhere) and replay into it.
+		s.Close()
+		fresh := s.m.NewSession(s.model, s.opts)
+		s.id, s.route, s.closed = fresh.id, nil, false
+	}
+}
+
+// ringOnce runs one ring over s.route from its first step, forcing the
+// tokens already in *got, and appends (and sends on toks) each new token.
+// On failure it returns the hop to blame, as runRouteProgress does.
+func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, failovers int, toks chan<- RingToken) (int, error) {
+	m, route := s.m, s.route
+	id := nextID()
+	c := m.stage.registerRing(id, route)
+	defer m.stage.unregister(id)
+	forced := slices.Clone(*got)
+	ring := &protocol.Ring{Temperature: o.Sampling.Temperature, TopK: o.Sampling.TopK, TopP: o.Sampling.TopP, Seed: o.Sampling.Seed,
+		MaxTokens: o.MaxTokens, Eos: o.Eos, Forced: forced, Positions: o.Positions, StepMillis: s.opts.StepTimeout.Milliseconds()}
+	msg := &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: id, Requester: m.host.ID().String(),
+		Model: s.model.String(), Session: s.id, Route: route, FP16: s.opts.FP16, Ring: ring,
+		Deadline: time.Now().Add(s.opts.StepTimeout).UnixMilli()}}
+	for _, name := range sortedNames(o.Prompt) {
+		msg.Tensors = append(msg.Tensors, protocol.NamedTensor{Name: name, Tensor: o.Prompt[name]})
+	}
+	first, err := peer.Decode(route[0].Peer)
+	if err != nil {
+		return 0, err
+	}
+	// Progress deadlines as for any step (runRouteProgress), the prompt's
+	// for step 0 and one token's after; each step's clock starts when the
+	// step before it yielded its token.
+	allowPrompt := m.progressTimeouts(ctx, s.model, route, tokensOf(o.Prompt), s.opts.ProgressFloor)
+	allowToken := m.progressTimeouts(ctx, s.model, route, 1, s.opts.ProgressFloor)
+	stepTimer := time.NewTimer(s.opts.StepTimeout)
+	defer stepTimer.Stop()
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
+	var deadline <-chan time.Time
+	step, frontier, allow := 0, 0, allowPrompt
+	arm := func() {
+		timer.Stop()
+		deadline = nil
+		if allow[frontier] > 0 {
+			timer.Reset(allow[frontier])
+			deadline = timer.C
+		}
+	}
+	micros := make([]int64, len(route))
+	start := time.Now()
+	if err := m.stage.send(ctx, first, msg); err != nil {
+		return 0, fmt.Errorf("hop 0: %w", err)
+	}
+	arm()
+	for {
+		select {
+		case <-deadline:
+			m.cancelRequest(id, "", route)
+			return frontier, fmt.Errorf("%w: hop %d made no progress in %s (ring step %d)", ErrStall, frontier,
+				allow[frontier].Round(time.Millisecond), step)
+		case <-stepTimer.C:
+			m.cancelRequest(id, "", route)
+			return frontier, fmt.Errorf("%w (%s, ring step %d)", ErrStall, s.opts.StepTimeout, step)
+		case <-ctx.Done():
+			m.cancelRequest(id, s.id, route)
+			return -1, ctx.Err()
+		case a := <-c.ch:
+			h := a.Header.Hop
+			switch a.Kind {
+			case protocol.KindProgress:
+				if a.Header.Step != step {
+					continue // a late heartbeat of a step already done
+				}
+				micros[h] = a.Header.Micros
+				m.stage.markWarm(msg.Header.Model, route, h)
+				if h+1 > frontier && h+1 < len(route) {
+					frontier = h + 1
+					arm()
+				}
+			case protocol.KindResult:
+				if a.Header.Step != step || h != len(route)-1 || a.Header.Ring == nil {
+					continue
+				}
+				t := a.Map()[protocol.RingToken]
+				v, verr := protocol.View[int64](t)
+				if verr != nil || len(v) != 1 {
+					return h, &protocol.RemoteError{Code: protocol.CodeBadOutput, Message: "ring token malformed", Hop: h, Peer: route[h].Peer}
+				}
+				tok := v[0]
+				micros[h] = a.Header.Micros
+				m.stage.markWarm(msg.Header.Model, route, h)
+				if step < len(forced) {
+					if tok != forced[step] {
+						return h, &protocol.RemoteError{Code: protocol.CodeBadOutput, Hop: h, Peer: route[h].Peer,
+							Message: fmt.Sprintf("replayed token %d of the ring is %d, was %d", step, tok, forced[step])}
+					}
+				} else {
+					*got = append(*got, tok)
+					toks <- RingToken{Token: tok, Info: &StepInfo{Route: route, HopMicros: micros, Total: time.Since(start), Failovers: failovers}}
+					failovers = 0
+				}
+				if a.Header.Ring.Done {
+					return -1, nil
+				}
+				step, frontier, allow = step+1, 0, allowToken
+				micros, start = make([]int64, len(route)), time.Now()
+				stepTimer.Reset(s.opts.StepTimeout)
+				arm()
+			case protocol.KindError:
+				report := &protocol.RemoteError{Code: a.Header.Code, Message: a.Header.Message, Hop: h, Peer: route[h].Peer}
+				if j := m.stage.accuser(c, a); j >= 0 {
+					return j, &AccusationError{Accuser: j, Accused: h, Report: report, By: route[j].Peer}
+				}
+				return h, report
+			}
+		}
+	}
+}
