@@ -28,8 +28,8 @@ type Sampling struct {
 // prompt in one step, then one token per step, with the KV cache kept by the
 // session.
 type Decoder struct {
-	spec   *DecoderSpec
-	sess   Session
+	spec      *DecoderSpec
+	sess      Session
 	tokens    []int64 // prompt and generated so far
 	fed       int     // tokens already in the KV cache
 	generated int     // tokens generated so far: the next one's sampler index
