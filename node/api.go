@@ -307,6 +307,9 @@ type GenerateAPIRequest struct {
 	Stream bool     `json:"stream,omitempty"`
 	Stop   []string `json:"stop,omitempty"` // end at the first of these; it is left out
 	TopP   float64  `json:"top_p,omitempty"`
+	// DecodeLoop: "ring" (default) runs the decode loop inside the route,
+	// "requester" at this node.
+	DecodeLoop string `json:"decode_loop,omitempty"`
 }
 
 // GenerateResponse is the answer to POST /v1/generate.

@@ -426,6 +426,18 @@ func (n *Node) tokenSource(ctx context.Context, req *textRequest, sess *meshSess
 	return next, stop, nil
 }
 
+// decodeLoop reads an API request's decode_loop: whether the requester
+// runs the loop (true) or a decode ring does.
+func decodeLoop(s string) (requester bool, _ *httpError) {
+	switch s {
+	case "", "ring":
+		return false, nil
+	case "requester":
+		return true, nil
+	}
+	return false, badRequest("decode_loop must be \"ring\" or \"requester\", got %q", s)
+}
+
 // stopAt says which stop sequence text ends with, if any.
 func stopAt(text []byte, stop []string) (string, bool) {
 	for _, s := range stop {
@@ -501,9 +513,14 @@ func (n *Node) generateAPI(w http.ResponseWriter, r *http.Request, req *Generate
 		writeAPIError(w, herr.status, herr.code, herr.msg)
 		return
 	}
+	loop, herr := decodeLoop(req.DecodeLoop)
+	if herr != nil {
+		writeAPIError(w, herr.status, herr.code, herr.msg)
+		return
+	}
 	sampling := shards.Sampling{Temperature: req.Temperature, TopK: req.TopK, TopP: req.TopP, Seed: req.Seed}
 	tr := &textRequest{model: model, man: man, codec: codec, prompt: prompt, maxTokens: req.MaxTokens,
-		sampling: sampling, stop: req.Stop, opts: mesh.InferOptions{FP16: req.FP16}, kind: "generate"}
+		sampling: sampling, stop: req.Stop, opts: mesh.InferOptions{FP16: req.FP16, RequesterLoop: loop}, kind: "generate"}
 	var sse *sseWriter
 	var emit func(int64, string) error
 	if req.Stream {
@@ -547,15 +564,18 @@ func (n *Node) failText(w http.ResponseWriter, r *http.Request, sse *sseWriter, 
 // OpenAIParams are the sampling parameters of /v1/completions and
 // /v1/chat/completions.
 type OpenAIParams struct {
-	Model         string          `json:"model"`
-	MaxTokens     *int            `json:"max_tokens,omitempty"`
-	Temperature   *float64        `json:"temperature,omitempty"`
-	TopP          *float64        `json:"top_p,omitempty"`
-	TopK          int             `json:"top_k,omitempty"`
-	N             *int            `json:"n,omitempty"`
-	Stream        bool            `json:"stream,omitempty"`
-	Stop          json.RawMessage `json:"stop,omitempty"`
-	Seed          *int64          `json:"seed,omitempty"`
+	Model       string          `json:"model"`
+	MaxTokens   *int            `json:"max_tokens,omitempty"`
+	Temperature *float64        `json:"temperature,omitempty"`
+	TopP        *float64        `json:"top_p,omitempty"`
+	TopK        int             `json:"top_k,omitempty"`
+	N           *int            `json:"n,omitempty"`
+	Stream      bool            `json:"stream,omitempty"`
+	Stop        json.RawMessage `json:"stop,omitempty"`
+	Seed        *int64          `json:"seed,omitempty"`
+	// DecodeLoop (an infermesh extension): "ring" (default) runs the
+	// decode loop inside the route, "requester" at this node.
+	DecodeLoop    string `json:"decode_loop,omitempty"`
 	StreamOptions *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options,omitempty"`
@@ -824,9 +844,15 @@ func (n *Node) openAI(w http.ResponseWriter, r *http.Request, p *OpenAIParams, m
 		writeAPIError(w, herr.status, herr.code, herr.msg)
 		return
 	}
-	tr := &textRequest{model: model, man: man, codec: codec, prompt: prompt, maxTokens: limit, sampling: sampling, stop: stop, kind: "completion"}
+	loop, herr := decodeLoop(p.DecodeLoop)
+	if herr != nil {
+		writeAPIError(w, herr.status, herr.code, herr.msg)
+		return
+	}
+	tr := &textRequest{model: model, man: man, codec: codec, prompt: prompt, maxTokens: limit, sampling: sampling, stop: stop, kind: "completion",
+		opts: mesh.InferOptions{RequesterLoop: loop}}
 	if isChat {
-		tr.kind = "isChat"
+		tr.kind = "chat"
 	}
 	c := Completion{ID: newID("cmpl-"), Object: "text_completion", Created: time.Now().Unix(), Model: p.Model}
 	if isChat {
