@@ -22,6 +22,35 @@ type DecoderProvider interface {
 	Decoder(model string) *shards.DecoderSpec
 }
 
+// ringBeat is how long a hop of a decode ring waits for the next step
+// before it tells the requester it finished the last one. A ring that
+// runs sends no heartbeats (the tokens show it lives, and every frame
+// costs the cores the ring runs on); one that stalls gets, within
+// ringBeat, a heartbeat from every hop that did its part, so the
+// requester can tell which hop stalls.
+const ringBeat = 250 * time.Millisecond
+
+// deferBeat arms the heartbeat of a ring step done at this hop, replacing
+// the previous step's.
+func (st *stage) deferBeat(requester peer.ID, h *protocol.Header, progress *protocol.Message) {
+	hop := h.Route[h.Hop]
+	key := sessionKey{requester: requester.String(), session: h.Session, model: h.Model, start: hop.Start, end: hop.End}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	hs := st.sessions[key]
+	if hs == nil {
+		return // closed meanwhile
+	}
+	if hs.beat != nil {
+		hs.beat.Stop()
+	}
+	hs.beat = time.AfterFunc(ringBeat, func() {
+		ctx, cancel := context.WithTimeout(st.m.ctx, 5*time.Second)
+		defer cancel()
+		st.send(ctx, requester, progress)
+	})
+}
+
 // checkRing vets a ring request's parameters from its header.
 func checkRing(h *protocol.Header) error {
 	r := h.Ring
@@ -30,8 +59,8 @@ func checkRing(h *protocol.Header) error {
 		return errors.New("a decode ring needs a session")
 	case r.Index < 0 || r.MaxTokens <= r.Index || r.Positions < 1:
 		return fmt.Errorf("ring index %d, max tokens %d, positions %d", r.Index, r.MaxTokens, r.Positions)
-	case len(r.Forced) > protocol.MaxRingForced || len(r.Eos) > 64:
-		return fmt.Errorf("ring with %d forced and %d eos tokens", len(r.Forced), len(r.Eos))
+	case len(r.Forced) > protocol.MaxRingForced || len(r.Eos) > 64 || len(r.HopMicros) != h.Hop:
+		return fmt.Errorf("ring with %d forced and %d eos tokens, %d hops' times at hop %d", len(r.Forced), len(r.Eos), len(r.HopMicros), h.Hop)
 	case !(r.Temperature >= 0) || math.IsInf(r.Temperature, 0) || r.TopK < 0 || !(r.TopP >= 0 && r.TopP <= 1):
 		return fmt.Errorf("ring sampling temperature %g, top_k %d, top_p %g", r.Temperature, r.TopK, r.TopP)
 	case r.StepMillis < 0:
@@ -45,7 +74,7 @@ func checkRing(h *protocol.Header) error {
 // ring's index), sends the next step to the first hop unless the ring
 // stops here, and the token to the requester.
 func (st *stage) ringTurn(ctx context.Context, requester peer.ID, h *protocol.Header, out []protocol.NamedTensor, micros int64) {
-	r := *h.Ring
+	r := *h.Ring.WithHop(micros)
 	fail := func(code protocol.ErrorCode, err error) { st.fail(requester, h, code, err.Error()) }
 	st.mu.Lock()
 	dp, _ := st.provider.(DecoderProvider)
@@ -82,7 +111,7 @@ func (st *stage) ringTurn(ctx context.Context, requester peer.ID, h *protocol.He
 		next := &protocol.Message{Kind: protocol.KindRequest, Header: *h}
 		next.Header.Hop, next.Header.Step, next.Header.Tensors, next.Header.Micros = 0, h.Step+1, nil, 0
 		nr := r
-		nr.Index, nr.Positions = r.Index+1, r.Positions+1
+		nr.Index, nr.Positions, nr.HopMicros = r.Index+1, r.Positions+1, nil
 		next.Header.Ring = &nr
 		if r.StepMillis > 0 {
 			next.Header.Deadline = time.Now().Add(time.Duration(r.StepMillis) * time.Millisecond).UnixMilli()
@@ -256,25 +285,50 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 	if err != nil {
 		return 0, err
 	}
-	// Progress deadlines as for any step (runRouteProgress), the prompt's
-	// for step 0 and one token's after; each step's clock starts when the
-	// step before it yielded its token.
-	allowPrompt := m.progressTimeouts(ctx, s.model, route, tokensOf(o.Prompt), s.opts.ProgressFloor)
-	allowToken := m.progressTimeouts(ctx, s.model, route, 1, s.opts.ProgressFloor)
+	// A step's deadline is the sum of its hops' progress deadlines
+	// (HopProgressTimeout: the prompt's for step 0, one token's after),
+	// plus a heartbeat's wait, from when the step before it yielded its
+	// token. When it passes, the hops that finished the step have said so
+	// (step 0 at once, later steps after ringBeat): the first that has not
+	// is the one that stalls.
+	stepAllow := func(allow []time.Duration) time.Duration {
+		var sum time.Duration
+		for _, a := range allow {
+			if a <= 0 {
+				return 0 // a hop without known timings: the step timeout alone
+			}
+			sum += a
+		}
+		return sum + ringBeat
+	}
+	allowPrompt := stepAllow(m.progressTimeouts(ctx, s.model, route, tokensOf(o.Prompt), s.opts.ProgressFloor))
+	allowToken := stepAllow(m.progressTimeouts(ctx, s.model, route, 1, s.opts.ProgressFloor))
 	stepTimer := time.NewTimer(s.opts.StepTimeout)
 	defer stepTimer.Stop()
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
 	var deadline <-chan time.Time
-	step, frontier, allow := 0, 0, allowPrompt
+	step, allow := 0, allowPrompt
+	reported := make([]int, len(route)) // the last step each hop reported done
+	for i := range reported {
+		reported[i] = -1
+	}
 	arm := func() {
 		timer.Stop()
 		deadline = nil
-		if allow[frontier] > 0 {
-			timer.Reset(allow[frontier])
+		if allow > 0 {
+			timer.Reset(allow)
 			deadline = timer.C
 		}
+	}
+	stalled := func() int {
+		for h, r := range reported {
+			if r < step {
+				return h
+			}
+		}
+		return len(route) - 1
 	}
 	micros := make([]int64, len(route))
 	start := time.Now()
@@ -286,11 +340,11 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 		select {
 		case <-deadline:
 			m.cancelRequest(id, "", route)
-			return frontier, fmt.Errorf("%w: hop %d made no progress in %s (ring step %d)", ErrStall, frontier,
-				allow[frontier].Round(time.Millisecond), step)
+			h := stalled()
+			return h, fmt.Errorf("%w: hop %d did not finish ring step %d in %s", ErrStall, h, step, allow.Round(time.Millisecond))
 		case <-stepTimer.C:
 			m.cancelRequest(id, "", route)
-			return frontier, fmt.Errorf("%w (%s, ring step %d)", ErrStall, s.opts.StepTimeout, step)
+			return stalled(), fmt.Errorf("%w (%s, ring step %d)", ErrStall, s.opts.StepTimeout, step)
 		case <-ctx.Done():
 			m.cancelRequest(id, s.id, route)
 			return -1, ctx.Err()
@@ -298,15 +352,8 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 			h := a.Header.Hop
 			switch a.Kind {
 			case protocol.KindProgress:
-				if a.Header.Step != step {
-					continue // a late heartbeat of a step already done
-				}
-				micros[h] = a.Header.Micros
+				reported[h] = max(reported[h], a.Header.Step)
 				m.stage.markWarm(msg.Header.Model, route, h)
-				if h+1 > frontier && h+1 < len(route) {
-					frontier = h + 1
-					arm()
-				}
 			case protocol.KindResult:
 				if a.Header.Step != step || h != len(route)-1 || a.Header.Ring == nil {
 					continue
@@ -317,7 +364,10 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 					return h, &protocol.RemoteError{Code: protocol.CodeBadOutput, Message: "ring token malformed", Hop: h, Peer: route[h].Peer}
 				}
 				tok := v[0]
-				micros[h] = a.Header.Micros
+				reported[h] = step
+				if hm := a.Header.Ring.HopMicros; len(hm) == len(route) {
+					micros = hm
+				}
 				m.stage.markWarm(msg.Header.Model, route, h)
 				if step < len(forced) {
 					if tok != forced[step] {
@@ -332,7 +382,7 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 				if a.Header.Ring.Done {
 					return -1, nil
 				}
-				step, frontier, allow = step+1, 0, allowToken
+				step, allow = step+1, allowToken
 				micros, start = make([]int64, len(route)), time.Now()
 				stepTimer.Reset(s.opts.StepTimeout)
 				arm()

@@ -220,6 +220,9 @@ type hopSession struct {
 	busy     bool
 	// ran is closed when the running step (busy) ends.
 	ran chan struct{}
+	// beat sends a decode ring's heartbeat for the last step done here
+	// unless the next step comes first (see deferBeat).
+	beat *time.Timer
 	// lastOut is what step next-1 produced. A requester that resumes a
 	// step at this hop without knowing the hop had done it (its progress
 	// was still on the way) gets these outputs again rather than a step
@@ -796,6 +799,9 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 		return
 	}
 	next.Header.Hop = h.Hop + 1
+	if h.Ring != nil {
+		next.Header.Ring = h.Ring.WithHop(micros)
+	}
 	nextPeer, err := peer.Decode(h.Route[h.Hop+1].Peer)
 	if err != nil {
 		st.fail(requester, h, protocol.CodeBadRequest, "bad next hop")
@@ -812,9 +818,14 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 	progress := &protocol.Message{Kind: protocol.KindProgress, Header: *h}
 	progress.Header.Tensors, progress.Header.Micros, progress.Header.Route = nil, micros, nil
 	if h.Session != "" && h.Ring == nil {
-		// A ring's requester replays tokens, not activations, after a
-		// failover: its progress is only a heartbeat.
 		progress.Tensors = out
+	}
+	if h.Ring != nil && h.Step > 0 {
+		// A ring's requester replays tokens, not activations, after a
+		// failover, and sees the ring live from its tokens: progress is
+		// only a heartbeat, sent when the next step is late (ringBeat).
+		st.deferBeat(requester, h, progress)
+		return
 	}
 	if err := st.send(ctx, requester, progress); err != nil {
 		st.m.log.Debug("progress not delivered", "requester", requester, "err", err)
@@ -1039,6 +1050,9 @@ func (st *stage) evictForLocked(from peer.ID) bool {
 // whose step is running is closed when the step ends.
 func (st *stage) removeLocked(k sessionKey, hs *hopSession) {
 	delete(st.sessions, k)
+	if hs.beat != nil {
+		hs.beat.Stop()
+	}
 	if st.peerSessions[hs.owner]--; st.peerSessions[hs.owner] <= 0 {
 		delete(st.peerSessions, hs.owner)
 	}

@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -133,7 +134,15 @@ func BenchmarkHopOverhead(b *testing.B) {
 //
 // go test -run '^$' -bench Generate3Hops -benchtime 10x ./node/
 func BenchmarkGenerate3Hops(b *testing.B) {
-	m := benchGPT(b, 8, 256)
+	for _, dim := range []int{256, 512} {
+		b.Run(fmt.Sprintf("dim-%d", dim), func(b *testing.B) { generate3Hops(b, dim) })
+	}
+}
+
+// generate3Hops: local decoding, the decode ring and the requester's loop,
+// interleaved in each iteration.
+func generate3Hops(b *testing.B, dim int) {
+	m := benchGPT(b, 8, dim)
 	req, _ := benchMesh(b, m, nil, "0-2", "3-5", "6-9")
 	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
 	if err != nil {
@@ -146,7 +155,16 @@ func BenchmarkGenerate3Hops(b *testing.B) {
 	defer span.Close()
 	prompt := []int64{'t', 'h', 'e', ' '}
 	const tokens = 32
-	var tLocal, tMesh time.Duration
+	viaMesh := func(loop bool) time.Duration {
+		t0 := time.Now()
+		if _, err := req.Generate(context.Background(), GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: tokens,
+			Options: mesh.InferOptions{RequesterLoop: loop}}, nil); err != nil {
+			b.Fatal(err)
+		}
+		return time.Since(t0)
+	}
+	viaMesh(false) // warm: connections, sessions
+	var tLocal, tRing, tLoop time.Duration
 	for b.Loop() {
 		t0 := time.Now()
 		sess := span.NewSession()
@@ -157,16 +175,75 @@ func BenchmarkGenerate3Hops(b *testing.B) {
 			}
 		}
 		sess.Close()
-		t1 := time.Now()
-		if _, err := req.Generate(context.Background(), GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: tokens}, nil); err != nil {
-			b.Fatal(err)
-		}
-		tLocal += t1.Sub(t0)
-		tMesh += time.Since(t1)
+		tLocal += time.Since(t0)
+		tRing += viaMesh(false)
+		tLoop += viaMesh(true)
 	}
 	n := float64(b.N * tokens)
 	b.ReportMetric(n/tLocal.Seconds(), "local_tok/s")
-	b.ReportMetric(n/tMesh.Seconds(), "mesh_tok/s")
+	b.ReportMetric(n/tRing.Seconds(), "ring_tok/s")
+	b.ReportMetric(n/tLoop.Seconds(), "loop_tok/s")
+	b.ReportMetric(tLocal.Seconds()/tRing.Seconds(), "ring_vs_local")
+	b.ReportMetric(tLocal.Seconds()/tLoop.Seconds(), "loop_vs_local")
+}
+
+// BenchmarkRingFarRequester: 32-token generations through 3 hops over a
+// simulated network, 2 ms one-way between hops, with the requester 2 ms
+// from every hop and then 40 ms (switched in the same mesh). Reports the
+// per-token interval and time to first token the requester sees, for the
+// decode ring and the requester's loop.
+//
+// go test -run '^$' -bench RingFarRequester -benchtime 5x ./node/
+func BenchmarkRingFarRequester(b *testing.B) {
+	m := benchGPT(b, 4, 64)
+	var far atomic.Bool
+	net := simnettest.New(func(x, y int) time.Duration {
+		if (x == 0 || y == 0) && far.Load() {
+			return 40 * time.Millisecond
+		}
+		return 2 * time.Millisecond
+	}, 1000_000_000)
+	defer net.Close()
+	req, _ := benchMesh(b, m, net, "0-1", "2-3", "4-5")
+	const tokens = 32
+	type figures struct{ interval, first time.Duration }
+	run := func(loop bool) figures {
+		res, err := req.Generate(context.Background(), GenerateRequest{Model: m.ID, Prompt: toTokens("far away"), MaxTokens: tokens,
+			Options: mesh.InferOptions{RequesterLoop: loop}}, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return figures{(res.Total - res.FirstToken) / (tokens - 1), res.FirstToken}
+	}
+	run(false) // warm: connections, sessions
+	run(true)
+	sum := map[string]figures{}
+	for b.Loop() {
+		for _, f := range []bool{false, true} {
+			far.Store(f)
+			for _, loop := range []bool{false, true} {
+				key := fmt.Sprintf("far=%v loop=%v", f, loop)
+				got := run(loop)
+				s := sum[key]
+				s.interval += got.interval
+				s.first += got.first
+				sum[key] = s
+			}
+		}
+	}
+	far.Store(false)
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(b.N) }
+	ringNear, ringFar := sum["far=false loop=false"], sum["far=true loop=false"]
+	loopNear, loopFar := sum["far=false loop=true"], sum["far=true loop=true"]
+	b.ReportMetric(ms(ringNear.interval), "ring_ms/token_near")
+	b.ReportMetric(ms(ringFar.interval), "ring_ms/token_far")
+	b.ReportMetric(ms(loopNear.interval), "loop_ms/token_near")
+	b.ReportMetric(ms(loopFar.interval), "loop_ms/token_far")
+	b.ReportMetric(ms(ringNear.first), "ring_ttft_ms_near")
+	b.ReportMetric(ms(ringFar.first), "ring_ttft_ms_far")
+	b.ReportMetric(ms(loopNear.first), "loop_ttft_ms_near")
+	b.ReportMetric(ms(loopFar.first), "loop_ttft_ms_far")
+	b.ReportMetric(float64(ringFar.interval)/float64(ringNear.interval), "ring_far/near")
 }
 
 // BenchmarkPipelining: generations through 3 hops over a simulated network

@@ -137,9 +137,20 @@ type Ring struct {
 	// StepMillis bounds each step: the last hop sets the next step's
 	// deadline this far ahead.
 	StepMillis int64 `json:"step_millis,omitempty"`
+	// HopMicros are the compute times of the hops that ran this step so
+	// far, in route order: each hop appends its own as it passes the step
+	// on, and the result carries every hop's.
+	HopMicros []int64 `json:"hop_micros,omitempty"`
 	// Done, on a result, says the ring stopped after this token (eos,
 	// MaxTokens, or the model's context full).
 	Done bool `json:"done,omitempty"`
+}
+
+// WithHop is a copy of r with a hop's compute time appended to HopMicros.
+func (r *Ring) WithHop(micros int64) *Ring {
+	c := *r
+	c.HopMicros = append(append(make([]int64, 0, len(r.HopMicros)+1), r.HopMicros...), micros)
+	return &c
 }
 
 // RingToken names the one tensor of a ring's result: the sampled token,
