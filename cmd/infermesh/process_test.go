@@ -50,7 +50,21 @@ func startNodeProc(t *testing.T, bin string, extra ...string) *nodeProc {
 	data := t.TempDir()
 	runBin(t, bin, "node", "init", "--data", data, "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0",
 		"--no-mdns", "--no-nat", "--dht-mode", "server", "--view-refresh", "500ms", "--threads", "1")
+	return runNodeProc(t, bin, data, extra...)
+}
+
+// runNodeProc starts `infermesh node` on an initialised data dir (again,
+// after a stop: each run logs to a file of its own, DATA/node.log, then
+// DATA/node.2.log...) and waits for its API.
+func runNodeProc(t *testing.T, bin, data string, extra ...string) *nodeProc {
+	t.Helper()
 	p := &nodeProc{data: data, log: filepath.Join(data, "node.log"), done: make(chan error, 1)}
+	for run := 2; run < 100; run++ {
+		if _, err := os.Stat(p.log); os.IsNotExist(err) {
+			break
+		}
+		p.log = filepath.Join(data, fmt.Sprintf("node.%d.log", run))
+	}
 	logf, err := os.Create(p.log)
 	if err != nil {
 		t.Fatal(err)
@@ -66,7 +80,7 @@ func startNodeProc(t *testing.T, bin string, extra ...string) *nodeProc {
 		<-p.done
 		if t.Failed() {
 			b, _ := os.ReadFile(p.log)
-			t.Logf("log of node in %s:\n%s", data, b)
+			t.Logf("log of node in %s (%s):\n%s", data, filepath.Base(p.log), b)
 		}
 	})
 	// The node writes its API address once it is up.
