@@ -81,6 +81,7 @@ type hostileCluster struct {
 
 func startHostileCluster(t *testing.T) *hostileCluster {
 	t.Helper()
+	began := time.Now()
 	c := &hostileCluster{bin: buildBinary(t), model: filepath.Join(t.TempDir(), "gpt")}
 	runBin(t, c.bin, "shard", "build", "gpt", "--layers", "4", "--dim", "64", "--heads", "2", "--ctx", "256", "--out", c.model)
 	m, err := shards.OpenModel(c.model)
@@ -101,10 +102,14 @@ func startHostileCluster(t *testing.T) *hostileCluster {
 	for _, p := range c.nodes() {
 		waitCoverage(t, p, c.id, 4)
 	}
-	c.baseline = generateSSE(t, apiOf(t, c.last), c.id, longRun, nil).tokens
+	up := time.Now()
+	base := generateSSE(t, apiOf(t, c.last), c.id, longRun, nil)
+	c.baseline = base.tokens
 	if len(c.baseline) != longRun {
 		t.Fatalf("baseline generation gave %d tokens, want %d", len(c.baseline), longRun)
 	}
+	t.Logf("cluster up in %s; undisturbed generation of %d tokens in %s (%d failovers)", up.Sub(began).Round(time.Millisecond),
+		longRun, time.Since(up).Round(time.Millisecond), base.final.Failovers)
 	return c
 }
 
@@ -396,6 +401,8 @@ func (c *hostileCluster) damagedBlock(t *testing.T) {
 		t.Errorf("the log does not say the bad block was moved aside")
 	}
 	run := c.honest(t, p, "the repaired node")
+	t.Logf("generation through the repaired node: %d tokens in %.0f ms, %d failovers, route %+v",
+		len(run.tokens), run.final.TotalMS, run.final.Failovers, run.final.Route)
 	self := peerOf(t, p).String()
 	if !slices.ContainsFunc(run.final.Route, func(h node.HopTiming) bool { return h.Peer == self && h.Start <= bad && bad < h.End }) {
 		t.Errorf("route %+v: the repaired node did not compute block %d", run.final.Route, bad)
