@@ -5,8 +5,9 @@
 // does not copy but calls: mesh.PlanRouteTiered (and through it
 // mesh.PlanRoute and mesh.SelectCandidates), mesh.Place, mesh.Rebalance
 // (mesh.ShouldMove), mesh.BanDuration, mesh.Distrusts, mesh.RetryPause,
-// mesh.ReplayFrom and mesh.ResumeFrom. It may import protocol, shards and
-// mesh, never node or cmd.
+// mesh.ReplayFrom and mesh.ResumeFrom (a requester loop's failover), and
+// protocol.MaxRingForced (a decode ring's). It may import protocol, shards
+// and mesh, never node or cmd.
 //
 // A run is deterministic: a virtual clock in nanoseconds, events in a
 // binary heap ordered by (time, sequence), and one PCG stream per concern
@@ -53,18 +54,38 @@
 //     a request routes at its entry node, travels hop to hop (each hop
 //     pushes to the next), and the last hop answers the entry node. A
 //     generation session is a prompt pass then one step per output token
-//     on the same route. A failed hop is banned and routed around: a
-//     single pass routes again from scratch, a session replaces the lost
-//     span and replays its completed steps there, as mesh.Session does.
+//     on the same route. By default (workload.decode: ring) it runs as the
+//     node runs it, a decode ring (mesh.Session.Ring): the entry node
+//     sends the prompt to the first hop; the last hop samples each token,
+//     sends the next step (one token) straight to the first hop and the
+//     token to the entry node, which takes them in order, so the
+//     per-token loop is hop to hop and last hop to first hop, and each
+//     token reaches the requester one one-way leg after it is sampled.
+//     The requester's clock of a step starts when the token before it
+//     arrives (a crashed hop is noticed a step timeout after that). With
+//     workload.decode: requester, the requester drives each step, a round
+//     trip from it per token. A failed hop is banned and routed around: a
+//     single pass routes again from scratch; a ring restarts on a new
+//     route (a new session, the old one closed at every hop) and replays
+//     the prompt and every token the requester has as forced ring steps,
+//     each one ring turn of events (passes queue and compute as any),
+//     failing past protocol.MaxRingForced tokens as the node does; a
+//     requester-loop session replaces the lost span and replays its
+//     completed steps there, as mesh.Session.Step does (that replay is
+//     charged as round trips from the requester by formula, not as
+//     events). The hops' per-step progress heartbeats to the requester
+//     are not modelled (they move no step on, and no bandwidth is shared),
+//     nor the node's per-hop progress deadlines: in both modes a stall is
+//     noticed by the step timeout.
 //     With workload.gateway (a region, or "local": each user's own),
 //     requests run instead at gateway nodes in that region, a central
 //     API's servers next to its GPUs: the user's node sends the prompt
 //     there (one one-way leg, the prompt's activation bytes over the
 //     user's access, as its own upload to a first hop would be), the
-//     gateway routes, steps, fails over and replays as an entry node
-//     does, and streams each token back one one-way leg after it has it.
-//     TTFT and end-to-end latency grow by the two legs; the per-token
-//     time is the gateway's.
+//     gateway routes, steps (or runs the ring), fails over and replays as
+//     an entry node does, and streams each token back one one-way leg
+//     after it has it. TTFT and end-to-end latency grow by the two legs;
+//     the per-token time is the gateway's.
 //   - Churn: sessions at a leave rate per hour, exponential or
 //     heavy-tailed (lognormal), the starting peers part-way through theirs
 //     (the renewal steady state); a share of them crashes; leavers are optionally replaced by a new peer of the

@@ -59,18 +59,24 @@ type request struct {
 	entry          int32 // the node that runs it: the user's, or its gateway
 	user           int32 // the user's own entry node (its place and region)
 	gen, live      bool
+	ring           bool // a generation run as a decode ring (workload.decode)
 	prompt, output int32
-	step           int32 // steps done (0: the prompt pass is next)
+	step           int32 // steps done (0: the prompt pass is next); a ring's: tokens the requester has
 	failovers      int32 // of the step in flight
 	retries        int32 // routing attempts that found no route
 	from           int32 // the hop the step's attempts start at
 	epoch          uint32
 	arrive         int64
-	sent           int64 // when the current attempt of the step left the entry node
+	sent           int64 // when the step's clock started: the attempt left the entry node; a ring's, its last token reached it
 	firstTok       int64
 	out            int64   // gateway mode: the first token's way from the gateway to the user, ns
 	route          []hop   // shared with the memo until replaced: never written in place
 	held           []int32 // peers holding this session's state
+	// ringStep is the step a ring has at its hops now (0: the prompt,
+	// k: the one yielding token k; only one is ever there), and forced
+	// how many of this ring's first steps replay tokens the requester
+	// already has (after a failover)
+	ringStep, forced int32
 }
 
 type simPeer struct {
@@ -798,7 +804,11 @@ func (s *sim) handle(ev event) {
 		case evDone:
 			s.done(ev.a, int(ev.b))
 		case evResult:
-			s.result(ev.a)
+			if s.reqs[ev.a].ring {
+				s.ringResult(ev.a, ev.b)
+			} else {
+				s.result(ev.a)
+			}
 		case evFail:
 			s.fail(ev.a, int(ev.b), mesh.FailureKind(ev.x))
 		case evRetry:
@@ -861,8 +871,8 @@ func (s *sim) arrival() {
 		s.reqs = append(s.reqs, request{})
 		id = int32(len(s.reqs) - 1)
 	}
-	s.reqs[id] = request{entry: e, user: e, gen: gen, live: true, prompt: int32(prompt), output: int32(output), arrive: s.now,
-		epoch: s.reqs[id].epoch + 1}
+	s.reqs[id] = request{entry: e, user: e, gen: gen, ring: gen && w.Decode == DecodeRing, live: true, prompt: int32(prompt),
+		output: int32(output), arrive: s.now, epoch: s.reqs[id].epoch + 1}
 	s.live++
 	if s.gateways != nil {
 		// The prompt goes to the gateway first, as the entry node would
@@ -897,6 +907,12 @@ func (d *Dist) draw(rng *rand.Rand) int {
 
 // tokens is how many tokens the step in flight pushes through each block.
 func (r *request) tokens() int {
+	if r.ring {
+		if r.ringStep == 0 {
+			return int(r.prompt)
+		}
+		return 1
+	}
 	if r.step == 0 {
 		return int(r.prompt)
 	}
@@ -939,6 +955,17 @@ func (s *sim) startStep(id int32) {
 // together).
 func (s *sim) noRoute(id int32) {
 	r := &s.reqs[id]
+	if r.ring {
+		// Session.ring: a missing route is a failover more, paused by
+		// mesh.RetryPause of the failovers so far.
+		if int(r.failovers) >= s.sc.Workload.MaxFailovers {
+			s.finish(id, false)
+			return
+		}
+		r.failovers++
+		s.q.push(event{t: s.now + int64(mesh.RetryPause(int(r.failovers))), kind: evRetry, a: id, e: r.epoch})
+		return
+	}
 	attempt := int(r.retries)
 	if !r.gen {
 		attempt += int(r.failovers)
@@ -1039,8 +1066,36 @@ func (s *sim) done(id int32, h int) {
 		s.q.push(event{t: s.now + s.net.oneWay(p.ep, next.ep, s.actBytes*float64(t)), kind: evHop, a: id, b: int32(h + 1), e: r.epoch})
 		return
 	}
+	if r.ring {
+		s.ringTurn(id, p)
+		return
+	}
 	en := s.entries[r.entry]
 	s.q.push(event{t: s.now + s.net.oneWay(p.ep, en.ep, s.actBytes), kind: evResult, a: id, e: r.epoch})
+}
+
+// ringTurn is the last hop's part of a decode ring (mesh's stage
+// ringTurn): the step's token is sampled here; unless the ring stops at it
+// (its MaxTokens, the request's output), the next step, one token, goes
+// straight to the first hop, and the token goes to the requester (ev.b:
+// the step that yielded it). The requester's clock of the next step starts
+// when the token reaches it, as Session.ringOnce resets its step timer.
+func (s *sim) ringTurn(id int32, last *simPeer) {
+	r := &s.reqs[id]
+	en := s.entries[r.entry]
+	k := r.ringStep
+	if k+1 < r.output {
+		r.ringStep++
+		r.from = 0
+		first := s.peers[r.route[0].peer]
+		s.q.push(event{t: s.now + s.net.oneWay(last.ep, first.ep, s.actBytes), kind: evHop, a: id, b: 0, e: r.epoch})
+	}
+	// The requester takes the tokens in order: one that overtakes the one
+	// before it (jitter) waits for its turn, as Session.ringOnce keeps it
+	// (r.sent is the one before's turn).
+	t := max(s.now+s.net.oneWay(last.ep, en.ep, s.actBytes), r.sent)
+	r.sent = t
+	s.q.push(event{t: t, kind: evResult, a: id, b: k, e: r.epoch})
 }
 
 func (s *sim) result(id int32) {
@@ -1067,6 +1122,29 @@ func (s *sim) result(id int32) {
 		return
 	}
 	s.finish(id, true)
+}
+
+// ringResult: the token of ring step k reaches the requester. A replayed
+// (forced) one brings nothing new; a new one is emitted, and the last one
+// ends the generation (the ring stopped at it).
+func (s *sim) ringResult(id, k int32) {
+	r := &s.reqs[id]
+	if k < r.forced {
+		return
+	}
+	if r.step == 0 {
+		if r.entry != r.user {
+			r.out = s.net.oneWay(s.entries[r.entry].ep, s.entries[r.user].ep, s.actBytes)
+		}
+		r.firstTok = s.now + r.out
+	}
+	r.step++
+	r.failovers = 0 // Session.ring counts a token's failovers
+	s.tokens++
+	s.cur.Tokens++
+	if r.step >= r.output {
+		s.finish(id, true)
+	}
 }
 
 func (s *sim) finish(id int32, ok bool) {
@@ -1145,7 +1223,30 @@ func (s *sim) fail(id int32, h int, kind mesh.FailureKind) {
 		s.startStep(id)
 		return
 	}
+	if r.ring {
+		s.restartRing(id)
+		return
+	}
 	s.replace(id, h)
+}
+
+// restartRing fails a decode ring over as Session.ring does: the old
+// session closes at every hop, a new one starts on a new route (routed
+// again whole, with the bans), and its ring replays the prompt and every
+// token the requester has as forced steps, one ring turn each, before it
+// samples new ones. More tokens than a ring request can carry
+// (protocol.MaxRingForced) fail the generation (mesh.ErrRingReplay).
+func (s *sim) restartRing(id int32) {
+	r := &s.reqs[id]
+	if int(r.step) > protocol.MaxRingForced {
+		s.finish(id, false)
+		return
+	}
+	s.release(r, func(int32) bool { return true })
+	r.route = nil
+	r.ringStep, r.forced, r.from = 0, r.step, 0
+	s.replays += int(r.step)
+	s.startStep(id)
 }
 
 // replace re-routes a session's lost span and resumes the step.
@@ -1184,21 +1285,23 @@ func (s *sim) replace(id int32, f int) {
 	// token per step.
 	var replay int64
 	steps := int(r.step)
-	trip := func(tokens int) int64 {
+	// trip is n round trips of a step of tokens (one drawn, n times: the
+	// replay is a formula, not events); each hop runs its n passes.
+	trip := func(tokens, n int) int64 {
 		d := int64(0)
 		prev := en.ep
 		for _, hp := range hops {
 			p := s.peers[hp.peer]
 			d += s.net.oneWay(prev, p.ep, s.actBytes*float64(tokens)) + p.passNs(int(hp.start), int(hp.end), tokens)
-			p.passes += int64(hp.end-hp.start) * int64(tokens)
+			p.passes += int64(hp.end-hp.start) * int64(tokens) * int64(n)
 			prev = p.ep
 		}
-		return d + s.net.oneWay(prev, en.ep, s.actBytes*float64(tokens))
+		return int64(n) * (d + s.net.oneWay(prev, en.ep, s.actBytes*float64(tokens)))
 	}
 	if steps > 0 {
-		replay += trip(int(r.prompt))
+		replay += trip(int(r.prompt), 1)
 		if steps > 1 {
-			replay += int64(steps-1) * trip(1)
+			replay += trip(1, steps-1)
 		}
 		s.replays += steps
 	}
@@ -1462,6 +1565,13 @@ func (s *sim) params() []string {
 	w := &sc.Workload
 	out = append(out, fmt.Sprintf("workload: %g req/s, diurnal %g, generate %g, prompt %s, output %s", w.Rate, w.Diurnal, w.Generate,
 		w.Prompt.String(), w.Output.String()))
+	if w.Generate > 0 {
+		if w.Decode == DecodeRing {
+			out = append(out, "decode: ring (the last hop sends each next step to the first hop and the token to the requester)")
+		} else {
+			out = append(out, "decode: requester loop (each step a round trip from the requester)")
+		}
+	}
 	if w.Gateway != "" {
 		where := "in " + w.Gateway
 		if w.Gateway == "local" {

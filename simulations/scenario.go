@@ -238,6 +238,17 @@ type Workload struct {
 	Gateway              string  `yaml:"gateway"`
 	GatewayLastMileMS    float64 `yaml:"gateway_last_mile_ms"`
 	GatewayBandwidthMbps float64 `yaml:"gateway_bandwidth_mbps"`
+	// Decode is where a generation's decode loop runs: "ring" (default,
+	// the node's default since issue 13: the route's last hop samples each
+	// token and sends the next step straight to the first hop, and streams
+	// the token to the requester, which is off the per-token loop; a
+	// failover restarts the ring on a new route and replays the prompt and
+	// the tokens so far as forced ring turns) or "requester" (the
+	// requester-driven loop, mesh's InferOptions.RequesterLoop: each step
+	// goes requester -> hops -> requester before the next starts; a
+	// failover replaces the lost span and replays its steps from the
+	// requester). Single passes are the same either way.
+	Decode string `yaml:"decode"`
 	// StepTimeoutS bounds a step (default 30, the node's); MaxFailovers the
 	// failovers of one step (default 16).
 	StepTimeoutS float64 `yaml:"step_timeout_s"`
@@ -245,6 +256,12 @@ type Workload struct {
 	// MaxRequests stops arrivals after this many (0: no bound).
 	MaxRequests int `yaml:"max_requests"`
 }
+
+// The values of Workload.Decode.
+const (
+	DecodeRing      = "ring"      // the last hop feeds the first (mesh.Session.Ring)
+	DecodeRequester = "requester" // the requester drives every step
+)
 
 // Churn is peers leaving and joining.
 type Churn struct {
@@ -624,6 +641,13 @@ func (s *Scenario) checkWorkload() error {
 	}
 	if w.GatewayLastMileMS < 0 || !(w.GatewayBandwidthMbps > 0) || !finite(w.GatewayLastMileMS) {
 		return bad("workload", "gateway_last_mile_ms must be >= 0 and gateway_bandwidth_mbps > 0")
+	}
+	switch w.Decode {
+	case "":
+		w.Decode = DecodeRing
+	case DecodeRing, DecodeRequester:
+	default:
+		return bad("workload.decode", "must be %s or %s, is %q", DecodeRing, DecodeRequester, w.Decode)
 	}
 	if w.StepTimeoutS == 0 {
 		w.StepTimeoutS = 30

@@ -5,10 +5,19 @@
 #   simulations/scenarios/edge-vs-cloud/reproduce.sh headline   # only the default comparison
 # Full sweep outputs (each run's own report) go to $WORK (default
 # /tmp/evc-study); only the cited sweep files are copied into sweeps/.
+# Generations run as the node runs them by default, a decode ring
+# (workload.decode: ring). DECODE=requester reruns it all with the
+# requester-driven loop (the simulator's only model before issue 13) into
+# requester-loop/ (the comparison and the sweeps; not the arms' reports):
+#   DECODE=requester simulations/scenarios/edge-vs-cloud/reproduce.sh
 set -euo pipefail
 BIN=${BIN:-bin/infermesh}
-DEST=simulations/scenarios/edge-vs-cloud
+HERE=simulations/scenarios/edge-vs-cloud
+DEST=$HERE
 WORK=${WORK:-/tmp/evc-study}
+DECODE=${DECODE:-ring}
+DEC=(--set "workload.decode=$DECODE")
+if [ "$DECODE" = requester ]; then DEST=$HERE/requester-loop; WORK=$WORK-requester; fi
 SW=$DEST/sweeps
 METRICS=ttft_p50,ttft_p95,per_token_p50,e2e_p50,e2e_p95,completion_rate,failovers
 mkdir -p "$WORK" "$SW"
@@ -31,7 +40,10 @@ EDGEDC=(--set peers=150 --set classes.1.block_ms=0.6 --set classes.1.prefill_fac
 
 headline() {
 	rm -rf "$DEST"/comparison* "$DEST"/{cloud,edge}{,-local-users,-deep-model} "$DEST"/edge-dc "$DEST"/cloud-client-decode
-	"$BIN" sim compare edge-vs-cloud --out "$DEST"
+	"$BIN" sim compare edge-vs-cloud "${DEC[@]}" --out "$DEST"
+	if [ "$DECODE" = requester ]; then
+		rm -rf "$DEST"/{cloud,edge}{,-local-users,-deep-model} "$DEST"/edge-dc "$DEST"/cloud-client-decode "$DEST"/comparison_cdf.png
+	fi
 }
 
 # sweep NAME ARM PARAM VALUES [extra --set flags...]: runs a sweep of one arm
@@ -47,7 +59,7 @@ sweep() {
 	esac
 	local out=$WORK/$name/$arm
 	rm -rf "$out"; mkdir -p "$WORK/$name"
-	"$BIN" sim sweep edge-vs-cloud "${flags[@]}" "$@" --param "$param" --values "$values" --metric "$METRICS" --out "$out" >"$out.log" 2>&1 || { cat "$out.log"; exit 1; }
+	"$BIN" sim sweep edge-vs-cloud "${DEC[@]}" "${flags[@]}" "$@" --param "$param" --values "$values" --metric "$METRICS" --out "$out" >"$out.log" 2>&1 || { cat "$out.log"; exit 1; }
 	mkdir -p "$SW/$name/$arm"
 	cp "$out"/sweep.csv "$out"/sweep.svg "$SW/$name/$arm/"
 	# the per-run reports are not committed: drop their links
@@ -66,7 +78,7 @@ run() {
 	esac
 	local out=$WORK/runs/$name/$arm
 	rm -rf "$out"; mkdir -p "$(dirname "$out")"
-	"$BIN" sim run edge-vs-cloud "${flags[@]}" "$@" --out "$out" >"$out.log" 2>&1 || { cat "$out.log"; exit 1; }
+	"$BIN" sim run edge-vs-cloud "${DEC[@]}" "${flags[@]}" "$@" --out "$out" >"$out.log" 2>&1 || { cat "$out.log"; exit 1; }
 }
 
 # (a) user spread
@@ -140,7 +152,7 @@ serverside() {
 
 tables() {
 	rm -f "$SW"/server-side-estimate.* # the first version's estimate, now simulated (server-side.md)
-	python3 "$DEST/tables.py" "$WORK" "$SW"
+	python3 "$HERE/tables.py" "$WORK" "$SW" "$DECODE"
 }
 
 if [ $# -eq 0 ]; then set -- headline users model presets mix load upload churn serverside tables; fi

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Builds the combined tables of the study (sweeps/*.md and *.csv) from the
 sweep CSVs and run summaries that reproduce.sh wrote. Usage:
-tables.py WORK SWEEPS_DIR"""
+tables.py WORK SWEEPS_DIR [DECODE] (DECODE: ring, the default, or requester:
+the runs' workload.decode)"""
 import csv, json, math, os, sys
 
 work, sw = sys.argv[1], sys.argv[2]
+RING = (sys.argv[3] if len(sys.argv) > 3 else "ring") == "ring"
 ARMS = ["cloud", "edge", "edge-dc", "cloud-client-decode"]
 COLS = [("hops", "hops", "{:.2f}"), ("ttft_p50", "TTFT p50", "ms"), ("ttft_p95", "TTFT p95", "ms"),
         ("per_token_p50", "per-token p50", "ms"), ("e2e_p50", "e2e p50", "s"), ("e2e_p95", "e2e p95", "s"),
@@ -178,7 +180,8 @@ if os.path.isdir(d):
                 rows.append((lab, a, st[a][r[0]], st["cloud"][r[0]]))
     write("regions-worldwide", "Per users' region, default worldwide workload (weights 3/2/3/2/2/1)", "users in", rows,
           note="The region breakdown (summary.json `regions`) of the default runs, the headline's arms: cloud (server-side decode "
-          "through us-east gateways), edge (the consumer mesh, decoded from the users' nodes), edge-dc (150 data-centre GPUs "
+          "through us-east gateways), edge (the consumer mesh, " + ("the users' nodes requesting, the decode ring among the hops"
+          if RING else "decoded from the users' nodes") + "), edge-dc (150 data-centre GPUs "
           "spread over the regions, server-side decode through a gateway in the user's region) and cloud-client-decode. "
           "Distance of the region's centre from us-east. "
           "Failovers are not broken down per region (NaN).")
@@ -197,12 +200,17 @@ if os.path.isdir(d):
     md = ["# Server-side decoding, simulated", "",
           "The default worldwide runs of the headline's arms. cloud and edge-dc decode server-side (`workload.gateway`: "
           "us-east, and `local`, the user's own region): the gateway runs the decode loop next to the GPUs and streams "
-          "the tokens, so the user pays one one-way leg for the prompt and one for the reply. edge (the mesh) and "
-          "cloud-client-decode run the loop at the user's own node: a round trip to the route per token. "
+          "the tokens, so the user pays one one-way leg for the prompt and one for the reply. " +
+          ("All runs use the decode ring (`workload.decode: ring`): the requester (the gateway, or for edge (the mesh) and "
+           "cloud-client-decode the user's own node) sends the prompt to the first hop and receives the tokens from the last, "
+           "which feeds each next step to the first hop; the requester is off the per-token loop. "
+           if RING else
+           "edge (the mesh) and cloud-client-decode run the loop at the user's own node (`workload.decode: requester`): "
+           "a round trip to the route per token. ") +
           "edge with gateways is the consumer mesh given a gateway in each user's region (`--set workload.gateway=local`), "
           "the case the first version of this study estimated for the edge. "
           "The last column is that version's estimate of a 128-token reply's e2e, which these runs replace.", "",
-          "| arm | decode loop at | TTFT p50 | TTFT p95 | per-token p50 | e2e p50 | e2e p95 | e2e p50 / cloud | e2e p95 / cloud | "
+          "| arm | " + ("requester" if RING else "decode loop at") + " | TTFT p50 | TTFT p95 | per-token p50 | e2e p50 | e2e p95 | e2e p50 / cloud | e2e p95 / cloud | "
           "TTFT p50 / cloud | estimated e2e (128 tokens) / cloud |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     where = {"cloud": "gateway in us-east", "edge": "user's node", "edge-dc": "gateway in the user's region",
