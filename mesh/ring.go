@@ -285,24 +285,16 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 	if err != nil {
 		return 0, err
 	}
-	// A step's deadline is the sum of its hops' progress deadlines
-	// (HopProgressTimeout: the prompt's for step 0, one token's after),
-	// plus a heartbeat's wait, from when the step before it yielded its
-	// token. When it passes, the hops that finished the step have said so
-	// (step 0 at once, later steps after ringBeat): the first that has not
-	// is the one that stalls.
-	stepAllow := func(allow []time.Duration) time.Duration {
-		var sum time.Duration
-		for _, a := range allow {
-			if a <= 0 {
-				return 0 // a hop without known timings: the step timeout alone
-			}
-			sum += a
-		}
-		return sum + ringBeat
-	}
-	allowPrompt := stepAllow(m.progressTimeouts(ctx, s.model, route, tokensOf(o.Prompt), s.opts.ProgressFloor))
-	allowToken := stepAllow(m.progressTimeouts(ctx, s.model, route, 1, s.opts.ProgressFloor))
+	// Progress deadlines as for any step (HopProgressTimeout: the
+	// prompt's for step 0, one token's after): the first hop that has not
+	// reported the step must do so within its deadline of when the hop
+	// before it finished (of when the step began, for hop 0). A running
+	// ring sends no progress, so the check is made only when that time
+	// (plus a heartbeat's wait) has passed: by then the hops that did
+	// their part have said so (step 0 at once, later steps ringBeat after
+	// finishing it), and the first that has not is the one that stalls.
+	allowPrompt := m.progressTimeouts(ctx, s.model, route, tokensOf(o.Prompt), s.opts.ProgressFloor)
+	allowToken := m.progressTimeouts(ctx, s.model, route, 1, s.opts.ProgressFloor)
 	stepTimer := time.NewTimer(s.opts.StepTimeout)
 	defer stepTimer.Stop()
 	timer := time.NewTimer(time.Hour)
@@ -310,17 +302,11 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 	defer timer.Stop()
 	var deadline <-chan time.Time
 	step, allow := 0, allowPrompt
-	reported := make([]int, len(route)) // the last step each hop reported done
+	stepStart := time.Now()
+	reported := make([]int, len(route))      // the last step each hop reported done
+	finished := make([]time.Time, len(route)) // when each hop finished the current step, as far as known
 	for i := range reported {
 		reported[i] = -1
-	}
-	arm := func() {
-		timer.Stop()
-		deadline = nil
-		if allow > 0 {
-			timer.Reset(allow)
-			deadline = timer.C
-		}
 	}
 	stalled := func() int {
 		for h, r := range reported {
@@ -330,8 +316,68 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 		}
 		return len(route) - 1
 	}
+	// check returns the hop past its deadline, or how long until the
+	// waited-on hop's deadline (0: none known; the step timeout bounds it).
+	check := func() (late int, wait time.Duration) {
+		f := stalled()
+		if allow[f] <= 0 {
+			return -1, 0
+		}
+		from := stepStart
+		if f > 0 && !finished[f-1].IsZero() {
+			from = finished[f-1]
+		}
+		left := allow[f] + ringBeat - time.Since(from)
+		if left <= 0 {
+			return f, 0
+		}
+		return -1, left
+	}
+	arm := func() {
+		timer.Stop()
+		deadline = nil
+		if _, wait := check(); wait > 0 {
+			timer.Reset(wait)
+			deadline = timer.C
+		}
+	}
 	micros := make([]int64, len(route))
 	start := time.Now()
+	early := map[int]*protocol.Message{} // tokens that came before their turn, by step
+	// token takes the result of the current step: the token is checked
+	// against the replay or emitted, and the ring moves on a step.
+	token := func(a *protocol.Message) (done bool, failed int, err error) {
+		h := a.Header.Hop
+		v, verr := protocol.View[int64](a.Map()[protocol.RingToken])
+		if verr != nil || len(v) != 1 {
+			return false, h, &protocol.RemoteError{Code: protocol.CodeBadOutput, Message: "ring token malformed", Hop: h, Peer: route[h].Peer}
+		}
+		tok := v[0]
+		reported[h] = step
+		if hm := a.Header.Ring.HopMicros; len(hm) == len(route) {
+			micros = hm
+		}
+		m.stage.markWarm(msg.Header.Model, route, h)
+		if step < len(forced) {
+			if tok != forced[step] {
+				return false, h, &protocol.RemoteError{Code: protocol.CodeBadOutput, Hop: h, Peer: route[h].Peer,
+					Message: fmt.Sprintf("replayed token %d of the ring is %d, was %d", step, tok, forced[step])}
+			}
+		} else {
+			*got = append(*got, tok)
+			toks <- RingToken{Token: tok, Info: &StepInfo{Route: route, HopMicros: micros, Total: time.Since(start), Failovers: failovers}}
+			failovers = 0
+		}
+		if a.Header.Ring.Done {
+			return true, -1, nil
+		}
+		step, allow = step+1, allowToken
+		micros, start, stepStart = make([]int64, len(route)), time.Now(), time.Now()
+		clear(finished)
+		stepTimer.Reset(s.opts.StepTimeout)
+		arm()
+		return false, -1, nil
+	}
 	if err := m.stage.send(ctx, first, msg); err != nil {
 		return 0, fmt.Errorf("hop 0: %w", err)
 	}
@@ -339,9 +385,19 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 	for {
 		select {
 		case <-deadline:
+			h, wait := check()
+			if h < 0 {
+				// The hops before the waited-on one reported meanwhile:
+				// its own deadline counts from then.
+				deadline = nil
+				if wait > 0 {
+					timer.Reset(wait)
+					deadline = timer.C
+				}
+				continue
+			}
 			m.cancelRequest(id, "", route)
-			h := stalled()
-			return h, fmt.Errorf("%w: hop %d did not finish ring step %d in %s", ErrStall, h, step, allow.Round(time.Millisecond))
+			return h, fmt.Errorf("%w: hop %d did not finish ring step %d in %s", ErrStall, h, step, allow[h].Round(time.Millisecond))
 		case <-stepTimer.C:
 			m.cancelRequest(id, "", route)
 			return stalled(), fmt.Errorf("%w (%s, ring step %d)", ErrStall, s.opts.StepTimeout, step)
@@ -353,39 +409,36 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 			switch a.Kind {
 			case protocol.KindProgress:
 				reported[h] = max(reported[h], a.Header.Step)
+				if a.Header.Step == step {
+					finished[h] = time.Now()
+					if step > 0 {
+						finished[h] = finished[h].Add(-ringBeat) // the heartbeat waited that long
+					}
+				}
 				m.stage.markWarm(msg.Header.Model, route, h)
 			case protocol.KindResult:
-				if a.Header.Step != step || h != len(route)-1 || a.Header.Ring == nil {
+				if a.Header.Step < step || h != len(route)-1 || a.Header.Ring == nil {
 					continue
 				}
-				t := a.Map()[protocol.RingToken]
-				v, verr := protocol.View[int64](t)
-				if verr != nil || len(v) != 1 {
-					return h, &protocol.RemoteError{Code: protocol.CodeBadOutput, Message: "ring token malformed", Hop: h, Peer: route[h].Peer}
-				}
-				tok := v[0]
-				reported[h] = step
-				if hm := a.Header.Ring.HopMicros; len(hm) == len(route) {
-					micros = hm
-				}
-				m.stage.markWarm(msg.Header.Model, route, h)
-				if step < len(forced) {
-					if tok != forced[step] {
-						return h, &protocol.RemoteError{Code: protocol.CodeBadOutput, Hop: h, Peer: route[h].Peer,
-							Message: fmt.Sprintf("replayed token %d of the ring is %d, was %d", step, tok, forced[step])}
+				if a.Header.Step > step {
+					// The last hop sends the next step before this token,
+					// so a later token can overtake it: keep it for its turn.
+					if len(early) < len(route)+8 {
+						early[a.Header.Step] = a
 					}
-				} else {
-					*got = append(*got, tok)
-					toks <- RingToken{Token: tok, Info: &StepInfo{Route: route, HopMicros: micros, Total: time.Since(start), Failovers: failovers}}
-					failovers = 0
+					continue
 				}
-				if a.Header.Ring.Done {
-					return -1, nil
+				for a != nil {
+					done, failed, err := token(a)
+					if err != nil {
+						return failed, err
+					}
+					if done {
+						return -1, nil
+					}
+					a = early[step]
+					delete(early, step)
 				}
-				step, allow = step+1, allowToken
-				micros, start = make([]int64, len(route)), time.Now()
-				stepTimer.Reset(s.opts.StepTimeout)
-				arm()
 			case protocol.KindError:
 				report := &protocol.RemoteError{Code: a.Header.Code, Message: a.Header.Message, Hop: h, Peer: route[h].Peer}
 				if j := m.stage.accuser(c, a); j >= 0 {

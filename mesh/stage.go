@@ -749,6 +749,7 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 		}
 	}
 	if st.isCancelled(h) {
+		st.m.log.Debug("stage request cancelled before it ran", "id", h.ID, "step", h.Step, "hop", h.Hop)
 		return
 	}
 	st.mu.Lock()
@@ -782,6 +783,7 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 	}
 	micros := time.Since(start).Microseconds()
 	if st.isCancelled(h) {
+		st.m.log.Debug("stage request cancelled while it ran", "id", h.ID, "step", h.Step, "hop", h.Hop)
 		return
 	}
 	next := &protocol.Message{Kind: protocol.KindRequest, Header: *h, Tensors: out}

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -45,7 +44,7 @@ func benchMesh(b *testing.B, m *shards.Model, net *simnettest.Network, spans ...
 		if _, err := Init(dir, cfg); err != nil {
 			b.Fatal(err)
 		}
-		n, err := New(context.Background(), cfg, Options{DataDir: dir, Logger: slog.New(slog.DiscardHandler), HostOptions: hostOpts})
+		n, err := New(context.Background(), cfg, Options{DataDir: dir, Logger: testLogger(), HostOptions: hostOpts})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -155,15 +154,32 @@ func generate3Hops(b *testing.B, dim int) {
 	defer span.Close()
 	prompt := []int64{'t', 'h', 'e', ' '}
 	const tokens = 32
+	// Of each ring token's interval (after the first), the hops' compute
+	// and the rest: the legs (framing, QUIC, scheduling).
+	var ringCompute, ringInterval time.Duration
+	failovers := 0 // none expected: a run with some is not a clean measure
 	viaMesh := func(loop bool) time.Duration {
 		t0 := time.Now()
-		if _, err := req.Generate(context.Background(), GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: tokens,
-			Options: mesh.InferOptions{RequesterLoop: loop}}, nil); err != nil {
+		res, err := req.Generate(context.Background(), GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: tokens,
+			Options: mesh.InferOptions{RequesterLoop: loop}}, nil)
+		if err != nil {
 			b.Fatal(err)
+		}
+		for _, st := range res.Steps {
+			failovers += st.Failovers
+		}
+		if !loop {
+			for _, st := range res.Steps[1:] {
+				ringInterval += st.Total
+				for _, us := range st.HopMicros {
+					ringCompute += time.Duration(us) * time.Microsecond
+				}
+			}
 		}
 		return time.Since(t0)
 	}
 	viaMesh(false) // warm: connections, sessions
+	ringCompute, ringInterval, failovers = 0, 0, 0
 	var tLocal, tRing, tLoop time.Duration
 	for b.Loop() {
 		t0 := time.Now()
@@ -185,6 +201,10 @@ func generate3Hops(b *testing.B, dim int) {
 	b.ReportMetric(n/tLoop.Seconds(), "loop_tok/s")
 	b.ReportMetric(tLocal.Seconds()/tRing.Seconds(), "ring_vs_local")
 	b.ReportMetric(tLocal.Seconds()/tLoop.Seconds(), "loop_vs_local")
+	perToken := float64(b.N * (tokens - 1))
+	b.ReportMetric(float64(ringCompute.Microseconds())/perToken, "ring_compute_us/token")
+	b.ReportMetric(float64((ringInterval-ringCompute).Microseconds())/perToken, "ring_legs_us/token")
+	b.ReportMetric(float64(failovers), "failovers")
 }
 
 // BenchmarkRingFarRequester: 32-token generations through 3 hops over a
