@@ -303,7 +303,7 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 	var deadline <-chan time.Time
 	step, allow := 0, allowPrompt
 	stepStart := time.Now()
-	reported := make([]int, len(route))      // the last step each hop reported done
+	reported := make([]int, len(route))       // the last step each hop reported done
 	finished := make([]time.Time, len(route)) // when each hop finished the current step, as far as known
 	for i := range reported {
 		reported[i] = -1
