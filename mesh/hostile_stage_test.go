@@ -2,8 +2,6 @@ package mesh
 
 import (
 	"context"
-	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -77,14 +75,11 @@ func frameHeadID(t testing.TB, id uint64, requester, server peer.ID, bytes int64
 	h := protocol.Header{ID: id, Requester: requester.String(), Model: "m",
 		Route:   []protocol.Hop{{Peer: server.String(), Start: 0, End: 1}},
 		Tensors: []protocol.TensorMeta{{Name: "x", DType: protocol.Float32, Wire: protocol.Float32, Shape: []int64{1, bytes / 4}}}}
-	hdr, err := json.Marshal(&h)
+	b, err := protocol.FrameHead(protocol.KindRequest, &h, bytes)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := binary.LittleEndian.AppendUint32(nil, uint32(1+len(binary.AppendUvarint(nil, uint64(len(hdr))))+len(hdr)+int(bytes)))
-	b = append(b, byte(protocol.KindRequest))
-	b = binary.AppendUvarint(b, uint64(len(hdr)))
-	return append(b, hdr...)
+	return b
 }
 
 // heapInUse is the process's live heap after a collection.

@@ -4,9 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
-	"encoding/binary"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -243,15 +241,11 @@ func hugeHead(b *testing.B, requester peer.ID, model string, route []protocol.Ho
 		body += protocol.NumElements(shape) * int64(s.DType.Size())
 	}
 	h := protocol.Header{ID: 2, Requester: requester.String(), Model: model, Route: route, Tensors: metas}
-	hdr, err := json.Marshal(&h)
+	out, err := protocol.FrameHead(protocol.KindRequest, &h, body)
 	if err != nil {
 		b.Fatal(err)
 	}
-	rest := 1 + len(binary.AppendUvarint(nil, uint64(len(hdr)))) + len(hdr) + int(body)
-	out := binary.LittleEndian.AppendUint32(nil, uint32(rest))
-	out = append(out, byte(protocol.KindRequest))
-	out = binary.AppendUvarint(out, uint64(len(hdr)))
-	return append(out, hdr...)
+	return out
 }
 
 // rssBytes is this process's resident set (VmRSS), 0 if unknown.

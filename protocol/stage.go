@@ -234,6 +234,21 @@ func shortPeer(p string) string {
 // ErrBadFrame is returned, wrapped, for a frame that cannot be decoded.
 var ErrBadFrame = errors.New("bad stage frame")
 
+// FrameHead is the start of a frame of the given kind: its length, kind
+// and header h, as WriteMessage writes them, for a body of bodyBytes that
+// is not included (h.Tensors must declare it). Tests use it to play peers
+// that declare more than they send.
+func FrameHead(kind Kind, h *Header, bodyBytes int64) ([]byte, error) {
+	hdr, err := json.Marshal(h)
+	if err != nil {
+		return nil, err
+	}
+	b := binary.LittleEndian.AppendUint32(nil, uint32(1+len(binary.AppendUvarint(nil, uint64(len(hdr))))+len(hdr)+int(bodyBytes)))
+	b = append(b, byte(kind))
+	b = binary.AppendUvarint(b, uint64(len(hdr)))
+	return append(b, hdr...), nil
+}
+
 // WriteMessage writes one frame:
 //
 //	u32 LE length of the rest | u8 kind | uvarint header length | header JSON | tensor bytes...

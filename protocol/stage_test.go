@@ -285,3 +285,23 @@ func FuzzReadMessageWith(f *testing.F) {
 		}
 	})
 }
+
+// FrameHead followed by the body is the frame WriteMessage writes.
+func TestFrameHeadMatchesWriteMessage(t *testing.T) {
+	m := &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: 9, Requester: "r", Model: "m", Route: []protocol.Hop{{Peer: "p", Start: 0, End: 2}}},
+		Tensors: []protocol.NamedTensor{{Name: "x", Tensor: protocol.NewTensor([]int64{1, 3}, []float32{1, 2, 3})}}}
+	var want bytes.Buffer
+	if err := protocol.WriteMessage(&want, m); err != nil {
+		t.Fatal(err)
+	}
+	h := m.Header
+	h.Tensors = []protocol.TensorMeta{{Name: "x", DType: protocol.Float32, Shape: []int64{1, 3}, Wire: protocol.Float32}}
+	head, err := protocol.FrameHead(protocol.KindRequest, &h, 12)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := append(head, m.Tensors[0].Data...)
+	if !bytes.Equal(got, want.Bytes()) {
+		t.Fatalf("FrameHead + body:\n%q\nWriteMessage:\n%q", got, want.Bytes())
+	}
+}

@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -540,14 +539,11 @@ func hugeHeader(t *testing.T, id uint64, requester, server peer.ID, model string
 	h := protocol.Header{ID: id, Requester: requester.String(), Model: model,
 		Route:   []protocol.Hop{{Peer: server.String(), Start: 2, End: 4}},
 		Tensors: []protocol.TensorMeta{{Name: "h1", DType: protocol.Float32, Wire: protocol.Float32, Shape: []int64{1, bytes / 4 / 64, 64}}}}
-	hdr, err := json.Marshal(&h)
+	b, err := protocol.FrameHead(protocol.KindRequest, &h, bytes)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := binary.LittleEndian.AppendUint32(nil, uint32(1+len(binary.AppendUvarint(nil, uint64(len(hdr))))+len(hdr)+int(bytes)))
-	b = append(b, byte(protocol.KindRequest))
-	b = binary.AppendUvarint(b, uint64(len(hdr)))
-	return append(b, hdr...)
+	return b
 }
 
 // oneTokenInputs are inputs of the given specs for one token of one
