@@ -67,7 +67,8 @@ type StepInfo struct {
 	Route     []protocol.Hop // the route of the step as finally completed
 	HopMicros []int64        // compute time at each hop of Route
 	Total     time.Duration  // end to end at the requester
-	Failovers int            // hops replaced during the step
+	Failovers int            // hops replaced during the step (a decode ring: rings restarted on a new route)
+	Resumes   int            // a decode ring's steps sent again on the same route after a hop answered busy
 }
 
 // call is one of this node's requests in flight: answers for it are

@@ -160,6 +160,10 @@ type RingOptions struct {
 	// generation (the eos token itself is the last one emitted).
 	MaxTokens int
 	Eos       []int64
+	// Decoder, if set, lets a ring that a hop refused busy resume at the
+	// refused step on the same route (the hops before it answer that step
+	// again from what they kept) instead of restarting.
+	Decoder *shards.DecoderSpec
 }
 
 // RingToken is one token of a decode ring, with how its step travelled.
@@ -214,7 +218,8 @@ func (s *Session) Ring(ctx context.Context, o RingOptions, emit func(RingToken) 
 func (s *Session) ring(ctx context.Context, o RingOptions, toks chan<- RingToken) error {
 	var got []int64 // tokens emitted so far
 	var d doubts
-	failovers := 0
+	failovers, resumes, from := 0, 0, 0
+	var since ringTally // reported with the next token
 	for {
 		if s.route == nil {
 			var dd *doubts
@@ -239,7 +244,7 @@ func (s *Session) ring(ctx context.Context, o RingOptions, toks chan<- RingToken
 		if len(got) > protocol.MaxRingForced {
 			return fmt.Errorf("%w: %d (at most %d)", ErrRingReplay, len(got), protocol.MaxRingForced)
 		}
-		failed, err := s.ringOnce(ctx, o, &got, failovers, toks)
+		failed, at, err := s.ringOnce(ctx, o, &got, from, &since, toks)
 		if err == nil {
 			s.steps = len(got)
 			s.m.vindicate(s.route)
@@ -251,11 +256,28 @@ func (s *Session) ring(ctx context.Context, o RingOptions, toks chan<- RingToken
 		if failed < 0 || failovers >= s.opts.MaxFailovers {
 			return err
 		}
+		failovers++
+		if ClassifyFailure(err) == FailBusy && o.Decoder != nil && resumes < maxRingResumes {
+			// A hop at its limit did not run the step: the state of every
+			// hop is whole, so the step is sent again on the same route
+			// after a pause rather than the ring rebuilt elsewhere.
+			resumes++
+			since.resumes++
+			s.m.log.Debug("a ring hop was busy; resuming the step", "hop", failed, "step", at, "err", err)
+			select {
+			case <-time.After(RetryPause(resumes - 1)):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			from = at
+			continue
+		}
+		resumes, from = 0, 0
+		since.failovers++
 		_, f := failedHops(failed, err)
 		s.m.log.Info("hop failed; restarting the decode ring on a new route", "hop", f, "peer", s.route[f].Peer,
 			"tokens", len(got), "err", err)
 		s.m.judge(s.route, failed, err, &d)
-		failovers++
 		// The hops' state is at different steps now: start a new session
 		// (the old one closed everywhere) and replay into it.
 		s.Close()
@@ -264,26 +286,43 @@ func (s *Session) ring(ctx context.Context, o RingOptions, toks chan<- RingToken
 	}
 }
 
-// ringOnce runs one ring over s.route from its first step, forcing the
-// tokens already in *got, and appends (and sends on toks) each new token.
-// On failure it returns the hop to blame, as runRouteProgress does.
-func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, failovers int, toks chan<- RingToken) (int, error) {
+// ringTally counts what happened to a ring since its last token.
+type ringTally struct {
+	failovers int // rings restarted on a new route
+	resumes   int // steps sent again on the same route after a busy hop
+}
+
+// maxRingResumes bounds the times a ring resumes a step a hop refused
+// busy before it is rebuilt on another route.
+const maxRingResumes = 3
+
+// ringOnce runs one ring over s.route from step from (0: the prompt; the
+// hops hold the state of the steps before it), forcing the tokens already
+// in *got, and appends (and sends on toks) each new token. On failure it
+// returns the hop to blame, as runRouteProgress does, and the step that
+// failed.
+func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, from int, since *ringTally, toks chan<- RingToken) (int, int, error) {
 	m, route := s.m, s.route
 	id := nextID()
 	c := m.stage.registerRing(id, route)
 	defer m.stage.unregister(id)
 	forced := slices.Clone(*got)
 	ring := &protocol.Ring{Temperature: o.Sampling.Temperature, TopK: o.Sampling.TopK, TopP: o.Sampling.TopP, Seed: o.Sampling.Seed,
-		MaxTokens: o.MaxTokens, Eos: o.Eos, Forced: forced, Positions: o.Positions, StepMillis: s.opts.StepTimeout.Milliseconds()}
+		Index: from, MaxTokens: o.MaxTokens, Eos: o.Eos, Forced: forced[from:], Positions: o.Positions + from,
+		StepMillis: s.opts.StepTimeout.Milliseconds()}
 	msg := &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{ID: id, Requester: m.host.ID().String(),
-		Model: s.model.String(), Session: s.id, Route: route, FP16: s.opts.FP16, Ring: ring,
+		Model: s.model.String(), Session: s.id, Step: from, Route: route, FP16: s.opts.FP16, Ring: ring,
 		Deadline: time.Now().Add(s.opts.StepTimeout).UnixMilli()}}
-	for _, name := range sortedNames(o.Prompt) {
-		msg.Tensors = append(msg.Tensors, protocol.NamedTensor{Name: name, Tensor: o.Prompt[name]})
+	in := o.Prompt
+	if from > 0 {
+		in = ringInputs(o.Decoder, forced[from-1], o.Positions+from-1)
+	}
+	for _, name := range sortedNames(in) {
+		msg.Tensors = append(msg.Tensors, protocol.NamedTensor{Name: name, Tensor: in[name]})
 	}
 	first, err := peer.Decode(route[0].Peer)
 	if err != nil {
-		return 0, err
+		return 0, from, err
 	}
 	// Progress deadlines as for any step (HopProgressTimeout: the
 	// prompt's for step 0, one token's after): the first hop that has not
@@ -301,7 +340,10 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 	timer.Stop()
 	defer timer.Stop()
 	var deadline <-chan time.Time
-	step, allow := 0, allowPrompt
+	step, allow := from, allowPrompt
+	if from > 0 {
+		allow = allowToken
+	}
 	stepStart := time.Now()
 	reported := make([]int, len(route))       // the last step each hop reported done
 	finished := make([]time.Time, len(route)) // when each hop finished the current step, as far as known
@@ -365,8 +407,9 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 			}
 		} else {
 			*got = append(*got, tok)
-			toks <- RingToken{Token: tok, Info: &StepInfo{Route: route, HopMicros: micros, Total: time.Since(start), Failovers: failovers}}
-			failovers = 0
+			toks <- RingToken{Token: tok, Info: &StepInfo{Route: route, HopMicros: micros, Total: time.Since(start),
+				Failovers: since.failovers, Resumes: since.resumes}}
+			*since = ringTally{}
 		}
 		if a.Header.Ring.Done {
 			return true, -1, nil
@@ -379,7 +422,7 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 		return false, -1, nil
 	}
 	if err := m.stage.send(ctx, first, msg); err != nil {
-		return 0, fmt.Errorf("hop 0: %w", err)
+		return 0, step, fmt.Errorf("hop 0: %w", err)
 	}
 	arm()
 	for {
@@ -397,13 +440,13 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 				continue
 			}
 			m.cancelRequest(id, "", route)
-			return h, fmt.Errorf("%w: hop %d did not finish ring step %d in %s", ErrStall, h, step, allow[h].Round(time.Millisecond))
+			return h, step, fmt.Errorf("%w: hop %d did not finish ring step %d in %s", ErrStall, h, step, allow[h].Round(time.Millisecond))
 		case <-stepTimer.C:
 			m.cancelRequest(id, "", route)
-			return stalled(), fmt.Errorf("%w (%s, ring step %d)", ErrStall, s.opts.StepTimeout, step)
+			return stalled(), step, fmt.Errorf("%w (%s, ring step %d)", ErrStall, s.opts.StepTimeout, step)
 		case <-ctx.Done():
 			m.cancelRequest(id, s.id, route)
-			return -1, ctx.Err()
+			return -1, step, ctx.Err()
 		case a := <-c.ch:
 			h := a.Header.Hop
 			switch a.Kind {
@@ -431,10 +474,10 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 				for a != nil {
 					done, failed, err := token(a)
 					if err != nil {
-						return failed, err
+						return failed, step, err
 					}
 					if done {
-						return -1, nil
+						return -1, step, nil
 					}
 					a = early[step]
 					delete(early, step)
@@ -442,9 +485,9 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fai
 			case protocol.KindError:
 				report := &protocol.RemoteError{Code: a.Header.Code, Message: a.Header.Message, Hop: h, Peer: route[h].Peer}
 				if j := m.stage.accuser(c, a); j >= 0 {
-					return j, &AccusationError{Accuser: j, Accused: h, Report: report, By: route[j].Peer}
+					return j, step, &AccusationError{Accuser: j, Accused: h, Report: report, By: route[j].Peer}
 				}
-				return h, report
+				return h, step, report
 			}
 		}
 	}

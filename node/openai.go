@@ -391,7 +391,7 @@ func (n *Node) tokenSource(ctx context.Context, req *textRequest, sess *meshSess
 	done := make(chan error, 1)
 	go func() {
 		o := mesh.RingOptions{Prompt: shards.StepInputs(spec, req.prompt, 0), Positions: len(req.prompt),
-			Sampling: req.sampling, MaxTokens: min(req.maxTokens, room), Eos: codec.StopTokens()}
+			Sampling: req.sampling, MaxTokens: min(req.maxTokens, room), Eos: codec.StopTokens(), Decoder: spec}
 		done <- sess.s.Ring(ctx, o, func(t mesh.RingToken) bool {
 			select {
 			case toks <- t:

@@ -4,13 +4,17 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/build"
 )
 
@@ -128,5 +132,49 @@ func TestAPIDecodeLoop(t *testing.T) {
 	resp := post(t, tm.requester, "/v1/generate", map[string]any{"model": model, "prompt": "loops", "decode_loop": "spiral"})
 	if resp.StatusCode != http.StatusBadRequest {
 		t.Fatalf("decode_loop spiral: %s, want 400", resp.Status)
+	}
+}
+
+// A hop that answers a ring's step busy (at its limit) gets the step again
+// on the same route after a pause: the hops before it answer it from what
+// they kept, nothing is replayed, and the tokens stay those of the local
+// run.
+func TestRingResumesAtABusyHop(t *testing.T) {
+	tm := startTestMesh(t, "0-4", "5-9")
+	narrow := tm.servers[1]
+	// One step at a time, two waiting, at most two from one peer (all of
+	// them come from the first hop): a third ring's step is refused busy.
+	narrow.mesh.Serve(narrow, mesh.StageConfig{MaxInFlight: 1, MaxWaiting: 2, MaxInFlightPerPeer: 2})
+	const gens, tokens = 4, 32
+	var wg sync.WaitGroup
+	results := make([]*GenerateResult, gens)
+	errs := make([]error, gens)
+	prompts := make([][]int64, gens)
+	for i := range gens {
+		prompts[i] = toTokens(fmt.Sprintf("busy %d", i))
+		wg.Go(func() {
+			results[i], errs[i] = tm.requester.Generate(context.Background(), GenerateRequest{Model: tm.model.ID, Prompt: prompts[i], MaxTokens: tokens,
+				Sampling: shards.Sampling{Temperature: 0.7, Seed: uint64(i)}}, nil)
+		})
+	}
+	wg.Wait()
+	resumes, restarts := 0, 0
+	for i := range gens {
+		if errs[i] != nil {
+			t.Fatalf("generation %d: %v", i, errs[i])
+		}
+		want, _ := localGenerateWith(t, tm.model, prompts[i], tokens, shards.Sampling{Temperature: 0.7, Seed: uint64(i)})
+		if !slices.Equal(results[i].Tokens, want) {
+			t.Fatalf("generation %d: %v, local run %v", i, results[i].Tokens, want)
+		}
+		for _, s := range results[i].Steps {
+			resumes += s.Resumes
+			restarts += s.Failovers
+		}
+	}
+	st := narrow.mesh.StageStats()
+	t.Logf("%d rings through a hop that computes one step at a time: %d busy answers, %d steps resumed, %d rings restarted", gens, st.Busy, resumes, restarts)
+	if st.Busy == 0 || resumes == 0 {
+		t.Fatalf("the hop was never busy (%d) or no step resumed (%d): the test did not exercise resuming", st.Busy, resumes)
 	}
 }
