@@ -65,9 +65,18 @@
 //     arrives (a crashed hop is noticed a step timeout after that). With
 //     workload.decode: requester, the requester drives each step, a round
 //     trip from it per token. A failed hop is banned and routed around: a
-//     single pass routes again from scratch; a ring restarts on a new
-//     route (a new session, the old one closed at every hop) and replays
-//     the prompt and every token the requester has as forced ring steps,
+//     single pass routes again from scratch. A ring step a hop answers
+//     busy is resumed, as Session.ring does: after mesh.RetryPause(k) (k
+//     the busy answers in a row before it) the requester sends that step
+//     again to the first hop on the same route and session; the hops
+//     before the busy one answer it from what they kept (legs, no
+//     compute), the busy one and those after compute it; a token reaching
+//     the requester ends the row; a resume counts against MaxFailovers
+//     but is no failover (no ban; Summary.Resumes). The fourth busy
+//     answer in a row (mesh's maxRingResumes, 3, mirrored: it is
+//     unexported), or any other failure, restarts the ring on a new route
+//     (a new session, the old one closed at every hop) and replays the
+//     prompt and every token the requester has as forced ring steps,
 //     each one ring turn of events (passes queue and compute as any),
 //     failing past protocol.MaxRingForced tokens as the node does; a
 //     requester-loop session replaces the lost span and replays its

@@ -66,17 +66,28 @@ type request struct {
 	retries        int32 // routing attempts that found no route
 	from           int32 // the hop the step's attempts start at
 	epoch          uint32
-	arrive         int64
-	sent           int64 // when the step's clock started: the attempt left the entry node; a ring's, its last token reached it
-	firstTok       int64
-	out            int64   // gateway mode: the first token's way from the gateway to the user, ns
-	route          []hop   // shared with the memo until replaced: never written in place
-	held           []int32 // peers holding this session's state
+	// tokEpoch is a ring's epoch for its tokens on their way to the
+	// requester: a failed step does not cancel them (they left the last
+	// hop before it failed, and Session.ringOnce takes every one that
+	// arrives before the failure's notice); the notice does.
+	tokEpoch uint32
+	arrive   int64
+	sent     int64 // when the step's clock started: the attempt left the entry node; a ring's, its last token reached it
+	firstTok int64
+	out      int64   // gateway mode: the first token's way from the gateway to the user, ns
+	route    []hop   // shared with the memo until replaced: never written in place
+	held     []int32 // peers holding this session's state
 	// ringStep is the step a ring has at its hops now (0: the prompt,
 	// k: the one yielding token k; only one is ever there), and forced
 	// how many of this ring's first steps replay tokens the requester
 	// already has (after a failover)
 	ringStep, forced int32
+	// recv is how many of this ring's steps have brought their token to
+	// the requester (forced ones too: Session.ringOnce's step); resumes the
+	// busy answers in a row resumed on this route (maxRingResumes), and
+	// pass the hops that answer a resumed step from what they kept (those
+	// before the one that was busy).
+	recv, resumes, pass int32
 }
 
 type simPeer struct {
@@ -211,6 +222,7 @@ type sim struct {
 	failed     int
 	tokens     int64
 	failovers  int
+	resumes    int
 	replays    int
 	hopsSum    int64
 	routes     int64
@@ -792,7 +804,11 @@ func (s *sim) handle(ev event) {
 		s.moved(s.peers[ev.a])
 	default:
 		r := &s.reqs[ev.a]
-		if !r.live || r.epoch != ev.e {
+		e := r.epoch
+		if ev.kind == evResult && r.ring {
+			e = r.tokEpoch
+		}
+		if !r.live || e != ev.e {
 			if ev.kind == evDone {
 				s.peers[ev.p].unqueue(flight{ev.a, ev.e})
 			}
@@ -872,7 +888,7 @@ func (s *sim) arrival() {
 		id = int32(len(s.reqs) - 1)
 	}
 	s.reqs[id] = request{entry: e, user: e, gen: gen, ring: gen && w.Decode == DecodeRing, live: true, prompt: int32(prompt),
-		output: int32(output), arrive: s.now, epoch: s.reqs[id].epoch + 1}
+		output: int32(output), arrive: s.now, epoch: s.reqs[id].epoch + 1, tokEpoch: s.reqs[id].tokEpoch + 1}
 	s.live++
 	if s.gateways != nil {
 		// The prompt goes to the gateway first, as the entry node would
@@ -1017,6 +1033,13 @@ func (s *sim) atHop(id int32, h int) {
 			return
 		}
 	}
+	if int32(h) < r.pass {
+		// A resumed ring step before the hop that was busy: this hop ran
+		// it already and answers from the output it kept, taking no slot.
+		next := s.peers[r.route[h+1].peer]
+		s.q.push(event{t: s.now + s.net.oneWay(p.ep, next.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id, b: int32(h + 1), e: r.epoch})
+		return
+	}
 	if r.gen && !slices.Contains(r.held, hp.peer) {
 		// The step opens the session's state here.
 		if p.maxSessions >= 0 && p.sessions >= p.maxSessions {
@@ -1084,6 +1107,7 @@ func (s *sim) ringTurn(id int32, last *simPeer) {
 	r := &s.reqs[id]
 	en := s.entries[r.entry]
 	k := r.ringStep
+	r.pass = 0 // a resumed step has passed: every hop computes the next
 	if k+1 < r.output {
 		r.ringStep++
 		r.from = 0
@@ -1095,7 +1119,7 @@ func (s *sim) ringTurn(id int32, last *simPeer) {
 	// (r.sent is the one before's turn).
 	t := max(s.now+s.net.oneWay(last.ep, en.ep, s.actBytes), r.sent)
 	r.sent = t
-	s.q.push(event{t: t, kind: evResult, a: id, b: k, e: r.epoch})
+	s.q.push(event{t: t, kind: evResult, a: id, b: k, e: r.tokEpoch})
 }
 
 func (s *sim) result(id int32) {
@@ -1129,6 +1153,9 @@ func (s *sim) result(id int32) {
 // ends the generation (the ring stopped at it).
 func (s *sim) ringResult(id, k int32) {
 	r := &s.reqs[id]
+	// The ring moved on: a busy answer after this one is the first in a
+	// row (mesh's SPEC, "Busy hops": up to 3 times in a row).
+	r.recv, r.resumes = k+1, 0
 	if k < r.forced {
 		return
 	}
@@ -1197,6 +1224,11 @@ func (s *sim) finish(id int32, ok bool) {
 // (Session.Step).
 func (s *sim) fail(id int32, h int, kind mesh.FailureKind) {
 	r := &s.reqs[id]
+	r.tokEpoch++ // tokens still on their way are dropped with the attempt
+	if r.ring && kind == mesh.FailBusy && r.resumes < maxRingResumes {
+		s.resumeRing(id, h)
+		return
+	}
 	en := s.entries[r.entry]
 	pi := r.route[h].peer
 	if pi != en.self {
@@ -1245,8 +1277,39 @@ func (s *sim) restartRing(id int32) {
 	s.release(r, func(int32) bool { return true })
 	r.route = nil
 	r.ringStep, r.forced, r.from = 0, r.step, 0
+	r.recv, r.resumes, r.pass = 0, 0, 0
 	s.replays += int(r.step)
 	s.startStep(id)
+}
+
+// maxRingResumes is mesh's maxRingResumes (mesh/ring.go, unexported
+// there): the busy answers in a row a ring resumes on its route before it
+// restarts on another.
+const maxRingResumes = 3
+
+// resumeRing is Session.ring's answer to a hop that refused a ring step
+// busy (it ran nothing, and every hop's state is whole): after a pause of
+// mesh.RetryPause(k), k the busy answers in a row before this one, the
+// requester sends the step again to the first hop on the same route and
+// session; the hops before the busy one answer it from what they kept (no
+// compute, only the legs), the busy hop and those after it compute it.
+// The step is the one whose token the requester waits for (a token in
+// flight when the busy answer came is dropped with the attempt, as the
+// node drops it). No ban, no judgement; it counts against MaxFailovers as
+// the node counts it (failovers++ before the resume), but it is not a
+// failover in the summary.
+func (s *sim) resumeRing(id int32, h int) {
+	r := &s.reqs[id]
+	s.resumes++
+	r.failovers++
+	if int(r.failovers) > s.sc.Workload.MaxFailovers {
+		s.finish(id, false)
+		return
+	}
+	pause := int64(mesh.RetryPause(int(r.resumes)))
+	r.resumes++
+	r.ringStep, r.from, r.pass = r.recv, 0, int32(h)
+	s.q.push(event{t: s.now + pause, kind: evRetry, a: id, e: r.epoch})
 }
 
 // replace re-routes a session's lost span and resumes the step.
@@ -1497,7 +1560,7 @@ func (s *sim) collect() *Result {
 	if s.routes > 0 {
 		sum.Hops = float64(s.hopsSum) / float64(s.routes)
 	}
-	sum.Failovers, sum.Replays = s.failovers, s.replays
+	sum.Failovers, sum.Resumes, sum.Replays = s.failovers, s.resumes, s.replays
 	sum.Busy, sum.Stalls = s.failKinds[mesh.FailBusy], s.failKinds[mesh.FailStall]
 	sum.Unreachable, sum.Refused = s.failKinds[mesh.FailHard], s.failKinds[mesh.FailRefused]
 	for i, rl := range s.regionLat {

@@ -264,6 +264,9 @@ func keyNumbers(r *Result) string {
 
 	fmt.Fprintf(&b, "Routes averaged %.2f hops; %s hops were replaced mid-request (failovers) and %s session steps were replayed on replacements. ",
 		orZero(s.Hops), commas(s.Failovers), commas(s.Replays))
+	if s.Resumes > 0 {
+		fmt.Fprintf(&b, "%s decode-ring steps a hop refused busy were sent again on the same route (resumes, not failovers). ", commas(s.Resumes))
+	}
 	fmt.Fprintf(&b, "The mesh went from %s to %s peers (%s joined, %s left, %s moved to another span); the lowest block coverage at any sample was %s.\n",
 		commas(s.PeersStart), commas(s.PeersEnd), commas(s.Joins), commas(s.Leaves), commas(s.Moves), fmtPercent(s.MinCoverage))
 
@@ -390,7 +393,11 @@ func Headline(r *Result) string {
 		}
 		b.WriteString("\n")
 	}
-	fmt.Fprintf(&b, "%.2f hops per route, %s failovers, %s replays; peers %s -> %s, lowest coverage %s\n",
-		orZero(s.Hops), commas(s.Failovers), commas(s.Replays), commas(s.PeersStart), commas(s.PeersEnd), fmtPercent(s.MinCoverage))
+	resumes := ""
+	if s.Resumes > 0 {
+		resumes = fmt.Sprintf(", %s resumes", commas(s.Resumes))
+	}
+	fmt.Fprintf(&b, "%.2f hops per route, %s failovers%s, %s replays; peers %s -> %s, lowest coverage %s\n",
+		orZero(s.Hops), commas(s.Failovers), resumes, commas(s.Replays), commas(s.PeersStart), commas(s.PeersEnd), fmtPercent(s.MinCoverage))
 	return b.String()
 }

@@ -64,6 +64,10 @@ type Summary struct {
 	Unreachable int `json:"failovers_unreachable"`
 	Refused     int `json:"failovers_refused"`
 	Replays     int `json:"replays"` // session steps replayed on replacements
+	// Resumes are decode-ring steps sent again on the same route after a
+	// hop answered busy (not failovers: the ring was not restarted; a
+	// busy answer that restarts it is one, counted in Busy).
+	Resumes int `json:"resumes"`
 	// Peers at the start and the end; Joins and Leaves over the run.
 	PeersStart int `json:"peers_start"`
 	PeersEnd   int `json:"peers_end"`

@@ -194,3 +194,56 @@ func TestDecodeField(t *testing.T) {
 		t.Fatalf("params %v name no requester loop", p)
 	}
 }
+
+// narrow is chain3 with a middle hop of one slot and no queue (it answers
+// busy at once when a step finds it computing), no spare for it, and
+// max_requests generations arriving 5 ms apart: their rings collide at h2.
+const narrow = `
+name: narrow
+seed: 5
+duration_s: 20
+model: {blocks: 6, block_mb: 100, activation_kb: 4}
+network:
+  nodes:
+    - {name: r, requester: true}
+    - {name: h1, start: 0, end: 2, block_us: 1000}
+    - {name: h2, start: 2, end: 4, block_us: 1000, slots: 1, queue: 0}
+    - {name: h3, start: 4, end: 6, block_us: 1000}
+  latency_ms:
+    - [0, 10, 10, 10]
+    - [10, 0, 2, 2]
+    - [10, 2, 0, 2]
+    - [10, 2, 2, 0]
+workload: {rate: 200, arrivals: uniform, generate: 1, prompt: {dist: const, mean: 20}, output: {dist: const, mean: 32},
+  max_requests: %d}
+`
+
+// TestRingResumesAtABusyHop: rings that find a one-slot hop busy send the
+// step again on the same route after mesh.RetryPause (Session.ring, SPEC
+// "Busy hops"): every generation completes with no ring restarted and
+// nothing replayed, and the hop before the busy one answers the resumed
+// steps from what it kept, so every hop computes each step exactly once.
+func TestRingResumesAtABusyHop(t *testing.T) {
+	const gens = 4
+	res := run(t, parse(t, fmt.Sprintf(narrow, gens)))
+	s := res.Summary
+	if s.Completed != gens || s.Failed != 0 {
+		t.Fatalf("%d completed, %d failed, want %d and 0", s.Completed, s.Failed, gens)
+	}
+	if s.Resumes == 0 || s.Failovers != 0 || s.Busy != 0 || s.Replays != 0 {
+		t.Fatalf("%d resumes, %d failovers (%d busy), %d replays: want resumes and no restart", s.Resumes, s.Failovers, s.Busy, s.Replays)
+	}
+	// Each hop: 2 blocks of the 20-token prompt and of 31 one-token steps
+	// per generation.
+	want := int64(gens * 2 * (20 + 31))
+	for name, n := range passes(res) {
+		if name != "r" && n != want {
+			t.Fatalf("%s ran %d block passes, want %d (each step once): %v", name, n, want, passes(res))
+		}
+	}
+	// Each resume pauses at least mesh.RetryPause(0), 100 ms, in some
+	// generation's way.
+	if s.E2E.Max < 0.1 {
+		t.Fatalf("e2e max %v s with %d resumes: no pause", s.E2E.Max, s.Resumes)
+	}
+}

@@ -241,9 +241,11 @@ type Workload struct {
 	// Decode is where a generation's decode loop runs: "ring" (default,
 	// the node's default since issue 13: the route's last hop samples each
 	// token and sends the next step straight to the first hop, and streams
-	// the token to the requester, which is off the per-token loop; a
-	// failover restarts the ring on a new route and replays the prompt and
-	// the tokens so far as forced ring turns) or "requester" (the
+	// the token to the requester, which is off the per-token loop; a step
+	// a hop answers busy is sent again on the same route after a pause, up
+	// to 3 times in a row; any other failure restarts the ring on a new
+	// route and replays the prompt and the tokens so far as forced ring
+	// turns) or "requester" (the
 	// requester-driven loop, mesh's InferOptions.RequesterLoop: each step
 	// goes requester -> hops -> requester before the next starts; a
 	// failover replaces the lost span and replays its steps from the

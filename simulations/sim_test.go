@@ -391,7 +391,10 @@ func TestJoinIsMeshPlace(t *testing.T) {
 }
 
 // TestSessionsBound: a node with room for two sessions answers the third
-// busy, which fails over to the other node; unbounded, nothing does.
+// busy. A requester loop fails over to the other node; a decode ring sends
+// the step again to the same node after a pause (Session.ring's resume),
+// and fails over only after mesh's three busy answers in a row. Unbounded,
+// nothing does either.
 func TestSessionsBound(t *testing.T) {
 	const topo = `
 name: sessions
@@ -403,17 +406,24 @@ network:
     - {name: small, start: 0, end: 2, block_us: 100, sessions: 2}
     - {name: far, start: 0, end: 2, block_us: 100}
   latency_ms: [[0, 1, 30], [1, 0, 30], [30, 30, 0]]
-workload: {rate: 4, generate: 1, prompt: {dist: const, mean: 10}, output: {dist: const, mean: 40}}
+workload: {rate: 4, generate: 1, prompt: {dist: const, mean: 10}, output: {dist: const, mean: 40}, decode: requester}
 `
 	r := run(t, parse(t, topo))
 	p := passes(r)
-	if r.Summary.Failovers == 0 || p["far"] == 0 || p["small"] == 0 || r.Summary.Failed != 0 {
+	if r.Summary.Failovers == 0 || r.Summary.Resumes != 0 || p["far"] == 0 || p["small"] == 0 || r.Summary.Failed != 0 {
 		t.Fatalf("bounded: %+v, passes %v", r.Summary, p)
 	}
-	sc := parse(t, strings.Replace(topo, "sessions: 2", "sessions: -1", 1))
-	r = run(t, sc)
-	if p := passes(r); r.Summary.Failovers != 0 || p["far"] != 0 {
-		t.Fatalf("unbounded: %+v, passes %v", r.Summary, p)
+	ring := strings.Replace(topo, "decode: requester", "decode: ring", 1)
+	r = run(t, parse(t, ring))
+	if p := passes(r); r.Summary.Resumes == 0 || p["small"] == 0 || r.Summary.Failed != 0 {
+		t.Fatalf("bounded ring: %+v, passes %v", r.Summary, p)
+	}
+	for _, tp := range []string{topo, ring} {
+		sc := parse(t, strings.Replace(tp, "sessions: 2", "sessions: -1", 1))
+		r = run(t, sc)
+		if p := passes(r); r.Summary.Failovers != 0 || r.Summary.Resumes != 0 || p["far"] != 0 {
+			t.Fatalf("unbounded: %+v, passes %v", r.Summary, p)
+		}
 	}
 }
 

@@ -167,6 +167,7 @@ var sweepMetrics = func() []metric {
 			avail: func(s *Summary) bool { return s.Completed+s.Failed > 0 }},
 		metric{name: "failovers", label: "Failovers", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Failovers) }},
 		metric{name: "replays", label: "Session replays", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Replays) }},
+		metric{name: "resumes", label: "Ring steps resumed after a busy hop", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Resumes) }},
 		metric{name: "peers_start", label: "Peers at start", kind: kindCount, get: func(s *Summary) float64 { return float64(s.PeersStart) }},
 		metric{name: "peers_end", label: "Peers at end", kind: kindCount, get: func(s *Summary) float64 { return float64(s.PeersEnd) }},
 		metric{name: "joins", label: "Peers joined", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Joins) }},

@@ -19,7 +19,7 @@ DECODE=${DECODE:-ring}
 DEC=(--set "workload.decode=$DECODE")
 if [ "$DECODE" = requester ]; then DEST=$HERE/requester-loop; WORK=$WORK-requester; fi
 SW=$DEST/sweeps
-METRICS=ttft_p50,ttft_p95,per_token_p50,e2e_p50,e2e_p95,completion_rate,failovers
+METRICS=ttft_p50,ttft_p95,per_token_p50,e2e_p50,e2e_p95,completion_rate,failovers,resumes
 mkdir -p "$WORK" "$SW"
 
 # The arms as --set flags (the arms `cloud`, `edge`, `edge-dc` and
