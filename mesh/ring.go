@@ -218,7 +218,10 @@ func (s *Session) Ring(ctx context.Context, o RingOptions, emit func(RingToken) 
 func (s *Session) ring(ctx context.Context, o RingOptions, toks chan<- RingToken) error {
 	var got []int64 // tokens emitted so far
 	var d doubts
-	failovers, resumes, from := 0, 0, 0
+	// failovers and resumes count since the last new token: the bounds
+	// (MaxFailovers, maxRingResumes in a row) are per token, as a
+	// requester-driven step's are per step.
+	failovers, resumes, from, progressAt := 0, 0, 0, 0
 	var since ringTally // reported with the next token
 	for {
 		if s.route == nil {
@@ -241,8 +244,8 @@ func (s *Session) ring(ctx context.Context, o RingOptions, toks chan<- RingToken
 			}
 			s.route = route
 		}
-		if len(got) > protocol.MaxRingForced {
-			return fmt.Errorf("%w: %d (at most %d)", ErrRingReplay, len(got), protocol.MaxRingForced)
+		if len(got)-from > protocol.MaxRingForced {
+			return fmt.Errorf("%w: %d (at most %d)", ErrRingReplay, len(got)-from, protocol.MaxRingForced)
 		}
 		failed, at, err := s.ringOnce(ctx, o, &got, from, &since, toks)
 		if err == nil {
@@ -252,6 +255,9 @@ func (s *Session) ring(ctx context.Context, o RingOptions, toks chan<- RingToken
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if len(got) > progressAt {
+			failovers, resumes, progressAt = 0, 0, len(got)
 		}
 		if failed < 0 || failovers >= s.opts.MaxFailovers {
 			return err
