@@ -72,8 +72,9 @@ func (q *fairQueue) acquire(ctx context.Context, p peer.ID) (busy string, err er
 	}
 	if q.waiting >= q.maxWaiting {
 		q.forgetLocked(p, s)
+		busy = fmt.Sprintf("%d steps in flight and %d waiting", q.running, q.waiting)
 		q.mu.Unlock()
-		return fmt.Sprintf("%d steps in flight and %d waiting", q.running, q.waiting), nil
+		return busy, nil
 	}
 	ready := make(chan struct{})
 	s.waiters = append(s.waiters, ready)
