@@ -379,8 +379,8 @@ func (n *Node) tokenSource(ctx context.Context, req *textRequest, sess *meshSess
 		}
 		return dec.Next, func() {}, nil
 	}
-	if _, err := shards.NewDecoder(spec, nil, req.prompt, req.sampling); err != nil {
-		return nil, nil, badRequest("%v", err) // the prompt's tokens checked as a local run would
+	if err := spec.CheckPrompt(req.prompt); err != nil {
+		return nil, nil, badRequest("%v", err)
 	}
 	room := spec.MaxContext - len(req.prompt)
 	if room <= 0 {
@@ -402,19 +402,17 @@ func (n *Node) tokenSource(ctx context.Context, req *textRequest, sess *meshSess
 		})
 		close(toks)
 	}()
-	produced := 0
 	next = func() (int64, error) {
 		t, ok := <-toks
 		if !ok {
 			if err := <-done; err != nil {
 				return 0, err
 			}
-			if produced < req.maxTokens {
-				return 0, shards.ErrContextFull // the ring stopped before max tokens: only the context does that, or eos (seen by the caller)
-			}
-			return 0, errors.New("decode ring ended early")
+			// The ring stops by itself at max tokens (never asked for
+			// more), at an eos token (the caller stops at it) and when
+			// the context is full.
+			return 0, shards.ErrContextFull
 		}
-		produced++
 		sess.observe(t.Info, nil)
 		return t.Token, nil
 	}

@@ -41,18 +41,27 @@ var ErrContextFull = errors.New("context window full")
 
 // NewDecoder starts decoding prompt through sess. The session must be new.
 func NewDecoder(spec *DecoderSpec, sess Session, prompt []int64, s Sampling) (*Decoder, error) {
+	if err := spec.CheckPrompt(prompt); err != nil {
+		return nil, err
+	}
+	return &Decoder{spec: spec, sess: sess, tokens: slices.Clone(prompt), sample: s}, nil
+}
+
+// CheckPrompt says why prompt cannot start a generation of a model with
+// this decoder spec (nil spec: the model generates no text), if it can't.
+func (spec *DecoderSpec) CheckPrompt(prompt []int64) error {
 	if spec == nil {
-		return nil, errors.New("model has no decoder spec: it is not a text-generation model")
+		return errors.New("model has no decoder spec: it is not a text-generation model")
 	}
 	if len(prompt) == 0 {
-		return nil, errors.New("empty prompt")
+		return errors.New("empty prompt")
 	}
 	for _, t := range prompt {
 		if t < 0 || t >= int64(spec.Vocab) {
-			return nil, fmt.Errorf("token %d outside the vocabulary [0,%d)", t, spec.Vocab)
+			return fmt.Errorf("token %d outside the vocabulary [0,%d)", t, spec.Vocab)
 		}
 	}
-	return &Decoder{spec: spec, sess: sess, tokens: slices.Clone(prompt), sample: s}, nil
+	return nil
 }
 
 // StepInputs builds the inputs of one decoding step for a batch of one:
