@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -194,28 +195,79 @@ func (s *Session) Ring(ctx context.Context, o RingOptions, emit func(RingToken) 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	// Tokens arrive at the ring's pace and are emitted at the caller's:
-	// the channel holds every token the ring may yield, so a slow emit
-	// never holds up the frames of the ring.
-	toks := make(chan RingToken, o.MaxTokens)
+	// the queue takes every token as it comes (memory grows with the
+	// tokens made, never with MaxTokens), so a slow emit never holds up
+	// the frames of the ring.
+	q := &tokenQueue{ready: make(chan struct{}, 1)}
 	errc := make(chan error, 1)
 	go func() {
-		defer close(toks)
-		errc <- s.ring(ctx, o, toks)
+		defer q.close()
+		errc <- s.ring(ctx, o, q)
 	}()
-	for t := range toks {
+	for {
+		t, ok := q.pop()
+		if !ok {
+			return <-errc
+		}
 		if !emit(t) {
 			cancel()
-			for range toks {
-			}
 			<-errc
 			return nil
 		}
 	}
-	return <-errc
+}
+
+// tokenQueue hands a ring's tokens from its watcher to the caller without
+// ever blocking the watcher.
+type tokenQueue struct {
+	mu     sync.Mutex
+	toks   []RingToken
+	closed bool
+	ready  chan struct{} // signalled after a push or close
+}
+
+func (q *tokenQueue) push(t RingToken) {
+	q.mu.Lock()
+	q.toks = append(q.toks, t)
+	q.mu.Unlock()
+	q.signal()
+}
+
+func (q *tokenQueue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.mu.Unlock()
+	q.signal()
+}
+
+func (q *tokenQueue) signal() {
+	select {
+	case q.ready <- struct{}{}:
+	default:
+	}
+}
+
+// pop waits for the next token; false once the queue is closed and empty.
+func (q *tokenQueue) pop() (RingToken, bool) {
+	for {
+		q.mu.Lock()
+		if len(q.toks) > 0 {
+			t := q.toks[0]
+			q.toks = q.toks[1:]
+			q.mu.Unlock()
+			return t, true
+		}
+		closed := q.closed
+		q.mu.Unlock()
+		if closed {
+			return RingToken{}, false
+		}
+		<-q.ready
+	}
 }
 
 // ring drives the ring until it is done, failing over as needed.
-func (s *Session) ring(ctx context.Context, o RingOptions, toks chan<- RingToken) error {
+func (s *Session) ring(ctx context.Context, o RingOptions, toks *tokenQueue) error {
 	var got []int64 // tokens emitted so far
 	var d doubts
 	// failovers and resumes count since the last new token: the bounds
@@ -304,10 +356,10 @@ const maxRingResumes = 3
 
 // ringOnce runs one ring over s.route from step from (0: the prompt; the
 // hops hold the state of the steps before it), forcing the tokens already
-// in *got, and appends (and sends on toks) each new token. On failure it
+// in *got, and appends (and pushes on toks) each new token. On failure it
 // returns the hop to blame, as runRouteProgress does, and the step that
 // failed.
-func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, from int, since *ringTally, toks chan<- RingToken) (int, int, error) {
+func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, from int, since *ringTally, toks *tokenQueue) (int, int, error) {
 	m, route := s.m, s.route
 	id := nextID()
 	c := m.stage.registerRing(id, route)
@@ -413,8 +465,8 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fro
 			}
 		} else {
 			*got = append(*got, tok)
-			toks <- RingToken{Token: tok, Info: &StepInfo{Route: route, HopMicros: micros, Total: time.Since(start),
-				Failovers: since.failovers, Resumes: since.resumes}}
+			toks.push(RingToken{Token: tok, Info: &StepInfo{Route: route, HopMicros: micros, Total: time.Since(start),
+				Failovers: since.failovers, Resumes: since.resumes}})
 			*since = ringTally{}
 		}
 		if a.Header.Ring.Done {
