@@ -84,8 +84,10 @@ func (st *stage) ringTurn(ctx context.Context, requester peer.ID, h *protocol.He
 	if dp != nil {
 		dec = dp.Decoder(h.Model)
 	}
-	if dec == nil {
-		fail(protocol.CodeBadRequest, errors.New("this hop cannot close a decode ring: the model has no decoder spec here"))
+	if dec == nil || dec.MaxContext <= 0 {
+		// Without a context window nothing would bound the positions a
+		// requester claims, and the next step's inputs grow with them.
+		fail(protocol.CodeBadRequest, errors.New("this hop cannot close a decode ring: the model has no decoder spec with a context window here"))
 		return
 	}
 	var logits *protocol.Tensor
@@ -106,7 +108,7 @@ func (st *stage) ringTurn(ctx context.Context, requester peer.ID, h *protocol.He
 		tok = shards.Sampling{Temperature: r.Temperature, TopK: r.TopK, TopP: r.TopP, Seed: r.Seed}.Pick(last, r.Index)
 	}
 	r.Done = r.Index+1 >= r.MaxTokens || slices.Contains(r.Eos, tok) ||
-		(dec.MaxContext > 0 && r.Positions+1 > dec.MaxContext) || st.isCancelled(h)
+		r.Positions+1 > dec.MaxContext || st.isCancelled(h)
 	if !r.Done {
 		// The next step first: it is the ring's critical path.
 		next := &protocol.Message{Kind: protocol.KindRequest, Header: *h}
