@@ -48,10 +48,8 @@ func (n *Node) Runner(model string, start, end int) (shards.Runner, error) {
 // it has none or serves no such model): the stage server refuses steps
 // covering more positions.
 func (n *Node) MaxContext(model string) int {
-	for _, s := range n.servedSpans() {
-		if s.model.ID.String() == model && s.model.Manifest.Decoder != nil {
-			return s.model.Manifest.Decoder.MaxContext
-		}
+	if d := n.Decoder(model); d != nil {
+		return d.MaxContext
 	}
 	return 0
 }
