@@ -305,3 +305,36 @@ func TestFrameHeadMatchesWriteMessage(t *testing.T) {
 		t.Fatalf("FrameHead + body:\n%q\nWriteMessage:\n%q", got, want.Bytes())
 	}
 }
+
+// BenchmarkRingStepFrame: the CPU cost of writing and of reading back one
+// decode-ring step's frame (a route of three hops, the ring header, a
+// 1x1x256 float32 activation), without any transport.
+//
+// go test -run '^$' -bench RingStepFrame -benchmem ./protocol/
+func BenchmarkRingStepFrame(b *testing.B) {
+	p := "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+	msg := &protocol.Message{Kind: protocol.KindRequest, Header: protocol.Header{
+		ID: 1 << 62, Requester: p, Model: "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
+		Session: "0123456789abcdef0123456789abcdef", Step: 10, Hop: 1, Deadline: 1_800_000_000_000,
+		Route: []protocol.Hop{{Peer: p, Start: 0, End: 3}, {Peer: p, Start: 3, End: 6}, {Peer: p, Start: 6, End: 10}},
+		Ring:  &protocol.Ring{Index: 5, MaxTokens: 32, Positions: 12, StepMillis: 30000, HopMicros: []int64{512}},
+	}, Tensors: []protocol.NamedTensor{{Name: "hidden", Tensor: &protocol.Tensor{DType: protocol.Float32, Shape: []int64{1, 1, 256}, Data: make([]byte, 1024)}}}}
+	var buf bytes.Buffer
+	b.Run("write", func(b *testing.B) {
+		for b.Loop() {
+			buf.Reset()
+			if err := protocol.WriteMessage(&buf, msg); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(buf.Len()), "frame_bytes")
+	})
+	frame := buf.Bytes()
+	b.Run("read", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := protocol.ReadMessage(bytes.NewReader(frame), 0); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
