@@ -59,8 +59,14 @@ type ModelInfo struct {
 	Architecture string `json:"architecture,omitempty"`
 	// Parameters counts the checkpoint's weights (tied ones once).
 	Parameters int64 `json:"parameters,omitempty"`
-	// DType is the element type the blocks store their weights in.
+	// DType is the element type the blocks store their weights in (with
+	// Quantization, those left unquantized: norms, biases).
 	DType string `json:"dtype,omitempty"`
+	// Quantization says how the projections, the head and the embedding
+	// are stored when quantized: "q8/32" (8 bits per weight and a float32
+	// scale per 32 weights), "q4/32" (4-bit projections; see shards/hf for
+	// the embedding and head), "q8/128", "q4/128"; empty when not.
+	Quantization string `json:"quantization,omitempty"`
 }
 
 // BlockSpec is one block: its CID, size in bytes, its ONNX graph's inputs and

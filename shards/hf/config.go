@@ -338,6 +338,86 @@ func parseConfig(b []byte) (*Config, error) {
 	return c, nil
 }
 
+// Check completes and checks a Config, as ImportFrom does before using it.
+// ReadConfig's configs pass unchanged; a Config built by hand (from a GGUF
+// file's metadata) must set:
+//
+//   - Architecture, one of Architectures, and the switches it implies, as
+//     ReadConfig sets them: Qwen2 has AttentionBias (q/k/v) and never
+//     OutputBias; Qwen3 has QKNorm, which no other has; Mistral has no
+//     biases; only Llama may have MLPBias;
+//   - Hidden, Intermediate, Layers, Heads, Vocab, MaxPositions (positive),
+//     KVHeads and HeadDim (0: Heads, and Hidden/Heads), RMSNormEps and
+//     RopeTheta (positive);
+//   - RopeType "" or "default", or "llama3" with RopeScaling holding the
+//     float64s factor, low_freq_factor, high_freq_factor and
+//     original_max_position_embeddings;
+//   - TieEmbeddings, EOS (the end tokens, unless generation_config.json
+//     is given), SlidingWindow (Mistral's, 0 if none), and optionally Name.
+//
+// Check fills KVHeads, HeadDim and RopeType when zero; other fields are only
+// checked. An error wraps ErrBadConfig or ErrUnsupported.
+func (c *Config) Check() error {
+	if !slices.Contains(Architectures, c.Architecture) {
+		return fmt.Errorf("architecture %q: %w (supported: %s)", c.Architecture, ErrUnsupported, strings.Join(Architectures, ", "))
+	}
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: %s: %s", ErrBadConfig, c.Architecture, fmt.Sprintf(format, args...))
+	}
+	if c.Hidden <= 0 || c.Intermediate <= 0 || c.Layers <= 0 || c.Heads <= 0 || c.Vocab <= 0 || c.MaxPositions <= 0 || c.KVHeads < 0 || c.HeadDim < 0 {
+		return bad("sizes must be positive (hidden %d, intermediate %d, layers %d, heads %d, KV heads %d, head dim %d, vocab %d, max positions %d)",
+			c.Hidden, c.Intermediate, c.Layers, c.Heads, c.KVHeads, c.HeadDim, c.Vocab, c.MaxPositions)
+	}
+	if c.KVHeads == 0 {
+		c.KVHeads = c.Heads
+	}
+	if c.Heads%c.KVHeads != 0 {
+		return bad("%d heads are not a multiple of %d KV heads", c.Heads, c.KVHeads)
+	}
+	if c.HeadDim == 0 {
+		if c.Hidden%c.Heads != 0 {
+			return bad("hidden size %d is not a multiple of %d heads and the head dim is not set", c.Hidden, c.Heads)
+		}
+		c.HeadDim = c.Hidden / c.Heads
+	}
+	if c.HeadDim%2 != 0 {
+		return bad("head dim %d: want an even number", c.HeadDim)
+	}
+	if !(c.RMSNormEps > 0) || !(c.RopeTheta > 0) {
+		return bad("rms_norm_eps %g and rope_theta %g must be positive", c.RMSNormEps, c.RopeTheta)
+	}
+	if c.SlidingWindow < 0 || (c.SlidingWindow > 0 && c.Architecture != ArchMistral) {
+		return bad("sliding window %d: only Mistral's is implemented", c.SlidingWindow)
+	}
+	switch c.RopeType {
+	case "":
+		c.RopeType = "default"
+	case "default":
+	case "llama3":
+		for _, k := range []string{"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} {
+			if _, ok := c.RopeScaling[k].(float64); !ok {
+				return bad("rope scaling %s: want a float64 for rope type llama3", k)
+			}
+		}
+		if c.RopeScaling["low_freq_factor"].(float64) >= c.RopeScaling["high_freq_factor"].(float64) {
+			return bad("rope scaling: low_freq_factor must be under high_freq_factor")
+		}
+	default:
+		return fmt.Errorf("%s: rope type %q: %w (only default and llama3)", c.Architecture, c.RopeType, ErrUnsupported)
+	}
+	switch {
+	case c.QKNorm != (c.Architecture == ArchQwen3):
+		return bad("QKNorm %v: Qwen3 has it, no other does", c.QKNorm)
+	case c.Architecture == ArchQwen2 && (!c.AttentionBias || c.OutputBias):
+		return bad("Qwen2 has q/k/v biases (AttentionBias) and no o_proj bias (OutputBias)")
+	case c.Architecture == ArchMistral && (c.AttentionBias || c.OutputBias):
+		return bad("Mistral has no attention biases")
+	case c.MLPBias && c.Architecture != ArchLlama:
+		return bad("only Llama may have MLP biases")
+	}
+	return nil
+}
+
 // get decodes a required field.
 func (c *Config) get(name string, v any) error {
 	r, ok := c.raw[name]

@@ -58,6 +58,11 @@ func (c *Config) embedding(ids shards.TensorSpec) blockPlan {
 		spec: shards.BlockSpec{Inputs: []shards.TensorSpec{ids}, Outputs: []shards.TensorSpec{h}},
 		emit: func(g *graph) {
 			g.Scope = "embed"
+			if g.quant.On() {
+				data, scales, q := g.quantWeight("model.embed_tokens.weight", c.Vocab, c.Hidden, true)
+				g.gatherBlockQuantized(h.Name, data, scales, ids.Name, q)
+				return
+			}
 			// Gather on the table as stored, then Cast the rows: a float16
 			// table is never widened as a whole.
 			table := g.rawWeight("model.embed_tokens.weight", []int64{int64(c.Vocab), int64(c.Hidden)})
@@ -209,8 +214,14 @@ func (c *Config) head(logits shards.TensorSpec) blockPlan {
 			if c.TieEmbeddings {
 				src = "model.embed_tokens.weight"
 			}
-			w := g.weight(src, []int64{int64(c.Vocab), int64(c.Hidden)}, "lm_head.weight")
-			l := g.Op("Gemm", in(n, w), attrInt("transB", 1))
+			var l string
+			if g.quant.On() {
+				packed, scales, q := g.quantWeight(src, c.Vocab, c.Hidden, false, "lm_head.weight")
+				l = g.matMulNBits(n, packed, scales, "", c.Hidden, c.Vocab, q)
+			} else {
+				w := g.weight(src, []int64{int64(c.Vocab), int64(c.Hidden)}, "lm_head.weight")
+				l = g.Op("Gemm", in(n, w), attrInt("transB", 1))
+			}
 			g.OpTo(logits.Name, "Reshape", in(l, g.Op("Concat", in(bs, g.Ints(fmt.Sprintf("[%d]", c.Vocab), int64(c.Vocab))), attrInt("axis", 0))))
 		},
 	}

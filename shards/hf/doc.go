@@ -11,19 +11,35 @@
 // configuration field that changes the math and is not implemented is
 // refused by name rather than approximated.
 //
+// Weights are stored as float32 or float16, or (Options.Quantize) the
+// projections, the head and the embedding table quantized to 8 or 4 bits
+// per weight with a float32 scale per 32 or 128, run by onnxruntime's
+// com.microsoft MatMulNBits and GatherBlockQuantized.
+//
+// Import reads a Hugging Face folder; ImportFrom reads any Source (the
+// weights, by Hugging Face names) with a Config built by hand, which is
+// how another format (GGUF) plugs in.
+//
 // Files:
 //
-//   - config.go reads and checks config.json (ReadConfig) and computes the
-//     rotary frequencies;
+//   - config.go reads and checks config.json (ReadConfig, Config.Check) and
+//     computes the rotary frequencies;
+//   - source.go defines Source and QuantizedSource, what an import reads
+//     weights from, and the safetensors Source;
+//   - quant.go is the block quantization: its layout, the quantizers (the
+//     scales chosen as llama.cpp's Q8_0 and Q4_0 quantizers do, the 4-bit
+//     one with a search), and which tensors get which bits;
 //   - graph.go extends shards/internal/onnxgraph's builder with weights
-//     that are references to checkpoint tensors, streamed in later, and
-//     the RMSNorm, linear and SiLU layers;
+//     that are references to source tensors, streamed in later, and the
+//     RMSNorm, linear (Gemm, or MatMulNBits when quantized) and SiLU
+//     layers;
 //   - decoder.go emits the embedding, decoder-layer and head graphs;
 //   - stream.go writes a block file by streaming its weights from the
-//     checkpoint into the block store while hashing them, converting
-//     bfloat16, float16 and float32 chunk by chunk (bfloat16 values beyond
+//     source into the block store while hashing them, converting to
+//     float32 or float16, or quantizing, chunk by chunk (values beyond
 //     float16's range are an error naming the tensor);
-//   - import.go drives the import (Import) and writes the manifest.
+//   - import.go drives the import (Import, ImportFrom) and writes the
+//     manifest.
 //
 // The blocks follow the conventions of the GPT test model of shards/build:
 // model inputs input_ids, position_ids and attention_mask (int64), the
