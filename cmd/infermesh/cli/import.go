@@ -18,6 +18,10 @@ func shardImport(_ context.Context, e *env, args []string) error {
 	out := fs.String("out", "", "output model directory (required)")
 	dtype := fs.String("dtype", "auto", "weights in the blocks: auto (float16 for f16/bf16 checkpoints, float32 for f32), float32 or float16")
 	perBlock := fs.Int("layers-per-block", 1, "decoder layers per block")
+	quantize := fs.String("quantize", "none", "store the projections, head and embedding quantized: none, q8 (8-bit weights, ~3.5x smaller than float32)\n"+
+		"or q4 (4-bit projections, 8-bit embedding and head, ~5x smaller); a float32 scale per --quant-block weights.\n"+
+		"Blocks then use onnxruntime's com.microsoft MatMulNBits and GatherBlockQuantized")
+	quantBlock := fs.Int("quant-block", hf.DefaultQuantBlock, "weights per quantization scale: 32 or 128 (must divide the hidden and MLP sizes)")
 	pos, err := parse(fs, args, 1, 1)
 	if err != nil {
 		return err
@@ -25,6 +29,9 @@ func shardImport(_ context.Context, e *env, args []string) error {
 	if *out == "" {
 		fs.Usage()
 		return errUsage
+	}
+	if _, err := hf.ParseQuantization(*quantize, *quantBlock); err != nil {
+		return err
 	}
 	cfg, err := hf.ReadConfig(pos[0])
 	if err != nil {
@@ -35,14 +42,18 @@ func shardImport(_ context.Context, e *env, args []string) error {
 	}
 	bar := newImportBar(e.stderr)
 	start := time.Now()
-	m, err := hf.Import(pos[0], *out, hf.Options{DType: *dtype, LayersPerBlock: *perBlock, Progress: bar.update})
+	m, err := hf.Import(pos[0], *out, hf.Options{DType: *dtype, Quantize: *quantize, QuantBlock: *quantBlock, LayersPerBlock: *perBlock, Progress: bar.update})
 	bar.finish()
 	if err != nil {
 		return err
 	}
 	info := m.Manifest.Info
+	weights := info.DType
+	if info.Quantization != "" {
+		weights = "quantized " + info.Quantization + ", other weights " + info.DType
+	}
 	e.printf("imported %s (%s, %s parameters, %s) as model %s in %s\n  %d blocks, %s, in %s\n",
-		m.Manifest.Name, info.Architecture, humanCount(info.Parameters), info.DType, m.ID,
+		m.Manifest.Name, info.Architecture, humanCount(info.Parameters), weights, m.ID,
 		time.Since(start).Round(time.Millisecond), len(m.Manifest.Blocks), humanBytes(m.Manifest.TotalSize()), m.Dir)
 	if rss := peakRSS(); rss > 0 {
 		e.printf("  peak memory %s\n", humanBytes(rss))
