@@ -12,6 +12,7 @@ import (
 
 	"github.com/infermesh/infermesh/shards/gguf/vocab"
 	"github.com/infermesh/infermesh/shards/text"
+	"github.com/infermesh/infermesh/shards/text/chat"
 	"github.com/infermesh/infermesh/shards/text/texttest"
 )
 
@@ -396,11 +397,39 @@ func TestRealTokenizers(t *testing.T) {
 			if cfg.ChatTemplate != v.ChatTemplate {
 				t.Errorf("chat_template: got %d bytes, want %d", len(cfg.ChatTemplate), len(v.ChatTemplate))
 			}
-			if model != "llama2" && v.ChatTemplate == "" { // the npm Llama 2 package has none
-				t.Errorf("%s: the test vocabulary has no chat template", model)
+			if v.ChatTemplate == "" {
+				if model != "llama2" { // the npm Llama 2 package has none
+					t.Errorf("%s: the test vocabulary has no chat template", model)
+				}
+				return
+			}
+			_, origConfig := texttest.Files(t, model)
+			if got, want := render(t, convConfig), render(t, origConfig); got != want {
+				t.Errorf("chat prompt:\n got %q\nwant %q", got, want)
 			}
 		})
 	}
+}
+
+// render renders a short conversation with the chat template and the BOS
+// and EOS of a tokenizer_config.json.
+func render(tb testing.TB, config []byte) string {
+	tb.Helper()
+	tmpl, err := chat.FromConfig(config, nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	bos, eos := chat.BOSEOS(config)
+	out, err := tmpl.Render([]chat.Message{
+		{Role: "system", Content: "You are terse."},
+		{Role: "user", Content: "Hi <3"},
+		{Role: "assistant", Content: "Hello."},
+		{Role: "user", Content: "Bye"},
+	}, chat.Options{AddGenerationPrompt: true, BOS: bos, EOS: eos})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return out
 }
 
 // checkDecode decodes ids with both tokenizers, with and without special

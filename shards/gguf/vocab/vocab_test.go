@@ -9,6 +9,7 @@ import (
 
 	"github.com/infermesh/infermesh/shards/gguf/vocab"
 	"github.com/infermesh/infermesh/shards/text"
+	"github.com/infermesh/infermesh/shards/text/chat"
 )
 
 // tiny is a byte-level vocabulary small enough to write by hand: the
@@ -108,6 +109,10 @@ func TestTinyGPT2(t *testing.T) {
 	}
 	if got, _ := json.Marshal(cfg["chat_template"]); string(got) != string(must(json.Marshal(want))) {
 		t.Errorf("chat_template = %s", got)
+	}
+	_, cj, _ := vocab.Convert(v)
+	if tmpl, err := chat.FromConfig(cj, nil); err != nil || tmpl.Source() != "{{ messages }}" {
+		t.Errorf("chat.FromConfig: %v, want the default template", err)
 	}
 }
 
