@@ -28,9 +28,11 @@ type Options struct {
 	DType string
 	// Quantize stores the projections, the language-model head and the
 	// embedding table quantized: "q8" (8 bits per weight) or "q4" (4
-	// bits), plus a float32 scale per QuantBlock weights; "" or "none":
-	// not quantized. See quant.go for the layout. The blocks then use
-	// onnxruntime's com.microsoft MatMulNBits and GatherBlockQuantized.
+	// bits for the projections; the embedding and the head keep 8 unless
+	// a QuantizedSource holds them at 4), plus a float32 scale per
+	// QuantBlock weights; "" or "none": not quantized. See quant.go for
+	// the layout. The blocks then use onnxruntime's com.microsoft
+	// MatMulNBits and GatherBlockQuantized.
 	Quantize string
 	// QuantBlock is the quantization's block size, 32 or 128; 0 means 32.
 	// It must divide the input size of every quantized weight.
