@@ -233,8 +233,14 @@ func quantize4(x []float32, l []int8) float32 {
 	return float32(sumlx / suml2)
 }
 
+// clampRound rounds v half away from zero, as math.Round (and C's roundf)
+// does, and clamps it to [lo, hi]. v ± 0.5 is exact in float64 (not in
+// float32: 0.49999997+0.5 rounds to 1), so truncating it rounds.
 func clampRound(v float32, lo, hi int) int {
-	return min(hi, max(lo, int(math.Round(float64(v)))))
+	if v >= 0 {
+		return min(hi, int(float64(v)+0.5))
+	}
+	return max(lo, int(float64(v)-0.5))
 }
 
 func abs32(v float32) float32 { return math.Float32frombits(math.Float32bits(v) &^ (1 << 31)) }

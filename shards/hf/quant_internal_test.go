@@ -408,3 +408,36 @@ func BenchmarkMatMulNBits(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkQuantizeRow times quantizing a row of 2048 weights (Llama 3.2
+// 1B's hidden size): what an import spends per row of a projection.
+func BenchmarkQuantizeRow(b *testing.B) {
+	const k = 2048
+	x := gaussRows(1, 1, k)
+	for _, q := range []Quantization{{8, 32}, {4, 32}, {4, 128}} {
+		b.Run(q.String(), func(b *testing.B) {
+			packed, scales := make([]byte, q.rowBytes(k)), make([]float32, k/q.Block)
+			b.SetBytes(4 * k)
+			for b.Loop() {
+				q.quantizeRow(packed, scales, x)
+			}
+		})
+	}
+}
+
+// TestClampRound checks the fast rounding against math.Round (half away
+// from zero) at the halfway points and just under them.
+func TestClampRound(t *testing.T) {
+	vals := []float32{0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 6.5, 7.5, -7.5, -8.5, 100, -100,
+		math.Nextafter32(0.5, 0), math.Nextafter32(-0.5, 0), math.Nextafter32(2.5, 0), math.Nextafter32(-2.5, 0)}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 10000 {
+		vals = append(vals, float32(rng.NormFloat64()*5))
+	}
+	for _, v := range vals {
+		want := min(7, max(-8, int(math.Round(float64(v)))))
+		if got := clampRound(v, -8, 7); got != want {
+			t.Fatalf("clampRound(%v) = %d, want %d", v, got, want)
+		}
+	}
+}
