@@ -37,20 +37,24 @@ var (
 
 // Config is what Import needs of config.json, defaults applied and checked.
 type Config struct {
-	Architecture      string
-	Name              string // _name_or_path, if set
-	Hidden            int    // hidden_size
-	Intermediate      int    // intermediate_size
-	Layers            int    // num_hidden_layers
-	Heads             int    // num_attention_heads
-	KVHeads           int    // num_key_value_heads (default: Heads)
-	HeadDim           int    // head_dim (default: Hidden / Heads)
-	Vocab             int    // vocab_size
-	MaxPositions      int    // max_position_embeddings
-	RMSNormEps        float64
-	RopeTheta         float64
-	RopeType          string // "default" or "llama3"
-	RopeScaling       map[string]any
+	Architecture string
+	Name         string // _name_or_path, if set
+	Hidden       int    // hidden_size
+	Intermediate int    // intermediate_size
+	Layers       int    // num_hidden_layers
+	Heads        int    // num_attention_heads
+	KVHeads      int    // num_key_value_heads (default: Heads)
+	HeadDim      int    // head_dim (default: Hidden / Heads)
+	Vocab        int    // vocab_size
+	MaxPositions int    // max_position_embeddings
+	RMSNormEps   float64
+	RopeTheta    float64
+	RopeType     string // "default" or "llama3"
+	RopeScaling  map[string]any
+	// RopeFactors, when set (RopeType "default"), divide the inverse
+	// frequencies one by one: llama.cpp's rope_freqs, how a GGUF file
+	// carries Llama 3.1's rope scaling.
+	RopeFactors       []float64
 	TieEmbeddings     bool // tie_word_embeddings
 	AttentionBias     bool // biases on q, k, v (and o for Llama and Qwen3)
 	OutputBias        bool // a bias on o_proj
@@ -405,6 +409,16 @@ func (c *Config) Check() error {
 	default:
 		return fmt.Errorf("%s: rope type %q: %w (only default and llama3)", c.Architecture, c.RopeType, ErrUnsupported)
 	}
+	if c.RopeFactors != nil {
+		if c.RopeType != "default" || len(c.RopeFactors) != c.HeadDim/2 {
+			return bad("%d rope factors with rope type %s: want head_dim/2 = %d with the default type", len(c.RopeFactors), c.RopeType, c.HeadDim/2)
+		}
+		for i, f := range c.RopeFactors {
+			if !(f > 0) || math.IsInf(f, 0) {
+				return bad("rope factor %d is %g", i, f)
+			}
+		}
+	}
 	switch {
 	case c.QKNorm != (c.Architecture == ArchQwen3):
 		return bad("QKNorm %v: Qwen3 has it, no other does", c.QKNorm)
@@ -472,6 +486,12 @@ func (c *Config) InvFreq() []float64 {
 	inv := make([]float64, half)
 	for i := range inv {
 		inv[i] = 1 / math.Pow(c.RopeTheta, float64(2*i)/float64(c.HeadDim))
+	}
+	if c.RopeFactors != nil {
+		for i, f := range c.RopeFactors {
+			inv[i] /= f
+		}
+		return inv
 	}
 	if c.RopeType != "llama3" {
 		return inv

@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
+	"github.com/infermesh/infermesh/shards/gguf"
+	"github.com/infermesh/infermesh/shards/hf"
 	"github.com/infermesh/infermesh/shards/hf/checkpoint"
 	"github.com/infermesh/infermesh/shards/text"
 )
@@ -28,6 +31,8 @@ func shardCheckpoint(_ context.Context, e *env, args []string) error {
 	dtype := fs.String("dtype", "", "float32, bfloat16 or float16")
 	shardCount := fs.Int("shards", 0, "safetensors files (0 or 1: model.safetensors)")
 	seed := fs.Int64("seed", 1, "weight seed")
+	ggufType := fs.String("gguf", "", "write one GGUF file at --out instead, as llama.cpp's converter lays the model out, its\n"+
+		"projections and embedding of this type (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K; norms stay F32); needs --tokenizer")
 	if _, err := parse(fs, args, 0, 0); err != nil {
 		return err
 	}
@@ -88,6 +93,26 @@ func shardCheckpoint(_ context.Context, e *env, args []string) error {
 	}
 	cfg.Seed = *seed
 	start := time.Now()
+	if *ggufType != "" {
+		var typ gguf.Type
+		for _, t := range hf.GGUFTypes {
+			if strings.EqualFold(t.String(), *ggufType) {
+				typ = t
+			}
+		}
+		if typ.String() != strings.ToUpper(*ggufType) {
+			return fmt.Errorf("--gguf %q: want one of %s", *ggufType, ggufTypeNames())
+		}
+		if tokJSON == nil {
+			return fmt.Errorf("--gguf: a GGUF file carries its tokenizer: give --tokenizer")
+		}
+		if err := checkpoint.WriteGGUF(*out, cfg, checkpoint.GGUFTypes{Matrix: typ, Embedding: typ}, tokJSON, tokCfg); err != nil {
+			return err
+		}
+		e.printf("wrote a random-weight %s GGUF file (%d layers, hidden %d, vocabulary %d, %s) in %s: %s\n",
+			cfg.Architecture, cfg.Layers, cfg.Hidden, cfg.Vocab, typ, time.Since(start).Round(time.Millisecond), *out)
+		return nil
+	}
 	if err := checkpoint.Write(*out, cfg, tokJSON, tokCfg); err != nil {
 		return err
 	}

@@ -4,23 +4,37 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"time"
 
+	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/hf"
 )
 
+// ggufTypeNames lists the GGUF tensor types the importer reads.
+func ggufTypeNames() string {
+	var s []string
+	for _, t := range hf.GGUFTypes {
+		s = append(s, t.String())
+	}
+	return strings.Join(s, ", ")
+}
+
 func shardImport(_ context.Context, e *env, args []string) error {
 	fs := newFlags(e, "infermesh shard import", "SRC --out DIR [flags]",
-		"Imports a Hugging Face checkpoint folder (config.json, safetensors weights, tokenizer files) as blocks:\n"+
-			"one for the embedding, one per decoder layer (or --layers-per-block), one for the head.\n"+
-			"Supported: "+strings.Join(hf.Architectures, ", ")+".")
+		"Imports a Hugging Face checkpoint folder (config.json, safetensors weights, tokenizer files) or a\n"+
+			"llama.cpp GGUF file (metadata, tokenizer and chat template inside) as blocks: one for the embedding,\n"+
+			"one per decoder layer (or --layers-per-block), one for the head.\n"+
+			"Supported: "+strings.Join(hf.Architectures, ", ")+"; GGUF architectures llama (and Mistral), qwen2, qwen3\n"+
+			"with tensors "+ggufTypeNames()+" (Q4_0 and Q8_0 keep their bits; K-quants are re-quantized).")
 	out := fs.String("out", "", "output model directory (required)")
 	dtype := fs.String("dtype", "auto", "weights in the blocks: auto (float16 for f16/bf16 checkpoints, float32 for f32), float32 or float16")
 	perBlock := fs.Int("layers-per-block", 1, "decoder layers per block")
-	quantize := fs.String("quantize", "none", "store the projections, head and embedding quantized: none, q8 (8-bit weights, ~3.5x smaller than float32)\n"+
+	quantize := fs.String("quantize", "", "store the projections, head and embedding quantized: none, q8 (8-bit weights, ~3.5x smaller than float32)\n"+
 		"or q4 (4-bit projections, 8-bit embedding and head, ~5x smaller); a float32 scale per --quant-block weights.\n"+
-		"Blocks then use onnxruntime's com.microsoft MatMulNBits and GatherBlockQuantized")
+		"Blocks then use onnxruntime's com.microsoft MatMulNBits and GatherBlockQuantized.\n"+
+		"Default: none for a checkpoint folder; for a GGUF file, what most of its projection weights are")
 	quantBlock := fs.Int("quant-block", hf.DefaultQuantBlock, "weights per quantization scale: 32 or 128 (must divide the hidden and MLP sizes)")
 	pos, err := parse(fs, args, 1, 1)
 	if err != nil {
@@ -33,17 +47,37 @@ func shardImport(_ context.Context, e *env, args []string) error {
 	if _, err := hf.ParseQuantization(*quantize, *quantBlock); err != nil {
 		return err
 	}
-	cfg, err := hf.ReadConfig(pos[0])
-	if err != nil {
+	opts := hf.Options{DType: *dtype, Quantize: *quantize, QuantBlock: *quantBlock, LayersPerBlock: *perBlock}
+	gguf := false
+	if st, err := os.Stat(pos[0]); err == nil && st.Mode().IsRegular() {
+		gguf = true // a file, not a checkpoint folder: GGUF's reader says if it is not one
+	} else if err != nil {
 		return err
 	}
-	for _, n := range cfg.Notes() {
-		fmt.Fprintf(e.stderr, "note: %s\n", n)
+	if !gguf {
+		cfg, err := hf.ReadConfig(pos[0])
+		if err != nil {
+			return err
+		}
+		for _, n := range cfg.Notes() {
+			fmt.Fprintf(e.stderr, "note: %s\n", n)
+		}
 	}
 	bar := newImportBar(e.stderr)
+	opts.Progress = bar.update
 	start := time.Now()
-	m, err := hf.Import(pos[0], *out, hf.Options{DType: *dtype, Quantize: *quantize, QuantBlock: *quantBlock, LayersPerBlock: *perBlock, Progress: bar.update})
-	bar.finish()
+	var m *shards.Model
+	if gguf {
+		var notes []string
+		m, notes, err = hf.ImportGGUF(pos[0], *out, opts)
+		bar.finish()
+		for _, n := range notes {
+			fmt.Fprintf(e.stderr, "note: %s\n", n)
+		}
+	} else {
+		m, err = hf.Import(pos[0], *out, opts)
+		bar.finish()
+	}
 	if err != nil {
 		return err
 	}
