@@ -115,25 +115,33 @@ func (n *Node) place(ctx context.Context, m *shards.Model, current *[2]int) (mes
 }
 
 // spanCapacity is how many blocks of m this node takes on: MaxBlocks, or
-// what MaxMemory holds of its average block.
+// what the memory budget holds of its average block once loaded (real
+// bytes: quantized blocks take far less than float ones).
 func (n *Node) spanCapacity(m *shards.Model) int {
 	blocks := len(m.Manifest.Blocks)
 	if n.cfg.MaxBlocks > 0 {
 		return min(n.cfg.MaxBlocks, blocks)
 	}
-	budget := n.cfg.MaxMemory
-	if budget <= 0 {
-		for _, a := range n.accelerators {
-			if a.Kind == "cpu" && a.MemoryBytes > 0 {
-				budget = a.MemoryBytes / 4
-			}
-		}
-	}
-	avg := m.Manifest.TotalSize() / int64(blocks)
+	budget := n.memoryBudget()
+	avg := m.Manifest.ResidentBytes(0, blocks) / int64(blocks)
 	if budget <= 0 || avg <= 0 {
 		return blocks
 	}
-	return int(max(1, min(int64(blocks), budget/(avg*2)))) // loaded blocks take about twice their file size
+	return int(max(1, min(int64(blocks), budget/avg)))
+}
+
+// memoryBudget is the memory a model's loaded blocks may take here:
+// MaxMemory, else a quarter of the machine's; 0 when unknown.
+func (n *Node) memoryBudget() int64 {
+	if n.cfg.MaxMemory > 0 {
+		return n.cfg.MaxMemory
+	}
+	for _, a := range n.accelerators {
+		if a.Kind == "cpu" && a.MemoryBytes > 0 {
+			return a.MemoryBytes / 4
+		}
+	}
+	return 0
 }
 
 // serveFetched fetches blocks [start, end) of m from peers (what the store

@@ -296,12 +296,18 @@ func (n *Node) provided() []cid.Cid {
 // advert is what the mesh publishes about this node.
 func (n *Node) advert() mesh.Advert {
 	a := mesh.Advert{Accelerators: n.accelerators}
+	var resident int64
 	for _, s := range n.servedSpans() {
+		bytes := s.model.Manifest.ResidentBytes(s.start, s.end)
+		resident += bytes
 		a.Models = append(a.Models, protocol.ServedSpan{Model: s.model.ID.String(), Blocks: len(s.model.Manifest.Blocks),
-			Start: s.start, End: s.end, BlockMicros: s.micros})
+			Start: s.start, End: s.end, BlockMicros: s.micros, ResidentBytes: bytes})
 	}
 	if n.mesh != nil {
 		a.Load = n.mesh.Load()
+	}
+	if budget := n.memoryBudget(); budget > 0 {
+		a.Load.FreeKVBytes = max(0, budget-resident) // what the blocks leave of the budget
 	}
 	return a
 }

@@ -35,6 +35,13 @@ func TestQuantizedModelThroughMesh(t *testing.T) {
 		t.Fatalf("quantization %q, want q4/32", m.Manifest.Info.Quantization)
 	}
 	tm := startMeshOf(t, m, "0-1", "2-3", "4-5")
+	for _, srv := range tm.servers {
+		st := srv.Status()
+		if len(st.Serving) != 1 || st.Serving[0].ResidentBytes != m.Manifest.ResidentBytes(st.Serving[0].Start, st.Serving[0].End) ||
+			st.Serving[0].ResidentBytes <= 0 || st.Load.FreeKVBytes <= 0 {
+			t.Errorf("a server advertises %+v, load %+v", st.Serving, st.Load)
+		}
+	}
 	prompt := []int64{256, 'H', 'e', 'l', 'l', 'o'}
 	const n = 24
 	for _, tc := range []struct {
@@ -60,5 +67,25 @@ func TestQuantizedModelThroughMesh(t *testing.T) {
 				t.Errorf("%s (requester loop %v): mesh %v\nlocal %v", tc.name, loop, got, want)
 			}
 		}
+	}
+}
+
+// A node budgets the memory its blocks take loaded, which depends on how
+// they store their weights, not only their file sizes (a q4 block's file
+// is also about 0.3x a float16 one's: TestQuantizedBlockBytes). What it
+// advertises is checked in TestQuantizedModelThroughMesh.
+func TestSpanCapacityCountsResidentBytes(t *testing.T) {
+	blocks := make([]shards.BlockSpec, 20)
+	for i := range blocks {
+		blocks[i].Size = 100 << 20
+	}
+	n := &Node{cfg: Config{MaxMemory: 2900 << 20}}
+	f16 := &shards.Model{Manifest: &shards.Manifest{Blocks: blocks, Info: &shards.ModelInfo{DType: "float16"}}}
+	q4 := &shards.Model{Manifest: &shards.Manifest{Blocks: blocks, Info: &shards.ModelInfo{DType: "float16", Quantization: "q4/32"}}}
+	if got := n.spanCapacity(f16); got != 10 {
+		t.Errorf("float16: %d blocks of 100 MiB in 2900 MiB, want 10 (2.9x their size loaded)", got)
+	}
+	if got := n.spanCapacity(q4); got != 12 {
+		t.Errorf("q4: %d blocks of 100 MiB in 2900 MiB, want 12 (2.4x their size loaded)", got)
 	}
 }

@@ -53,6 +53,10 @@ type ServedSpan struct {
 	// block (End-Start entries), batch 1 (one token for decoders), in
 	// microseconds. Throughput follows: 1e6 / sum over a span.
 	BlockMicros []float64 `json:"block_micros"`
+	// ResidentBytes is about how much memory the span's blocks take loaded
+	// (shards.Manifest.ResidentBytes: quantized blocks take far less than
+	// float ones); 0 when not said.
+	ResidentBytes int64 `json:"resident_bytes,omitempty"`
 }
 
 // Load is a peer's load when it published its record.

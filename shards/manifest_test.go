@@ -116,3 +116,32 @@ func FuzzDecodeManifest(f *testing.F) {
 		}
 	})
 }
+
+// ResidentBytes scales the blocks' file sizes by how their weights are
+// stored, and clamps the range to the model's blocks.
+func TestResidentBytes(t *testing.T) {
+	m := &shards.Manifest{Blocks: []shards.BlockSpec{{Size: 100}, {Size: 200}, {Size: 300}}}
+	cases := []struct {
+		info *shards.ModelInfo
+		want int64 // for blocks 1-2 (500 bytes of file)
+	}{
+		{nil, 950},
+		{&shards.ModelInfo{DType: "float32"}, 950},
+		{&shards.ModelInfo{DType: "float16"}, 1450},
+		{&shards.ModelInfo{DType: "float16", Quantization: "q8/32"}, 1100},
+		{&shards.ModelInfo{DType: "float32", Quantization: "q4/128"}, 1200},
+	}
+	for _, c := range cases {
+		m.Info = c.info
+		if got := m.ResidentBytes(1, 3); got != c.want {
+			t.Errorf("%+v: %d, want %d", c.info, got, c.want)
+		}
+	}
+	m.Info = nil
+	if got := m.ResidentBytes(-1, 10); got != 1140 {
+		t.Errorf("all blocks, range clamped: %d, want 1140", got)
+	}
+	if got := m.ResidentBytes(2, 1); got != 0 {
+		t.Errorf("empty range: %d", got)
+	}
+}
