@@ -47,54 +47,13 @@ type ggufSource struct {
 	rawBuf   []byte
 }
 
-// ggufName maps a GGUF tensor name to its Hugging Face name.
-func ggufName(n string) (string, bool) {
-	switch n {
-	case "token_embd.weight":
-		return "model.embed_tokens.weight", true
-	case "output_norm.weight":
-		return "model.norm.weight", true
-	case "output.weight":
-		return "lm_head.weight", true
-	}
-	rest, ok := strings.CutPrefix(n, "blk.")
-	if !ok {
-		return "", false
-	}
-	layer, field, ok := strings.Cut(rest, ".")
-	if _, err := strconv.Atoi(layer); !ok || err != nil {
-		return "", false
-	}
-	part, suffix, ok := strings.Cut(field, ".")
-	if !ok || (suffix != "weight" && suffix != "bias") {
-		return "", false
-	}
-	hf, ok := map[string]string{
-		"attn_norm":   "input_layernorm",
-		"ffn_norm":    "post_attention_layernorm",
-		"attn_q":      "self_attn.q_proj",
-		"attn_k":      "self_attn.k_proj",
-		"attn_v":      "self_attn.v_proj",
-		"attn_output": "self_attn.o_proj",
-		"attn_q_norm": "self_attn.q_norm",
-		"attn_k_norm": "self_attn.k_norm",
-		"ffn_gate":    "mlp.gate_proj",
-		"ffn_up":      "mlp.up_proj",
-		"ffn_down":    "mlp.down_proj",
-	}[part]
-	if !ok {
-		return "", false
-	}
-	return "model.layers." + layer + "." + hf + "." + suffix, true
-}
-
 func newGGUFSource(f *gguf.File, cfg *Config) (*ggufSource, error) {
 	s := &ggufSource{f: f, tensors: map[string]*gguf.TensorInfo{}, permuted: map[string]int{}, headDim: cfg.HeadDim}
 	for _, t := range f.Tensors() {
 		if t.Name == "rope_freqs.weight" {
 			continue // read into the config (ggufConfig)
 		}
-		n, ok := ggufName(t.Name)
+		n, ok := gguf.HFName(t.Name)
 		if !ok {
 			return nil, fmt.Errorf("gguf: tensor %s is not part of a %s model this importer knows", t.Name, cfg.Architecture)
 		}

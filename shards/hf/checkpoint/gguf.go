@@ -139,7 +139,7 @@ func WriteGGUF(path string, cfg Config, types GGUFTypes, tokenizerJSON, tokenize
 		if arch == "llama" && len(t.shape) == 1 && (strings.Contains(t.name, ".q_proj.") || strings.Contains(t.name, ".k_proj.")) {
 			return fail(fmt.Errorf("%s: biases on a llama model's queries and keys are not written to GGUF here", t.name))
 		}
-		name, ok := ggufTensorName(t.name)
+		name, ok := gguf.Name(t.name)
 		if !ok {
 			return fail(fmt.Errorf("no GGUF name for %s", t.name))
 		}
@@ -294,32 +294,4 @@ func padTypes(types []int32, n int) []int32 {
 		out = append(out, vocab.TypeUnused)
 	}
 	return out
-}
-
-// ggufTensorName is llama.cpp's name of a Hugging Face tensor.
-func ggufTensorName(name string) (string, bool) {
-	switch name {
-	case "model.embed_tokens.weight":
-		return "token_embd.weight", true
-	case "model.norm.weight":
-		return "output_norm.weight", true
-	case "lm_head.weight":
-		return "output.weight", true
-	}
-	rest, ok := strings.CutPrefix(name, "model.layers.")
-	if !ok {
-		return "", false
-	}
-	layer, field, _ := strings.Cut(rest, ".")
-	for _, m := range [][2]string{
-		{"input_layernorm.", "attn_norm."}, {"post_attention_layernorm.", "ffn_norm."},
-		{"self_attn.q_proj.", "attn_q."}, {"self_attn.k_proj.", "attn_k."}, {"self_attn.v_proj.", "attn_v."},
-		{"self_attn.o_proj.", "attn_output."}, {"self_attn.q_norm.", "attn_q_norm."}, {"self_attn.k_norm.", "attn_k_norm."},
-		{"mlp.gate_proj.", "ffn_gate."}, {"mlp.up_proj.", "ffn_up."}, {"mlp.down_proj.", "ffn_down."},
-	} {
-		if suffix, ok := strings.CutPrefix(field, m[0]); ok {
-			return "blk." + layer + "." + m[1] + suffix, true
-		}
-	}
-	return "", false
 }
