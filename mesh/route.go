@@ -1,8 +1,9 @@
 package mesh
 
 // Routing: which chain of peers runs a request's blocks. PlanRoute is a pure
-// function of its arguments (no I/O, no clock, no randomness), so that the
-// node and the simulator run the same code.
+// function of its arguments (no I/O, no clock; randomness only from the
+// source the caller passes), so that the node and the simulator run the
+// same code.
 //
 // # Cost model
 //
@@ -72,12 +73,31 @@ package mesh
 // hand-off, then the sender with the lower cost so far, then the lower peer
 // ID. The candidates are sorted by peer ID first, so the order in which they
 // are given does not matter.
+//
+// # Spreading
+//
+// Every requester of a region sees the same view, so the cheapest route is
+// the same for all of them: without more, they all pile onto it (herding),
+// and the loads that would push them away reach them late. With
+// RouteRequest.Rand set, PlanRoute returns the cheapest route under
+// perturbed compute times instead: each candidate's compute is multiplied
+// by its own factor exp(RouteSpread * Z), Z a standard normal drawn from
+// Rand once per usable candidate, in peer ID order. Replicas that are
+// equal share the requests equally; of two single hops whose compute
+// differs by a factor x, the slower one wins with probability
+// Phi(-ln(x) / (RouteSpread * sqrt 2)): about 30% at x = 1.2, 2.5% at
+// x = 2, 0.4% at x = 3. Edges are not perturbed, so a far peer stays far:
+// the spread is among the near and fast. The search is exact on the
+// perturbed costs; Route.Cost is the chosen route's unperturbed cost. The
+// same Rand state gives the same choice, so a seeded simulator reproduces
+// its runs; without Rand PlanRoute is deterministic, as it always was.
 
 import (
 	"cmp"
 	"errors"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"slices"
 	"strconv"
 	"strings"
@@ -107,6 +127,13 @@ const (
 	// the per-hop budget of the pipeline. It makes one hop win over two
 	// when the network and compute are otherwise equal.
 	RouteHopOverhead = 200 * time.Microsecond
+	// RouteSpread is the spread of the log of the factor that perturbs each
+	// candidate's compute when a route is drawn at random (RouteRequest.Rand;
+	// see Spreading in the file comment): replicas within a few tens of
+	// percent of each other share the requests, and of two replicas one
+	// twice as slow as the other wins about 2.5% of the choices between
+	// them.
+	RouteSpread = 0.25
 )
 
 // ErrNoRoute is returned by PlanRoute when the usable candidates (the ones
@@ -175,6 +202,11 @@ type RouteRequest struct {
 	// Tokens is how many token passes (batch times tokens) the request
 	// pushes through each block: it scales compute. Values below 1 mean 1.
 	Tokens int
+	// Rand, when set, spreads requests over near-equal routes: PlanRoute
+	// draws one perturbation per usable candidate from it (see Spreading in
+	// the file comment). nil: the cheapest route, deterministically. A
+	// *rand.Rand is not safe for concurrent use: one per goroutine.
+	Rand *rand.Rand
 }
 
 // Hop is one peer's part of a route: it runs blocks [Start, End).
@@ -243,6 +275,7 @@ type routeCand struct {
 	vec         []float64 // coordinate position (seconds); nil when unknown
 	height, adj float64
 	ret         float64 // cost of the edge between it and the requester, µs
+	jit         float64 // its compute's perturbation factor (1: none)
 	// For the lower bounds (known coordinates only), in µs of RTT: the
 	// distances to the pivots, and height plus negative adjustment.
 	pivot [routePivots]float64
@@ -256,8 +289,10 @@ type routeCand struct {
 // length, negative or not finite) are ignored, and so are all but the first
 // candidate of a peer listed more than once. A coordinate whose
 // dimensionality differs from the requester's (or, without it, from the
-// first known coordinate's in peer ID order) counts as unknown. PlanRoute
-// does not modify its arguments and is safe for concurrent use.
+// first known coordinate's in peer ID order) counts as unknown. With
+// req.Rand set it draws the route among near-equal ones (Spreading, in the
+// file comment). PlanRoute does not modify its arguments (other than
+// advancing req.Rand) and is safe for concurrent use with distinct Rands.
 func PlanRoute(cands []RouteCandidate, req RouteRequest) (Route, error) {
 	start, end := req.Start, req.End
 	if end == 0 {
@@ -330,7 +365,11 @@ func PlanRoute(cands []RouteCandidate, req RouteRequest) (Route, error) {
 			r.ret = routeEdge(from, fromHeight, fromAdj, r.vec, r.height, r.adj)
 		}
 		load := float64(max(c.Load.InFlight, 0)) + float64(max(c.Load.Queued, 0))
-		scale := tokens * (1 + load/RouteLoadSlots)
+		r.jit = 1
+		if req.Rand != nil {
+			r.jit = math.Exp(RouteSpread * req.Rand.NormFloat64())
+		}
+		scale := tokens * (1 + load/RouteLoadSlots) * r.jit
 		last := int32(-1)
 		for b := r.lo; b < r.hi; b++ {
 			s := fill[b-start]
@@ -344,6 +383,14 @@ func PlanRoute(cands []RouteCandidate, req RouteRequest) (Route, error) {
 	rs.lowerBounds()
 	ub := rs.hubBound()
 	cost, last := rs.search(ub + 1e-9*ub + 1e-6) // the slack covers rounding
+	if req.Rand != nil {
+		// Report the route's cost without the perturbation.
+		for s := last; s >= 0; s = rs.prev[s] {
+			if f := rs.rc[rs.cand[s]].jit; f != 1 {
+				cost += rs.cost[s]/f - rs.cost[s]
+			}
+		}
+	}
 	return Route{Hops: rs.hops(last), Cost: time.Duration(math.Round(cost * 1e3))}, nil
 }
 

@@ -859,3 +859,127 @@ func BenchmarkRoute(b *testing.B) {
 		})
 	}
 }
+
+// spreadShares routes n requests over cands with one seeded source and
+// returns, per peer, the share of the requests that ran block b on it.
+func spreadShares(tb testing.TB, cands []RouteCandidate, req RouteRequest, seed uint64, n, b int) map[peer.ID]float64 {
+	tb.Helper()
+	req.Rand = rand.New(rand.NewPCG(seed, 1))
+	shares := map[peer.ID]float64{}
+	for range n {
+		r := plan(tb, cands, req)
+		for _, h := range r.Hops {
+			if h.Start <= b && b < h.End {
+				shares[h.Peer] += 1 / float64(n)
+			}
+		}
+	}
+	return shares
+}
+
+// TestRouteSpreadEqualReplicas: with every span served by N equal
+// replicas, drawn routes share each span's requests within 10% (relative)
+// of 1/N each, where the deterministic route always takes the same one.
+func TestRouteSpreadEqualReplicas(t *testing.T) {
+	const spans, n, perSpan, draws = 3, 3, 4, 3000
+	ids := routeIDs(t, spans*n)
+	var cands []RouteCandidate
+	for s := range spans {
+		for j := range n {
+			cands = append(cands, server(ids[s*n+j], s*perSpan, (s+1)*perSpan, 1000, at(5, 0)))
+		}
+	}
+	req := origin(spans * perSpan)
+	for s := range spans {
+		shares := spreadShares(t, cands, req, 1, draws, s*perSpan)
+		for j := range n {
+			if got := shares[ids[s*n+j]]; math.Abs(got-1.0/n) > 0.1/n {
+				t.Errorf("span %d replica %d: share %.3f, want %.3f ± 10%%", s, j, got, 1.0/n)
+			}
+		}
+		t.Logf("span %d: shares %.3f %.3f %.3f", s, shares[ids[s*n]], shares[ids[s*n+1]], shares[ids[s*n+2]])
+	}
+	// Without a source, one replica per span takes everything.
+	first := plan(t, cands, req)
+	for range 10 {
+		if r := plan(t, cands, req); !slices.Equal(r.Hops, first.Hops) {
+			t.Fatalf("deterministic route changed: %v, then %v", first.Hops, r.Hops)
+		}
+	}
+}
+
+// TestRouteSpreadPrefersNearAndFast: a replica twice as slow gets a few
+// percent of the requests, three times as slow under 1%, and one whose
+// edges cost more than the whole span's compute none.
+func TestRouteSpreadPrefersNearAndFast(t *testing.T) {
+	ids := routeIDs(t, 4)
+	req := origin(4)
+	for _, tc := range []struct {
+		name     string
+		other    RouteCandidate
+		min, max float64 // bounds of the other's share
+	}{
+		{"equal", server(ids[1], 0, 4, 1000, at(5, 0)), 0.45, 0.55},
+		{"1.2x slower", server(ids[1], 0, 4, 1200, at(5, 0)), 0.2, 0.4},
+		{"2x slower", server(ids[1], 0, 4, 2000, at(5, 0)), 0, 0.05},
+		{"3x slower", server(ids[1], 0, 4, 3000, at(5, 0)), 0, 0.01},
+		{"far", server(ids[1], 0, 4, 1000, at(5, 20)), 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cands := []RouteCandidate{server(ids[0], 0, 4, 1000, at(5, 0)), tc.other}
+			got := spreadShares(t, cands, req, 2, 4000, 0)[tc.other.Peer]
+			t.Logf("share of the other: %.4f", got)
+			if got < tc.min || got > tc.max {
+				t.Errorf("share %.4f, want [%.2f, %.2f]", got, tc.min, tc.max)
+			}
+		})
+	}
+}
+
+// TestRouteSpreadAvoidsLoad: of three equal replicas, one reported busy
+// (in flight and queued, as a fresh answer says) gets a small share.
+func TestRouteSpreadAvoidsLoad(t *testing.T) {
+	ids := routeIDs(t, 3)
+	var cands []RouteCandidate
+	for _, id := range ids {
+		cands = append(cands, server(id, 0, 4, 1000, at(5, 0)))
+	}
+	idle := spreadShares(t, cands, origin(4), 3, 3000, 0)[ids[0]]
+	cands[0] = loaded(cands[0], 4, 4) // three times as slow
+	busy := spreadShares(t, cands, origin(4), 3, 3000, 0)[ids[0]]
+	t.Logf("share of replica 0: %.3f idle, %.3f loaded", idle, busy)
+	if idle < 0.3 || busy > 0.02 {
+		t.Errorf("share of replica 0: %.3f idle, %.3f loaded; want about 1/3, then under 2%%", idle, busy)
+	}
+}
+
+// TestRouteSpreadSeeded: the same seed draws the same routes, whatever the
+// order of the candidates; another seed draws others. Drawn routes keep
+// every invariant and report their unperturbed cost (plan checks both).
+func TestRouteSpreadSeeded(t *testing.T) {
+	ids := routeIDs(t, 60)
+	rng := rand.New(rand.NewPCG(5, 5))
+	cands := randomMesh(rng, ids, 24)
+	req := RouteRequest{Blocks: 24, From: randomCoord(rng), HaveFrom: true, Tokens: 1}
+	if _, err := PlanRoute(cands, req); err != nil {
+		t.Skip(err)
+	}
+	draw := func(seed uint64, cands []RouteCandidate) [][]Hop {
+		req := req
+		req.Rand = rand.New(rand.NewPCG(seed, 9))
+		var out [][]Hop
+		for range 50 {
+			out = append(out, plan(t, cands, req).Hops)
+		}
+		return out
+	}
+	a := draw(1, cands)
+	shuffled := slices.Clone(cands)
+	rng.Shuffle(len(shuffled), func(i, j int) { shuffled[i], shuffled[j] = shuffled[j], shuffled[i] })
+	if b := draw(1, shuffled); !slices.EqualFunc(a, b, slices.Equal) {
+		t.Fatal("same seed, other routes")
+	}
+	if c := draw(2, cands); slices.EqualFunc(a, c, slices.Equal) {
+		t.Fatal("another seed, the same 50 routes")
+	}
+}
