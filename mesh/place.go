@@ -53,11 +53,41 @@ package mesh
 // do) settles after finitely many moves, and its bottleneck never falls.
 // Loads change the inputs between turns; the margin keeps small changes
 // from moving anyone.
+//
+// # Copies
+//
+// Throughput alone lets every joining node widen the same well-served
+// blocks while others rest on one node: when that node leaves, they are
+// gone from the mesh. With PlaceRequest.Replicas = R > 1, a node counts as
+// holding the blocks of its served span, and placement weighs copies
+// before throughput: first the sorted per-block copy counts, each capped at
+// R, compared leximin as above (so a span giving a second copy to blocks
+// only one node holds beats one giving a third copy to others); then, among
+// equal counts, the fewer further spans of this size it would take to give
+// one more copy to every block still short of R (a span ending at the edge
+// of a run of such blocks leaves one run to cover, not two); then
+// throughput. ShouldMove moves when the capped copy counts get better by
+// that leximin order, stays when they get worse, and weighs throughput as
+// before when they are equal. Every move still raises a quantity all nodes
+// see alike (capped copy counts, then throughput), so moves still settle,
+// provided the nodes ask for the same R.
+//
+// # Spreading
+//
+// Nodes that join at the same moment see the same mesh and would all pick
+// the same span. With PlaceRequest.Spread > 0, every start whose copy
+// counts and further spans equal the best's and whose sorted throughputs
+// are each within a relative Spread of the best's counts as equally good,
+// and the choice among them goes to the highest hash of Self and the start
+// (rendezvous hashing): deterministic for one node, different from node to
+// node.
 
 import (
 	"cmp"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"math"
 	"slices"
 	"strings"
@@ -88,7 +118,19 @@ type PlaceRequest struct {
 	// Self is this node's peer ID: its own candidate, if listed, is left
 	// out of the others (its current span is what ShouldMove weighs).
 	Self peer.ID
+	// Replicas is how many nodes should hold each block (see Copies in
+	// the file comment). 0 or 1: copies are not counted, only whether a
+	// block is served at all, through its throughput.
+	Replicas int
+	// Spread is the relative tolerance within which spans count as equally
+	// good, the tie going to a hash of Self and the start (see Spreading).
+	// 0: only exact ties, and they go to the lowest start.
+	Spread float64
 }
+
+// DefaultPlaceSpread is the Spread a node joining a live mesh uses: spans
+// within 10% of the best count as equally good.
+const DefaultPlaceSpread = 0.1
 
 // Placement is a chosen span and why.
 type Placement struct {
@@ -107,12 +149,20 @@ type placeMesh struct {
 	others []float64 // total throughput of the other candidates
 	mine   []float64 // this node's throughput
 	guess  bool      // mine is the median of the others' (or a unit default)
+
+	copies   []int // how many of the other candidates hold each block
+	replicas int   // PlaceRequest.Replicas; copies count when > 1
+	spread   float64
+	self     peer.ID
 }
 
 // newPlaceMesh checks req and sums the candidates' throughputs.
 func newPlaceMesh(cands []RouteCandidate, req PlaceRequest) (*placeMesh, error) {
 	if req.Blocks <= 0 || req.Span < 1 {
 		return nil, fmt.Errorf("%w: span of %d blocks of a %d-block model", ErrBadPlaceRequest, req.Span, req.Blocks)
+	}
+	if req.Replicas < 0 || !(req.Spread >= 0) || math.IsInf(req.Spread, 1) {
+		return nil, fmt.Errorf("%w: %d replicas, spread %v", ErrBadPlaceRequest, req.Replicas, req.Spread)
 	}
 	if n := len(req.MyMicros); n != 0 && n != 1 && n != req.Blocks {
 		return nil, fmt.Errorf("%w: %d block timings for a %d-block model", ErrBadPlaceRequest, n, req.Blocks)
@@ -133,7 +183,8 @@ func newPlaceMesh(cands []RouteCandidate, req PlaceRequest) (*placeMesh, error) 
 	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(cands[a].Peer, cands[b].Peer) })
 	order = slices.CompactFunc(order, func(a, b int) bool { return cands[a].Peer == cands[b].Peer })
 
-	pm := &placeMesh{blocks: req.Blocks, others: make([]float64, req.Blocks), mine: make([]float64, req.Blocks)}
+	pm := &placeMesh{blocks: req.Blocks, others: make([]float64, req.Blocks), mine: make([]float64, req.Blocks),
+		copies: make([]int, req.Blocks), replicas: req.Replicas, spread: req.Spread, self: req.Self}
 	var all []float64 // advertised timings, for the median
 	for _, i := range order {
 		c := &cands[i]
@@ -142,6 +193,7 @@ func newPlaceMesh(cands []RouteCandidate, req PlaceRequest) (*placeMesh, error) 
 		for b := c.Start; b < min(c.End, req.Blocks); b++ {
 			m := c.BlockMicros[b-c.Start]
 			pm.others[b] += 1e6 / max(m, 1) / f
+			pm.copies[b]++
 			if req.MyMicros == nil {
 				all = append(all, m)
 			}
@@ -212,20 +264,136 @@ func placeZeros(v []float64) int {
 	return n
 }
 
-// best returns the leximin-best start for a span of n blocks, and the
-// sorted totals with this node there.
-func (pm *placeMesh) best(n int) (int, []float64) {
-	bestS := 0
-	best := pm.sorted(0, n, nil)
-	buf := make([]float64, pm.blocks)
-	for s := 1; s+n <= pm.blocks; s++ {
-		buf = pm.sorted(s, s+n, buf)
-		if placeLeximin(buf, best) > 0 {
-			bestS = s
-			best, buf = buf, best
+// counted reports whether copies count (Replicas > 1).
+func (pm *placeMesh) counted() bool { return pm.replicas > 1 }
+
+// sortedCopies writes into buf the per-block copy counts with this node on
+// [start, end), each capped at Replicas, in increasing order.
+func (pm *placeMesh) sortedCopies(start, end int, buf []int) []int {
+	buf = append(buf[:0], pm.copies...)
+	for b := range buf {
+		if b >= start && b < end {
+			buf[b]++
+		}
+		buf[b] = min(buf[b], pm.replicas)
+	}
+	slices.Sort(buf)
+	return buf
+}
+
+// short counts the blocks held by fewer than Replicas nodes with this node
+// on [start, end).
+func (pm *placeMesh) short(start, end int) int {
+	n := 0
+	for b, c := range pm.copies {
+		if b >= start && b < end {
+			c++
+		}
+		if c < pm.replicas {
+			n++
 		}
 	}
-	return bestS, best
+	return n
+}
+
+// need is how many further spans of n blocks it takes to give one more
+// copy to every block held by fewer than Replicas nodes, with this node on
+// [start, start+n): the runs of such blocks, each ceil(length/n) spans.
+func (pm *placeMesh) need(start, n int) int {
+	total, run := 0, 0
+	for b := 0; b <= pm.blocks; b++ {
+		if b < pm.blocks {
+			c := pm.copies[b]
+			if b >= start && b < start+n {
+				c++
+			}
+			if c < pm.replicas {
+				run++
+				continue
+			}
+		}
+		total += (run + n - 1) / n
+		run = 0
+	}
+	return total
+}
+
+// placeOption is one start weighed by best.
+type placeOption struct {
+	start  int
+	copies []int     // sorted capped copy counts (nil when not counted)
+	need   int       // further spans needed (0 when not counted)
+	tput   []float64 // sorted totals
+}
+
+// placeCmpCopies compares two options on copies alone: capped counts
+// leximin, then fewer further spans.
+func placeCmpCopies(a, b *placeOption) int {
+	if c := slices.Compare(a.copies, b.copies); c != 0 {
+		return c
+	}
+	return cmp.Compare(b.need, a.need)
+}
+
+// option weighs a span of n blocks from start.
+func (pm *placeMesh) option(start, n int) placeOption {
+	o := placeOption{start: start, tput: pm.sorted(start, start+n, nil)}
+	if pm.counted() {
+		o.copies = pm.sortedCopies(start, start+n, nil)
+		o.need = pm.need(start, n)
+	}
+	return o
+}
+
+// best returns the best start for a span of n blocks (copies, then
+// leximin throughput; near-ties spread by Self), and the sorted totals with
+// this node there.
+func (pm *placeMesh) best(n int) (int, []float64) {
+	opts := make([]placeOption, 0, pm.blocks-n+1)
+	bi := 0
+	for s := 0; s+n <= pm.blocks; s++ {
+		opts = append(opts, pm.option(s, n))
+		o, b := &opts[s], &opts[bi]
+		if c := placeCmpCopies(o, b); c > 0 || c == 0 && placeLeximin(o.tput, b.tput) > 0 {
+			bi = s
+		}
+	}
+	if pm.spread > 0 && len(opts) > 1 {
+		b := opts[bi]
+		var top uint64
+		found := false
+		for i := range opts {
+			o := &opts[i]
+			if placeCmpCopies(o, &b) != 0 || !placeWithin(o.tput, b.tput, pm.spread) {
+				continue
+			}
+			if h := placeHash(pm.self, o.start); !found || h > top {
+				top, bi, found = h, i, true
+			}
+		}
+	}
+	return opts[bi].start, opts[bi].tput
+}
+
+// placeWithin reports whether every entry of a is within a relative tol of
+// the same entry of b (both sorted totals).
+func placeWithin(a, b []float64, tol float64) bool {
+	for i := range a {
+		if math.Abs(a[i]-b[i]) > tol*max(math.Abs(a[i]), math.Abs(b[i])) {
+			return false
+		}
+	}
+	return true
+}
+
+// placeHash is the rendezvous hash of a node and a start.
+func placeHash(self peer.ID, start int) uint64 {
+	h := fnv.New64a()
+	h.Write([]byte(self))
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], uint64(start))
+	h.Write(b[:])
+	return h.Sum64()
 }
 
 // Place chooses the contiguous span of req.Span blocks that raises the
@@ -269,6 +437,9 @@ func (pm *placeMesh) place(span int) Placement {
 		}
 	}
 	fmt.Fprintf(&sb, ": bottleneck %.4g -> %.4g passes/s", p.Before, p.Bottleneck)
+	if pm.counted() {
+		fmt.Fprintf(&sb, ", blocks held by fewer than %d nodes %d -> %d", pm.replicas, pm.short(0, 0), pm.short(p.Start, p.End))
+	}
 	if u := placeZeros(after); u > 0 {
 		fmt.Fprintf(&sb, ", %d blocks still unserved", u)
 	}
@@ -320,6 +491,21 @@ func ShouldMove(cands []RouteCandidate, req PlaceRequest, current [2]int, margin
 		}
 	}
 	zNow, zAfter := placeZeros(now), placeZeros(after)
+	if pm.counted() {
+		cNow := pm.sortedCopies(cs, ce, nil)
+		cAfter := pm.sortedCopies(best.Start, best.End, nil)
+		switch c := slices.Compare(cAfter, cNow); {
+		case c < 0:
+			return stay(fmt.Sprintf("[%d, %d) would leave fewer copies of some block", best.Start, best.End))
+		case c > 0:
+			gain := fmt.Sprintf("blocks held by fewer than %d nodes %d -> %d", pm.replicas, pm.short(cs, ce), pm.short(best.Start, best.End))
+			if zAfter < zNow {
+				gain = fmt.Sprintf("unserved blocks %d -> %d", zNow, zAfter)
+			}
+			best.Reason = fmt.Sprintf("move from [%d, %d) (bottleneck %.4g passes/s, %s): %s", cs, ce, now[0], gain, best.Reason)
+			return best, true
+		}
+	}
 	level := margin * now[0]
 	wNow, wAfter := placeBelow(now, level), placeBelow(after, level)
 	var gain string

@@ -410,3 +410,196 @@ func TestPlaceShouldMoveWideBottleneck(t *testing.T) {
 		}
 	}
 }
+
+// placeCopies is how many candidates serve each block.
+func placeCopies(cands []RouteCandidate, blocks int) []int {
+	n := make([]int, blocks)
+	for _, c := range cands {
+		for b := c.Start; b < c.End && b < blocks; b++ {
+			n[b]++
+		}
+	}
+	return n
+}
+
+// TestPlaceReplicasCoverAll is issue 15's mesh: one operator serves all 8
+// blocks, two nodes of 5 blocks join one after the other. Counting copies,
+// they must cover all 8 between them, so that the operator can leave;
+// whatever their peer IDs and whatever the operator's block timings.
+func TestPlaceReplicasCoverAll(t *testing.T) {
+	const blocks = 8
+	rng := rand.New(rand.NewPCG(15, 2))
+	for i := range 50 {
+		op := placeCand("op", 0, blocks, 1000)
+		if i > 0 {
+			for b := range op.BlockMicros {
+				op.BlockMicros[b] = 800 + 400*rng.Float64()
+			}
+		}
+		cands := []RouteCandidate{op}
+		var spans [][2]int
+		for _, self := range []peer.ID{peer.ID(fmt.Sprintf("b%d", i)), peer.ID(fmt.Sprintf("c%d", i))} {
+			p, err := Place(cands, PlaceRequest{Blocks: blocks, Span: 5, Self: self, Replicas: 2, Spread: DefaultPlaceSpread})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if i == 0 {
+				t.Log(p.Reason)
+			}
+			spans = append(spans, [2]int{p.Start, p.End})
+			cands = append(cands, placeCand(string(self), p.Start, p.End, 1000))
+		}
+		if n := placeCopies(cands[1:], blocks); slices.Contains(n, 0) {
+			t.Fatalf("try %d: the joined nodes serve %v: copies %v without the operator", i, spans, n)
+		}
+	}
+}
+
+// TestPlaceSpreadSimultaneous: six nodes see the same mesh at the same
+// moment (one node serving all 24 blocks). Each choice is deterministic,
+// yet they do not all pick the same span; without Spread they would.
+func TestPlaceSpreadSimultaneous(t *testing.T) {
+	const blocks = 24
+	view := []RouteCandidate{placeCand("op", 0, blocks, 1000)}
+	starts := map[int]int{}
+	var all []RouteCandidate
+	for i := range 6 {
+		req := PlaceRequest{Blocks: blocks, Span: 6, Self: peer.ID(fmt.Sprintf("12D3KooWnode%d", i)), Replicas: 2, Spread: DefaultPlaceSpread}
+		p := mustPlace(t, view, req)
+		if again := mustPlace(t, slices.Clone(view), req); again != p {
+			t.Fatalf("not deterministic: %+v then %+v", p, again)
+		}
+		if p.Start%6 != 0 {
+			t.Errorf("%s: [%d, %d), want a span that leaves whole spans to cover", req.Self, p.Start, p.End)
+		}
+		starts[p.Start]++
+		all = append(all, placeCand(string(req.Self), p.Start, p.End, 1000))
+		req.Spread = 0
+		if p := mustPlace(t, view, req); p.Start != 0 {
+			t.Errorf("without Spread: [%d, %d), want the lowest start", p.Start, p.End)
+		}
+	}
+	if len(starts) < 3 {
+		t.Fatalf("6 simultaneous joins took only %d distinct starts: %v", len(starts), starts)
+	}
+	t.Logf("starts %v, copies without the operator %v", starts, placeCopies(all, blocks))
+}
+
+// TestPlaceShouldMoveReplicas: rebalancing gives second copies to the
+// blocks only the operator holds, and stays once copies cannot improve.
+func TestPlaceShouldMoveReplicas(t *testing.T) {
+	const blocks = 8
+	op := placeCand("op", 0, blocks, 1000)
+	req := func(self string) PlaceRequest {
+		return PlaceRequest{Blocks: blocks, Span: 5, Self: peer.ID(self), Replicas: 2, MyMicros: []float64{1000}, Spread: DefaultPlaceSpread}
+	}
+	// The issue's spans: 1-5 and 2-6 leave blocks 0 and 7 on the operator alone.
+	b, c := placeCand("b", 1, 6, 1000), placeCand("c", 2, 7, 1000)
+	p, move := Rebalance([]RouteCandidate{op, b, c}, req("b"), [2]int{1, 6})
+	if !move || p.Start != 0 {
+		t.Fatalf("b: got %+v %v, want a move to [0, 5)", p, move)
+	}
+	t.Log(p.Reason)
+	b = placeCand("b", 0, 5, 1000)
+	p, move = Rebalance([]RouteCandidate{op, b, c}, req("c"), [2]int{2, 7})
+	if !move || p.Start != 3 {
+		t.Fatalf("c: got %+v %v, want a move to [3, 8)", p, move)
+	}
+	t.Log(p.Reason)
+	c = placeCand("c", 3, 8, 1000)
+	for _, self := range []string{"b", "c"} {
+		cur := [2]int{0, 5}
+		if self == "c" {
+			cur = [2]int{3, 8}
+		}
+		if p, move := Rebalance([]RouteCandidate{op, b, c}, req(self), cur); move {
+			t.Fatalf("%s: moves to %+v from a mesh where every block has 2 copies", self, p)
+		}
+		// The operator gone: every block is still served, and copies
+		// cannot rise with 10 block slots for 16: nobody moves.
+		if p, move := Rebalance([]RouteCandidate{b, c}, req(self), cur); move {
+			t.Fatalf("%s: moves to %+v without the operator", self, p)
+		}
+	}
+	// The operator gone after 1-5 and 2-6: the uncovered blocks are taken.
+	b, c = placeCand("b", 1, 6, 1000), placeCand("c", 2, 7, 1000)
+	if p, move := Rebalance([]RouteCandidate{b, c}, req("b"), [2]int{1, 6}); !move || p.Start != 0 {
+		t.Fatalf("b alone with c: got %+v %v, want a move to [0, 5)", p, move)
+	}
+}
+
+// TestPlaceReplicasNoOscillation: nodes of various spans and speeds join
+// with Replicas 2 and Spread, then rebalance in turns; moves stop, and no
+// move lowers the capped copy counts.
+func TestPlaceReplicasNoOscillation(t *testing.T) {
+	const blocks, replicas = 24, 2
+	capped := func(nodes []*placeNode) []int {
+		n := placeCopies(placeCands(nodes), blocks)
+		for i := range n {
+			n[i] = min(n[i], replicas)
+		}
+		slices.Sort(n)
+		return n
+	}
+	total := 0
+	for seed := range uint64(20) {
+		rng := rand.New(rand.NewPCG(seed, 15))
+		nodes := make([]*placeNode, 3+rng.IntN(8))
+		for i := range nodes {
+			n := &placeNode{id: peer.ID(fmt.Sprintf("n%02d", i)), span: 3 + rng.IntN(8), micros: make([]float64, blocks)}
+			base := []float64{500, 1000, 2000}[rng.IntN(3)]
+			for b := range n.micros {
+				n.micros[b] = base * (0.9 + 0.2*rng.Float64())
+			}
+			nodes[i] = n
+		}
+		req := func(n *placeNode) PlaceRequest {
+			return PlaceRequest{Blocks: blocks, Span: n.span, MyMicros: n.micros, Self: n.id, Replicas: replicas, Spread: DefaultPlaceSpread}
+		}
+		// Half join at once (the same view), then the rest one by one.
+		half := len(nodes) / 2
+		view := placeCands(nodes)
+		for _, n := range nodes[:half] {
+			p, err := Place(view, req(n))
+			if err != nil {
+				t.Fatal(err)
+			}
+			n.start, n.end = p.Start, p.End
+		}
+		for _, n := range nodes[half:] {
+			p, err := Place(placeCands(nodes), req(n))
+			if err != nil {
+				t.Fatal(err)
+			}
+			n.start, n.end = p.Start, p.End
+		}
+		var moves []int
+		for range 60 {
+			moved := 0
+			for _, i := range rng.Perm(len(nodes)) {
+				n := nodes[i]
+				p, move := Rebalance(placeCands(nodes), req(n), [2]int{n.start, n.end})
+				if !move {
+					continue
+				}
+				before := capped(nodes)
+				n.start, n.end = p.Start, p.End
+				if after := capped(nodes); slices.Compare(after, before) < 0 {
+					t.Fatalf("seed %d: %s moved and copies fell: %v -> %v", seed, n.id, before, after)
+				}
+				moved++
+			}
+			moves = append(moves, moved)
+		}
+		if slices.Max(moves[20:]) != 0 {
+			t.Errorf("seed %d: moves in the last 40 rounds: %v", seed, moves)
+		}
+		for _, m := range moves {
+			total += m
+		}
+		t.Logf("seed %d: %d nodes, copies %v, moves %v", seed, len(nodes), placeCopies(placeCands(nodes), blocks), moves[:5])
+	}
+	if total == 0 {
+		t.Log("no node ever moved")
+	}
+}
