@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"sort"
 	"sync"
 	"time"
@@ -136,6 +137,9 @@ func (st *stage) deliver(from peer.ID, msg *protocol.Message) {
 		if c.route[h].Peer != from.String() {
 			return
 		}
+		if l := msg.Header.Load; l != nil {
+			st.m.view.observeLoad(from, *l, time.Now())
+		}
 	case protocol.KindError:
 		// The failing hop reports, or this node itself; or a neighbour
 		// accuses it: the hop before (it could not reach it) or after (it
@@ -245,6 +249,9 @@ func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, avoid [
 			banned[p] = true
 		}
 	}
+	// Each route is drawn among the near-equal ones, so that the requesters
+	// sharing a view do not all pile onto its cheapest route.
+	req.Rand = mrand.New(mrand.NewPCG(mrand.Uint64(), mrand.Uint64()))
 	r, err := PlanRouteTrusting(Candidates(mv), peerCandidates(mv.Distrusted), req, avoided, banned)
 	if err != nil {
 		return nil, blocks, err

@@ -231,7 +231,8 @@ type RouteCandidate struct {
 	// BlockMicros is the time of one pass through each block of
 	// [Start, End), in microseconds (End-Start entries; protocol.ServedSpan).
 	BlockMicros []float64
-	// Load is its load as advertised.
+	// Load is its load as advertised, or as its latest answer said
+	// (PeerView.Load).
 	Load protocol.Load
 	// Coord is its network coordinate; nil when unknown.
 	Coord *protocol.Coordinate
@@ -259,6 +260,9 @@ func peerCandidates(peers []PeerView) []RouteCandidate {
 		if pv.Record != nil {
 			c.Load = pv.Record.Load
 			c.Coord = pv.Record.Coord
+		}
+		if pv.Load != nil {
+			c.Load = *pv.Load
 		}
 		cands = append(cands, c)
 	}

@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"context"
 	"crypto/ed25519"
 	"encoding/binary"
 	"errors"
@@ -17,6 +18,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
 )
 
 // routeIDs returns n distinct peer IDs of Ed25519 keys made from fixed
@@ -981,5 +983,88 @@ func TestRouteSpreadSeeded(t *testing.T) {
 	}
 	if c := draw(2, cands); slices.EqualFunc(a, c, slices.Equal) {
 		t.Fatal("another seed, the same 50 routes")
+	}
+}
+
+// TestFreshLoad: an answer's load counts in full at once and fades into
+// the record's with LoadHalfLife.
+func TestFreshLoad(t *testing.T) {
+	rec := protocol.Load{InFlight: 2, Queued: 0, FreeKVBytes: 7}
+	seen := protocol.HopLoad{InFlight: 10, Queued: 8}
+	for _, tc := range []struct {
+		age  time.Duration
+		want protocol.Load
+	}{
+		{0, protocol.Load{InFlight: 10, Queued: 8, FreeKVBytes: 7}},
+		{LoadHalfLife, protocol.Load{InFlight: 6, Queued: 4, FreeKVBytes: 7}},
+		{2 * LoadHalfLife, protocol.Load{InFlight: 4, Queued: 2, FreeKVBytes: 7}},
+		{20 * LoadHalfLife, rec},
+		{-time.Second, protocol.Load{InFlight: 10, Queued: 8, FreeKVBytes: 7}},
+	} {
+		if got := FreshLoad(rec, seen, tc.age); got != tc.want {
+			t.Errorf("age %v: %+v, want %+v", tc.age, got, tc.want)
+		}
+	}
+	if got := FreshLoad(rec, protocol.HopLoad{InFlight: -5, Queued: 1 << 40}, 0); got.InFlight != 0 || got.Queued != maxSeenLoad {
+		t.Errorf("hostile counts: %+v", got)
+	}
+}
+
+// TestAnswersCarryHopLoad: every hop's progress and result frames tell
+// the requester its load, which its view folds in at once (PeerView.Load,
+// then the routing candidates), fading back to the record's.
+func TestAnswersCarryHopLoad(t *testing.T) {
+	sm := newGPTServingMesh(t)
+	requester := sm.start(t, nil, nil)
+	boot := []peer.AddrInfo{addrInfo(requester)}
+	hops := []*Mesh{
+		sm.start(t, boot, &[2]int{0, 2}, gptSpan(sm, 0, 2, 5000)),
+		sm.start(t, boot, &[2]int{2, 4}, gptSpan(sm, 2, 4, 5000)),
+		sm.start(t, boot, &[2]int{4, 6}, gptSpan(sm, 4, 6, 5000)),
+	}
+	sm.connectAll(t)
+	requester.View().SetManifest(sm.model.ID, sm.model.Manifest)
+	viewOf(t, requester, sm, 3)
+
+	ms := &meshDecoderSession{s: requester.NewSession(sm.model.ID, InferOptions{})}
+	defer ms.Close()
+	dec, err := shards.NewDecoder(sm.model.Manifest.Decoder, ms, byteTokens("hello"), shards.Sampling{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		if _, err := dec.Next(); err != nil {
+			t.Fatalf("step %d: %v", i, err)
+		}
+	}
+	v := requester.View()
+	v.mu.Lock()
+	for i, h := range hops {
+		if s, ok := v.seen[h.ID()]; !ok || time.Since(s.at) > time.Minute {
+			t.Errorf("hop %d: no load seen from its answers", i)
+		}
+	}
+	v.mu.Unlock()
+
+	// A loaded answer moves the candidate at once, and fades.
+	busy := hops[1].ID()
+	v.observeLoad(busy, protocol.HopLoad{InFlight: 12, Queued: 4}, time.Now())
+	mv, err := v.Model(context.Background(), sm.model.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range Candidates(mv) {
+		if c.Peer == busy && (c.Load.InFlight != 12 || c.Load.Queued != 4) {
+			t.Fatalf("candidate load %+v after an answer said 12 and 4", c.Load)
+		}
+	}
+	v.observeLoad(busy, protocol.HopLoad{InFlight: 12, Queued: 4}, time.Now().Add(-loadForget-time.Second))
+	if mv, err = v.Model(context.Background(), sm.model.ID); err != nil {
+		t.Fatal(err)
+	}
+	for _, pv := range mv.Peers {
+		if pv.ID == busy && pv.Load != nil {
+			t.Fatalf("an answer older than %v still counts: %+v", loadForget, *pv.Load)
+		}
 	}
 }

@@ -627,6 +627,13 @@ func (st *stage) dispatch(from peer.ID, msg *protocol.Message) {
 // send writes a frame to a peer over the link to it, opening one if
 // needed; a broken link is replaced once.
 func (st *stage) send(ctx context.Context, to peer.ID, msg *protocol.Message) error {
+	if (msg.Kind == protocol.KindProgress || msg.Kind == protocol.KindResult) && msg.Header.Load == nil {
+		// Every answer tells the requester how loaded this hop is now.
+		l := st.m.Load()
+		c := *msg
+		c.Header.Load = &protocol.HopLoad{InFlight: l.InFlight, Queued: l.Queued}
+		msg = &c
+	}
 	if to == st.m.host.ID() {
 		// A hop of our own route (or our own request's answer): no stream.
 		st.dispatch(to, msg)

@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"fmt"
+	"math"
 	"slices"
 	"sort"
 	"strings"
@@ -29,11 +30,66 @@ type View struct {
 	mu      sync.Mutex
 	models  map[string]*modelEntry
 	records map[peer.ID]*recordEntry
+	// seen holds, per peer with a record here, the load its latest
+	// progress or result frame said (observeLoad).
+	seen map[peer.ID]loadSeen
 	// manifests holds the block count of each model whose manifest this
 	// node was given (SetManifest): what the model is, which no peer's
 	// record can change. A model this node serves needs no entry: its own
 	// record, made from the manifest, says the same (FitBlocks).
 	manifests map[string]int
+}
+
+// LoadHalfLife is how fast the load a peer's answer reported fades back to
+// its capacity record's value (FreshLoad): half of the difference is left
+// after each half-life. A few seconds: far fresher than a record (refreshed
+// every third of its TTL), long enough to cover the next requests of a
+// burst.
+const LoadHalfLife = 3 * time.Second
+
+// loadForget is the age past which an answer's load no longer counts.
+const loadForget = 10 * LoadHalfLife
+
+// maxSeenLoad bounds the counts an answer may claim.
+const maxSeenLoad = 1 << 16
+
+type loadSeen struct {
+	load protocol.HopLoad
+	at   time.Time
+}
+
+// FreshLoad is the load routing assumes for a peer whose capacity record
+// says rec and whose answer, age ago, said seen: rec moved towards seen by
+// 2^(-age/LoadHalfLife) of the difference, rounded (so the answer counts
+// in full at once, and fades into the record). Negative counts in seen
+// count as 0. It is pure.
+func FreshLoad(rec protocol.Load, seen protocol.HopLoad, age time.Duration) protocol.Load {
+	w := math.Exp2(-max(float64(age), 0) / float64(LoadHalfLife))
+	blend := func(r, s int) int {
+		s = min(max(s, 0), maxSeenLoad)
+		return int(math.Round(float64(r) + (float64(s)-float64(r))*w))
+	}
+	out := rec
+	out.InFlight, out.Queued = blend(rec.InFlight, seen.InFlight), blend(rec.Queued, seen.Queued)
+	return out
+}
+
+// observeLoad takes the load a peer's progress or result frame carried, at
+// time now. Peers the view holds no record of are ignored.
+func (v *View) observeLoad(p peer.ID, l protocol.HopLoad, now time.Time) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if _, ok := v.records[p]; !ok {
+		return
+	}
+	if len(v.seen) >= 2*len(v.records)+64 {
+		for q, s := range v.seen {
+			if _, ok := v.records[q]; !ok || now.Sub(s.at) > loadForget {
+				delete(v.seen, q)
+			}
+		}
+	}
+	v.seen[p] = loadSeen{load: l, at: now}
 }
 
 // maxManifests bounds the manifests' block counts a view remembers;
@@ -96,13 +152,18 @@ type PeerView struct {
 	// coordinates: 0 for this node itself, UnknownRTT (negative) when either
 	// coordinate is missing or unusable.
 	RTT time.Duration
+	// Load, when not nil, is the load routing uses instead of the
+	// record's: the record's moved towards what the peer's latest answer
+	// said (FreshLoad).
+	Load *protocol.Load
 }
 
 // Complete reports whether every block has at least one server.
 func (v *ModelView) Complete() bool { return v.Blocks > 0 && len(v.Uncovered) == 0 }
 
 func newView(m *Mesh) *View {
-	return &View{m: m, models: map[string]*modelEntry{}, records: map[peer.ID]*recordEntry{}, manifests: map[string]int{}}
+	return &View{m: m, models: map[string]*modelEntry{}, records: map[peer.ID]*recordEntry{}, manifests: map[string]int{},
+		seen: map[peer.ID]loadSeen{}}
 }
 
 // SetManifest tells the view the manifest of a model (the caller checked
@@ -425,6 +486,11 @@ func (v *View) buildLocked(e *modelEntry) *ModelView {
 			continue
 		}
 		pv := PeerView{ID: p, Span: span, Record: r.rec}
+		if seen, ok := v.seen[p]; ok && now.Sub(seen.at) <= loadForget {
+			if l := FreshLoad(r.rec.Load, seen.load, now.Sub(seen.at)); l != r.rec.Load {
+				pv.Load = &l
+			}
+		}
 		switch {
 		case p == self:
 		case r.rec.Coord != nil:

@@ -105,8 +105,18 @@ type Header struct {
 	Code      ErrorCode    `json:"code,omitempty"`     // errors
 	Message   string       `json:"message,omitempty"`  // errors
 	Micros    int64        `json:"micros,omitempty"`   // progress/result: the hop's compute time
+	Load      *HopLoad     `json:"load,omitempty"`     // progress/result: the hop's load as it answered
 	Tensors   []TensorMeta `json:"tensors,omitempty"`  // the body's tensors, in order
 	Ring      *Ring        `json:"ring,omitempty"`     // a session step of a decode ring
+}
+
+// HopLoad is a hop's load when it sent a progress or result frame: the
+// same counts as its capacity record's Load, seconds old instead of up to
+// a record refresh old. Requesters fold it into their view of the peer
+// (mesh.View) and route around busy hops at once.
+type HopLoad struct {
+	InFlight int `json:"in_flight"` // requests running
+	Queued   int `json:"queued"`    // requests waiting
 }
 
 // Ring, on a session's request, runs the decode loop inside the route: the
