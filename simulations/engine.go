@@ -48,6 +48,7 @@ const (
 	streamTimers
 	streamCoords
 	streamGateway
+	streamRoute
 )
 
 type hop struct {
@@ -147,7 +148,7 @@ type entryNode struct {
 	banCount map[int32]int
 	distrust map[int32]int // record seq distrusted
 	memoV    int64
-	memo     map[string]routeMemo
+	memo     map[string][]routeMemo // up to routeDraws routes per key
 }
 
 // regionLat collects one users' region's latencies.
@@ -155,6 +156,12 @@ type regionLat struct {
 	lat               Latencies
 	completed, failed int
 }
+
+// routeDraws is how many routes the memo keeps per entry node, view, span
+// and bans: mesh.PlanRoute draws each among near-equal routes
+// (RouteRequest.Rand), as a node does for every request; past routeDraws
+// draws, a request takes one of them at random, which costs a memo hit.
+const routeDraws = 8
 
 type routeMemo struct {
 	hops []hop
@@ -186,6 +193,7 @@ type sim struct {
 	rChurn  *rand.Rand
 	rPlace  *rand.Rand
 	rTimers *rand.Rand
+	rRoute  *rand.Rand // mesh.RouteRequest.Rand; nil: deterministic routes
 
 	peers    []*simPeer
 	online   int
@@ -245,7 +253,7 @@ func newSim(ctx context.Context, sc *Scenario) (*sim, error) {
 	stream := func(k uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, 0x9e3779b97f4a7c15*k)) }
 	s := &sim{sc: sc, ctx: ctx, end: int64(sc.DurationS * 1e9),
 		rWork: stream(streamWorkload), rPeers: stream(streamPeers), rChurn: stream(streamChurn),
-		rPlace: stream(streamPlacement), rTimers: stream(streamTimers),
+		rPlace: stream(streamPlacement), rTimers: stream(streamTimers), rRoute: stream(streamRoute),
 		ttl: int64(sc.DHT.RecordTTLS * 1e9), refresh: int64(sc.DHT.ViewRefreshS * 1e9),
 		timeout: int64(sc.Workload.StepTimeoutS * 1e9), actBytes: sc.Model.ActivationKB * 1000,
 		covered: make([]int32, sc.Model.Blocks), minCov: 1}
@@ -661,9 +669,10 @@ func (s *sim) exclusions(en *entryNode) []int32 {
 // route plans blocks [start, end) for a request of entry node en, as the
 // node's (*Mesh).route does: mesh.PlanRouteTiered over the view, without
 // its distrusted peers, with its bans, and mesh.PlanRouteTrusting's last
-// resort when that finds no route. Within one view and one set of
-// bans the answer is the same (PlanRoute is pure), so it is memoized per
-// entry node, view, span and bans.
+// resort when that finds no route, drawing it among near-equal routes
+// from s.rRoute as a node draws each of its routes. Within one view and
+// one set of bans the routes drawn follow the same distribution, so
+// routeDraws of them are memoized per entry node, view, span and bans.
 func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 	s.routeCalls++
 	v := s.currentView()
@@ -690,10 +699,14 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 		key = strconv.AppendInt(key, int64(p), 10)
 	}
 	if en.memoV != v.version || en.memo == nil {
-		en.memo, en.memoV = map[string]routeMemo{}, v.version
+		en.memo, en.memoV = map[string][]routeMemo{}, v.version
 	}
-	if m, ok := en.memo[string(key)]; ok {
+	if ms := en.memo[string(key)]; len(ms) > 0 && (s.rRoute == nil || len(ms) >= routeDraws) {
 		s.memoHits++
+		m := ms[0]
+		if s.rRoute != nil {
+			m = ms[s.rRoute.IntN(len(ms))]
+		}
 		return m.hops, m.err
 	}
 	cands := v.cands
@@ -713,7 +726,8 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 			banned[s.peers[p].id] = true
 		}
 	}
-	req := mesh.RouteRequest{Blocks: s.sc.Model.Blocks, Start: start, End: end, From: *en.ep.coord, HaveFrom: true, Self: en.id, Tokens: 1}
+	req := mesh.RouteRequest{Blocks: s.sc.Model.Blocks, Start: start, End: end, From: *en.ep.coord, HaveFrom: true, Self: en.id, Tokens: 1,
+		Rand: s.rRoute}
 	r, err := mesh.PlanRouteInView(cands, len(v.cands), req, nil, banned)
 	if errors.Is(err, mesh.ErrNoRoute) && len(v.cands) > mesh.MaxRouteCandidates {
 		// The pool lacked what the whole view has (many bans, say).
@@ -745,7 +759,7 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 			hops[i] = hop{peer: peerIndex(h.Peer), start: int32(h.Start), end: int32(h.End)}
 		}
 	}
-	en.memo[string(key)] = routeMemo{hops, err}
+	en.memo[string(key)] = append(en.memo[string(key)], routeMemo{hops, err})
 	return hops, err
 }
 

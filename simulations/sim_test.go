@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -146,12 +147,15 @@ func TestRoutesAreMeshRoutes(t *testing.T) {
 		t.Fatal(err)
 	}
 	en := s.entries[0]
+	// The same draws (mesh.RouteRequest.Rand) give the same route.
+	draws := func() *rand.Rand { return rand.New(rand.NewPCG(7, 7)) }
+	s.rRoute = draws()
 	hops, err := s.route(en, 0, 4)
 	if err != nil {
 		t.Fatal(err)
 	}
 	v := s.currentView()
-	want, err := mesh.PlanRoute(v.cands, mesh.RouteRequest{Blocks: 4, From: *en.ep.coord, HaveFrom: true, Self: en.id, Tokens: 1})
+	want, err := mesh.PlanRoute(v.cands, mesh.RouteRequest{Blocks: 4, From: *en.ep.coord, HaveFrom: true, Self: en.id, Tokens: 1, Rand: draws()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -201,11 +205,12 @@ func TestRoutesAreMeshRoutes(t *testing.T) {
 		t.Fatalf("view of %d", len(v.cands))
 	}
 	for _, en := range s.entries {
+		s.rRoute = draws()
 		hops, err := s.route(en, 0, 16)
 		if err != nil {
 			t.Fatal(err)
 		}
-		want, err := mesh.PlanRouteTiered(v.cands, mesh.RouteRequest{Blocks: 16, From: *en.ep.coord, HaveFrom: true, Tokens: 1}, nil, nil)
+		want, err := mesh.PlanRouteTiered(v.cands, mesh.RouteRequest{Blocks: 16, From: *en.ep.coord, HaveFrom: true, Tokens: 1, Rand: draws()}, nil, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -228,11 +233,12 @@ func TestRoutesAreMeshRoutes(t *testing.T) {
 			en.bans[h.peer] = s.now + 1e9
 			banned[s.peers[h.peer].id] = true
 		}
+		s.rRoute = draws()
 		hops, err = s.route(en, 0, 16)
 		if err != nil {
 			t.Fatal(err)
 		}
-		want, err = mesh.PlanRouteTiered(v.cands, mesh.RouteRequest{Blocks: 16, From: *en.ep.coord, HaveFrom: true, Tokens: 1}, nil, banned)
+		want, err = mesh.PlanRouteTiered(v.cands, mesh.RouteRequest{Blocks: 16, From: *en.ep.coord, HaveFrom: true, Tokens: 1, Rand: draws()}, nil, banned)
 		if err != nil {
 			t.Fatal(err)
 		}
