@@ -81,6 +81,16 @@ type Config struct {
 	// Rebalance is how often a node that chose its own blocks checks
 	// whether moving would help the mesh (default 2m, with jitter).
 	Rebalance Duration `json:"rebalance"`
+	// Replicas is how many nodes should hold each block of a --model whose
+	// span the node chooses: it gives a copy to blocks fewer nodes hold
+	// before widening well-held spans, so that one node leaving loses
+	// nothing (0: 2; 1: only see that every block is served). Nodes of one
+	// mesh should use the same value.
+	Replicas int `json:"replicas,omitempty"`
+	// HandoffWait bounds how long a node stopping gracefully waits for
+	// peers to take the blocks that only it serves (0: it leaves at once,
+	// saying which blocks are lost; `infermesh node init` writes 30s).
+	HandoffWait Duration `json:"handoff_wait,omitempty"`
 	// RecordTTL is how long a capacity record is valid (default 5m).
 	RecordTTL Duration `json:"record_ttl"`
 	// ViewRefresh is how often the view re-reads models (default 5s).
@@ -184,6 +194,9 @@ func (c *Config) Validate() error {
 			// Beyond this machine, only callers holding the token.
 			return fmt.Errorf("api address %q is not loopback: set an api token (--api-token) so that only your apps can use it", c.API)
 		}
+	}
+	if c.Replicas < 0 {
+		return fmt.Errorf("replicas %d: must not be negative", c.Replicas)
 	}
 	if time.Duration(c.RecordTTL) < 0 || time.Duration(c.ViewRefresh) < 0 {
 		return errors.New("record_ttl and view_refresh must not be negative")

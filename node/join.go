@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -22,6 +24,20 @@ const (
 	// dropGrace is how long a node keeps serving its old span after moving,
 	// so that sessions on it finish or fail over cleanly.
 	dropGrace = 30 * time.Second
+	// DefaultReplicas is Config.Replicas' default: every block on two
+	// nodes, so that one leaving loses nothing.
+	DefaultReplicas = 2
+	// rebalanceHurry is how often (half to all of it, at random) the
+	// rebalancing loop looks whether some block is served by nobody, in
+	// which case it checks at once rather than in its turn: a peer handing
+	// its blocks off (see handoff) is noticed in seconds, not minutes.
+	rebalanceHurry = 2 * time.Second
+	// A rebalancing move that fails (the blocks cannot be fetched: nobody
+	// holds them, or their holders are unreachable) is retried after
+	// rebalanceRetryBase, doubling with each failure up to
+	// rebalanceRetryMax, with jitter; a success resets it.
+	rebalanceRetryBase = 2 * time.Second
+	rebalanceRetryMax  = 5 * time.Minute
 )
 
 // joined is a model served by ID (--model): its blocks come from peers.
@@ -97,6 +113,14 @@ func (n *Node) localModel(id cid.Cid, man *shards.Manifest) (*shards.Model, erro
 	return &shards.Model{Dir: dir, Manifest: man, ID: id, Store: n.own}, nil
 }
 
+// replicas is Config.Replicas or its default.
+func (n *Node) replicas() int {
+	if n.cfg.Replicas > 0 {
+		return n.cfg.Replicas
+	}
+	return DefaultReplicas
+}
+
 // place chooses the span this node should serve, from what the mesh serves
 // without it.
 func (n *Node) place(ctx context.Context, m *shards.Model, current *[2]int) (mesh.Placement, error) {
@@ -104,14 +128,39 @@ func (n *Node) place(ctx context.Context, m *shards.Model, current *[2]int) (mes
 	if err != nil {
 		return mesh.Placement{}, err
 	}
-	req := mesh.PlaceRequest{Blocks: len(m.Manifest.Blocks), Span: n.spanCapacity(m), Self: n.mesh.ID()}
+	req := mesh.PlaceRequest{Blocks: len(m.Manifest.Blocks), Span: n.spanCapacity(m), Self: n.mesh.ID(),
+		Replicas: n.replicas(), Spread: mesh.DefaultPlaceSpread}
 	cands := mesh.Candidates(mv)
 	if current == nil {
 		return mesh.Place(cands, req)
 	}
-	// Rebalancing looks at speeds only, with a margin (mesh.Rebalance).
+	// Rebalancing looks at copies, then at speeds only, with a margin
+	// (mesh.Rebalance).
 	p, _ := mesh.Rebalance(cands, req, *current)
 	return p, nil
+}
+
+// unserved reports whether, per the view, some block of s's model is served
+// by nobody (this node on s included): a peer left, and the check should
+// not wait for its turn.
+func (n *Node) unserved(s *servedSpan) bool {
+	ctx, cancel := context.WithTimeout(n.ctx, 2*time.Second)
+	defer cancel()
+	mv, err := n.mesh.View().Model(ctx, s.model.ID)
+	if err != nil {
+		return false
+	}
+	blocks := len(s.model.Manifest.Blocks)
+	held := make([]bool, blocks)
+	for b := s.start; b < min(s.end, blocks); b++ {
+		held[b] = true
+	}
+	for _, c := range mesh.Candidates(mv) {
+		for b := max(c.Start, 0); b < min(c.End, blocks); b++ {
+			held[b] = true
+		}
+	}
+	return slices.Contains(held, false)
 }
 
 // spanCapacity is how many blocks of m this node takes on: MaxBlocks, or
@@ -272,30 +321,70 @@ func syntheticInputs(specs []shards.TensorSpec) shards.Tensors {
 
 // rebalanceLoop moves spans the node chose itself when the mesh drifts:
 // the new span is fetched, loaded and announced before the old one is
-// dropped, so no block goes uncovered because of the move.
+// dropped, so no block goes uncovered because of the move. It checks each
+// span every Rebalance (half to all of it, at random), and at once when
+// some block of the model is served by nobody; a span whose move failed
+// waits rebalanceBackoff first.
 func (n *Node) rebalanceLoop() {
 	every := time.Duration(n.cfg.Rebalance)
 	if every <= 0 {
 		every = defaultRebalance
 	}
+	jittered := func(d time.Duration) time.Duration { return d/2 + time.Duration(rand.Int64N(int64(d)/2+1)) }
+	type state struct {
+		next    time.Time // the next check in turn
+		fails   int
+		retryAt time.Time
+	}
+	states := map[*joined]*state{}
 	for {
-		jitter := time.Duration(rand.Int64N(int64(every)/2 + 1))
 		select {
 		case <-n.ctx.Done():
 			return
-		case <-time.After(every/2 + jitter):
+		case <-time.After(jittered(min(every, rebalanceHurry))):
 		}
 		for _, s := range n.servedSpans() {
 			if s.joined == nil || s.joined.pinned {
 				continue
 			}
-			if err := n.rebalance(s); err != nil && n.ctx.Err() == nil {
-				n.log.Warn("rebalancing failed", "model", s.model.ID, "err", err)
+			st := states[s.joined]
+			if st == nil {
+				st = &state{next: time.Now().Add(jittered(every))}
+				states[s.joined] = st
 			}
+			now := time.Now()
+			if now.Before(st.retryAt) || now.Before(st.next) && !n.unserved(s) {
+				continue
+			}
+			st.next = now.Add(jittered(every))
+			err := n.rebalance(s)
+			if err == nil {
+				st.fails = 0
+				continue
+			}
+			if n.ctx.Err() != nil {
+				return
+			}
+			st.fails++
+			d := rebalanceBackoff(st.fails, rand.Float64())
+			st.retryAt = time.Now().Add(d)
+			n.log.Warn("rebalancing failed", "model", s.model.ID, "err", err, "failures", st.fails, "retry_in", d.Round(100*time.Millisecond))
 		}
 	}
 }
 
+// rebalanceBackoff is the pause after the given number (>= 1) of failed
+// moves in a row: rebalanceRetryBase doubled with each, capped at
+// rebalanceRetryMax, times 0.5 to 1 by r in [0, 1) (jitter).
+func rebalanceBackoff(fails int, r float64) time.Duration {
+	d := rebalanceRetryMax
+	if fails-1 < 20 {
+		d = min(rebalanceRetryBase<<max(fails-1, 0), rebalanceRetryMax)
+	}
+	return time.Duration(float64(d) * (0.5 + r/2))
+}
+
+// rebalance moves s if the mesh is better served elsewhere.
 func (n *Node) rebalance(s *servedSpan) error {
 	ctx, cancel := context.WithTimeout(n.ctx, 5*time.Minute)
 	defer cancel()
@@ -326,4 +415,150 @@ func (n *Node) rebalance(s *servedSpan) error {
 		s.span.Close()
 	})
 	return nil
+}
+
+// DefaultHandoffWait is the HandoffWait `infermesh node init` writes.
+const DefaultHandoffWait = 30 * time.Second
+
+// Bounds of the handoff of a graceful stop.
+const (
+	// handoffPoll is how often the leaving node looks at its view.
+	handoffPoll = 200 * time.Millisecond
+	// handoffNotice is how long it waits for a sign that a peer takes its
+	// blocks (a peer fetching blocks from it, or a peer's span changing)
+	// before it concludes that nobody will: pinned peers never move.
+	handoffNotice = 5 * time.Second
+)
+
+// soleBlocks lists, per model served here, the blocks of its spans that
+// no other peer serves, per the view (models the view cannot say are left
+// out); how many other peers serve those models; and their spans, by
+// model and peer.
+func (n *Node) soleBlocks(ctx context.Context) (sole map[*shards.Model][]int, others int, spans map[string]string) {
+	sole = map[*shards.Model][]int{}
+	spans = map[string]string{}
+	seen := map[string]bool{}
+	for _, s := range n.servedSpans() {
+		mv, err := n.mesh.View().Model(ctx, s.model.ID)
+		if err != nil {
+			continue // unknown: claim nothing
+		}
+		cands := mesh.Candidates(mv)
+		for _, c := range cands {
+			if c.Peer == n.mesh.ID() {
+				continue
+			}
+			key := s.model.ID.String() + "/" + c.Peer.String()
+			spans[key] = fmt.Sprintf("%d-%d", c.Start, c.End)
+			if !seen[key] {
+				seen[key] = true
+				others++
+			}
+		}
+		for b := s.start; b < s.end; b++ {
+			held := false
+			for _, c := range cands {
+				if c.Peer != n.mesh.ID() && c.Start <= b && b < c.End {
+					held = true
+					break
+				}
+			}
+			if !held && !slices.Contains(sole[s.model], b) {
+				sole[s.model] = append(sole[s.model], b)
+			}
+		}
+		if len(sole[s.model]) == 0 {
+			delete(sole, s.model)
+		}
+	}
+	return sole, others, spans
+}
+
+// handoff runs first in a graceful stop. When this node is, per its view,
+// the only server of some blocks, it publishes a record that serves
+// nothing: peers' views drop it at once, so their rebalancing sees those
+// blocks unserved within seconds (rebalanceHurry) and fetches them from
+// here (the block store still answers). It waits until other peers serve
+// them, or no peer serving the model is left, or nothing shows that a peer
+// is taking them within handoffNotice, or HandoffWait has passed. Blocks
+// nobody took are logged as lost, at warn level.
+func (n *Node) handoff() {
+	if n.mesh == nil || n.ctx == nil || n.ctx.Err() != nil || len(n.servedSpans()) == 0 {
+		return
+	}
+	wait := time.Duration(n.cfg.HandoffWait)
+	ctx, cancel := context.WithTimeout(n.ctx, max(wait, 0)+2*time.Second)
+	defer cancel()
+	// The view answers from memory for a model looked up before; a first
+	// lookup waits for the DHT, bounded here.
+	fctx, fcancel := context.WithTimeout(ctx, time.Second)
+	sole, others, before := n.soleBlocks(fctx)
+	fcancel()
+	if len(sole) == 0 {
+		return
+	}
+	lost := func(sole map[*shards.Model][]int, why string) {
+		for m, bs := range sole {
+			slices.Sort(bs)
+			n.log.Warn("leaving the mesh: blocks no other node serves are now lost from the mesh", "model", m.ID, "name", m.Manifest.Name,
+				"blocks", blockRanges(bs), "why", why)
+		}
+	}
+	if wait <= 0 || others == 0 {
+		why := "no other node serves the model"
+		if wait <= 0 {
+			why = "handoff_wait is 0"
+		}
+		lost(sole, why)
+		return
+	}
+	for m, bs := range sole {
+		n.log.Info("only server of blocks: waiting for peers to take them before leaving", "model", m.ID, "blocks", blockRanges(bs), "up_to", wait)
+	}
+	n.leaving.Store(true)
+	if err := n.mesh.Publish(ctx); err != nil {
+		n.log.Debug("withdrawing the record", "err", err)
+	}
+	t0 := time.Now()
+	taking := false
+	for {
+		select {
+		case <-ctx.Done():
+		case <-time.After(handoffPoll):
+		}
+		var now map[string]string
+		sole, others, now = n.soleBlocks(ctx)
+		switch {
+		case len(sole) == 0:
+			n.log.Info("peers took the blocks only this node served", "took", time.Since(t0).Round(time.Millisecond))
+			return
+		case others == 0:
+			lost(sole, "no other node serves the model any more")
+			return
+		case time.Since(t0) >= wait || ctx.Err() != nil:
+			lost(sole, fmt.Sprintf("no peer took them within %s", wait))
+			return
+		}
+		if !taking && (!maps.Equal(now, before) || n.servingBlocks()) {
+			taking = true
+			n.log.Info("a peer is taking blocks", "after", time.Since(t0).Round(time.Millisecond))
+		}
+		if !taking && time.Since(t0) >= handoffNotice {
+			lost(sole, fmt.Sprintf("no peer started taking them within %s", handoffNotice))
+			return
+		}
+	}
+}
+
+// servingBlocks reports whether a peer is fetching blocks from this node
+// now (a block-transfer stream is open).
+func (n *Node) servingBlocks() bool {
+	for _, c := range n.mesh.Host().Network().Conns() {
+		for _, s := range c.GetStreams() {
+			if s.Protocol() == mesh.BlocksProtocol {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -17,6 +18,13 @@ import (
 // files; it fetches the manifest and blocks from peers and picks its span.
 func startJoiner(t testing.TB, bootstrap []string, model string, maxBlocks int, rebalance time.Duration) *Node {
 	t.Helper()
+	return startJoinerWith(t, bootstrap, model, maxBlocks, rebalance, nil)
+}
+
+// startJoinerWith is startJoiner with the config changed by change (if not
+// nil) last.
+func startJoinerWith(t testing.TB, bootstrap []string, model string, maxBlocks int, rebalance time.Duration, change func(*Config)) *Node {
+	t.Helper()
 	dir := t.TempDir()
 	cfg := DefaultConfig()
 	cfg.Listen, cfg.API = []string{"/ip4/127.0.0.1/udp/0/quic-v1"}, "127.0.0.1:0"
@@ -24,6 +32,9 @@ func startJoiner(t testing.TB, bootstrap []string, model string, maxBlocks int, 
 	cfg.Bootstrap, cfg.Models, cfg.MaxBlocks, cfg.Threads = bootstrap, []string{model}, maxBlocks, 1
 	cfg.RecordTTL, cfg.ViewRefresh = Duration(time.Minute), Duration(300*time.Millisecond)
 	cfg.Rebalance = Duration(rebalance)
+	if change != nil {
+		change(&cfg)
+	}
 	if _, err := Init(dir, cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -196,4 +207,109 @@ func publishGPT(t *testing.T, layers, dim, ctx int, seed int64) (*shards.Model, 
 		t.Fatal(err)
 	}
 	return m, publisher
+}
+
+// spansOf lists what nodes serve, as "start-end" inclusive.
+func spansOf(nodes []*Node) []string {
+	var out []string
+	for _, n := range nodes {
+		for _, s := range n.servedSpans() {
+			out = append(out, fmt.Sprintf("%d-%d", s.start, s.end-1))
+		}
+	}
+	return out
+}
+
+// coveredBy reports whether the nodes' spans cover every block.
+func coveredBy(nodes []*Node, blocks int) bool {
+	held := make([]bool, blocks)
+	for _, n := range nodes {
+		for _, s := range n.servedSpans() {
+			for b := s.start; b < s.end; b++ {
+				held[b] = true
+			}
+		}
+	}
+	return !slices.Contains(held, false)
+}
+
+// Issue 15: six nodes join at the same moment, each seeing a mesh where
+// nobody serves the model yet. They do not all pick the same span, and
+// the blocks they left unserved are taken at once (not at the next
+// rebalancing turn, an hour away here).
+func TestSimultaneousJoinsSpread(t *testing.T) {
+	m, publisher := publishGPT(t, 6, 32, 64, 15) // 8 blocks
+	nodes := []*Node{publisher}
+	t.Cleanup(func() { closeAll(nodes) })
+	boot := []string{publisher.Status().Addrs[0]}
+	joined := make([]*Node, 6)
+	var wg sync.WaitGroup
+	for i := range joined {
+		wg.Go(func() { joined[i] = startJoiner(t, boot, m.ID.String(), 3, time.Hour) })
+	}
+	wg.Wait()
+	nodes = append(nodes, joined...)
+	first := spansOf(joined)
+	distinct := slices.Compact(slices.Sorted(slices.Values(first)))
+	t.Logf("spans chosen at once: %v", first)
+	if len(distinct) < 3 {
+		t.Fatalf("6 simultaneous joins took %d distinct spans: %v", len(distinct), first)
+	}
+	waitUntil(t, 30*time.Second, "every block served", func() bool { return coveredBy(joined, len(m.Manifest.Blocks)) })
+	t.Logf("spans after rebalancing: %v", spansOf(joined))
+}
+
+// Issue 15: a node that alone serves some blocks and stops gracefully
+// first withdraws its record; a peer's rebalancing sees those blocks
+// unserved and takes them; only then does the node leave. A generation
+// afterwards equals the local run.
+func TestHandoffOnClose(t *testing.T) {
+	m, publisher := publishGPT(t, 6, 32, 64, 16) // 8 blocks
+	blocks := len(m.Manifest.Blocks)
+	nodes := []*Node{publisher}
+	t.Cleanup(func() { closeAll(nodes) })
+	boot := []string{publisher.Status().Addrs[0]}
+	whole := startJoinerWith(t, boot, m.ID.String(), blocks, time.Hour, func(c *Config) { c.HandoffWait = Duration(20 * time.Second) })
+	j := startJoiner(t, boot, m.ID.String(), 5, time.Hour)
+	nodes = append(nodes, j)
+	js := j.servedSpans()[0]
+	// A pinned node on the same span: the rest is the whole node's alone.
+	k := startJoiner(t, boot, fmt.Sprintf("%s:%d-%d", m.ID, js.start, js.end-1), 0, time.Hour)
+	nodes = append(nodes, k)
+	t.Logf("whole node 0-%d, joiner %v, pinned %v", blocks-1, spansOf([]*Node{j}), spansOf([]*Node{k}))
+	waitUntil(t, 10*time.Second, "the whole node sees both peers", func() bool {
+		cov, err := whole.Coverage(context.Background(), m.ID.String())
+		return err == nil && len(cov.Peers) == 3
+	})
+	t0 := time.Now()
+	if err := whole.Close(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the whole node closed after %s; joiner now %v", time.Since(t0).Round(time.Millisecond), spansOf([]*Node{j}))
+	if !coveredBy([]*Node{j, k}, blocks) {
+		t.Fatalf("blocks lost: the joiner serves %v, the pinned node %v", spansOf([]*Node{j}), spansOf([]*Node{k}))
+	}
+	prompt := []int64{'h', 'a', 'n', 'd'}
+	want := localGenerate(t, m, prompt, 12)
+	res, err := publisher.Generate(context.Background(), GenerateRequest{Model: m.ID, Prompt: prompt, MaxTokens: 12}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(res.Tokens, want) {
+		t.Fatalf("after the handoff: %v, local %v", res.Tokens, want)
+	}
+}
+
+// Issue 15: a move that cannot fetch is retried after 2 s, 4 s, 8 s... up
+// to 5 minutes, each time 0.5 to 1 times that (jitter).
+func TestRebalanceBackoff(t *testing.T) {
+	for fails, want := range map[int]time.Duration{1: 2 * time.Second, 2: 4 * time.Second, 5: 32 * time.Second, 8: 256 * time.Second,
+		9: 5 * time.Minute, 100: 5 * time.Minute, 1 << 40: 5 * time.Minute} {
+		if got := rebalanceBackoff(fails, 0.9999999999); got < want*99/100 || got > want {
+			t.Errorf("%d failures: %s, want about %s", fails, got, want)
+		}
+		if got := rebalanceBackoff(fails, 0); got != want/2 {
+			t.Errorf("%d failures, no jitter: %s, want %s", fails, got, want/2)
+		}
+	}
 }

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -75,6 +76,9 @@ type Node struct {
 	api    *http.Server
 	apiLn  net.Listener // bound first thing in New, served once the node is up
 	unlock func() error // releases DATA/lock
+	// leaving is set by a graceful stop handing its blocks off: the
+	// record then serves nothing (see handoff)
+	leaving atomic.Bool
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -298,6 +302,9 @@ func (n *Node) advert() mesh.Advert {
 	a := mesh.Advert{Accelerators: n.accelerators}
 	var resident int64
 	for _, s := range n.servedSpans() {
+		if n.leaving.Load() {
+			break
+		}
 		bytes := s.model.Manifest.ResidentBytes(s.start, s.end)
 		resident += bytes
 		a.Models = append(a.Models, protocol.ServedSpan{Model: s.model.ID.String(), Blocks: len(s.model.Manifest.Blocks),
@@ -424,10 +431,12 @@ func blockRanges(blocks []int) string {
 	return strings.Join(parts, ", ")
 }
 
-// Close leaves the mesh gracefully (an empty record first), stops the API
-// and unloads the spans.
+// Close leaves the mesh gracefully: it first hands off the blocks only it
+// serves (see handoff; up to HandoffWait), then publishes an empty record,
+// stops the API and unloads the spans.
 func (n *Node) Close() error {
 	var errs []error
+	n.handoff()
 	n.cancel()
 	if n.api != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
