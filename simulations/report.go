@@ -12,6 +12,13 @@ package simulations
 //
 // Everything written is a function of the Result alone: no clock, no map
 // iteration order, so one seed gives identical files.
+//
+// Reports count the requests still in flight at the end of the run
+// (Summary.Unfinished): the completion rate is completed over submitted,
+// and the latency figures take each unfinished request at its lower bound
+// (Result.settled, censoredQuantiles), printing "≥" before a figure that is
+// only a lower bound; the JSON and CSV files say so in lower_bound fields
+// and columns.
 
 import (
 	"bytes"
@@ -39,6 +46,7 @@ func WriteReport(dir string, r *Result) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
+	r = r.settled()
 	if err := writeSummaryJSON(filepath.Join(dir, "summary.json"), r); err != nil {
 		return err
 	}
@@ -48,7 +56,7 @@ func WriteReport(dir string, r *Result) error {
 	if err := writeCSV(filepath.Join(dir, "peers.csv"), peerRows(r.Peers)); err != nil {
 		return err
 	}
-	if err := writeCSV(filepath.Join(dir, "latency.csv"), latencyRows(&r.Latencies)); err != nil {
+	if err := writeCSV(filepath.Join(dir, "latency.csv"), latencyRows(&r.Latencies, r.Summary.Unfinished)); err != nil {
 		return err
 	}
 	plots, err := writeReportPlots(dir, r)
@@ -143,19 +151,27 @@ func peerRows(peers []PeerStat) [][]string {
 
 // latencyRows is the three latency CDFs at quantiles 0, 0.001, ..., 1: a
 // cell is the latency below or at which that fraction of the requests
-// finished, empty where a distribution has no entries.
-func latencyRows(l *Latencies) [][]string {
-	e2e, ttft, tok := quantileGrid(l.E2E, cdfPoints), quantileGrid(l.TTFT, cdfPoints), quantileGrid(l.PerToken, cdfPoints)
-	cell := func(g []float64, i int) string {
-		if g == nil {
-			return ""
-		}
-		return ff(g[i])
+// finished, empty where a distribution has no entries. The requests are
+// the completed ones and the unfinished ones (unfinished of them, l's
+// entries first) at their lower bounds; a *_lower_bound column is true
+// where the cell beside it is only a lower bound (censoredQuantiles' rule).
+func latencyRows(l *Latencies, unfinished int) [][]string {
+	sets := latencySets(l, unfinished)
+	var cs [3]censored
+	for i, set := range sets {
+		cs[i] = newCensored(set.done, set.low)
 	}
-	rows := [][]string{{"quantile", "e2e_s", "ttft_s", "per_token_s"}}
+	rows := [][]string{{"quantile", "e2e_s", "ttft_s", "per_token_s", "e2e_lower_bound", "ttft_lower_bound", "per_token_lower_bound"}}
 	for i := 0; i <= cdfPoints; i++ {
-		rows = append(rows, []string{strconv.FormatFloat(float64(i)/cdfPoints, 'f', 3, 64),
-			cell(e2e, i), cell(ttft, i), cell(tok, i)})
+		row := []string{strconv.FormatFloat(float64(i)/cdfPoints, 'f', 3, 64), "", "", "", "", "", ""}
+		for j, c := range cs {
+			if len(c.v) == 0 {
+				continue
+			}
+			v, low := c.at(float64(i) / cdfPoints)
+			row[1+j], row[4+j] = ff(v), strconv.FormatBool(low)
+		}
+		rows = append(rows, row)
 	}
 	return rows
 }
@@ -205,8 +221,11 @@ func reportMarkdown(r *Result, plots []plotFile) []byte {
 	}
 
 	b.WriteString("\n## Headline figures\n\n| Figure | Value |\n|---|---:|\n")
-	for _, m := range headline() {
-		fmt.Fprintf(&b, "| %s | %s |\n", m.label, m.format(s))
+	for _, m := range reportMetrics() {
+		fmt.Fprintf(&b, "| %s | %s |\n", m.label, formatBound(m, s))
+	}
+	if l := boundLegend(s); l != "" {
+		fmt.Fprintf(&b, "\n%s\n", l)
 	}
 
 	b.WriteString("\n## Key numbers\n\n")
@@ -226,7 +245,8 @@ func reportMarkdown(r *Result, plots []plotFile) []byte {
 		"- `summary.json`: the scenario, seed, duration, parameters and the figures above\n" +
 		fmt.Sprintf("- `series.csv`: one row per sample interval (%d rows)\n", len(r.Series)) +
 		fmt.Sprintf("- `peers.csv`: one row per peer that was ever in the mesh (%d rows)\n", len(r.Peers)) +
-		"- `latency.csv`: end-to-end, time-to-first-token and per-token latency at quantiles 0, 0.001, ..., 1\n")
+		"- `latency.csv`: end-to-end, time-to-first-token and per-token latency at quantiles 0, 0.001, ..., 1, " +
+		"each with a column saying whether it is only a lower bound (unfinished requests)\n")
 	return []byte(b.String())
 }
 
@@ -234,15 +254,8 @@ func reportMarkdown(r *Result, plots []plotFile) []byte {
 func keyNumbers(r *Result) string {
 	s := &r.Summary
 	var b strings.Builder
-	fmt.Fprintf(&b, "Over %s of virtual time, %s requests arrived; %s completed and %s failed",
-		fmtVirtual(r.Duration), commas(s.Requests), commas(s.Completed), commas(s.Failed))
-	if s.Completed+s.Failed > 0 {
-		fmt.Fprintf(&b, " (completion rate %s)", fmtPercent(s.CompletionRate))
-	}
-	if open := s.Requests - s.Completed - s.Failed; open > 0 {
-		fmt.Fprintf(&b, "; %s were still in flight at the end", commas(open))
-	}
-	fmt.Fprintf(&b, ". The mesh completed %s requests/s", fmtRate(s.Throughput))
+	fmt.Fprintf(&b, "Over %s of virtual time, %s. The mesh completed %s requests/s",
+		fmtVirtual(r.Duration), requestCounts(s, " arrived"), fmtRate(s.Throughput))
 	if s.TokensPerSec > 0 {
 		fmt.Fprintf(&b, " and generated %s tokens/s", fmtRate(s.TokensPerSec))
 	}
@@ -251,15 +264,21 @@ func keyNumbers(r *Result) string {
 	if s.E2E.N == 0 {
 		b.WriteString("No request completed, so there are no latency figures.\n\n")
 	} else {
+		e, t, k := &s.E2E, &s.TTFT, &s.PerToken
 		fmt.Fprintf(&b, "End-to-end latency: median %s, p95 %s, p99 %s (mean %s, max %s).",
-			fmtSeconds(s.E2E.P50), fmtSeconds(s.E2E.P95), fmtSeconds(s.E2E.P99), fmtSeconds(s.E2E.Mean), fmtSeconds(s.E2E.Max))
-		if s.TTFT.N == 0 {
-			b.WriteString(" There were no completed generation requests, so no time to first token or per-token latency.\n\n")
+			fmtBound(e.P50, e.LowerBound.P50), fmtBound(e.P95, e.LowerBound.P95), fmtBound(e.P99, e.LowerBound.P99),
+			fmtBound(e.Mean, e.LowerBound.Mean), fmtBound(e.Max, e.LowerBound.Max))
+		if t.N == 0 {
+			b.WriteString(" There were no completed generation requests, so no time to first token or per-token latency.")
 		} else {
-			fmt.Fprintf(&b, " Time to first token: median %s, p95 %s, p99 %s. Per output token after the first: median %s, p95 %s, p99 %s.\n\n",
-				fmtSeconds(s.TTFT.P50), fmtSeconds(s.TTFT.P95), fmtSeconds(s.TTFT.P99),
-				fmtSeconds(s.PerToken.P50), fmtSeconds(s.PerToken.P95), fmtSeconds(s.PerToken.P99))
+			fmt.Fprintf(&b, " Time to first token: median %s, p95 %s, p99 %s. Per output token after the first: median %s, p95 %s, p99 %s.",
+				fmtBound(t.P50, t.LowerBound.P50), fmtBound(t.P95, t.LowerBound.P95), fmtBound(t.P99, t.LowerBound.P99),
+				fmtBound(k.P50, k.LowerBound.P50), fmtBound(k.P95, k.LowerBound.P95), fmtBound(k.P99, k.LowerBound.P99))
 		}
+		if l := boundLegend(s); l != "" {
+			b.WriteString(" " + l)
+		}
+		b.WriteString("\n\n")
 	}
 
 	fmt.Fprintf(&b, "Routes averaged %.2f hops; %s hops were replaced mid-request (failovers) and %s session steps were replayed on replacements. ",
@@ -377,21 +396,22 @@ func fmtRate(f float64) string {
 // Headline is r's main figures in a few lines of plain text, for a
 // terminal.
 func Headline(r *Result) string {
+	r = r.settled()
 	s := &r.Summary
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s: %s requests in %s virtual, %s completed", nameOr(r.Scenario, "scenario"),
-		commas(s.Requests), fmtVirtual(r.Duration), commas(s.Completed))
-	if s.Completed+s.Failed > 0 {
-		fmt.Fprintf(&b, " (%s)", fmtPercent(s.CompletionRate))
-	}
-	fmt.Fprintf(&b, ", %s req/s, %s tokens/s\n", fmtRate(s.Throughput), fmtRate(s.TokensPerSec))
-	if s.E2E.N > 0 {
-		fmt.Fprintf(&b, "end-to-end p50 %s, p95 %s, p99 %s", fmtSeconds(s.E2E.P50), fmtSeconds(s.E2E.P95), fmtSeconds(s.E2E.P99))
-		if s.TTFT.N > 0 {
-			fmt.Fprintf(&b, "; first token p50 %s, p95 %s; per token p50 %s",
-				fmtSeconds(s.TTFT.P50), fmtSeconds(s.TTFT.P95), fmtSeconds(s.PerToken.P50))
+	fmt.Fprintf(&b, "%s: %s virtual; %s; %s req/s, %s tokens/s\n", nameOr(r.Scenario, "scenario"),
+		fmtVirtual(r.Duration), requestCounts(s, ""), fmtRate(s.Throughput), fmtRate(s.TokensPerSec))
+	if e, t := &s.E2E, &s.TTFT; e.N > 0 {
+		fmt.Fprintf(&b, "end-to-end p50 %s, p95 %s, p99 %s", fmtBound(e.P50, e.LowerBound.P50),
+			fmtBound(e.P95, e.LowerBound.P95), fmtBound(e.P99, e.LowerBound.P99))
+		if t.N > 0 {
+			fmt.Fprintf(&b, "; first token p50 %s, p95 %s; per token p50 %s", fmtBound(t.P50, t.LowerBound.P50),
+				fmtBound(t.P95, t.LowerBound.P95), fmtBound(s.PerToken.P50, s.PerToken.LowerBound.P50))
 		}
 		b.WriteString("\n")
+		if boundLegend(s) != "" {
+			fmt.Fprintf(&b, "≥: a lower bound (the %s unfinished requests count at their latency so far; see report.md)\n", commas(s.Unfinished))
+		}
 	}
 	resumes := ""
 	if s.Resumes > 0 {
@@ -400,4 +420,90 @@ func Headline(r *Result) string {
 	fmt.Fprintf(&b, "%.2f hops per route, %s failovers%s, %s replays; peers %s -> %s, lowest coverage %s\n",
 		orZero(s.Hops), commas(s.Failovers), resumes, commas(s.Replays), commas(s.PeersStart), commas(s.PeersEnd), fmtPercent(s.MinCoverage))
 	return b.String()
+}
+
+// requestCounts is "3,081 requests<verb>: 3,020 completed, 0 failed, 61
+// unfinished at the end (completion 98.02 %)", the completion rate when
+// any request arrived.
+func requestCounts(s *Summary, verb string) string {
+	t := fmt.Sprintf("%s requests%s: %s completed, %s failed, %s unfinished at the end",
+		commas(s.Requests), verb, commas(s.Completed), commas(s.Failed), commas(s.Unfinished))
+	if s.Requests > 0 {
+		t += fmt.Sprintf(" (completion %s)", fmtPercent(s.CompletionRate))
+	}
+	return t
+}
+
+// fmtBound is a latency, after "≥ " when it is only a lower bound.
+func fmtBound(v float64, lower bool) string {
+	if lower {
+		return "≥ " + fmtSeconds(v)
+	}
+	return fmtSeconds(v)
+}
+
+// boundLegend explains "≥" when a latency figure of s is a lower bound,
+// and is empty otherwise.
+func boundLegend(s *Summary) string {
+	if s.E2E.LowerBound == (Bounds{}) && s.TTFT.LowerBound == (Bounds{}) && s.PerToken.LowerBound == (Bounds{}) {
+		return ""
+	}
+	return fmt.Sprintf("≥ marks a lower bound: %s requests were unfinished at the end of the run, and each counts at its latency so far "+
+		"(end of run − submission; per token, the time since its first token over its tokens after the first, 0 before the first), "+
+		"so a percentile is exact only where its rank falls on a completed request no slower than every unfinished one so far, "+
+		"and the mean and maximum are lower bounds.", commas(s.Unfinished))
+}
+
+// reportMetrics is the figures of a report's and a comparison's table:
+// headline's, with the unfinished requests after the failed ones.
+func reportMetrics() []metric {
+	unfinished := metric{name: "unfinished", label: "Requests unfinished at the end", kind: kindCount,
+		get: func(s *Summary) float64 { return float64(s.Unfinished) }}
+	var ms []metric
+	for _, m := range headline() {
+		ms = append(ms, m)
+		if m.name == "failed" {
+			ms = append(ms, unfinished)
+		}
+	}
+	return ms
+}
+
+// lowerBound says whether m's value in s is only a lower bound: a latency
+// figure ("e2e_p95", ...) censoring bounds.
+func lowerBound(m metric, s *Summary) bool {
+	if m.kind != kindSeconds || !m.available(s) {
+		return false
+	}
+	for _, q := range []struct {
+		prefix string
+		q      *Quantiles
+	}{{"e2e_", &s.E2E}, {"ttft_", &s.TTFT}, {"per_token_", &s.PerToken}} {
+		if stat, ok := strings.CutPrefix(m.name, q.prefix); ok {
+			lb := &q.q.LowerBound
+			switch stat {
+			case "mean":
+				return lb.Mean
+			case "p50":
+				return lb.P50
+			case "p90":
+				return lb.P90
+			case "p95":
+				return lb.P95
+			case "p99":
+				return lb.P99
+			case "max":
+				return lb.Max
+			}
+		}
+	}
+	return false
+}
+
+// formatBound is m.format(s), after "≥ " when only a lower bound.
+func formatBound(m metric, s *Summary) string {
+	if lowerBound(m, s) {
+		return "≥ " + m.format(s)
+	}
+	return m.format(s)
 }

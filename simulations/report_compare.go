@@ -2,10 +2,13 @@ package simulations
 
 // Comparison of runs: comparison.md (the headline figures side by side,
 // and each run's ratio to the first) and comparison_cdf.png/.svg (the
-// runs' latency CDFs overlaid).
+// runs' latency CDFs overlaid). Figures count unfinished requests as
+// reports do (Result.settled): "≥" marks a lower bound, and a ratio
+// involving one says which way it bounds.
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -20,11 +23,14 @@ func WriteComparison(dir string, names []string, rs []*Result) error {
 	if len(rs) < 2 || len(names) != len(rs) {
 		return fmt.Errorf("simulations: WriteComparison: want two or more results and one name each (got %d results, %d names)", len(rs), len(names))
 	}
+	settled := make([]*Result, len(rs))
 	for i, r := range rs {
 		if r == nil {
 			return fmt.Errorf("simulations: WriteComparison: result %d (%s) is nil", i, names[i])
 		}
+		settled[i] = r.settled()
 	}
+	rs = settled
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -59,15 +65,20 @@ func comparisonMarkdown(names []string, rs []*Result, drawn bool) []byte {
 		b.WriteString("---:|")
 	}
 	b.WriteString("\n")
-	for _, m := range headline() {
+	for _, m := range reportMetrics() {
 		fmt.Fprintf(&b, "| %s |", m.label)
 		for _, r := range rs {
-			fmt.Fprintf(&b, " %s |", m.format(&r.Summary))
+			fmt.Fprintf(&b, " %s |", formatBound(m, &r.Summary))
 		}
 		for _, r := range rs[1:] {
 			fmt.Fprintf(&b, " %s |", ratioText(m, &rs[0].Summary, &r.Summary))
 		}
 		b.WriteString("\n")
+	}
+	for i, r := range rs {
+		if l := boundLegend(&r.Summary); l != "" {
+			fmt.Fprintf(&b, "\n%s: %s\n", esc[i], l)
+		}
 	}
 
 	b.WriteString("\n## Key differences\n\n")
@@ -147,12 +158,25 @@ func ratio(m metric, a, b *Summary) (float64, bool) {
 	return bv / av, true
 }
 
+// ratioText is b's metric over a's, "≥" before it when b's is a lower
+// bound and a's exact (the true ratio is at least that), "≤" in the
+// opposite case, and "?" after it when both are lower bounds (the true
+// ratio may be either side).
 func ratioText(m metric, a, b *Summary) string {
 	r, ok := ratio(m, a, b)
 	if !ok {
 		return "–"
 	}
-	return fmt.Sprintf("%.2f×", r)
+	t := fmt.Sprintf("%.2f×", r)
+	switch la, lb := lowerBound(m, a), lowerBound(m, b); {
+	case la && lb:
+		return t + " ?"
+	case lb:
+		return "≥ " + t
+	case la:
+		return "≤ " + t
+	}
+	return t
 }
 
 // differences is a sentence comparing b's latency, completion and
@@ -166,14 +190,8 @@ func differences(a, b *Summary) string {
 		if !ok {
 			continue
 		}
-		change := "the same"
-		switch {
-		case r < 0.995:
-			change = fmt.Sprintf("%.0f%% lower", 100*(1-r))
-		case r > 1.005:
-			change = fmt.Sprintf("%.0f%% higher", 100*(r-1))
-		}
-		parts = append(parts, fmt.Sprintf("%s %s vs %s (%s)", strings.ToLower(m.label), m.format(b), m.format(a), change))
+		parts = append(parts, fmt.Sprintf("%s %s vs %s (%s)", strings.ToLower(m.label), formatBound(m, b), formatBound(m, a),
+			change(r, lowerBound(m, a), lowerBound(m, b))))
 	}
 	for _, name := range []string{"completion_rate", "throughput_rps"} {
 		ms, _ := lookupMetrics([]string{name})
@@ -185,6 +203,37 @@ func differences(a, b *Summary) string {
 		return "no figure to compare"
 	}
 	return strings.Join(parts, "; ")
+}
+
+// change says how a figure of ratio r to the baseline's differs from it:
+// "21% higher". When the figure is only a lower bound (lb; the true ratio
+// is at least r) or the baseline's is (la; at most r), it says what that
+// bound allows: "at least 21% higher", "at most 21% lower"; when both are,
+// the ratio settles nothing.
+func change(r float64, la, lb bool) string {
+	lower, higher := r < 0.995, r > 1.005
+	pct := fmt.Sprintf("%.0f%%", 100*math.Abs(1-r))
+	switch {
+	case la && lb:
+		return "both lower bounds: not settled"
+	case lb && higher:
+		return "at least " + pct + " higher"
+	case la && lower:
+		return "at least " + pct + " lower"
+	case lb && lower:
+		return "at most " + pct + " lower"
+	case la && higher:
+		return "at most " + pct + " higher"
+	case lb:
+		return "the same or higher"
+	case la:
+		return "the same or lower"
+	case lower:
+		return pct + " lower"
+	case higher:
+		return pct + " higher"
+	}
+	return "the same"
 }
 
 func writeComparisonPlot(dir string, names []string, rs []*Result) (bool, error) {

@@ -242,7 +242,7 @@ func TestWriteReportDegenerate(t *testing.T) {
 		}
 		md := readFile(t, filepath.Join(dir, "report.md"))
 		for _, want := range []string{"| Time to first token p50 | – |", "no time to first token", "(latency_cdf.svg)",
-			"; 5 were still in flight at the end."} {
+			"235 requests arrived: 200 completed, 30 failed, 5 unfinished at the end (completion 85.11 %)."} {
 			if !strings.Contains(md, want) {
 				t.Errorf("report.md lacks %q:\n%s", want, md)
 			}
@@ -256,6 +256,180 @@ func TestWriteReportDegenerate(t *testing.T) {
 		}
 		checkImages(t, dir, reportPlots...)
 	})
+}
+
+// The rule of censoredQuantiles on a small case: 100 completed requests
+// of 1..100 s and two unfinished ones, 95.5 s and 120 s so far.
+func TestCensoredQuantiles(t *testing.T) {
+	done := make([]float64, 100)
+	for i := range done {
+		done[i] = float64(i + 1)
+	}
+	q := censoredQuantiles(done, []float64{120, 95.5, math.NaN()})
+	// Of 102 (the NaN skipped): p50 is rank 51 (51 s, below every bound:
+	// exact), p90 rank 92 (92 s, exact), p95 rank 97 (96 s: the 95.5 s
+	// request may finish before it), p99 rank 101 (100 s); mean and max
+	// take the unfinished at their bounds.
+	want := Quantiles{N: 100, Censored: 2, Mean: (5050 + 95.5 + 120) / 102, P50: 51, P90: 92, P95: 96, P99: 100, Max: 120,
+		LowerBound: Bounds{Mean: true, P95: true, P99: true, Max: true}}
+	if q != want {
+		t.Errorf("censoredQuantiles =\n%+v, want\n%+v", q, want)
+	}
+	// A rank landing on an unfinished request is its bound, flagged.
+	if q := censoredQuantiles(done, []float64{0.5}); q.P50 != 50 || !q.LowerBound.P50 || q.Max != 100 || !q.LowerBound.Max {
+		t.Errorf("censoredQuantiles with a 0.5 s bound: %+v", q)
+	}
+	// Nothing unfinished: the plain figures, nothing flagged.
+	if q, want := censoredQuantiles(done, nil), quantilesOf(done); q != want {
+		t.Errorf("censoredQuantiles without censoring = %+v, want %+v", q, want)
+	}
+	if q := censoredQuantiles(nil, nil); q != (Quantiles{}) {
+		t.Errorf("censoredQuantiles of nothing = %+v", q)
+	}
+
+	for _, tc := range []struct {
+		got, want Unfinished
+	}{
+		{unfinishedAt(600, 590, 0, false, false, 0), Unfinished{E2E: 10, TTFT: math.NaN(), PerToken: math.NaN()}},
+		{unfinishedAt(600, 590, 0, false, true, 11), Unfinished{E2E: 10, TTFT: 10, PerToken: 0}},
+		{unfinishedAt(600, 590, 592, true, true, 11), Unfinished{E2E: 10, TTFT: 2, FirstToken: true, PerToken: 0.8}},
+		{unfinishedAt(600, 590, 592, true, true, 1), Unfinished{E2E: 10, TTFT: 2, FirstToken: true, PerToken: math.NaN()}},
+	} {
+		g, w := tc.got, tc.want
+		same := func(a, b float64) bool { return a == b || math.IsNaN(a) && math.IsNaN(b) }
+		if !same(g.E2E, w.E2E) || !same(g.TTFT, w.TTFT) || !same(g.PerToken, w.PerToken) || g.FirstToken != w.FirstToken {
+			t.Errorf("unfinishedAt = %+v, want %+v", g, w)
+		}
+	}
+}
+
+// withUnfinished adds to r n requests unfinished at the end of its run,
+// submitted from 1.5 s before the end back by 0.1 s each: generation
+// requests, every other one with its first token 0.2 s after submission.
+func withUnfinished(r *Result, n int) *Result {
+	for i := range n {
+		arrive := r.Duration - 1.5 - 0.1*float64(i)
+		r.Latencies.Unfinished = append(r.Latencies.Unfinished, unfinishedAt(r.Duration, arrive, arrive+0.2, i%2 == 0, true, 100))
+	}
+	r.Summary.Requests += n
+	return r
+}
+
+// A run that ended with requests in flight: they count as submitted, not
+// completed, and bound the latency figures from below; those they may
+// change say so in report.md, summary.json, latency.csv and Headline.
+func TestReportUnfinished(t *testing.T) {
+	plain := fakeResult(t, 1, 3000, true, 1) // e2e median 1 s, p90 1.9 s
+	r := withUnfinished(fakeResult(t, 1, 3000, true, 1), 61)
+	dir := t.TempDir()
+	if err := WriteReport(dir, r); err != nil {
+		t.Fatal(err)
+	}
+	if r.Summary.Unfinished != 0 || r.Summary.E2E != plain.Summary.E2E {
+		t.Errorf("WriteReport changed its result: %+v", r.Summary)
+	}
+
+	var got Result
+	if err := json.Unmarshal([]byte(readFile(t, filepath.Join(dir, "summary.json"))), &got); err != nil {
+		t.Fatal(err)
+	}
+	s := &got.Summary
+	if s.Requests != 3091 || s.Completed != 3000 || s.Failed != 30 || s.Unfinished != 61 || s.CompletionRate != 3000.0/3091 {
+		t.Errorf("summary.json counts: %+v", s)
+	}
+	e, plainE := s.E2E, plain.Summary.E2E
+	if e.N != 3000 || e.Censored != 61 || e.LowerBound != (Bounds{Mean: true, P90: true, P95: true, P99: true, Max: true}) {
+		t.Errorf("summary.json e2e: %+v", e)
+	}
+	// The median ranks among the 3,061 requests, below every unfinished
+	// request's 1.5 s: exact, and the completed requests' rank-1,531
+	// latency. Above 1.5 s the figures rise with the slow requests the
+	// completed-only ones left out.
+	sorted := slices.Sorted(slices.Values(r.Latencies.E2E))
+	if e.P50 != sorted[1530] || e.P50 >= 1.5 || !(e.P99 > plainE.P99) || e.Max != 7.5 || !(e.Mean > plainE.Mean) {
+		t.Errorf("e2e with unfinished requests %+v, completed only %+v", e, plainE)
+	}
+	// Half had their first token (exact TTFT 0.2 s); the others' TTFT is
+	// at least 1.5 s, above the completed requests' p99 (e2e/5).
+	if tt := s.TTFT; tt.N != 3031 || tt.Censored != 30 || tt.LowerBound.P50 || tt.LowerBound.P95 || !tt.LowerBound.Max {
+		t.Errorf("summary.json ttft: %+v", tt)
+	}
+	// Per token: 0 before a first token, so nothing is exact above 0.
+	if pt := s.PerToken; pt.N != 3000 || pt.Censored != 61 || pt.LowerBound != (Bounds{true, true, true, true, true, true}) {
+		t.Errorf("summary.json per token: %+v against %+v", pt, plain.Summary.PerToken)
+	}
+	js := readFile(t, filepath.Join(dir, "summary.json"))
+	if !strings.Contains(js, `"unfinished": 61`) || !strings.Contains(js, `"lower_bound": {`) || !strings.Contains(js, `"p99": true`) {
+		t.Errorf("summary.json:\n%s", js)
+	}
+
+	md := readFile(t, filepath.Join(dir, "report.md"))
+	for _, want := range []string{
+		"3,091 requests arrived: 3,000 completed, 30 failed, 61 unfinished at the end (completion 97.06 %).",
+		"| Requests unfinished at the end | 61 |", "| Completion rate | 97.06 % |",
+		"| End-to-end latency p50 | " + fmtSeconds(e.P50) + " |", "| End-to-end latency p99 | ≥ " + fmtSeconds(e.P99) + " |",
+		"median " + fmtSeconds(e.P50) + ", p95 ≥ " + fmtSeconds(e.P95), "max ≥ 7.50 s",
+		"≥ marks a lower bound: 61 requests were unfinished at the end of the run",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report.md lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Log(md)
+	}
+
+	rows := readCSV(t, filepath.Join(dir, "latency.csv"))
+	if h := rows[0]; len(h) != 7 || h[4] != "e2e_lower_bound" {
+		t.Fatalf("latency.csv header %v", h)
+	}
+	if med, last := rows[501], rows[cdfPoints+1]; med[1] != ff(e.P50) || med[4] != "false" || last[1] != "7.5" || last[4] != "true" {
+		t.Errorf("latency.csv median %v, max %v", med, last)
+	}
+
+	h := Headline(r)
+	for _, want := range []string{"3,091 requests: 3,000 completed, 30 failed, 61 unfinished at the end (completion 97.06 %)",
+		"end-to-end p50 " + fmtSeconds(e.P50) + ", p95 ≥ " + fmtSeconds(e.P95), "≥: a lower bound (the 61 unfinished requests"} {
+		if !strings.Contains(h, want) {
+			t.Errorf("Headline lacks %q:\n%s", want, h)
+		}
+	}
+
+	// Unfinished requests the result has no entry for: bounded by 0 only,
+	// so every figure above the fastest is a lower bound.
+	r = fakeResult(t, 1, 3000, true, 1)
+	r.Summary.Requests += 5
+	st := r.settled().Summary
+	if st.Unfinished != 5 || st.E2E.Censored != 5 || st.TTFT.Censored != 5 || !st.E2E.LowerBound.P50 || st.E2E.P50 > plainE.P50 {
+		t.Errorf("settled without entries for the unfinished: %+v", st)
+	}
+}
+
+// Without unfinished requests, a report says so and prints its figures as
+// before: nothing flagged, the same values, no lower_bound in the JSON.
+func TestReportNoUnfinished(t *testing.T) {
+	r := fakeResult(t, 1, 3000, true, 1)
+	dir := t.TempDir()
+	if err := WriteReport(dir, r); err != nil {
+		t.Fatal(err)
+	}
+	md, js := readFile(t, filepath.Join(dir, "report.md")), readFile(t, filepath.Join(dir, "summary.json"))
+	if strings.Contains(md, "≥") || strings.Contains(js, "lower_bound") || strings.Contains(js, "censored") {
+		t.Errorf("a run without unfinished requests has lower bounds:\n%s\n%s", md, js)
+	}
+	for _, want := range []string{"3,030 requests arrived: 3,000 completed, 30 failed, 0 unfinished at the end (completion 99.01 %).",
+		"| Requests unfinished at the end | 0 |",
+		"End-to-end latency: median " + fmtSeconds(r.Summary.E2E.P50) + ", p95 " + fmtSeconds(r.Summary.E2E.P95) + ", p99 " + fmtSeconds(r.Summary.E2E.P99)} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report.md lacks %q", want)
+		}
+	}
+	if rows := readCSV(t, filepath.Join(dir, "latency.csv")); rows[cdfPoints+1][4] != "false" || rows[cdfPoints+1][1] != ff(r.Summary.E2E.Max) {
+		t.Errorf("latency.csv max row %v", rows[cdfPoints+1])
+	}
+	if h := Headline(r); strings.Contains(h, "≥") || !strings.Contains(h, "3,030 requests: 3,000 completed, 30 failed, 0 unfinished at the end (completion 99.01 %)") {
+		t.Errorf("Headline:\n%s", h)
+	}
 }
 
 func TestQuantileGrid(t *testing.T) {
@@ -407,6 +581,25 @@ func TestWriteComparison(t *testing.T) {
 		"| End-to-end latency p50 | " + fmtSeconds(a.Summary.E2E.P50) + " | " + fmtSeconds(b.Summary.E2E.P50) + " | 0.50× |",
 		"| Requests arrived | 430 | 430 | 1.00× |", "end-to-end latency p50 " + fmtSeconds(b.Summary.E2E.P50) + " vs " + fmtSeconds(a.Summary.E2E.P50) + " (50% lower)",
 		"(comparison_cdf.svg)", "| Parameter | cloud | edge |\n|---|---|---|\n| peers | 50 | 200 |\n", "Common to all runs:\n\n- workload.rate: 2/s\n"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("comparison.md lacks %q:\n%s", want, md)
+		}
+	}
+	if strings.Contains(md, "≥") || !strings.Contains(md, "| Requests unfinished at the end | 0 | 0 | – |") {
+		t.Errorf("comparison.md of runs without unfinished requests:\n%s", md)
+	}
+
+	// The faster run with unfinished requests: its tail figures are lower
+	// bounds, and so are the ratios to them.
+	b = withUnfinished(fakeResult(t, 20, 400, true, 1), 20)
+	if err := WriteComparison(dir, []string{"cloud", "edge"}, []*Result{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	bs := b.settled().Summary
+	md = readFile(t, filepath.Join(dir, "comparison.md"))
+	for _, want := range []string{"| Requests unfinished at the end | 0 | 20 | – |", "| Completion rate | 93.02 % | 88.89 % | 0.96× |",
+		"| End-to-end latency p99 | " + fmtSeconds(a.Summary.E2E.P99) + " | ≥ " + fmtSeconds(bs.E2E.P99) + " | ≥ ",
+		"edge: ≥ marks a lower bound: 20 requests were unfinished", "end-to-end latency p95 ≥ " + fmtSeconds(bs.E2E.P95) + " vs " + fmtSeconds(a.Summary.E2E.P95) + " (at most "} {
 		if !strings.Contains(md, want) {
 			t.Errorf("comparison.md lacks %q:\n%s", want, md)
 		}

@@ -1,5 +1,11 @@
 package simulations
 
+import (
+	"cmp"
+	"math"
+	"slices"
+)
+
 // Result is what one run of a scenario produces: everything the report,
 // the CSV files and the plots are drawn from. It holds no wall-clock
 // figures, so that two runs of one scenario with one seed give the same
@@ -40,10 +46,16 @@ type RegionStat struct {
 
 // Summary is the run in a few figures (summary.json).
 type Summary struct {
-	Requests  int `json:"requests"`  // arrived
+	Requests  int `json:"requests"`  // arrived (submitted)
 	Completed int `json:"completed"` // finished with a result
 	Failed    int `json:"failed"`    // gave up (no route, too many failovers, deadline)
-	// CompletionRate is Completed / (Completed + Failed).
+	// Unfinished were still in flight when the run ended: Requests -
+	// Completed - Failed. Neither completed nor failed, they are censored:
+	// each one's latency is at least the end of the run minus its
+	// submission (see censoredQuantiles).
+	Unfinished int `json:"unfinished"`
+	// CompletionRate is Completed / Requests: an unfinished request is not
+	// a completed one.
 	CompletionRate float64 `json:"completion_rate"`
 	// Throughput is completed requests per virtual second; TokensPerSec the
 	// generated tokens per virtual second.
@@ -84,6 +96,8 @@ type Summary struct {
 
 // Quantiles of a latency distribution, in seconds (all 0 when empty).
 type Quantiles struct {
+	// N counts the latencies known exactly: completed requests' (and, of
+	// TTFT, unfinished requests' that had their first token).
 	N    int     `json:"n"`
 	Mean float64 `json:"mean"`
 	P50  float64 `json:"p50"`
@@ -91,6 +105,23 @@ type Quantiles struct {
 	P95  float64 `json:"p95"`
 	P99  float64 `json:"p99"`
 	Max  float64 `json:"max"`
+	// Censored counts the unfinished requests the figures take at their
+	// lower bounds (censoredQuantiles); LowerBound says which figures are
+	// then only lower bounds of the true ones. Both zero, and absent from
+	// the JSON, when no request was unfinished.
+	Censored   int    `json:"censored,omitempty"`
+	LowerBound Bounds `json:"lower_bound,omitzero"`
+}
+
+// Bounds marks the figures of a Quantiles that are lower bounds: the true
+// figure, had every unfinished request finished, is at least the one given.
+type Bounds struct {
+	Mean bool `json:"mean,omitempty"`
+	P50  bool `json:"p50,omitempty"`
+	P90  bool `json:"p90,omitempty"`
+	P95  bool `json:"p95,omitempty"`
+	P99  bool `json:"p99,omitempty"`
+	Max  bool `json:"max,omitempty"`
 }
 
 // Sample is the mesh over one sample interval ending at T.
@@ -133,4 +164,209 @@ type Latencies struct {
 	E2E      []float64
 	TTFT     []float64
 	PerToken []float64
+	// Unfinished has one entry per request still in flight at the end of
+	// the run (unfinishedAt). A Result may have fewer entries than
+	// Summary.Unfinished: the report then takes each missing one at the
+	// only bound known without its submission time, 0.
+	Unfinished []Unfinished
+}
+
+// Unfinished is what is known of the latencies of a request the run ended
+// before it finished. NaN marks a latency the request does not have (TTFT
+// and PerToken of a single pass; PerToken of a generation of one token).
+type Unfinished struct {
+	// E2E is the end of the run minus its submission: its end-to-end
+	// latency is at least that.
+	E2E float64
+	// TTFT is its time to first token: exact when FirstToken (the token
+	// had reached the user), else at least E2E.
+	TTFT       float64
+	FirstToken bool
+	// PerToken is a lower bound of its time per output token after the
+	// first: the time from its first token to the end of the run over its
+	// output tokens after the first, (end - first token) / (output - 1);
+	// 0 before its first token.
+	PerToken float64
+}
+
+// unfinishedAt is what the end of a run at end knows of a request
+// submitted at arrive, its first token at the user at firstTok (when
+// first), of output tokens (gen) or a single pass; times in seconds.
+func unfinishedAt(end, arrive, firstTok float64, first, gen bool, output int) Unfinished {
+	u := Unfinished{E2E: end - arrive, TTFT: math.NaN(), PerToken: math.NaN()}
+	if !gen {
+		return u
+	}
+	u.TTFT = u.E2E
+	if first {
+		u.TTFT, u.FirstToken = firstTok-arrive, true
+	}
+	if output > 1 {
+		u.PerToken = 0
+		if first {
+			u.PerToken = (end - firstTok) / float64(output-1)
+		}
+	}
+	return u
+}
+
+// Censoring. A request still in flight at the end of the run has no
+// latency yet, only a lower bound: its latency so far. Leaving it out (as
+// the completed-only figures do) drops exactly the slowest requests. The
+// figures here take every unfinished request at its lower bound, with the
+// completed ones, so each is a lower bound of the figure the run would
+// have given had it gone on until all had finished; and one is exact when
+// nothing unfinished can change it:
+//
+//   - a percentile (nearest rank k of n, completed and unfinished) is
+//     exact when rank k falls on a completed request whose latency is at
+//     most every unfinished request's lower bound (then all unfinished
+//     requests rank above it, wherever they finish); otherwise it is the
+//     lower bound found at rank k, and flagged;
+//   - the mean and the maximum are lower bounds as soon as one latency
+//     is taken at its bound.
+//
+// Failed requests have no latency and are in neither set.
+
+// censoredQuantiles is the Quantiles of the exact latencies done and the
+// lower bounds low of unfinished requests' (not finite values skipped).
+// With no low it is the plain nearest-rank Quantiles of done.
+func censoredQuantiles(done, low []float64) Quantiles {
+	c := newCensored(done, low)
+	if len(c.v) == 0 {
+		return Quantiles{}
+	}
+	sum := 0.0
+	for _, x := range c.v {
+		sum += x
+	}
+	cen := len(c.v) - c.exact
+	q := Quantiles{N: c.exact, Censored: cen, Mean: sum / float64(len(c.v)), Max: c.v[len(c.v)-1]}
+	q.P50, q.LowerBound.P50 = c.at(0.5)
+	q.P90, q.LowerBound.P90 = c.at(0.9)
+	q.P95, q.LowerBound.P95 = c.at(0.95)
+	q.P99, q.LowerBound.P99 = c.at(0.99)
+	q.LowerBound.Mean, q.LowerBound.Max = cen > 0, cen > 0
+	return q
+}
+
+// censored is a distribution of exact latencies and lower bounds, sorted.
+type censored struct {
+	v     []float64 // the values, ascending (an exact one before a bound of the same value)
+	low   []bool    // v[i] is a lower bound
+	exact int       // how many are exact
+	min   float64   // the least lower bound, +Inf when none
+}
+
+func newCensored(done, low []float64) censored {
+	type val struct {
+		v   float64
+		low bool
+	}
+	vs := make([]val, 0, len(done)+len(low))
+	c := censored{min: math.Inf(1)}
+	for _, x := range done {
+		if !math.IsNaN(x) && !math.IsInf(x, 0) {
+			vs = append(vs, val{x, false})
+			c.exact++
+		}
+	}
+	for _, x := range low {
+		if !math.IsNaN(x) && !math.IsInf(x, 0) {
+			vs = append(vs, val{x, true})
+			c.min = min(c.min, x)
+		}
+	}
+	slices.SortFunc(vs, func(a, b val) int {
+		if d := cmp.Compare(a.v, b.v); d != 0 {
+			return d
+		}
+		return cmp.Compare(b2i(a.low), b2i(b.low))
+	})
+	c.v, c.low = make([]float64, len(vs)), make([]bool, len(vs))
+	for i, x := range vs {
+		c.v[i], c.low[i] = x.v, x.low
+	}
+	return c
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// at is the value at quantile q (nearest rank) and whether it is only a
+// lower bound. c must not be empty.
+func (c censored) at(q float64) (float64, bool) {
+	i := rankIndex(q, len(c.v))
+	return c.v[i], c.low[i] || c.v[i] > c.min
+}
+
+// settled is a copy of r whose Summary counts the unfinished requests and
+// takes them into its latency figures (censoredQuantiles), for reports:
+// Run's Summary leaves them out. Requests's counts alone give Unfinished
+// and CompletionRate; the latencies are taken again from Latencies, when
+// they are the ones the Summary was drawn from (a Summary built by hand,
+// without them, keeps its figures).
+func (r *Result) settled() *Result {
+	c := *r
+	s := &c.Summary
+	s.Unfinished = max(0, s.Requests-s.Completed-s.Failed)
+	if s.Requests > 0 {
+		s.CompletionRate = float64(s.Completed) / float64(s.Requests)
+	}
+	if s.Unfinished == 0 {
+		return &c
+	}
+	sets := latencySets(&r.Latencies, s.Unfinished)
+	for i, q := range []*Quantiles{&s.E2E, &s.TTFT, &s.PerToken} {
+		if sets[i].completed == q.N {
+			*q = censoredQuantiles(sets[i].done, sets[i].low)
+		}
+	}
+	return &c
+}
+
+// latencySet is one latency distribution of a run: the exact latencies
+// (completed requests', and an unfinished one's time to first token when
+// it had come) and the lower bounds of the unfinished requests'.
+type latencySet struct {
+	done, low []float64
+	completed int // how many of done are completed requests' (the first)
+}
+
+// latencySets is l's end-to-end, time-to-first-token and per-token
+// distributions, of a run that ended with unfinished requests in flight.
+func latencySets(l *Latencies, unfinished int) [3]latencySet {
+	sets := [3]latencySet{
+		{done: slices.Clip(l.E2E), completed: len(l.E2E)},
+		{done: slices.Clip(l.TTFT), completed: len(l.TTFT)},
+		{done: slices.Clip(l.PerToken), completed: len(l.PerToken)},
+	}
+	for _, u := range l.Unfinished {
+		sets[0].low = append(sets[0].low, u.E2E)
+		switch {
+		case math.IsNaN(u.TTFT):
+		case u.FirstToken:
+			sets[1].done = append(sets[1].done, u.TTFT)
+		default:
+			sets[1].low = append(sets[1].low, u.TTFT)
+		}
+		if !math.IsNaN(u.PerToken) {
+			sets[2].low = append(sets[2].low, u.PerToken)
+		}
+	}
+	// Unfinished requests with no entry: only 0 bounds their latencies,
+	// and each may be any kind of request, so it bounds every
+	// distribution the run has (one with no entry at all has none).
+	if missing := unfinished - len(l.Unfinished); missing > 0 {
+		for i := range sets {
+			if len(sets[i].done)+len(sets[i].low) > 0 {
+				sets[i].low = append(sets[i].low, make([]float64, missing)...)
+			}
+		}
+	}
+	return sets
 }
