@@ -75,7 +75,9 @@ func PlanRouteTrusting(trusted, distrusted []RouteCandidate, req RouteRequest, a
 // for every block, the RoutePerBlock candidates SelectCandidates would keep
 // from the whole view under each tier's exclusions (a SelectCandidates of
 // the view with a larger perBlock, from a nearby point, does in practice),
-// the answer is the same as over the view, at a fraction of the cost.
+// the answer is the same as over the view, at a fraction of the cost; with
+// req.Rand, under the same draws too (PlanRoute draws one per usable
+// candidate, and both see the same ones).
 func PlanRouteInView(cands []RouteCandidate, viewSize int, req RouteRequest, avoid, banned map[peer.ID]bool) (Route, error) {
 	both := banned
 	if len(avoid) > 0 {
