@@ -114,8 +114,11 @@
 // mesh.MaxRouteCandidates. The simulator preselects, once per view and
 // region, four times that many from the region's centre, and each entry
 // node's route selects from that pool with its own coordinate and bans.
-// Routes are memoized per entry node, view, span and ban set: PlanRoute is
-// pure, so within one view and one set of bans it answers the same. mesh.Place
+// A node draws each route with fresh randomness (mesh.RouteRequest.Rand),
+// which spreads requesters over near-equal routes; so does the simulator,
+// from a seeded stream of its own, keeping up to eight drawn routes per
+// entry node, view, span and ban set, of which each request takes one at
+// random (drawing one per request would cost too much at 100k peers). mesh.Place
 // and mesh.Rebalance see the view through its per-block throughput totals
 // (mesh.AggregateCandidates), on which they answer as on the candidates.
 //

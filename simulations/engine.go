@@ -1565,8 +1565,10 @@ func (s *sim) collect() *Result {
 	res := &Result{Scenario: sc.Name, Seed: sc.Seed, Duration: sc.DurationS, Params: s.params(), Series: s.series, Latencies: s.lat}
 	sum := &res.Summary
 	sum.Requests, sum.Completed, sum.Failed = s.arrived, s.completed, s.failed
-	if n := s.completed + s.failed; n > 0 {
-		sum.CompletionRate = float64(s.completed) / float64(n)
+	sum.Unfinished = max(0, s.arrived-s.completed-s.failed)
+	if s.arrived > 0 {
+		// Unfinished requests (still in flight at the end) are not completed.
+		sum.CompletionRate = float64(s.completed) / float64(s.arrived)
 	}
 	sum.Throughput = float64(s.completed) / sc.DurationS
 	sum.TokensPerSec = float64(s.tokens) / sc.DurationS
@@ -1586,6 +1588,13 @@ func (s *sim) collect() *Result {
 	sum.PeersEnd, sum.Joins, sum.Leaves, sum.Moves = s.online, s.joins, s.leaves, s.moves
 	sum.MinCoverage = s.minCov
 	sum.Events = s.events
+	for i := range s.reqs {
+		if r := &s.reqs[i]; r.live {
+			first := r.gen && r.step > 0 && r.firstTok <= s.end
+			res.Latencies.Unfinished = append(res.Latencies.Unfinished, unfinishedAt(float64(s.end)/1e9, float64(r.arrive)/1e9,
+				float64(r.firstTok)/1e9, first, r.gen, int(r.output)))
+		}
+	}
 	for i, p := range s.peers {
 		if !p.everOnline {
 			continue

@@ -655,3 +655,21 @@ workload: {rate: 2, entries: 2}
 		t.Error("sweep of no values")
 	}
 }
+
+// A result with unfinished requests goes through JSON (which has no NaN:
+// a latency a request does not have is null) and comes back the same.
+func TestUnfinishedJSON(t *testing.T) {
+	in := []Unfinished{unfinishedAt(600, 590, 0, false, false, 0), unfinishedAt(600, 590, 592, true, true, 11)}
+	b, err := json.Marshal(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []Unfinished
+	if err := json.Unmarshal(b, &out); err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 2 || out[0].E2E != 10 || !math.IsNaN(out[0].TTFT) || !math.IsNaN(out[0].PerToken) ||
+		out[1] != in[1] {
+		t.Fatalf("%s came back as %+v", b, out)
+	}
+}

@@ -2,6 +2,7 @@ package simulations
 
 import (
 	"cmp"
+	"encoding/json"
 	"math"
 	"slices"
 )
@@ -187,6 +188,40 @@ type Unfinished struct {
 	// output tokens after the first, (end - first token) / (output - 1);
 	// 0 before its first token.
 	PerToken float64
+}
+
+// unfinishedJSON is Unfinished on the wire: JSON has no NaN, so a latency
+// the request does not have is null.
+type unfinishedJSON struct {
+	E2E        float64  `json:"e2e"`
+	TTFT       *float64 `json:"ttft"`
+	FirstToken bool     `json:"first_token,omitempty"`
+	PerToken   *float64 `json:"per_token"`
+}
+
+func (u Unfinished) MarshalJSON() ([]byte, error) {
+	orNull := func(f float64) *float64 {
+		if math.IsNaN(f) {
+			return nil
+		}
+		return &f
+	}
+	return json.Marshal(unfinishedJSON{E2E: u.E2E, TTFT: orNull(u.TTFT), FirstToken: u.FirstToken, PerToken: orNull(u.PerToken)})
+}
+
+func (u *Unfinished) UnmarshalJSON(b []byte) error {
+	var j unfinishedJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return err
+	}
+	orNaN := func(f *float64) float64 {
+		if f == nil {
+			return math.NaN()
+		}
+		return *f
+	}
+	*u = Unfinished{E2E: j.E2E, TTFT: orNaN(j.TTFT), FirstToken: j.FirstToken, PerToken: orNaN(j.PerToken)}
+	return nil
 }
 
 // unfinishedAt is what the end of a run at end knows of a request
