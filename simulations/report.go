@@ -168,7 +168,7 @@ func latencyRows(l *Latencies, unfinished int) [][]string {
 			if len(c.v) == 0 {
 				continue
 			}
-			v, low := c.at(float64(i) / cdfPoints)
+			v, low, _ := c.at(float64(i) / cdfPoints)
 			row[1+j], row[4+j] = ff(v), strconv.FormatBool(low)
 		}
 		rows = append(rows, row)
@@ -266,14 +266,15 @@ func keyNumbers(r *Result) string {
 	} else {
 		e, t, k := &s.E2E, &s.TTFT, &s.PerToken
 		fmt.Fprintf(&b, "End-to-end latency: median %s, p95 %s, p99 %s (mean %s, max %s).",
-			fmtBound(e.P50, e.LowerBound.P50), fmtBound(e.P95, e.LowerBound.P95), fmtBound(e.P99, e.LowerBound.P99),
-			fmtBound(e.Mean, e.LowerBound.Mean), fmtBound(e.Max, e.LowerBound.Max))
+			fmtBound(e.P50, e.LowerBound.P50, e.UpperBound.P50), fmtBound(e.P95, e.LowerBound.P95, e.UpperBound.P95),
+			fmtBound(e.P99, e.LowerBound.P99, e.UpperBound.P99), fmtBound(e.Mean, e.LowerBound.Mean, 0), fmtBound(e.Max, e.LowerBound.Max, 0))
 		if t.N == 0 {
 			b.WriteString(" There were no completed generation requests, so no time to first token or per-token latency.")
 		} else {
 			fmt.Fprintf(&b, " Time to first token: median %s, p95 %s, p99 %s. Per output token after the first: median %s, p95 %s, p99 %s.",
-				fmtBound(t.P50, t.LowerBound.P50), fmtBound(t.P95, t.LowerBound.P95), fmtBound(t.P99, t.LowerBound.P99),
-				fmtBound(k.P50, k.LowerBound.P50), fmtBound(k.P95, k.LowerBound.P95), fmtBound(k.P99, k.LowerBound.P99))
+				fmtBound(t.P50, t.LowerBound.P50, t.UpperBound.P50), fmtBound(t.P95, t.LowerBound.P95, t.UpperBound.P95),
+				fmtBound(t.P99, t.LowerBound.P99, t.UpperBound.P99), fmtBound(k.P50, k.LowerBound.P50, k.UpperBound.P50),
+				fmtBound(k.P95, k.LowerBound.P95, k.UpperBound.P95), fmtBound(k.P99, k.LowerBound.P99, k.UpperBound.P99))
 		}
 		if l := boundLegend(s); l != "" {
 			b.WriteString(" " + l)
@@ -402,15 +403,16 @@ func Headline(r *Result) string {
 	fmt.Fprintf(&b, "%s: %s virtual; %s; %s req/s, %s tokens/s\n", nameOr(r.Scenario, "scenario"),
 		fmtVirtual(r.Duration), requestCounts(s, ""), fmtRate(s.Throughput), fmtRate(s.TokensPerSec))
 	if e, t := &s.E2E, &s.TTFT; e.N > 0 {
-		fmt.Fprintf(&b, "end-to-end p50 %s, p95 %s, p99 %s", fmtBound(e.P50, e.LowerBound.P50),
-			fmtBound(e.P95, e.LowerBound.P95), fmtBound(e.P99, e.LowerBound.P99))
+		fmt.Fprintf(&b, "end-to-end p50 %s, p95 %s, p99 %s", fmtBound(e.P50, e.LowerBound.P50, e.UpperBound.P50),
+			fmtBound(e.P95, e.LowerBound.P95, e.UpperBound.P95), fmtBound(e.P99, e.LowerBound.P99, e.UpperBound.P99))
 		if t.N > 0 {
-			fmt.Fprintf(&b, "; first token p50 %s, p95 %s; per token p50 %s", fmtBound(t.P50, t.LowerBound.P50),
-				fmtBound(t.P95, t.LowerBound.P95), fmtBound(s.PerToken.P50, s.PerToken.LowerBound.P50))
+			k := &s.PerToken
+			fmt.Fprintf(&b, "; first token p50 %s, p95 %s; per token p50 %s", fmtBound(t.P50, t.LowerBound.P50, t.UpperBound.P50),
+				fmtBound(t.P95, t.LowerBound.P95, t.UpperBound.P95), fmtBound(k.P50, k.LowerBound.P50, k.UpperBound.P50))
 		}
 		b.WriteString("\n")
 		if boundLegend(s) != "" {
-			fmt.Fprintf(&b, "≥: a lower bound (the %s unfinished requests count at their latency so far; see report.md)\n", commas(s.Unfinished))
+			fmt.Fprintf(&b, "a – b: between a and b; ≥: at least (the %s unfinished requests count at their latency so far; see report.md)\n", commas(s.Unfinished))
 		}
 	}
 	resumes := ""
@@ -434,9 +436,13 @@ func requestCounts(s *Summary, verb string) string {
 	return t
 }
 
-// fmtBound is a latency, after "≥ " when it is only a lower bound.
-func fmtBound(v float64, lower bool) string {
-	if lower {
+// fmtBound is a latency: "a – b" when it is only known to lie between a
+// and b (upper > 0), "≥ a" when only a lower bound.
+func fmtBound(v float64, lower bool, upper float64) string {
+	switch {
+	case lower && upper > v:
+		return fmtSeconds(v) + " – " + fmtSeconds(upper)
+	case lower:
 		return "≥ " + fmtSeconds(v)
 	}
 	return fmtSeconds(v)
@@ -448,10 +454,11 @@ func boundLegend(s *Summary) string {
 	if s.E2E.LowerBound == (Bounds{}) && s.TTFT.LowerBound == (Bounds{}) && s.PerToken.LowerBound == (Bounds{}) {
 		return ""
 	}
-	return fmt.Sprintf("≥ marks a lower bound: %s requests were unfinished at the end of the run, and each counts at its latency so far "+
+	return fmt.Sprintf("≥ marks a lower bound, and a – b a range: %s requests were unfinished at the end of the run, and each counts at its latency so far "+
 		"(end of run − submission; per token, the time since its first token over its tokens after the first, 0 before the first), "+
-		"so a percentile is exact only where its rank falls on a completed request no slower than every unfinished one so far, "+
-		"and the mean and maximum are lower bounds.", commas(s.Unfinished))
+		"so a percentile is exact only where its rank falls on a completed request no slower than every unfinished one so far; "+
+		"otherwise it lies between that lower bound and the completed latency at its rank, had every unfinished request run forever "+
+		"(no upper bound when its rank falls among them); the mean and maximum are lower bounds.", commas(s.Unfinished))
 }
 
 // reportMetrics is the figures of a report's and a comparison's table:
@@ -472,37 +479,48 @@ func reportMetrics() []metric {
 // lowerBound says whether m's value in s is only a lower bound: a latency
 // figure ("e2e_p95", ...) censoring bounds.
 func lowerBound(m metric, s *Summary) bool {
+	lower, _ := bounds(m, s)
+	return lower
+}
+
+// bounds says whether m's value in s is only a lower bound, and then its
+// upper bound (0: none).
+func bounds(m metric, s *Summary) (lower bool, upper float64) {
 	if m.kind != kindSeconds || !m.available(s) {
-		return false
+		return false, 0
 	}
 	for _, q := range []struct {
 		prefix string
 		q      *Quantiles
 	}{{"e2e_", &s.E2E}, {"ttft_", &s.TTFT}, {"per_token_", &s.PerToken}} {
 		if stat, ok := strings.CutPrefix(m.name, q.prefix); ok {
-			lb := &q.q.LowerBound
+			lb, ub := &q.q.LowerBound, &q.q.UpperBound
 			switch stat {
 			case "mean":
-				return lb.Mean
+				return lb.Mean, 0
 			case "p50":
-				return lb.P50
+				return lb.P50, ub.P50
 			case "p90":
-				return lb.P90
+				return lb.P90, ub.P90
 			case "p95":
-				return lb.P95
+				return lb.P95, ub.P95
 			case "p99":
-				return lb.P99
+				return lb.P99, ub.P99
 			case "max":
-				return lb.Max
+				return lb.Max, 0
 			}
 		}
 	}
-	return false
+	return false, 0
 }
 
-// formatBound is m.format(s), after "≥ " when only a lower bound.
+// formatBound is m.format(s), as a range "a – b" when it is only known to
+// lie between, after "≥ " when only a lower bound.
 func formatBound(m metric, s *Summary) string {
-	if lowerBound(m, s) {
+	switch lower, upper := bounds(m, s); {
+	case lower && upper > m.get(s):
+		return m.format(s) + " – " + fmtSeconds(upper)
+	case lower:
 		return "≥ " + m.format(s)
 	}
 	return m.format(s)

@@ -271,7 +271,10 @@ func TestCensoredQuantiles(t *testing.T) {
 	// request may finish before it), p99 rank 101 (100 s); mean and max
 	// take the unfinished at their bounds.
 	want := Quantiles{N: 100, Censored: 2, Mean: (5050 + 95.5 + 120) / 102, P50: 51, P90: 92, P95: 96, P99: 100, Max: 120,
-		LowerBound: Bounds{Mean: true, P95: true, P99: true, Max: true}}
+		LowerBound: Bounds{Mean: true, P95: true, P99: true, Max: true},
+		// p95 is at most the 97th completed (were both unfinished to run
+		// forever); p99's rank falls among the unfinished: no bound.
+		UpperBound: Uppers{P95: 97}}
 	if q != want {
 		t.Errorf("censoredQuantiles =\n%+v, want\n%+v", q, want)
 	}
@@ -367,13 +370,16 @@ func TestReportUnfinished(t *testing.T) {
 	for _, want := range []string{
 		"3,091 requests arrived: 3,000 completed, 30 failed, 61 unfinished at the end (completion 97.06 %).",
 		"| Requests unfinished at the end | 61 |", "| Completion rate | 97.06 % |",
-		"| End-to-end latency p50 | " + fmtSeconds(e.P50) + " |", "| End-to-end latency p99 | ≥ " + fmtSeconds(e.P99) + " |",
-		"median " + fmtSeconds(e.P50) + ", p95 ≥ " + fmtSeconds(e.P95), "max ≥ 7.50 s",
-		"≥ marks a lower bound: 61 requests were unfinished at the end of the run",
+		"| End-to-end latency p50 | " + fmtSeconds(e.P50) + " |", "| End-to-end latency p99 | " + fmtBound(e.P99, true, e.UpperBound.P99) + " |",
+		"median " + fmtSeconds(e.P50) + ", p95 " + fmtBound(e.P95, true, e.UpperBound.P95), "max ≥ 7.50 s",
+		"≥ marks a lower bound, and a – b a range: 61 requests were unfinished at the end of the run",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("report.md lacks %q", want)
 		}
+	}
+	if e.UpperBound.P95 <= e.P95 || !strings.Contains(md, fmtSeconds(e.P95)+" – "+fmtSeconds(e.UpperBound.P95)) {
+		t.Errorf("p95 %s should show as a range up to the completed latency at its rank (%s)", fmtSeconds(e.P95), fmtSeconds(e.UpperBound.P95))
 	}
 	if t.Failed() {
 		t.Log(md)
@@ -389,7 +395,7 @@ func TestReportUnfinished(t *testing.T) {
 
 	h := Headline(r)
 	for _, want := range []string{"3,091 requests: 3,000 completed, 30 failed, 61 unfinished at the end (completion 97.06 %)",
-		"end-to-end p50 " + fmtSeconds(e.P50) + ", p95 ≥ " + fmtSeconds(e.P95), "≥: a lower bound (the 61 unfinished requests"} {
+		"end-to-end p50 " + fmtSeconds(e.P50) + ", p95 " + fmtBound(e.P95, true, e.UpperBound.P95), "≥: at least (the 61 unfinished requests"} {
 		if !strings.Contains(h, want) {
 			t.Errorf("Headline lacks %q:\n%s", want, h)
 		}
@@ -598,8 +604,9 @@ func TestWriteComparison(t *testing.T) {
 	bs := b.settled().Summary
 	md = readFile(t, filepath.Join(dir, "comparison.md"))
 	for _, want := range []string{"| Requests unfinished at the end | 0 | 20 | – |", "| Completion rate | 93.02 % | 88.89 % | 0.96× |",
-		"| End-to-end latency p99 | " + fmtSeconds(a.Summary.E2E.P99) + " | ≥ " + fmtSeconds(bs.E2E.P99) + " | ≥ ",
-		"edge: ≥ marks a lower bound: 20 requests were unfinished", "end-to-end latency p95 ≥ " + fmtSeconds(bs.E2E.P95) + " vs " + fmtSeconds(a.Summary.E2E.P95) + " (at most "} {
+		"| End-to-end latency p99 | " + fmtSeconds(a.Summary.E2E.P99) + " | " + fmtBound(bs.E2E.P99, true, bs.E2E.UpperBound.P99) + " | ≥ ",
+		"edge: ≥ marks a lower bound, and a – b a range: 20 requests were unfinished",
+		"end-to-end latency p95 " + fmtBound(bs.E2E.P95, true, bs.E2E.UpperBound.P95) + " vs " + fmtSeconds(a.Summary.E2E.P95) + " (at most "} {
 		if !strings.Contains(md, want) {
 			t.Errorf("comparison.md lacks %q:\n%s", want, md)
 		}

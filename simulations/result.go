@@ -112,6 +112,20 @@ type Quantiles struct {
 	// the JSON, when no request was unfinished.
 	Censored   int    `json:"censored,omitempty"`
 	LowerBound Bounds `json:"lower_bound,omitzero"`
+	// UpperBound, of a percentile that is only a lower bound, is the most
+	// it can be: the value at its rank had every unfinished request taken
+	// forever (0: no bound, its rank falls among them). So the true
+	// percentile lies between the figure and this.
+	UpperBound Uppers `json:"upper_bound,omitzero"`
+}
+
+// Uppers are the upper bounds of a Quantiles' percentiles that are lower
+// bounds (0: none, or unbounded).
+type Uppers struct {
+	P50 float64 `json:"p50,omitempty"`
+	P90 float64 `json:"p90,omitempty"`
+	P95 float64 `json:"p95,omitempty"`
+	P99 float64 `json:"p99,omitempty"`
 }
 
 // Bounds marks the figures of a Quantiles that are lower bounds: the true
@@ -257,7 +271,10 @@ func unfinishedAt(end, arrive, firstTok float64, first, gen bool, output int) Un
 //     exact when rank k falls on a completed request whose latency is at
 //     most every unfinished request's lower bound (then all unfinished
 //     requests rank above it, wherever they finish); otherwise it is the
-//     lower bound found at rank k, and flagged;
+//     lower bound found at rank k, and flagged, with an upper bound when
+//     k falls among the completed requests: the k-th completed latency
+//     (where the percentile would be were every unfinished request to run
+//     forever);
 //   - the mean and the maximum are lower bounds as soon as one latency
 //     is taken at its bound.
 //
@@ -277,10 +294,10 @@ func censoredQuantiles(done, low []float64) Quantiles {
 	}
 	cen := len(c.v) - c.exact
 	q := Quantiles{N: c.exact, Censored: cen, Mean: sum / float64(len(c.v)), Max: c.v[len(c.v)-1]}
-	q.P50, q.LowerBound.P50 = c.at(0.5)
-	q.P90, q.LowerBound.P90 = c.at(0.9)
-	q.P95, q.LowerBound.P95 = c.at(0.95)
-	q.P99, q.LowerBound.P99 = c.at(0.99)
+	q.P50, q.LowerBound.P50, q.UpperBound.P50 = c.at(0.5)
+	q.P90, q.LowerBound.P90, q.UpperBound.P90 = c.at(0.9)
+	q.P95, q.LowerBound.P95, q.UpperBound.P95 = c.at(0.95)
+	q.P99, q.LowerBound.P99, q.UpperBound.P99 = c.at(0.99)
 	q.LowerBound.Mean, q.LowerBound.Max = cen > 0, cen > 0
 	return q
 }
@@ -291,6 +308,7 @@ type censored struct {
 	low   []bool    // v[i] is a lower bound
 	exact int       // how many are exact
 	min   float64   // the least lower bound, +Inf when none
+	ex    []float64 // the exact values alone, ascending
 }
 
 func newCensored(done, low []float64) censored {
@@ -321,6 +339,9 @@ func newCensored(done, low []float64) censored {
 	c.v, c.low = make([]float64, len(vs)), make([]bool, len(vs))
 	for i, x := range vs {
 		c.v[i], c.low[i] = x.v, x.low
+		if !x.low {
+			c.ex = append(c.ex, x.v)
+		}
 	}
 	return c
 }
@@ -332,11 +353,17 @@ func b2i(b bool) int {
 	return 0
 }
 
-// at is the value at quantile q (nearest rank) and whether it is only a
-// lower bound. c must not be empty.
-func (c censored) at(q float64) (float64, bool) {
+// at is the value at quantile q (nearest rank), whether it is only a
+// lower bound, and then the most it can be: the exact value at the same
+// rank with every unfinished request ranked last (0 when the rank falls
+// among those: no bound). c must not be empty.
+func (c censored) at(q float64) (v float64, lower bool, upper float64) {
 	i := rankIndex(q, len(c.v))
-	return c.v[i], c.low[i] || c.v[i] > c.min
+	v, lower = c.v[i], c.low[i] || c.v[i] > c.min
+	if lower && i < len(c.ex) {
+		upper = c.ex[i]
+	}
+	return v, lower, upper
 }
 
 // settled is a copy of r whose Summary counts the unfinished requests and
