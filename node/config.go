@@ -89,7 +89,9 @@ type Config struct {
 	Replicas int `json:"replicas,omitempty"`
 	// HandoffWait bounds how long a node stopping gracefully waits for
 	// peers to take the blocks that only it serves (0: it leaves at once,
-	// saying which blocks are lost; `infermesh node init` writes 30s).
+	// logging which blocks are lost; 30s is a good value). It waits that
+	// long only while peers are taking them: with no sign of that within
+	// 5 s, it leaves.
 	HandoffWait Duration `json:"handoff_wait,omitempty"`
 	// RecordTTL is how long a capacity record is valid (default 5m).
 	RecordTTL Duration `json:"record_ttl"`

@@ -4,14 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/network"
 
 	"github.com/infermesh/infermesh/mesh"
 	"github.com/infermesh/infermesh/protocol"
@@ -417,26 +418,25 @@ func (n *Node) rebalance(s *servedSpan) error {
 	return nil
 }
 
-// DefaultHandoffWait is the HandoffWait `infermesh node init` writes.
-const DefaultHandoffWait = 30 * time.Second
-
 // Bounds of the handoff of a graceful stop.
 const (
-	// handoffPoll is how often the leaving node looks at its view.
-	handoffPoll = 200 * time.Millisecond
+	// handoffPoll is how often the leaving node looks for peers fetching
+	// blocks from it (its view, every fourth time).
+	handoffPoll = 50 * time.Millisecond
 	// handoffNotice is how long it waits for a sign that a peer takes its
-	// blocks (a peer fetching blocks from it, or a peer's span changing)
-	// before it concludes that nobody will: pinned peers never move.
+	// blocks (a peer opening a block-transfer stream to it, or some of the
+	// blocks served elsewhere) before it concludes that nobody will:
+	// pinned peers never move.
 	handoffNotice = 5 * time.Second
+	// handoffPublish bounds storing the withdrawn record in the DHT.
+	handoffPublish = 2 * time.Second
 )
 
 // soleBlocks lists, per model served here, the blocks of its spans that
 // no other peer serves, per the view (models the view cannot say are left
-// out); how many other peers serve those models; and their spans, by
-// model and peer.
-func (n *Node) soleBlocks(ctx context.Context) (sole map[*shards.Model][]int, others int, spans map[string]string) {
+// out); and how many other peers serve those models.
+func (n *Node) soleBlocks(ctx context.Context) (sole map[*shards.Model][]int, others int) {
 	sole = map[*shards.Model][]int{}
-	spans = map[string]string{}
 	seen := map[string]bool{}
 	for _, s := range n.servedSpans() {
 		mv, err := n.mesh.View().Model(ctx, s.model.ID)
@@ -449,7 +449,6 @@ func (n *Node) soleBlocks(ctx context.Context) (sole map[*shards.Model][]int, ot
 				continue
 			}
 			key := s.model.ID.String() + "/" + c.Peer.String()
-			spans[key] = fmt.Sprintf("%d-%d", c.Start, c.End)
 			if !seen[key] {
 				seen[key] = true
 				others++
@@ -471,7 +470,16 @@ func (n *Node) soleBlocks(ctx context.Context) (sole map[*shards.Model][]int, ot
 			delete(sole, s.model)
 		}
 	}
-	return sole, others, spans
+	return sole, others
+}
+
+// soleCount is how many blocks sole lists.
+func soleCount(sole map[*shards.Model][]int) int {
+	n := 0
+	for _, bs := range sole {
+		n += len(bs)
+	}
+	return n
 }
 
 // handoff runs first in a graceful stop. When this node is, per its view,
@@ -492,7 +500,7 @@ func (n *Node) handoff() {
 	// The view answers from memory for a model looked up before; a first
 	// lookup waits for the DHT, bounded here.
 	fctx, fcancel := context.WithTimeout(ctx, time.Second)
-	sole, others, before := n.soleBlocks(fctx)
+	sole, others := n.soleBlocks(fctx)
 	fcancel()
 	if len(sole) == 0 {
 		return
@@ -516,18 +524,53 @@ func (n *Node) handoff() {
 		n.log.Info("only server of blocks: waiting for peers to take them before leaving", "model", m.ID, "blocks", blockRanges(bs), "up_to", wait)
 	}
 	n.leaving.Store(true)
-	if err := n.mesh.Publish(ctx); err != nil {
-		n.log.Debug("withdrawing the record", "err", err)
-	}
+	// The record goes to connected peers at once; storing it in the DHT
+	// may wait on peers that vanished: in the background, bounded.
+	var pub sync.WaitGroup
+	defer pub.Wait()
+	pub.Go(func() {
+		pctx, cancel := context.WithTimeout(ctx, handoffPublish)
+		defer cancel()
+		if err := n.mesh.Publish(pctx); err != nil {
+			n.log.Debug("withdrawing the record", "err", err)
+		}
+	})
 	t0 := time.Now()
-	taking := false
-	for {
+	before, count := n.blockStreams(), soleCount(sole)
+	// Until a sign that a peer takes them, it waits handoffNotice; a
+	// peer fetching from it extends that by 3 handoffNotice (loading and
+	// timing the blocks take a while); some of them served elsewhere, to
+	// the whole wait.
+	until := t0.Add(min(handoffNotice, wait))
+	extend := func(d time.Duration) {
+		if t := time.Now().Add(d); t.After(until) {
+			until = t
+		}
+		if end := t0.Add(wait); until.After(end) {
+			until = end
+		}
+	}
+	for i := 0; ; i++ {
 		select {
 		case <-ctx.Done():
 		case <-time.After(handoffPoll):
 		}
-		var now map[string]string
-		sole, others, now = n.soleBlocks(ctx)
+		for id := range n.blockStreams() {
+			if !before[id] {
+				before[id] = true
+				n.log.Info("a peer is fetching blocks from this node", "after", time.Since(t0).Round(time.Millisecond))
+				extend(3 * handoffNotice)
+			}
+		}
+		if i%4 != 3 && ctx.Err() == nil {
+			continue // the view every fourth time
+		}
+		sole, others = n.soleBlocks(ctx)
+		if c := soleCount(sole); c < count && c > 0 {
+			count = c
+			n.log.Info("peers took some of the blocks", "left", c, "after", time.Since(t0).Round(time.Millisecond))
+			extend(wait)
+		}
 		switch {
 		case len(sole) == 0:
 			n.log.Info("peers took the blocks only this node served", "took", time.Since(t0).Round(time.Millisecond))
@@ -535,30 +578,23 @@ func (n *Node) handoff() {
 		case others == 0:
 			lost(sole, "no other node serves the model any more")
 			return
-		case time.Since(t0) >= wait || ctx.Err() != nil:
-			lost(sole, fmt.Sprintf("no peer took them within %s", wait))
-			return
-		}
-		if !taking && (!maps.Equal(now, before) || n.servingBlocks()) {
-			taking = true
-			n.log.Info("a peer is taking blocks", "after", time.Since(t0).Round(time.Millisecond))
-		}
-		if !taking && time.Since(t0) >= handoffNotice {
-			lost(sole, fmt.Sprintf("no peer started taking them within %s", handoffNotice))
+		case ctx.Err() != nil || !time.Now().Before(until):
+			lost(sole, fmt.Sprintf("no peer took them within %s", time.Since(t0).Round(100*time.Millisecond)))
 			return
 		}
 	}
 }
 
-// servingBlocks reports whether a peer is fetching blocks from this node
-// now (a block-transfer stream is open).
-func (n *Node) servingBlocks() bool {
+// blockStreams lists the block-transfer streams peers have open to this
+// node, by stream ID.
+func (n *Node) blockStreams() map[string]bool {
+	out := map[string]bool{}
 	for _, c := range n.mesh.Host().Network().Conns() {
 		for _, s := range c.GetStreams() {
-			if s.Protocol() == mesh.BlocksProtocol {
-				return true
+			if s.Protocol() == mesh.BlocksProtocol && s.Stat().Direction == network.DirInbound {
+				out[s.ID()] = true
 			}
 		}
 	}
-	return false
+	return out
 }

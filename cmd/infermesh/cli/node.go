@@ -67,7 +67,7 @@ func configFlags(fs *flag.FlagSet, c *node.Config) {
 	fs.Int64Var(&c.MaxMemory, "max-memory", c.MaxMemory, "bytes of blocks to load per --model (0 = a quarter of RAM)")
 	fs.Var(&c.Rebalance, "rebalance", "how often a node that chose its blocks checks whether moving would help the mesh")
 	fs.IntVar(&c.Replicas, "replicas", c.Replicas, "nodes that should hold each block of a --model: the node gives copies to blocks fewer hold before widening others (0 = 2)")
-	fs.Var(&c.HandoffWait, "handoff-wait", "on a graceful stop, how long to wait at most for peers to take the blocks only this node serves (0 = leave at once)")
+	fs.Var(&c.HandoffWait, "handoff-wait", "on a graceful stop, wait up to this long (e.g. 30s) for peers to take the blocks only this node serves (0 = leave at once, logging which blocks are lost)")
 	fs.BoolVar(&c.NoMDNS, "no-mdns", c.NoMDNS, "do not look for peers on the LAN with mDNS")
 	fs.BoolVar(&c.NoNAT, "no-nat", c.NoNAT, "no port mapping, AutoNAT service or hole punching")
 	fs.StringVar(&c.DHTMode, "dht-mode", c.DHTMode, "DHT mode: auto, server or client")
@@ -105,7 +105,6 @@ func nodeInit(e *env, args []string) error {
 		"Writes a default config and a new Ed25519 identity into the data directory.")
 	data := fs.String("data", node.DefaultDataDir(), "data directory")
 	cfg := node.DefaultConfig()
-	cfg.HandoffWait = node.Duration(node.DefaultHandoffWait)
 	configFlags(fs, &cfg)
 	if _, err := parse(fs, args, 0, 0); err != nil {
 		return err
