@@ -118,7 +118,8 @@
 // which spreads requesters over near-equal routes; so does the simulator,
 // from a seeded stream of its own, keeping up to eight drawn routes per
 // entry node, view, span and ban set, of which each request takes one at
-// random (drawing one per request would cost too much at 100k peers). mesh.Place
+// random (drawing one per request would cost too much at 100k peers);
+// routing.spread: false passes no Rand, the mesh before spreading. mesh.Place
 // and mesh.Rebalance see the view through its per-block throughput totals
 // (mesh.AggregateCandidates), on which they answer as on the candidates.
 //
@@ -130,6 +131,8 @@
 //   - events.go: the event heap
 //   - network.go: geography, latencies, coordinates
 //   - result.go: Result, what a run produces
+//   - load.go: how the compute spread over the peers, and the capacity
+//     of the bottleneck block (Summary.Load, Summary.Capacity)
 //   - report*.go, sweep.go: reports, plots, comparisons and sweeps
 //
 // The scenarios under scenarios/ are documented in scenarios/README.md.

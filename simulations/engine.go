@@ -49,6 +49,7 @@ const (
 	streamCoords
 	streamGateway
 	streamRoute
+	streamCapacity
 )
 
 type hop struct {
@@ -246,6 +247,12 @@ type sim struct {
 	failKinds  [4]int
 	regionLat  []regionLat // per users' region
 	routeCalls int64
+	// capSum is, per block, the sum over the sample ticks of its online
+	// holders' capacity, requests/s (sampleCapacity); capBase and capExtra
+	// the workload's W_p = capBase + capExtra × prefill_p.
+	capSum            []float64
+	capBase, capExtra float64
+	capSamples        int
 }
 
 func newSim(ctx context.Context, sc *Scenario) (*sim, error) {
@@ -259,6 +266,9 @@ func newSim(ctx context.Context, sc *Scenario) (*sim, error) {
 		covered: make([]int32, sc.Model.Blocks), minCov: 1}
 	s.net = network{factor: sc.Network.RouteFactor, rng: stream(streamNetwork), coordErr: sc.Network.CoordErrorMS / 1e3,
 		coordRng: stream(streamCoords), overhead: int64(*sc.Network.HopOverheadUS * 1e3)}
+	if !*sc.Routing.Spread {
+		s.rRoute = nil
+	}
 	if len(sc.Network.Nodes) > 0 {
 		s.initExplicit()
 	} else {
@@ -1522,6 +1532,7 @@ func (s *sim) moved(p *simPeer) {
 func (s *sim) sample() {
 	c := s.coverage()
 	s.minCov = min(s.minCov, c)
+	s.sampleCapacity()
 	smp := s.cur
 	smp.T = float64(s.now) / 1e9
 	smp.Peers = s.online
@@ -1595,6 +1606,7 @@ func (s *sim) collect() *Result {
 				float64(r.firstTok)/1e9, first, r.gen, int(r.output)))
 		}
 	}
+	loads := make([]peerLoad, 0, len(s.peers))
 	for i, p := range s.peers {
 		if !p.everOnline {
 			continue
@@ -1617,7 +1629,10 @@ func (s *sim) collect() *Result {
 			ps.Class, ps.Region = sc.Classes[p.class].Name, sc.Regions[p.region].Name
 		}
 		res.Peers = append(res.Peers, ps)
+		loads = append(loads, peerLoad{id: i, util: ps.Busy, ran: p.passes > 0, start: p.start, end: p.end})
 	}
+	sum.Load = loadSpread(loads, sc.Model.Blocks)
+	sum.Capacity = s.capacity(sum.Throughput)
 	return res
 }
 
@@ -1668,6 +1683,9 @@ func (s *sim) params() []string {
 	}
 	out = append(out, fmt.Sprintf("dht: record ttl %gs, view refresh %gs", sc.DHT.RecordTTLS, sc.DHT.ViewRefreshS))
 	out = append(out, fmt.Sprintf("network: hop overhead %g µs per message", *sc.Network.HopOverheadUS))
+	if !*sc.Routing.Spread {
+		out = append(out, "routing: no spreading (every requester takes the best route of its view)")
+	}
 	return out
 }
 

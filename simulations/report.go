@@ -230,6 +230,9 @@ func reportMarkdown(r *Result, plots []plotFile) []byte {
 
 	b.WriteString("\n## Key numbers\n\n")
 	b.WriteString(keyNumbers(r))
+	if s.Load.Peers > 0 {
+		b.WriteString(loadSection(s))
+	}
 
 	b.WriteString("\n## Plots\n\n")
 	for _, p := range plots {
@@ -421,6 +424,54 @@ func Headline(r *Result) string {
 	}
 	fmt.Fprintf(&b, "%.2f hops per route, %s failovers%s, %s replays; peers %s -> %s, lowest coverage %s\n",
 		orZero(s.Hops), commas(s.Failovers), resumes, commas(s.Replays), commas(s.PeersStart), commas(s.PeersEnd), fmtPercent(s.MinCoverage))
+	if l := &s.Load; l.Peers > 0 {
+		fmt.Fprintf(&b, "load: %s of %s peers served (%s); utilisation of the %s holders p50 %s, p99 %s (of those that served p50 %s, p99 %s); %s\n",
+			commas(l.Serving), commas(l.Peers), fmtPercent(l.ServingShare), commas(l.Holders), fmtPercent(l.P50), fmtPercent(l.P99),
+			fmtPercent(l.ServingP50), fmtPercent(l.ServingP99), worstRatio(l))
+	}
+	if c := &s.Capacity; c.Block >= 0 {
+		fmt.Fprintf(&b, "throughput %s of the bottleneck capacity, %s req/s (block %d)\n", fmtPercent(c.Share), fmtRate(c.RPS), c.Block)
+	}
+	return b.String()
+}
+
+// worstRatio is "worst 1.8x its blocks' median, 0 holders above 2x (0
+// on idle medians)".
+func worstRatio(l *LoadSpread) string {
+	t := "no holder computed beside a busy median"
+	if l.WorstPeer >= 0 {
+		t = fmt.Sprintf("worst %.2fx its blocks' median (peer %d)", l.WorstRatio, l.WorstPeer)
+	}
+	return t + fmt.Sprintf(", %s holders above 2x (%s of them where the median is 0)", commas(l.OverTwice), commas(l.Unbounded))
+}
+
+// loadSection is report.md's section on how the work spread over the
+// peers and the capacity it had (load.go).
+func loadSection(s *Summary) string {
+	l, c := &s.Load, &s.Capacity
+	var b strings.Builder
+	b.WriteString("\n## Load spread\n\n" +
+		"A peer's utilisation is its compute time (the pass time of every pass it ran, queueing not counted) over its time " +
+		"online times its slots. Holders are the peers that held a span when they left or the run ended.\n\n" +
+		"| Figure | Value |\n|---|---:|\n")
+	fmt.Fprintf(&b, "| Peers that ran any pass | %s of %s (%s) |\n", commas(l.Serving), commas(l.Peers), fmtPercent(l.ServingShare))
+	fmt.Fprintf(&b, "| Utilisation of the %s holders, p50 / p99 / max | %s / %s / %s |\n", commas(l.Holders),
+		fmtPercent(l.P50), fmtPercent(l.P99), fmtPercent(l.Max))
+	fmt.Fprintf(&b, "| Utilisation of the peers that ran any pass, p50 / p99 | %s / %s |\n", fmtPercent(l.ServingP50), fmtPercent(l.ServingP99))
+	worst := "none"
+	if l.WorstPeer >= 0 {
+		worst = fmt.Sprintf("%.2fx (peer %d)", l.WorstRatio, l.WorstPeer)
+	}
+	fmt.Fprintf(&b, "| Worst ratio to the median utilisation of the peer's blocks' holders | %s |\n", worst)
+	fmt.Fprintf(&b, "| Holders above 2x that median (of them, on blocks whose median is 0) | %s (%s) |\n", commas(l.OverTwice), commas(l.Unbounded))
+	if c.Block >= 0 {
+		fmt.Fprintf(&b, "| Bottleneck capacity (block %d) | %s req/s |\n", c.Block, fmtRate(c.RPS))
+		fmt.Fprintf(&b, "| Throughput over that capacity | %s |\n", fmtPercent(c.Share))
+		b.WriteString("\nThe capacity of a block is what its online holders could run of this workload, averaged over the samples: " +
+			"Σ slots / (block time × W), W = 1 + (mean prompt − 1) × prefill factor + generate share × (mean output − 1), " +
+			"the mean passes of a request in single-token pass times; the bottleneck is the block with the least. " +
+			"Throughput reaches it only when the offered load exceeds it.\n")
+	}
 	return b.String()
 }
 

@@ -93,6 +93,10 @@ type Summary struct {
 	MinCoverage float64 `json:"min_coverage"`
 	// Events is how many discrete events the engine ran.
 	Events int64 `json:"events"`
+	// Load is how the compute spread over the peers; Capacity what the
+	// mesh could run of the workload and the share of it it ran (load.go).
+	Load     LoadSpread `json:"load"`
+	Capacity Capacity   `json:"capacity"`
 }
 
 // Quantiles of a latency distribution, in seconds (all 0 when empty).

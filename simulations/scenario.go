@@ -301,6 +301,16 @@ type DHT struct {
 	BucketSize int `yaml:"bucket_size"`
 }
 
+// Routing is how requesters choose among routes.
+type Routing struct {
+	// Spread draws each route among near-equal ones
+	// (mesh.RouteRequest.Rand), as the node does (nil: true). false
+	// passes no Rand, so every requester of one view takes the same best
+	// route, as the mesh did before issue 15's spreading: the "before"
+	// arm of a comparison, in the same code.
+	Spread *bool `yaml:"spread"`
+}
+
 // Arm is a variant of the scenario: the same scenario with some
 // parameters set (Scenario.Set paths to YAML values).
 type Arm struct {
@@ -341,6 +351,7 @@ type Scenario struct {
 	Workload   Workload `yaml:"workload"`
 	Churn      Churn    `yaml:"churn"`
 	DHT        DHT      `yaml:"dht"`
+	Routing    Routing  `yaml:"routing"`
 	// Arms are variants to run side by side (see Arm); Sweep a sweep the
 	// scenario is meant for. Run ignores both; (*Scenario).Arm applies one.
 	Arms  []Arm      `yaml:"arms"`
@@ -529,6 +540,10 @@ func (s *Scenario) check() error {
 	}
 	if !(s.Network.CoordErrorMS >= 0) || !finite(s.Network.CoordErrorMS) {
 		return bad("network.coord_error_ms", "must be >= 0, is %v", s.Network.CoordErrorMS)
+	}
+	if s.Routing.Spread == nil {
+		v := true
+		s.Routing.Spread = &v
 	}
 	if s.Network.HopOverheadUS == nil {
 		v := 300.0

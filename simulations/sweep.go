@@ -175,6 +175,16 @@ var sweepMetrics = func() []metric {
 		metric{name: "moves", label: "Span moves (rebalancing)", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Moves) }},
 		metric{name: "min_coverage", label: "Lowest block coverage", kind: kindRatio, get: func(s *Summary) float64 { return s.MinCoverage }},
 		metric{name: "events", label: "Discrete events", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Events) }},
+		metric{name: "serving_share", label: "Peers that ran any pass", kind: kindRatio, get: func(s *Summary) float64 { return s.Load.ServingShare }},
+		metric{name: "util_p50", label: "Holders' utilisation p50", kind: kindRatio, get: func(s *Summary) float64 { return s.Load.P50 }},
+		metric{name: "util_p99", label: "Holders' utilisation p99", kind: kindRatio, get: func(s *Summary) float64 { return s.Load.P99 }},
+		metric{name: "worst_ratio", label: "Worst utilisation over its blocks' median", kind: kindNumber,
+			get: func(s *Summary) float64 { return s.Load.WorstRatio }, avail: func(s *Summary) bool { return s.Load.WorstPeer >= 0 }},
+		metric{name: "over_2x", label: "Holders above 2x their blocks' median", kind: kindCount, get: func(s *Summary) float64 { return float64(s.Load.OverTwice) }},
+		metric{name: "capacity_rps", label: "Bottleneck capacity", unit: "req/s", kind: kindRate, get: func(s *Summary) float64 { return s.Capacity.RPS },
+			avail: func(s *Summary) bool { return s.Capacity.Block >= 0 }},
+		metric{name: "capacity_share", label: "Throughput over bottleneck capacity", kind: kindRatio,
+			get: func(s *Summary) float64 { return s.Capacity.Share }, avail: func(s *Summary) bool { return s.Capacity.Block >= 0 }},
 	)
 }()
 

@@ -1,0 +1,97 @@
+package simulations
+
+import (
+	"context"
+	"math"
+	"strings"
+	"testing"
+)
+
+// TestLoadSpread checks the figures on a synthetic mesh of two blocks:
+// block 0 held by peers 0-3, block 1 by peers 3-5 (peer 3 holds both),
+// peer 6 holding nothing.
+func TestLoadSpread(t *testing.T) {
+	peers := []peerLoad{
+		{id: 0, util: 0.10, ran: true, start: 0, end: 1},
+		{id: 1, util: 0.20, ran: true, start: 0, end: 1},
+		{id: 2, util: 0.50, ran: true, start: 0, end: 1},
+		{id: 3, util: 0.30, ran: true, start: 0, end: 2},
+		{id: 4, util: 0, start: 1, end: 2},
+		{id: 5, util: 0, start: 1, end: 2},
+		{id: 6},
+	}
+	// Block 0's holders: 0.1 0.2 0.3 0.5, median (nearest rank) 0.2.
+	// Block 1's: 0 0 0.3, median 0. Peer 2: 0.5/0.2 = 2.5 (above 2);
+	// peer 3: 0.3 / mean(0.2, 0) = 3 (the worst); peers 0, 1: 0.5 and 1.
+	got := loadSpread(peers, 2)
+	want := LoadSpread{Peers: 7, Serving: 4, ServingShare: 4.0 / 7, Holders: 6, P50: 0.1, P99: 0.5, Max: 0.5,
+		ServingP50: 0.2, ServingP99: 0.5,
+		WorstRatio: 3, WorstPeer: 3, OverTwice: 2}
+	if math.Abs(got.WorstRatio-want.WorstRatio) < 1e-12 {
+		got.WorstRatio = want.WorstRatio
+	}
+	if got != want {
+		t.Errorf("loadSpread:\n got %+v\nwant %+v", got, want)
+	}
+
+	// A peer computing where most replicas are idle has no finite ratio.
+	idle := []peerLoad{{id: 0, util: 0.4, ran: true, start: 0, end: 1}, {id: 1, start: 0, end: 1}, {id: 2, start: 0, end: 1}}
+	got = loadSpread(idle, 1)
+	if got.WorstPeer != -1 || got.OverTwice != 1 || got.Unbounded != 1 || got.Serving != 1 {
+		t.Errorf("loadSpread on idle replicas: %+v", got)
+	}
+	if got := loadSpread(nil, 3); got.Holders != 0 || got.WorstPeer != -1 || got.ServingShare != 0 {
+		t.Errorf("loadSpread(nil): %+v", got)
+	}
+}
+
+// TestCapacity checks the bottleneck capacity of a two-node explicit
+// chain against the formula: a1 holds blocks 0-2 at 350 µs, 2 slots;
+// a2 blocks 3-5 at 500 µs, 1 slot; one-token single passes (W = 1). So
+// blocks 0-2 can run 2 / (3 × 350 µs) = 1905 req/s, blocks 3-5 1 / (3 ×
+// 500 µs) = 667 req/s, the bottleneck. Offered 1000 req/s, the mesh runs
+// about 667.
+func TestCapacity(t *testing.T) {
+	sc, err := ParseScenario([]byte(`
+duration_s: 5
+model: {blocks: 6, block_mb: 9, activation_kb: 6}
+network:
+  nodes:
+    - {name: requester, requester: true}
+    - {name: a1, start: 0, end: 3, block_us: 350, slots: 2, queue: -1}
+    - {name: a2, start: 3, end: 6, block_us: 500, slots: 1, queue: -1}
+  latency_ms:
+    - [0, 1, 1]
+    - [1, 0, 1]
+    - [1, 1, 0]
+workload: {rate: 1000, arrivals: uniform, generate: 0, prompt: {dist: const, mean: 1}}
+`), "capacity")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := Run(context.Background(), sc, RunOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := r.Summary.Capacity
+	if c.Block != 3 || math.Abs(c.RPS-2000.0/3) > 1e-6 {
+		t.Errorf("capacity %+v, want 666.67 req/s at block 3", c)
+	}
+	// The queue at a2 grows without bound: it computes all the time.
+	if c.Share < 0.95 || c.Share > 1.0001 {
+		t.Errorf("throughput share %v of capacity, want 0.8..1 at saturation (throughput %v)", c.Share, r.Summary.Throughput)
+	}
+	// a2 computed nearly all the time; a1, running every request (1000
+	// req/s of 1.05 ms: a2 queues without bound) on 2 slots, 52.5 % (the
+	// p50, by the nearest rank of two).
+	l := r.Summary.Load
+	if l.Holders != 2 || l.Max < 0.95 || math.Abs(l.P50-0.525) > 0.01 || l.Serving != 2 || l.Peers != 3 {
+		t.Errorf("load %+v", l)
+	}
+	if h := Headline(r); !strings.Contains(h, "load: 2 of 3 peers served (66.67 %)") || !strings.Contains(h, "of the bottleneck capacity, 667 req/s (block 3)") {
+		t.Errorf("Headline:\n%s", h)
+	}
+	if md := string(reportMarkdown(r, nil)); !strings.Contains(md, "## Load spread") || !strings.Contains(md, "| Bottleneck capacity (block 3) | 667 req/s |") {
+		t.Errorf("report.md lacks the load section:\n%s", md)
+	}
+}
