@@ -113,7 +113,7 @@ func TestSimRun(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("sim run: exit %d\n%s%s", code, out, errs)
 	}
-	for _, want := range []string{"tiny: ", "requests in 60.0 s virtual", "end-to-end p50", "report: " + filepath.Join(a, "report.md")} {
+	for _, want := range []string{"tiny: 60.0 s virtual; ", " unfinished at the end (completion ", "end-to-end p50", "load: ", "report: " + filepath.Join(a, "report.md")} {
 		if !strings.Contains(out, want) {
 			t.Errorf("sim run output lacks %q:\n%s", want, out)
 		}
