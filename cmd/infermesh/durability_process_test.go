@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -58,17 +57,7 @@ func TestProcessDurabilityOperatorLeaves(t *testing.T) {
 	}
 	began := time.Now()
 	bin := buildBinary(t)
-	model := filepath.Join(t.TempDir(), "gpt")
-	runBin(t, bin, "shard", "build", "gpt", "--layers", "6", "--dim", "64", "--heads", "2", "--ctx", "64", "--out", model)
-	var id string
-	for _, line := range strings.Split(runBin(t, bin, "shard", "inspect", model), "\n") {
-		if f := strings.Fields(line); len(f) == 2 && f[0] == "model" {
-			id = f[1]
-		}
-	}
-	if id == "" {
-		t.Fatal("no model ID from shard inspect")
-	}
+	model, id := buildGPT(t, bin, 6)
 	const blocks = 8
 
 	op := startNodeProc(t, bin, "--serve", model, "--handoff-wait", "20s")

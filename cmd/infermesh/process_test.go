@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strconv"
 
 	"net/http"
 	"os"
@@ -143,17 +144,7 @@ func TestNodeProcesses(t *testing.T) {
 		t.Skip("builds and runs the binary")
 	}
 	bin := buildBinary(t)
-	model := filepath.Join(t.TempDir(), "gpt")
-	runBin(t, bin, "shard", "build", "gpt", "--layers", "4", "--dim", "64", "--heads", "2", "--ctx", "64", "--out", model)
-	var id string
-	for _, line := range strings.Split(runBin(t, bin, "shard", "inspect", model), "\n") {
-		if f := strings.Fields(line); len(f) == 2 && f[0] == "model" {
-			id = f[1]
-		}
-	}
-	if id == "" {
-		t.Fatal("no model ID from shard inspect")
-	}
+	model, id := buildGPT(t, bin, 4)
 
 	boot := startNodeProc(t, bin, "--serve", model+":0-1")
 	b := boot.addr(t)
@@ -254,4 +245,21 @@ func showsSpans(out []byte, want map[[2]int]bool) bool {
 		}
 	}
 	return true
+}
+
+// buildGPT builds a small GPT of layers decoder layers (layers+2 blocks)
+// with the binary and returns its folder and model ID.
+func buildGPT(t *testing.T, bin string, layers int) (dir, id string) {
+	t.Helper()
+	dir = filepath.Join(t.TempDir(), "gpt")
+	runBin(t, bin, "shard", "build", "gpt", "--layers", strconv.Itoa(layers), "--dim", "64", "--heads", "2", "--ctx", "64", "--out", dir)
+	for _, line := range strings.Split(runBin(t, bin, "shard", "inspect", dir), "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == "model" {
+			id = f[1]
+		}
+	}
+	if id == "" {
+		t.Fatal("no model ID from shard inspect")
+	}
+	return dir, id
 }
