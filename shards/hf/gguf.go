@@ -4,13 +4,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/infermesh/infermesh/shards"
 	"math"
 	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/infermesh/infermesh/protocol"
+	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/gguf"
 	"github.com/infermesh/infermesh/shards/gguf/vocab"
 )
@@ -40,15 +40,16 @@ type ggufSource struct {
 	f       *gguf.File
 	names   []string                    // Hugging Face names, in file order
 	tensors map[string]*gguf.TensorInfo // by Hugging Face name
-	// permuted: heads of the projections whose rows llama.cpp interleaved
-	permuted map[string]int
+	// permuted: the query and key weights (rows) and biases (elements)
+	// llama.cpp interleaved
+	permuted map[string]bool
 	headDim  int
 	rowBuf   []float32
 	rawBuf   []byte
 }
 
 func newGGUFSource(f *gguf.File, cfg *Config) (*ggufSource, error) {
-	s := &ggufSource{f: f, tensors: map[string]*gguf.TensorInfo{}, permuted: map[string]int{}, headDim: cfg.HeadDim}
+	s := &ggufSource{f: f, tensors: map[string]*gguf.TensorInfo{}, permuted: map[string]bool{}, headDim: cfg.HeadDim}
 	for _, t := range f.Tensors() {
 		if t.Name == "rope_freqs.weight" {
 			continue // read into the config (ggufConfig)
@@ -62,13 +63,8 @@ func newGGUFSource(f *gguf.File, cfg *Config) (*ggufSource, error) {
 		}
 		s.names = append(s.names, n)
 		s.tensors[n] = t
-		if cfg.Architecture == ArchLlama {
-			switch {
-			case strings.HasSuffix(n, ".q_proj.weight"), strings.HasSuffix(n, ".q_proj.bias"):
-				s.permuted[n] = cfg.Heads
-			case strings.HasSuffix(n, ".k_proj.weight"), strings.HasSuffix(n, ".k_proj.bias"):
-				s.permuted[n] = cfg.KVHeads
-			}
+		if cfg.Architecture == ArchLlama && (strings.Contains(n, ".q_proj.") || strings.Contains(n, ".k_proj.")) {
+			s.permuted[n] = true
 		}
 	}
 	return s, nil
@@ -110,7 +106,7 @@ func (s *ggufSource) DType(name string) (protocol.DType, bool) {
 // tensor. llama.cpp wrote each head's rows [a·half + b] (a in {0, 1}, b
 // under half = head_dim/2) at [2b + a].
 func (s *ggufSource) fileRow(name string, r int64) int64 {
-	if _, ok := s.permuted[name]; !ok {
+	if !s.permuted[name] {
 		return r
 	}
 	hd := int64(s.headDim)
@@ -127,6 +123,17 @@ func (s *ggufSource) ReadFloat32(name string, off int64, dst []float32) error {
 	if off < 0 || off+int64(len(dst)) > t.Elements() {
 		return fmt.Errorf("gguf: tensor %s: elements [%d,%d) of %d", name, off, off+int64(len(dst)), t.Elements())
 	}
+	if s.permuted[name] && len(t.Dims) == 1 {
+		// A bias: its elements were interleaved as a weight's rows were.
+		all, err := s.f.ReadTensor(t)
+		if err != nil {
+			return err
+		}
+		for i := range dst {
+			dst[i] = all[s.fileRow(name, off+int64(i))]
+		}
+		return nil
+	}
 	rowLen := t.RowLen()
 	if int64(cap(s.rowBuf)) < rowLen {
 		s.rowBuf = make([]float32, rowLen)
@@ -135,7 +142,7 @@ func (s *ggufSource) ReadFloat32(name string, off int64, dst []float32) error {
 	for len(dst) > 0 {
 		r, in := off/rowLen, off%rowLen
 		n := min(int64(len(dst)), rowLen-in)
-		if _, perm := s.permuted[name]; !perm && in == 0 && n == rowLen {
+		if !s.permuted[name] && in == 0 && n == rowLen {
 			// Whole rows in file order: read as many as fit at once.
 			rows := int64(len(dst)) / rowLen
 			if err := s.f.ReadRows(t, int(r), int(rows), dst[:rows*rowLen]); err != nil {

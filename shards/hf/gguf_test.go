@@ -306,3 +306,23 @@ func TestGGUFRefuses(t *testing.T) {
 		})
 	}
 }
+
+// TestGGUFLlamaBiases: a Llama with attention biases and no rope scaling,
+// whose query and key biases llama.cpp permutes as it permutes their
+// weights' rows, imports from GGUF to exactly the Hugging Face import's
+// blocks.
+func TestGGUFLlamaBiases(t *testing.T) {
+	cfg := checkpoint.Tiny(checkpoint.Llama)
+	cfg.ExtraEOS, cfg.RopeScaling, cfg.AttentionBias = nil, nil, true
+	cfg.BOS, cfg.EOS = 256, 257
+	tj, tc := byteTokenizer(t)
+	hfDir, path := writeBoth(t, cfg, checkpoint.GGUFTypes{Matrix: gguf.TypeF32, Embedding: gguf.TypeF32}, tj, tc)
+	opts := hf.Options{Name: "same", DType: "float32"}
+	fromGGUF, _ := importGGUF(t, path, opts)
+	fromHF := importModel(t, hfDir, opts)
+	for i, b := range fromGGUF.Manifest.Blocks {
+		if b.CID != fromHF.Manifest.Blocks[i].CID {
+			t.Errorf("block %d: %s, the Hugging Face import's %s", i, b.CID, fromHF.Manifest.Blocks[i].CID)
+		}
+	}
+}

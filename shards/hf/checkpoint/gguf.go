@@ -136,9 +136,6 @@ func WriteGGUF(path string, cfg Config, types GGUFTypes, tokenizerJSON, tokenize
 	}
 	var outs []out
 	for _, t := range cfg.tensors() {
-		if arch == "llama" && len(t.shape) == 1 && (strings.Contains(t.name, ".q_proj.") || strings.Contains(t.name, ".k_proj.")) {
-			return fail(fmt.Errorf("%s: biases on a llama model's queries and keys are not written to GGUF here", t.name))
-		}
 		name, ok := gguf.Name(t.name)
 		if !ok {
 			return fail(fmt.Errorf("no GGUF name for %s", t.name))
@@ -150,7 +147,7 @@ func WriteGGUF(path string, cfg Config, types GGUFTypes, tokenizerJSON, tokenize
 		case len(t.shape) == 2:
 			o.typ = types.Matrix
 		}
-		if arch == "llama" && len(t.shape) == 2 {
+		if arch == "llama" {
 			switch {
 			case strings.Contains(t.name, ".q_proj."):
 				o.permute = cfg.Heads
@@ -205,7 +202,7 @@ func writeGGUFTensor(w *gguf.Writer, cfg Config, t tensor, heads, headDim int) e
 		rows *= d
 	}
 	group := int64(1) // rows generated before they are written
-	if heads > 0 {
+	if heads > 0 && len(t.shape) == 2 {
 		group = int64(headDim)
 	}
 	if group == 1 {
@@ -219,7 +216,16 @@ func writeGGUFTensor(w *gguf.Writer, cfg Config, t tensor, heads, headDim int) e
 		for i := range x {
 			x[i] = roundTo(cfg.DType, float32(t.mean+t.std*rng.NormFloat64()))
 		}
-		if heads > 0 {
+		if heads > 0 && len(t.shape) == 1 {
+			// A bias: its elements are permuted as a weight's rows.
+			half := int64(headDim / 2)
+			for e := range rowLen {
+				h, in := e/int64(headDim), e%int64(headDim)
+				a, b := in/half, in%half
+				perm[h*int64(headDim)+2*b+a] = x[e]
+			}
+			x = perm[:rowLen]
+		} else if heads > 0 {
 			// The converter's permute: row a·half+b of a head goes to 2b+a.
 			half := int64(headDim / 2)
 			for in := range int64(headDim) {
