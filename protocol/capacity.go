@@ -130,6 +130,9 @@ func DecodeCapacityRecord(b []byte) (*CapacityRecord, error) {
 		if s.Model == "" || s.Start < 0 || s.End <= s.Start || s.End > s.Blocks || len(s.BlockMicros) != s.End-s.Start {
 			return nil, fmt.Errorf("%w: span %q [%d,%d) of %d blocks with %d timings", ErrBadRecord, s.Model, s.Start, s.End, s.Blocks, len(s.BlockMicros))
 		}
+		if s.ResidentBytes < 0 {
+			return nil, fmt.Errorf("%w: span %q takes %d bytes", ErrBadRecord, s.Model, s.ResidentBytes)
+		}
 	}
 	if r.Expires <= 0 {
 		return nil, fmt.Errorf("%w: no expiry", ErrBadRecord)

@@ -46,6 +46,7 @@ func TestDecodeCapacityRecordRefuses(t *testing.T) {
 		`{"seq":1,"expires":5,"models":[{"model":"m","blocks":4,"start":2,"end":2,"block_micros":[]}]}`,
 		`{"seq":1,"expires":5,"models":[{"model":"m","blocks":4,"start":2,"end":5,"block_micros":[1,2,3]}]}`,
 		`{"seq":1,"expires":5,"models":[{"model":"m","blocks":4,"start":0,"end":2,"block_micros":[1]}]}`,
+		`{"seq":1,"expires":5,"models":[{"model":"m","blocks":4,"start":0,"end":1,"block_micros":[1],"resident_bytes":-1}]}`,
 		`{"seq":1,"expires":5} {}`,
 	} {
 		if _, err := protocol.DecodeCapacityRecord([]byte(s)); !errors.Is(err, protocol.ErrBadRecord) {
