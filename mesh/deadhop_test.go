@@ -51,6 +51,13 @@ func (w wrappedProvider) Runner(model string, start, end int) (shards.Runner, er
 	return wrappedRunner{r, w.wrap}, nil
 }
 
+func (w wrappedProvider) Decoder(model string) *shards.DecoderSpec {
+	if dp, ok := w.inner.(DecoderProvider); ok {
+		return dp.Decoder(model)
+	}
+	return nil
+}
+
 type wrappedRunner struct {
 	shards.Runner
 	wrap func(shards.Session) shards.Session
@@ -295,5 +302,63 @@ func TestHopProgressTimeout(t *testing.T) {
 		if got := tokensOf(c.in); got != c.want {
 			t.Errorf("tokensOf(%v) = %d, want %d", c.in, got, c.want)
 		}
+	}
+}
+
+// The same in a decode ring on a route the requester has not used before:
+// every hop is cold when the ring begins (a 10 s progress floor), but
+// after the first token they have all reported, so a hop that dies later
+// is failed over at the warm floor (2 s), not the cold one.
+func TestDeadFirstHopFailsOverInARingOnANewRoute(t *testing.T) {
+	sm := newGPTServingMesh(t)
+	requester := sm.start(t, nil, nil)
+	boot := []peer.AddrInfo{addrInfo(requester)}
+	hang, release := &atomic.Bool{}, make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	dead := sm.serveWrapped(t, boot, 0, 2, gptSpan(sm, 0, 2, 100), func(s shards.Session) shards.Session {
+		return hangingSession{s, hang, release}
+	})
+	backup := sm.start(t, boot, &[2]int{0, 2}, gptSpan(sm, 0, 2, 100))
+	sm.start(t, boot, &[2]int{2, 4}, gptSpan(sm, 2, 4, 100))
+	sm.start(t, boot, &[2]int{4, 6}, gptSpan(sm, 4, 6, 100))
+	sm.connectAll(t)
+	requester.View().SetManifest(sm.model.ID, sm.model.Manifest)
+	viewOf(t, requester, sm, 4)
+
+	prompt := byteTokens("once upon a time, in a mesh")
+	const n, hangAt = 16, 4
+	want := localTokens(t, sm, prompt, n)[len(prompt):]
+	spec := sm.model.Manifest.Decoder
+	s := requester.NewSession(sm.model.ID, InferOptions{Avoid: []peer.ID{backup.ID()}})
+	defer s.Close()
+	var got []int64
+	var gaps []time.Duration
+	last, failovers := time.Now(), 0
+	err := s.Ring(context.Background(), RingOptions{Prompt: shards.StepInputs(spec, prompt, 0), Positions: len(prompt),
+		MaxTokens: n, Decoder: spec}, func(tok RingToken) bool {
+		if len(got) == hangAt {
+			if hop := tok.Info.Route[0].Peer; hop != dead.ID().String() {
+				t.Errorf("hop 0 is %s, want the hop about to hang", hop)
+			}
+			hang.Store(true)
+		}
+		got = append(got, tok.Token)
+		gaps = append(gaps, time.Since(last))
+		last, failovers = time.Now(), failovers+tok.Info.Failovers
+		return true
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("tokens differ from an undisturbed run:\n got %v\nwant %v", got, want)
+	}
+	worst := slices.Max(gaps[1:])
+	t.Logf("gaps between tokens: %v; longest %s; failovers %d", gaps, worst, failovers)
+	if failovers < 1 {
+		t.Fatalf("no failover counted")
+	}
+	if worst > 6*time.Second {
+		t.Fatalf("the ring stalled %s on a dead hop, want a few seconds", worst)
 	}
 }

@@ -47,6 +47,14 @@ func (p *modelProvider) Runner(model string, start, end int) (shards.Runner, err
 	return sp, nil
 }
 
+// Decoder lets the last hop of a decode ring close it.
+func (p *modelProvider) Decoder(model string) *shards.DecoderSpec {
+	if model != p.model.ID.String() {
+		return nil
+	}
+	return p.model.Manifest.Decoder
+}
+
 func (p *modelProvider) close() {
 	for _, sp := range p.spans {
 		sp.Close()

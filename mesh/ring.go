@@ -394,6 +394,7 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fro
 	// finishing it), and the first that has not is the one that stalls.
 	allowPrompt := m.progressTimeouts(ctx, s.model, route, tokensOf(o.Prompt), s.opts.ProgressFloor)
 	allowToken := m.progressTimeouts(ctx, s.model, route, 1, s.opts.ProgressFloor)
+	rewarmed := false
 	stepTimer := time.NewTimer(s.opts.StepTimeout)
 	defer stepTimer.Stop()
 	timer := time.NewTimer(time.Hour)
@@ -473,6 +474,12 @@ func (s *Session) ringOnce(ctx context.Context, o RingOptions, got *[]int64, fro
 		}
 		if a.Header.Ring.Done {
 			return true, -1, nil
+		}
+		if !rewarmed {
+			// The hops that reported this step are warm now: a hop cold
+			// when the ring began (a new route) keeps no cold floor for
+			// every later token.
+			allowToken, rewarmed = m.progressTimeouts(ctx, s.model, route, 1, s.opts.ProgressFloor), true
 		}
 		step, allow = step+1, allowToken
 		micros, start, stepStart = make([]int64, len(route)), time.Now(), time.Now()
