@@ -47,7 +47,8 @@ var (
 // against its CID, so a block torn by a power cut is found corrupt and
 // fetched again; syncing each block slowed a 100 MB transfer by 10-25%.
 type FileStore struct {
-	dir string
+	dir   string
+	admit func(c cid.Cid, size int64) error // see SetAdmit; nil admits all
 }
 
 var _ Store = (*FileStore)(nil)
@@ -62,6 +63,14 @@ func OpenFileStore(dir string) (*FileStore, error) {
 
 // Dir is the store's folder.
 func (s *FileStore) Dir() string { return s.dir }
+
+// SetAdmit installs admit, which every write calls once the new content
+// is complete (and, for Add, verified), before it is put in place, with its
+// CID and size in bytes: an error refuses the write (the content is
+// dropped, and Put or Add returns the error wrapped). A store with a size
+// cap makes room there. Call it before the store is used; nil admits every
+// write. admit must be safe for concurrent use.
+func (s *FileStore) SetAdmit(admit func(c cid.Cid, size int64) error) { s.admit = admit }
 
 // Path is where c is (or would be) stored. Callers that load from a path
 // must still verify, or use Get.
@@ -126,12 +135,16 @@ func (s *FileStore) write(c cid.Cid, fill func(io.Writer) error) error {
 		return fmt.Errorf("block store: %w", err)
 	}
 	tmp := f.Name()
-	err = fill(f)
+	cw := &countWriter{w: f}
+	err = fill(cw)
 	if err == nil {
 		err = f.Chmod(0o644) // CreateTemp makes 0600; blocks are not secret
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
+	}
+	if err == nil && s.admit != nil {
+		err = s.admit(c, cw.n)
 	}
 	if err == nil {
 		err = os.Rename(tmp, s.Path(c))
@@ -141,6 +154,18 @@ func (s *FileStore) write(c cid.Cid, fill func(io.Writer) error) error {
 		return fmt.Errorf("block store: put %s: %w", c, err)
 	}
 	return nil
+}
+
+// countWriter counts the bytes written through it.
+type countWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
 }
 
 // Get implements Store.
