@@ -264,6 +264,9 @@ func peerCandidates(peers []PeerView) []RouteCandidate {
 		if pv.Load != nil {
 			c.Load = *pv.Load
 		}
+		if pv.Coord != nil {
+			c.Coord = pv.Coord
+		}
 		cands = append(cands, c)
 	}
 	return cands

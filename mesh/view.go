@@ -156,7 +156,16 @@ type PeerView struct {
 	// record's: the record's moved towards what the peer's latest answer
 	// said (FreshLoad).
 	Load *protocol.Load
+	// Coord, when not nil, is the coordinate routing uses instead of the
+	// record's: the one the peer answered when this node last measured it
+	// over the coord protocol, fresher than a record refreshed every
+	// TTL/3 (a new node's first coordinates move by milliseconds).
+	Coord *protocol.Coordinate
 }
+
+// observedCoordFresh is how old a coordinate a peer answered may be and
+// still be preferred to its record's.
+const observedCoordFresh = 5 * time.Minute
 
 // Complete reports whether every block has at least one server.
 func (v *ModelView) Complete() bool { return v.Blocks > 0 && len(v.Uncovered) == 0 }
@@ -491,8 +500,13 @@ func (v *View) buildLocked(e *modelEntry) *ModelView {
 				pv.Load = &l
 			}
 		}
+		if pc, ok := v.m.coords.Observed(p); ok && p != self && now.Sub(pc.At) <= observedCoordFresh && ValidateCoordinate(pc.Coord) == nil {
+			pv.Coord = &pc.Coord
+		}
 		switch {
 		case p == self:
+		case pv.Coord != nil:
+			pv.RTT = EstimateRTT(myCoord, *pv.Coord)
 		case r.rec.Coord != nil:
 			pv.RTT = EstimateRTT(myCoord, *r.rec.Coord)
 		default:
