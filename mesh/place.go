@@ -537,3 +537,31 @@ func placeBelow(v []float64, level float64) int {
 	}
 	return n
 }
+
+// LastCopies lists, in increasing order, the blocks of current (a span
+// this node serves) outside next (the span it moves to) that no other
+// candidate holds: the blocks its move would drop from the mesh. A moving
+// node fetches its new span before it drops the old one, and others may
+// have moved off the same blocks meanwhile, on a view that still showed
+// this node there; it asks again before it drops (and stays when the
+// answer is not empty). req.Blocks and req.Self as for Place; the other
+// fields are not used. It is pure.
+func LastCopies(cands []RouteCandidate, req PlaceRequest, current, next [2]int) []int {
+	held := make([]bool, max(req.Blocks, 0))
+	for i := range cands {
+		c := &cands[i]
+		if c.Peer == req.Self || !usableCandidate(c) {
+			continue
+		}
+		for b := max(c.Start, 0); b < min(c.End, req.Blocks); b++ {
+			held[b] = true
+		}
+	}
+	var out []int
+	for b := max(current[0], 0); b < min(current[1], req.Blocks); b++ {
+		if (b < next[0] || b >= next[1]) && !held[b] {
+			out = append(out, b)
+		}
+	}
+	return out
+}

@@ -603,3 +603,27 @@ func TestPlaceReplicasNoOscillation(t *testing.T) {
 		t.Log("no node ever moved")
 	}
 }
+
+// LastCopies names the blocks a move would drop that no other usable
+// candidate holds, and only those.
+func TestLastCopies(t *testing.T) {
+	ids := routeIDs(t, 3)
+	me, a, b := ids[0], ids[1], ids[2]
+	cands := []RouteCandidate{
+		{Peer: me, Start: 0, End: 8, BlockMicros: make([]float64, 8)},
+		{Peer: a, Start: 0, End: 2, BlockMicros: []float64{100, 100}},
+		{Peer: b, Start: 5, End: 7, BlockMicros: []float64{100}}, // malformed: ignored
+	}
+	cands[0].BlockMicros[0] = 100
+	req := PlaceRequest{Blocks: 8, Self: me}
+	if got, want := LastCopies(cands, req, [2]int{0, 8}, [2]int{4, 8}), []int{2, 3}; !slices.Equal(got, want) {
+		t.Errorf("moving [0, 8) -> [4, 8): %v, want %v", got, want)
+	}
+	if got := LastCopies(cands, req, [2]int{0, 8}, [2]int{0, 8}); got != nil {
+		t.Errorf("staying: %v, want none", got)
+	}
+	cands[2].BlockMicros = []float64{100, 100}
+	if got, want := LastCopies(cands, req, [2]int{0, 8}, [2]int{2, 4}), []int{4, 7}; !slices.Equal(got, want) {
+		t.Errorf("moving [0, 8) -> [2, 4) with b on [5, 7): %v, want %v", got, want)
+	}
+}

@@ -413,8 +413,22 @@ type BlockTotals struct {
 // synthetic block time at 2 µs or more, since Place clamps times under 1 µs.
 // A block whose count is 0 gets no candidate (it stays unserved). The
 // synthetic peer IDs are "~agg/<block>", never a real peer's (whose IDs
-// are multihashes).
+// are multihashes). It hides how many peers hold each block: for a
+// PlaceRequest with Replicas > 1, use AggregateCopies.
 func AggregateCandidates(t BlockTotals) ([]RouteCandidate, float64) {
+	return AggregateCopies(t, 1)
+}
+
+// AggregateCopies is AggregateCandidates for a PlaceRequest that counts
+// copies (Replicas > 1): block b gets min(Count[b], replicas) synthetic
+// candidates, each with an equal share of its total, so that Place and
+// ShouldMove see the same throughput per block and the same copy counts
+// capped at replicas (all they weigh of copies) as on the candidates the
+// totals sum. replicas under 1 counts as 1 (AggregateCandidates). The
+// synthetic peer IDs are "~agg/<block>" for a block's first and
+// "~agg/<block>/<k>" for its k-th.
+func AggregateCopies(t BlockTotals, replicas int) ([]RouteCandidate, float64) {
+	replicas = max(replicas, 1)
 	scale := 1.0
 	for b, tp := range t.Tput {
 		if t.Count[b] > 0 && tp > 0 && !math.IsInf(tp, 1) {
@@ -427,25 +441,38 @@ func AggregateCandidates(t BlockTotals) ([]RouteCandidate, float64) {
 		if t.Count[b] <= 0 || !(tp > 0) {
 			continue
 		}
-		micros[b] = scale * 1e6 / tp
-		out = append(out, RouteCandidate{Peer: aggPeer(b), Start: b, End: b + 1, BlockMicros: micros[b : b+1]})
+		k := min(t.Count[b], replicas)
+		micros[b] = scale * 1e6 * float64(k) / tp
+		for i := range k {
+			out = append(out, RouteCandidate{Peer: aggPeer(b, i), Start: b, End: b + 1, BlockMicros: micros[b : b+1]})
+		}
 	}
 	return out, scale
 }
 
-// aggPeers caches the synthetic IDs of AggregateCandidates.
+// aggPeers caches the synthetic IDs of AggregateCopies: per block, its
+// copies'.
 var aggPeers struct {
 	sync.Mutex
-	ids []peer.ID
+	ids [][]peer.ID
 }
 
-func aggPeer(b int) peer.ID {
+func aggPeer(b, k int) peer.ID {
 	aggPeers.Lock()
 	defer aggPeers.Unlock()
 	for len(aggPeers.ids) <= b {
-		aggPeers.ids = append(aggPeers.ids, peer.ID("~agg/"+strconv.Itoa(len(aggPeers.ids))))
+		aggPeers.ids = append(aggPeers.ids, nil)
 	}
-	return aggPeers.ids[b]
+	ids := aggPeers.ids[b]
+	for len(ids) <= k {
+		id := "~agg/" + strconv.Itoa(b)
+		if len(ids) > 0 {
+			id += "/" + strconv.Itoa(len(ids))
+		}
+		ids = append(ids, peer.ID(id))
+	}
+	aggPeers.ids[b] = ids
+	return ids[k]
 }
 
 // Accusations. A hop may report a fault of another hop (the next one

@@ -332,6 +332,74 @@ func TestAggregateCandidatesPlacesAlike(t *testing.T) {
 	}
 }
 
+// AggregateCopies keeps what Place and ShouldMove weigh of copies (the
+// counts capped at Replicas): on sparse meshes, where some blocks have one
+// holder or none, a node counting copies places, and a serving node
+// rebalances, alike on the aggregate and on the candidates, with
+// Spread's tie-break (a hash of Self) too; AggregateCandidates, one
+// synthetic copy per block, would not.
+func TestAggregateCopiesPlacesAlike(t *testing.T) {
+	ids := routeIDs(t, 12)
+	blocks := 48
+	differs := 0
+	for seed := range uint64(40) {
+		rng := rand.New(rand.NewPCG(seed, 5))
+		cands := randomMesh(rng, ids[:3+int(seed%8)], blocks)
+		self := ids[len(ids)-1]
+		tot := BlockTotals{Tput: make([]float64, blocks), Count: make([]int, blocks)}
+		speeds := BlockTotals{Tput: make([]float64, blocks), Count: make([]int, blocks)}
+		for _, c := range cands {
+			f := 1 + float64(c.Load.InFlight+c.Load.Queued)/RouteLoadSlots
+			for b := c.Start; b < c.End; b++ {
+				tot.Tput[b] += 1e6 / max(c.BlockMicros[b-c.Start], 1) / f
+				tot.Count[b]++
+				speeds.Tput[b] += 1e6 / max(c.BlockMicros[b-c.Start], 1)
+				speeds.Count[b]++
+			}
+		}
+		req := PlaceRequest{Blocks: blocks, Span: 6 + int(seed%10), MyMicros: []float64{250}, Self: self,
+			Replicas: 2 + int(seed%2), Spread: DefaultPlaceSpread}
+		want, err := Place(cands, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		agg, scale := AggregateCopies(tot, req.Replicas)
+		got, err := Place(agg, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if scale != 1 || got.Start != want.Start || !placeNear(got.Bottleneck, want.Bottleneck) {
+			t.Errorf("seed %d: aggregate places %d (%v, scale %v), candidates %d (%v)", seed, got.Start, got.Bottleneck, scale,
+				want.Start, want.Bottleneck)
+		}
+		one, _ := AggregateCandidates(tot)
+		if p, _ := Place(one, req); p.Start != want.Start {
+			differs++
+		}
+		cur := [2]int{rng.IntN(blocks - req.Span + 1), 0}
+		cur[1] = cur[0] + req.Span
+		wp, wm := Rebalance(cands, req, cur)
+		aggS, _ := AggregateCopies(speeds, req.Replicas)
+		gp, gm := Rebalance(aggS, req, cur)
+		if wm != gm || wp.Start != gp.Start {
+			t.Errorf("seed %d: from %v the aggregate rebalances to %d (move %v), the candidates to %d (move %v)", seed, cur,
+				gp.Start, gm, wp.Start, wm)
+		}
+	}
+	if differs == 0 {
+		t.Error("one synthetic copy per block placed as the candidates in every case: the test shows nothing")
+	}
+	// Copies capped at replicas, each an equal share of the block's total.
+	agg, _ := AggregateCopies(BlockTotals{Tput: []float64{300, 0, 100}, Count: []int{3, 0, 1}}, 2)
+	var got []string
+	for _, c := range agg {
+		got = append(got, fmt.Sprintf("%s %d %.0f", string(c.Peer), c.Start, c.BlockMicros[0]))
+	}
+	if want := []string{"~agg/0 0 6667", "~agg/0/1 0 6667", "~agg/2 2 10000"}; !slices.Equal(got, want) {
+		t.Errorf("AggregateCopies = %q, want %q", got, want)
+	}
+}
+
 // Distrusted peers (this node failed to reach them since their last
 // record) are routing's last resort: used only when the trusted ones leave
 // a block uncovered, and only once their ban has lapsed.
