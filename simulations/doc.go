@@ -32,10 +32,11 @@
 //     explicit node's).
 //   - Peers: classes with a per-block time, a prefill factor for prompt
 //     tokens, memory (the span they hold), bandwidth, last mile; each runs
-//     Slots passes at once and queues Queue more (0: busy at once, as the
-//     stage server did before it queued; it now queues 4 x MaxInFlight,
-//     fairly among sending peers, which Queue models first come, first
-//     served), and holds at most Sessions
+//     Slots passes at once and queues Queue more, by default 4 x Slots
+//     as the stage server queues 4 x MaxInFlight (mesh.StageConfig's
+//     MaxWaiting; it serves them fairly among sending peers, which Queue
+//     models first come, first served; 0: busy at once, as the stage
+//     server did before it queued), and holds at most Sessions
 //     sessions (the stage server's MaxSessions). A peer that moved serves
 //     its old span for the node's dropGrace (30 s), then refuses it.
 //   - DHT and views: each peer publishes its capacity record (span, load

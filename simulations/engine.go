@@ -150,7 +150,21 @@ type entryNode struct {
 	distrust map[int32]int // record seq distrusted
 	memoV    int64
 	memo     map[string][]routeMemo // up to routeDraws routes per key
+	// seen is, per peer, the load its latest answer to this node said,
+	// when it differed from the peer's record in the view (observe)
+	seen map[int32]seenLoad
 }
+
+// seenLoad is a hop's load as its answer said it (protocol.HopLoad), and
+// when.
+type seenLoad struct {
+	load protocol.HopLoad
+	at   int64
+}
+
+// loadForget is mesh's loadForget (mesh/view.go, unexported there): an
+// answer's load older than this no longer counts.
+const loadForget = 10 * int64(mesh.LoadHalfLife)
 
 // regionLat collects one users' region's latencies.
 type regionLat struct {
@@ -212,7 +226,12 @@ type sim struct {
 	regionRadius []time.Duration
 	classMicro   [][]float64
 	covered      []int32 // online servers per block
-	evenNext     int
+	// onlineCap is how many blocks the online peers can hold, all
+	// together; lostAt, per block, when it lost its last online holder
+	// (-1: it has one)
+	onlineCap int
+	lostAt    []int64
+	evenNext  int
 
 	reqs    []request
 	free    []int32
@@ -237,12 +256,14 @@ type sim struct {
 	routes     int64
 	joins      int
 	moves      int
+	keeps      int // moves given up: the peer held a last copy (mesh.LastCopies)
 	leaves     int
 	lat        Latencies
 	cur        Sample
 	curE2E     []float64
 	series     []Sample
 	minCov     float64
+	blocks     BlockLoss
 	memoHits   int64
 	failKinds  [4]int
 	regionLat  []regionLat // per users' region
@@ -263,7 +284,11 @@ func newSim(ctx context.Context, sc *Scenario) (*sim, error) {
 		rPlace: stream(streamPlacement), rTimers: stream(streamTimers), rRoute: stream(streamRoute),
 		ttl: int64(sc.DHT.RecordTTLS * 1e9), refresh: int64(sc.DHT.ViewRefreshS * 1e9),
 		timeout: int64(sc.Workload.StepTimeoutS * 1e9), actBytes: sc.Model.ActivationKB * 1000,
-		covered: make([]int32, sc.Model.Blocks), minCov: 1}
+		covered: make([]int32, sc.Model.Blocks), lostAt: make([]int64, sc.Model.Blocks), minCov: 1}
+	for b := range s.lostAt {
+		s.lostAt[b] = -1
+	}
+	s.blocks.MinHolders = -1
 	s.net = network{factor: sc.Network.RouteFactor, rng: stream(streamNetwork), coordErr: sc.Network.CoordErrorMS / 1e3,
 		coordRng: stream(streamCoords), overhead: int64(*sc.Network.HopOverheadUS * 1e3)}
 	if !*sc.Routing.Spread {
@@ -315,7 +340,7 @@ func (s *sim) initExplicit() {
 			}
 		}
 		p := &simPeer{id: peerID(i), ep: ep, micros: micros, prefill: *nd.PrefillFactor, capacity: max(nd.End-nd.Start, 1),
-			start: nd.Start, end: nd.End, slots: make([]int64, nd.Slots), queue: nd.Queue, maxSessions: nd.Sessions}
+			start: nd.Start, end: nd.End, slots: make([]int64, nd.Slots), queue: queueOf(nd.Queue, nd.Slots), maxSessions: nd.Sessions}
 		s.peers = append(s.peers, p)
 		s.goOnline(p)
 		if nd.Requester {
@@ -468,7 +493,7 @@ func (s *sim) newPeer(c, r int) *simPeer {
 	ep.coord = s.net.perturb(s.net.geoCoord(&ep))
 	capacity := int(max(1, min(float64(sc.Model.Blocks), math.Floor(cl.MemoryGB*1000/sc.Model.BlockMB))))
 	p := &simPeer{id: peerID(len(s.peers)), class: c, region: r, ep: &ep, micros: s.classMicro[c], prefill: *cl.PrefillFactor,
-		capacity: capacity, slots: make([]int64, cl.Slots), queue: cl.Queue, maxSessions: cl.Sessions}
+		capacity: capacity, slots: make([]int64, cl.Slots), queue: queueOf(cl.Queue, cl.Slots), maxSessions: cl.Sessions}
 	s.peers = append(s.peers, p)
 	return p
 }
@@ -488,8 +513,8 @@ func (s *sim) choose(p *simPeer, totals mesh.BlockTotals) {
 		}
 		s.evenNext = (p.start + n) % blocks
 	default:
-		agg, scale := mesh.AggregateCandidates(totals)
-		pl, err := mesh.Place(agg, mesh.PlaceRequest{Blocks: blocks, Span: n, MyMicros: scaled(p.micros, scale), Self: p.id})
+		agg, scale := mesh.AggregateCopies(totals, s.sc.Replicas)
+		pl, err := mesh.Place(agg, s.placeRequest(p, scale))
 		if err != nil {
 			panic(err) // the scenario check rules this out
 		}
@@ -498,7 +523,16 @@ func (s *sim) choose(p *simPeer, totals mesh.BlockTotals) {
 	p.end = p.start + n
 }
 
-// scaled returns micros times scale (see mesh.AggregateCandidates).
+// placeRequest is what p asks mesh.Place and mesh.Rebalance, as a node
+// does (node.place): its span and speed (its block times times scale, see
+// mesh.AggregateCopies), the scenario's Replicas, and
+// mesh.DefaultPlaceSpread.
+func (s *sim) placeRequest(p *simPeer, scale float64) mesh.PlaceRequest {
+	return mesh.PlaceRequest{Blocks: s.sc.Model.Blocks, Span: p.capacity, MyMicros: scaled(p.micros, scale), Self: p.id,
+		Replicas: s.sc.Replicas, Spread: mesh.DefaultPlaceSpread}
+}
+
+// scaled returns micros times scale (see mesh.AggregateCopies).
 func scaled(micros []float64, scale float64) []float64 {
 	out := make([]float64, len(micros))
 	for i, m := range micros {
@@ -511,6 +545,7 @@ func scaled(micros []float64, scale float64) []float64 {
 func (s *sim) goOnline(p *simPeer) {
 	p.online, p.everOnline, p.joined = true, true, s.now
 	s.online++
+	s.onlineCap += p.capacity
 	s.cover(p.start, p.end, 1)
 	s.publish(p)
 	ttl3 := s.ttl / 3
@@ -567,9 +602,24 @@ func (s *sim) scheduleRebalance(p *simPeer) {
 	s.q.push(event{t: s.now + every/2 + s.rTimers.Int64N(every/2+1), kind: evRebalance, a: peerIndex(p.id)})
 }
 
+// cover counts d more online holders of blocks [start, end), and the
+// blocks that lose their last one (BlockLoss): online peers hold what they
+// serve (a peer that moved drops its old span's blocks), so a block none
+// of them holds is gone from the mesh.
 func (s *sim) cover(start, end int, d int32) {
 	for b := start; b < end; b++ {
 		s.covered[b] += d
+		switch {
+		case s.covered[b] == 0 && d < 0:
+			s.lostAt[b] = s.now
+			s.blocks.Lost++
+			if s.onlineCap >= s.sc.Model.Blocks {
+				s.blocks.LostWithRoom++
+			}
+		case s.covered[b] == d && d > 0 && s.lostAt[b] >= 0:
+			s.blocks.LostS += float64(s.now-s.lostAt[b]) / 1e9
+			s.lostAt[b] = -1
+		}
 	}
 }
 
@@ -676,6 +726,77 @@ func (s *sim) exclusions(en *entryNode) []int32 {
 	return out
 }
 
+// observe is the requester en's taking the load hop p (index i) says in
+// its answer to a pass it just finished (the progress or result frame's
+// protocol.HopLoad: its passes running and queued now), as mesh.View's
+// observeLoad does; routing then blends it into the record's load
+// (mesh.FreshLoad). The answer is taken when the hop sends it, a one-way
+// leg before it reaches the requester. An answer that says what the
+// peer's record in the view says is dropped (FreshLoad then gives the
+// record's load at any age, as long as the record stays the same).
+func (s *sim) observe(en *entryNode, i int32, p *simPeer) {
+	if !*s.sc.Routing.FreshLoad {
+		return
+	}
+	busy := 0
+	for _, f := range p.slots {
+		if f > s.now {
+			busy++
+		}
+	}
+	l := protocol.HopLoad{InFlight: busy, Queued: s.queued(p)}
+	v := s.currentView()
+	if k := v.at[i]; k < 0 || (v.cands[k].Load.InFlight == l.InFlight && v.cands[k].Load.Queued == l.Queued) {
+		delete(en.seen, i)
+		return
+	}
+	if en.seen == nil {
+		en.seen = map[int32]seenLoad{}
+	}
+	en.seen[i] = seenLoad{load: l, at: s.now}
+}
+
+// freshLoads lists, in peer order, the loads en's routing assumes now
+// where they differ from the view's records (mesh.FreshLoad of the
+// record's and the latest answer's), and forgets answers past loadForget.
+func (s *sim) freshLoads(en *entryNode, v *view) []freshLoad {
+	var out []freshLoad
+	for i, o := range en.seen {
+		k := v.at[i]
+		if s.now-o.at > loadForget || k < 0 {
+			delete(en.seen, i)
+			continue
+		}
+		rec := v.cands[k].Load
+		if l := mesh.FreshLoad(rec, o.load, time.Duration(s.now-o.at)); l != rec {
+			out = append(out, freshLoad{i, l})
+		}
+	}
+	slices.SortFunc(out, func(a, b freshLoad) int { return int(a.peer - b.peer) })
+	return out
+}
+
+type freshLoad struct {
+	peer int32
+	load protocol.Load
+}
+
+// withLoads returns cands with the fresh loads in place of the records'
+// (a copy when any applies).
+func withLoads(cands []mesh.RouteCandidate, fresh []freshLoad) []mesh.RouteCandidate {
+	if len(fresh) == 0 {
+		return cands
+	}
+	out := slices.Clone(cands)
+	for j := range out {
+		i := peerIndex(out[j].Peer)
+		if k, found := slices.BinarySearchFunc(fresh, i, func(f freshLoad, i int32) int { return int(f.peer - i) }); found {
+			out[j].Load = fresh[k].load
+		}
+	}
+	return out
+}
+
 // route plans blocks [start, end) for a request of entry node en, as the
 // node's (*Mesh).route does: mesh.PlanRouteTiered over the view, without
 // its distrusted peers, with its bans, and mesh.PlanRouteTrusting's last
@@ -696,7 +817,8 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 		}
 	}
 	slices.Sort(distrusted)
-	key := make([]byte, 0, 16+4*(len(excl)+len(distrusted)))
+	fresh := s.freshLoads(en, v)
+	key := make([]byte, 0, 16+4*(len(excl)+len(distrusted))+12*len(fresh))
 	key = strconv.AppendInt(key, int64(start), 10)
 	key = append(key, '-')
 	key = strconv.AppendInt(key, int64(end), 10)
@@ -707,6 +829,14 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 	for _, p := range distrusted {
 		key = append(key, 'd')
 		key = strconv.AppendInt(key, int64(p), 10)
+	}
+	for _, f := range fresh {
+		key = append(key, 'l')
+		key = strconv.AppendInt(key, int64(f.peer), 10)
+		key = append(key, ':')
+		key = strconv.AppendInt(key, int64(f.load.InFlight), 10)
+		key = append(key, ':')
+		key = strconv.AppendInt(key, int64(f.load.Queued), 10)
 	}
 	if en.memoV != v.version || en.memo == nil {
 		en.memo, en.memoV = map[string][]routeMemo{}, v.version
@@ -729,6 +859,7 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 			return found
 		})
 	}
+	cands = withLoads(cands, fresh)
 	var banned map[peer.ID]bool
 	if len(excl) > 0 {
 		banned = make(map[peer.ID]bool, len(excl))
@@ -741,7 +872,7 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 	r, err := mesh.PlanRouteInView(cands, len(v.cands), req, nil, banned)
 	if errors.Is(err, mesh.ErrNoRoute) && len(v.cands) > mesh.MaxRouteCandidates {
 		// The pool lacked what the whole view has (many bans, say).
-		all := v.cands
+		all := withLoads(v.cands, fresh)
 		if len(distrusted) > 0 {
 			all = slices.DeleteFunc(slices.Clone(all), func(c mesh.RouteCandidate) bool {
 				_, found := slices.BinarySearch(distrusted, peerIndex(c.Peer))
@@ -753,7 +884,7 @@ func (s *sim) route(en *entryNode, start, end int) ([]hop, error) {
 	if errors.Is(err, mesh.ErrNoRoute) && len(distrusted) > 0 {
 		// The distrusted peers are the last resort, as the node's.
 		var trusted, doubted []mesh.RouteCandidate
-		for _, c := range v.cands {
+		for _, c := range withLoads(v.cands, fresh) {
 			if _, found := slices.BinarySearch(distrusted, peerIndex(c.Peer)); found {
 				doubted = append(doubted, c)
 			} else {
@@ -1108,6 +1239,7 @@ func (s *sim) done(id int32, h int) {
 	t := r.tokens()
 	p.passes += int64(hp.end-hp.start) * int64(t)
 	p.busy += p.passNs(int(hp.start), int(hp.end), t)
+	s.observe(s.entries[r.entry], hp.peer, p)
 	if h+1 < len(r.route) {
 		next := s.peers[r.route[h+1].peer]
 		s.q.push(event{t: s.now + s.net.oneWay(p.ep, next.ep, s.actBytes*float64(t)), kind: evHop, a: id, b: int32(h + 1), e: r.epoch})
@@ -1420,6 +1552,7 @@ func (s *sim) leave(p *simPeer, crash bool) {
 	}
 	p.online, p.gone, p.crashed, p.left = false, true, crash, s.now
 	s.online--
+	s.onlineCap -= p.capacity
 	s.leaves++
 	s.cover(p.start, p.end, -1)
 	if !crash {
@@ -1485,21 +1618,8 @@ func (s *sim) rebalance(p *simPeer) {
 		return
 	}
 	v := s.currentView()
-	others := mesh.BlockTotals{Tput: slices.Clone(v.speeds.Tput), Count: slices.Clone(v.speeds.Count)}
-	if i := v.at[peerIndex(p.id)]; i >= 0 {
-		c := &v.cands[i]
-		for b := c.Start; b < c.End; b++ {
-			others.Count[b]--
-			if others.Count[b] == 0 {
-				others.Tput[b] = 0
-			} else {
-				others.Tput[b] -= 1e6 / max(p.micros[b], 1)
-			}
-		}
-	}
-	agg, scale := mesh.AggregateCandidates(others)
-	pl, move := mesh.Rebalance(agg, mesh.PlaceRequest{Blocks: s.sc.Model.Blocks, Span: p.capacity, MyMicros: scaled(p.micros, scale), Self: p.id},
-		[2]int{p.start, p.end})
+	agg, scale := mesh.AggregateCopies(s.others(p, v.speeds), s.sc.Replicas)
+	pl, move := mesh.Rebalance(agg, s.placeRequest(p, scale), [2]int{p.start, p.end})
 	if !move {
 		return
 	}
@@ -1515,16 +1635,44 @@ func (s *sim) rebalance(p *simPeer) {
 	s.q.push(event{t: s.now + fetch, kind: evMoved, a: peerIndex(p.id)})
 }
 
+// others is t, per-block totals of the current view, without p's record.
+func (s *sim) others(p *simPeer, t mesh.BlockTotals) mesh.BlockTotals {
+	v := s.currentView()
+	others := mesh.BlockTotals{Tput: slices.Clone(t.Tput), Count: slices.Clone(t.Count)}
+	if i := v.at[peerIndex(p.id)]; i >= 0 {
+		c := &v.cands[i]
+		for b := c.Start; b < c.End; b++ {
+			others.Count[b]--
+			if others.Count[b] == 0 {
+				others.Tput[b] = 0
+			} else {
+				others.Tput[b] -= 1e6 / max(p.micros[b], 1)
+			}
+		}
+	}
+	return others
+}
+
 func (s *sim) moved(p *simPeer) {
 	if !p.online || !p.moving {
 		return
 	}
 	p.moving = false
 	ns, ne := p.oldStart, p.oldEnd
+	// Before it drops its old span, the peer asks its view again whether
+	// it holds the last copy of a block it would drop (others may have
+	// moved off it meanwhile): then it stays (mesh.LastCopies).
+	v := s.currentView()
+	agg, _ := mesh.AggregateCopies(s.others(p, v.speeds), 1)
+	if lost := mesh.LastCopies(agg, mesh.PlaceRequest{Blocks: s.sc.Model.Blocks, Self: p.id}, [2]int{p.start, p.end}, [2]int{ns, ne}); len(lost) > 0 {
+		p.oldStart, p.oldEnd = p.start, p.end
+		s.keeps++
+		return
+	}
+	s.cover(ns, ne, 1) // the new span first: a block on both is never lost
 	s.cover(p.start, p.end, -1)
 	p.oldStart, p.oldEnd, p.movedAt = p.start, p.end, s.now
 	p.start, p.end = ns, ne
-	s.cover(p.start, p.end, 1)
 	s.moves++
 	s.publish(p)
 }
@@ -1532,6 +1680,9 @@ func (s *sim) moved(p *simPeer) {
 func (s *sim) sample() {
 	c := s.coverage()
 	s.minCov = min(s.minCov, c)
+	if h := int(slices.Min(s.covered)); s.blocks.MinHolders < 0 || h < s.blocks.MinHolders {
+		s.blocks.MinHolders = h
+	}
 	s.sampleCapacity()
 	smp := s.cur
 	smp.T = float64(s.now) / 1e9
@@ -1598,6 +1749,14 @@ func (s *sim) collect() *Result {
 	}
 	sum.PeersEnd, sum.Joins, sum.Leaves, sum.Moves = s.online, s.joins, s.leaves, s.moves
 	sum.MinCoverage = s.minCov
+	sum.Blocks = s.blocks
+	sum.Blocks.MovesGivenUp = s.keeps
+	for _, t := range s.lostAt {
+		if t >= 0 { // still lost at the end
+			sum.Blocks.LostS += float64(s.end-t) / 1e9
+		}
+	}
+	sum.Blocks.MinHolders = max(sum.Blocks.MinHolders, 0)
 	sum.Events = s.events
 	for i := range s.reqs {
 		if r := &s.reqs[i]; r.live {

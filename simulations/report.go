@@ -73,7 +73,7 @@ func writeSummaryJSON(path string, r *Result) error {
 	c := *r
 	c.Duration = orZero(c.Duration)
 	s := &c.Summary
-	for _, f := range []*float64{&s.CompletionRate, &s.Throughput, &s.TokensPerSec, &s.Hops, &s.MinCoverage} {
+	for _, f := range []*float64{&s.CompletionRate, &s.Throughput, &s.TokensPerSec, &s.Hops, &s.MinCoverage, &s.Blocks.LostS} {
 		*f = orZero(*f)
 	}
 	for _, q := range []*Quantiles{&s.E2E, &s.TTFT, &s.PerToken} {
@@ -290,8 +290,9 @@ func keyNumbers(r *Result) string {
 	if s.Resumes > 0 {
 		fmt.Fprintf(&b, "%s decode-ring steps a hop refused busy were sent again on the same route (resumes, not failovers). ", commas(s.Resumes))
 	}
-	fmt.Fprintf(&b, "The mesh went from %s to %s peers (%s joined, %s left, %s moved to another span); the lowest block coverage at any sample was %s.\n",
+	fmt.Fprintf(&b, "The mesh went from %s to %s peers (%s joined, %s left, %s moved to another span); the lowest block coverage at any sample was %s. ",
 		commas(s.PeersStart), commas(s.PeersEnd), commas(s.Joins), commas(s.Leaves), commas(s.Moves), fmtPercent(s.MinCoverage))
+	fmt.Fprintf(&b, "%s\n", blockLoss(&s.Blocks, true))
 
 	if len(r.Peers) > 0 {
 		busy := make([]float64, len(r.Peers))
@@ -422,8 +423,9 @@ func Headline(r *Result) string {
 	if s.Resumes > 0 {
 		resumes = fmt.Sprintf(", %s resumes", commas(s.Resumes))
 	}
-	fmt.Fprintf(&b, "%.2f hops per route, %s failovers%s, %s replays; peers %s -> %s, lowest coverage %s\n",
-		orZero(s.Hops), commas(s.Failovers), resumes, commas(s.Replays), commas(s.PeersStart), commas(s.PeersEnd), fmtPercent(s.MinCoverage))
+	fmt.Fprintf(&b, "%.2f hops per route, %s failovers%s, %s replays; peers %s -> %s, lowest coverage %s; %s\n",
+		orZero(s.Hops), commas(s.Failovers), resumes, commas(s.Replays), commas(s.PeersStart), commas(s.PeersEnd), fmtPercent(s.MinCoverage),
+		blockLoss(&s.Blocks, false))
 	if l := &s.Load; l.Peers > 0 {
 		fmt.Fprintf(&b, "load: %s of %s peers served (%s); utilisation of the %s holders p50 %s, p99 %s (of those that served p50 %s, p99 %s); %s\n",
 			commas(l.Serving), commas(l.Peers), fmtPercent(l.ServingShare), commas(l.Holders), fmtPercent(l.P50), fmtPercent(l.P99),
@@ -433,6 +435,20 @@ func Headline(r *Result) string {
 		fmt.Fprintf(&b, "throughput %s of the bottleneck capacity, %s req/s (block %d)\n", fmtPercent(c.Share), fmtRate(c.RPS), c.Block)
 	}
 	return b.String()
+}
+
+// blockLoss says how many blocks the mesh lost (BlockLoss), in a sentence
+// for report.md (long) or a clause for the headline.
+func blockLoss(l *BlockLoss, long bool) string {
+	if !long {
+		return fmt.Sprintf("blocks lost %s (%s with room), fewest holders %d", commas(l.Lost), commas(l.LostWithRoom), l.MinHolders)
+	}
+	if l.Lost == 0 {
+		return fmt.Sprintf("No block lost its last online holder; the fewest holders of a block at any sample was %d.", l.MinHolders)
+	}
+	return fmt.Sprintf("Blocks lost their last online holder %s times (%s of them while the live peers could hold the whole model), "+
+		"%.0f block-seconds without a holder; the fewest holders of a block at any sample was %d.", commas(l.Lost),
+		commas(l.LostWithRoom), l.LostS, l.MinHolders)
 }
 
 // worstRatio is "worst 1.8x its blocks' median, 0 holders above 2x (0

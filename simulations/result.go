@@ -91,12 +91,42 @@ type Summary struct {
 	// MinCoverage is the lowest fraction of a model's blocks served at any
 	// sample.
 	MinCoverage float64 `json:"min_coverage"`
+	// Blocks is how durably the mesh held the model's blocks.
+	Blocks BlockLoss `json:"blocks"`
 	// Events is how many discrete events the engine ran.
 	Events int64 `json:"events"`
 	// Load is how the compute spread over the peers; Capacity what the
 	// mesh could run of the workload and the share of it it ran (load.go).
 	Load     LoadSpread `json:"load"`
 	Capacity Capacity   `json:"capacity"`
+}
+
+// BlockLoss counts the blocks the mesh lost: a block is lost when its
+// last online holder leaves (gracefully or not) or moves off it, so that
+// no live peer holds it (a peer holds the blocks it serves; the node keeps
+// no others). Issue 15's goal: no block is lost while the live peers could
+// hold every block.
+type BlockLoss struct {
+	// Lost counts the losses (one per block and time it lost its last
+	// holder).
+	Lost int `json:"lost"`
+	// LostWithRoom counts the losses when the online peers that remained
+	// could hold the whole model between them (their spans' capacities
+	// summed to the model's blocks or more): placement had room to keep a
+	// copy of every block.
+	LostWithRoom int `json:"lost_with_room"`
+	// LostS is the block-seconds that lost blocks spent with no holder,
+	// until a peer placed on them came online or the run ended. The
+	// simulator's joining peers fetch their blocks whether or not a live
+	// peer holds them (as from the model's origin): in a mesh with no
+	// origin, a lost block stays lost.
+	LostS float64 `json:"lost_block_s"`
+	// MinHolders is the fewest online holders of any block at a sample.
+	MinHolders int `json:"min_holders"`
+	// MovesGivenUp counts the rebalancing moves a peer gave up after
+	// fetching its new span: its view then said it held the last copy of
+	// a block it would drop (mesh.LastCopies).
+	MovesGivenUp int `json:"moves_given_up"`
 }
 
 // Quantiles of a latency distribution, in seconds (all 0 when empty).

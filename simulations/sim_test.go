@@ -269,7 +269,8 @@ func TestPlacementIsMeshPlace(t *testing.T) {
 	}
 	var cands []mesh.RouteCandidate
 	for _, p := range s.peers {
-		pl, err := mesh.Place(cands, mesh.PlaceRequest{Blocks: 16, Span: p.capacity, MyMicros: p.micros, Self: p.id})
+		pl, err := mesh.Place(cands, mesh.PlaceRequest{Blocks: 16, Span: p.capacity, MyMicros: p.micros, Self: p.id,
+			Replicas: 2, Spread: mesh.DefaultPlaceSpread})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -386,7 +387,8 @@ func TestJoinIsMeshPlace(t *testing.T) {
 		v := s.currentView()
 		s.join(s.peers[i])
 		p := s.peers[len(s.peers)-1]
-		pl, err := mesh.Place(v.cands, mesh.PlaceRequest{Blocks: 16, Span: p.capacity, MyMicros: p.micros, Self: p.id})
+		pl, err := mesh.Place(v.cands, mesh.PlaceRequest{Blocks: 16, Span: p.capacity, MyMicros: p.micros, Self: p.id,
+			Replicas: 2, Spread: mesh.DefaultPlaceSpread})
 		if err != nil {
 			t.Fatal(err)
 		}
