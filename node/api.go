@@ -38,6 +38,9 @@ type Status struct {
 	// DHTMode is the mode the node's DHT is in now: server (it stores
 	// records and answers lookups) or client (it only asks).
 	DHTMode string `json:"dht_mode"`
+	// Disk is the node's own block store: bytes used, --max-disk,
+	// evictions.
+	Disk DiskStatus `json:"disk"`
 }
 
 // Coverage is GET /v1/peers?model=CID: who serves each block of a model.
@@ -143,7 +146,7 @@ func (n *Node) startAPI() error {
 func (n *Node) Status() Status {
 	a := n.advert()
 	st := Status{ID: n.mesh.ID().String(), Version: Version, Serving: a.Models, Load: a.Load, Accelerators: a.Accelerators,
-		Coord: n.mesh.Coord(), Connected: len(n.mesh.Host().Network().Peers()), DHTMode: n.mesh.DHTMode()}
+		Coord: n.mesh.Coord(), Connected: len(n.mesh.Host().Network().Peers()), DHTMode: n.mesh.DHTMode(), Disk: n.disk.status()}
 	for _, addr := range n.mesh.Host().Addrs() {
 		st.Addrs = append(st.Addrs, addr.String()+"/p2p/"+st.ID)
 	}

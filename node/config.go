@@ -78,6 +78,13 @@ type Config struct {
 	// MaxMemory caps the bytes of blocks the node loads per model (0: a
 	// quarter of the machine's memory).
 	MaxMemory int64 `json:"max_memory"`
+	// MaxDisk caps the bytes of the node's own block store (DATA/blocks:
+	// fetched, pulled and published blocks; not the --serve folders), as
+	// "20GB", "512MiB" or bytes (0: no cap). To fetch past it the node
+	// evicts blocks it neither serves nor is loading, least recently used
+	// first, and only those enough other nodes hold (see disk.go); a fetch
+	// that cannot fit fails, and --model spans are chosen to fit.
+	MaxDisk ByteSize `json:"max_disk,omitempty"`
 	// Rebalance is how often a node that chose its own blocks checks
 	// whether moving would help the mesh (default 2m, with jitter).
 	Rebalance Duration `json:"rebalance"`
@@ -196,6 +203,9 @@ func (c *Config) Validate() error {
 			// Beyond this machine, only callers holding the token.
 			return fmt.Errorf("api address %q is not loopback: set an api token (--api-token) so that only your apps can use it", c.API)
 		}
+	}
+	if c.MaxDisk < 0 {
+		return fmt.Errorf("max_disk %d: must not be negative", c.MaxDisk)
 	}
 	if c.Replicas < 0 {
 		return fmt.Errorf("replicas %d: must not be negative", c.Replicas)

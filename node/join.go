@@ -129,7 +129,7 @@ func (n *Node) place(ctx context.Context, m *shards.Model, current *[2]int) (mes
 	if err != nil {
 		return mesh.Placement{}, err
 	}
-	req := mesh.PlaceRequest{Blocks: len(m.Manifest.Blocks), Span: n.spanCapacity(m), Self: n.mesh.ID(),
+	req := mesh.PlaceRequest{Blocks: len(m.Manifest.Blocks), Span: min(n.spanCapacity(m), n.disk.span(ctx, m)), Self: n.mesh.ID(),
 		Replicas: n.replicas(), Spread: mesh.DefaultPlaceSpread}
 	cands := mesh.Candidates(mv)
 	if current == nil {
@@ -205,6 +205,11 @@ func (n *Node) serveFetched(ctx context.Context, m *shards.Model, start, end int
 		}
 		cids = append(cids, c)
 	}
+	release, err := n.disk.reserve(ctx, m.Manifest, cids, fmt.Sprintf("blocks %d-%d of model %s", start, end-1, m.ID))
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	t0 := time.Now()
 	if err := n.mesh.FetchBlocks(ctx, cids, n.own, mesh.FetchOptions{}); err != nil {
 		return nil, fmt.Errorf("fetching blocks %d-%d: %w", start, end-1, err)

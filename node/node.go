@@ -56,6 +56,7 @@ type Node struct {
 	recent       recentLog         // GET /v1/requests
 	jobs         jobs              // batch jobs (POST /v1/jobs)
 	own          *shards.FileStore // DATA/blocks: fetched, published and pulled blocks
+	disk         *disk             // own's cap (--max-disk): accounting and eviction
 	store        stores            // own, then the --serve models' block folders
 	servedMu     sync.RWMutex
 	served       []*servedSpan
@@ -145,6 +146,7 @@ func New(ctx context.Context, cfg Config, opts Options) (_ *Node, err error) {
 		n.log.Info("removed temporary files a stopped transfer left", "dir", own.Dir(), "files", removed)
 	}
 	n.own, n.store = own, stores{own}
+	n.disk = newDisk(n, own, n.metrics.reg)
 	if err := n.loadSpans(ctx); err != nil {
 		return nil, err
 	}

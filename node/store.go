@@ -239,6 +239,9 @@ func (w watchedStore) List() ([]cid.Cid, error)         { return w.n.store.List(
 
 func (w watchedStore) Get(c cid.Cid) ([]byte, error) {
 	data, err := w.n.store.Get(c)
+	if err == nil {
+		w.n.disk.touch(c) // a peer read it: eviction takes it last
+	}
 	if errors.Is(err, shards.ErrCorrupt) {
 		w.n.blockFailed(c)
 	}

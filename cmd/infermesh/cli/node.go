@@ -65,6 +65,7 @@ func configFlags(fs *flag.FlagSet, c *node.Config) {
 	fs.Var(&replaceList{list: &c.Models}, "model", "serve a model by ID, fetching its blocks from peers: CID (the node picks the blocks) or CID:START-END (repeatable)")
 	fs.IntVar(&c.MaxBlocks, "max-blocks", c.MaxBlocks, "serve at most this many blocks of a --model (0 = as many as --max-memory holds)")
 	fs.Int64Var(&c.MaxMemory, "max-memory", c.MaxMemory, "bytes of blocks to load per --model (0 = a quarter of RAM)")
+	fs.Var(&c.MaxDisk, "max-disk", "cap on the node's own block store (DATA/blocks), e.g. 20GB, 512MiB or bytes: to fetch past it the node evicts blocks it does not serve that enough other nodes hold, least recently used first (0 = no cap)")
 	fs.Var(&c.Rebalance, "rebalance", "how often a node that chose its blocks checks whether moving would help the mesh")
 	fs.IntVar(&c.Replicas, "replicas", c.Replicas, "nodes that should hold each block of a --model: the node gives copies to blocks fewer hold before widening others (0 = 2)")
 	fs.Var(&c.HandoffWait, "handoff-wait", "on a graceful stop, wait up to this long (e.g. 30s) for peers to take the blocks only this node serves (0 = leave at once, logging which blocks are lost)")
