@@ -168,3 +168,24 @@ func mustScan(t *testing.T, n *Node) map[string]diskFile {
 	}
 	return files
 }
+
+// Writes that do not go through a span's reservation (publish, pull,
+// repair) meet the cap at the store's admission: a publish past it fails
+// naming the cap, and the store stays under it.
+func TestDiskCapRefusesAPublishPastIt(t *testing.T) {
+	m, err := build.GPT(build.GPTConfig{Layers: 2, Dim: 32, Heads: 2, Context: 32, Seed: 16}, filepath.Join(t.TempDir(), "gpt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	limit := m.Manifest.Blocks[0].Size + m.Manifest.Blocks[1].Size
+	var log syncBuffer
+	n := startDiskNode(t, t.TempDir(), nil, nil, limit, &log)
+	t.Cleanup(func() { n.Close() })
+	_, _, err = n.Publish(context.Background(), m.Dir)
+	if !errors.Is(err, ErrDiskFull) || !strings.Contains(err.Error(), "--max-disk "+ByteSize(limit).String()) {
+		t.Fatalf("publishing %d bytes under a %d-byte cap: %v", m.Manifest.TotalSize(), limit, err)
+	}
+	if st := n.Status().Disk; st.UsedBytes > limit || st.UsedBytes == 0 || st.Evictions != 0 {
+		t.Fatalf("disk status after the refused publish: %+v (cap %d)", st, limit)
+	}
+}
