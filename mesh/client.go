@@ -218,6 +218,14 @@ func nextID() uint64 {
 // route plans hops for blocks [start, end) of a model, avoiding banned
 // peers and those the caller would rather not use.
 func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, avoid []peer.ID, d *doubts) ([]protocol.Hop, int, error) {
+	return m.planRoute(ctx, model, start, end, avoid, d, nil)
+}
+
+// planRoute is route; with a session, the route chosen becomes the one it
+// holds among this node's own sessions (see ownSessions) in the same step
+// as the choice, so that sessions opened at the same moment each see the
+// others' routes.
+func (m *Mesh) planRoute(ctx context.Context, model cid.Cid, start, end int, avoid []peer.ID, d *doubts, s *Session) ([]protocol.Hop, int, error) {
 	mv, err := m.view.Model(ctx, model)
 	if err != nil {
 		return nil, 0, err
@@ -252,13 +260,22 @@ func (m *Mesh) route(ctx context.Context, model cid.Cid, start, end int, avoid [
 	// Each route is drawn among the near-equal ones, so that the requesters
 	// sharing a view do not all pile onto its cheapest route.
 	req.Rand = mrand.New(mrand.NewPCG(mrand.Uint64(), mrand.Uint64()))
-	r, err := PlanRouteTrusting(Candidates(mv), peerCandidates(mv.Distrusted), req, avoided, banned)
+	cands, distrusted := Candidates(mv), peerCandidates(mv.Distrusted)
+	m.own.mu.Lock()
+	defer m.own.mu.Unlock()
+	WithOwnLoad(cands, m.own.n)
+	WithOwnLoad(distrusted, m.own.n)
+	r, err := PlanRouteTrusting(cands, distrusted, req, avoided, banned)
 	if err != nil {
 		return nil, blocks, err
 	}
 	hops := make([]protocol.Hop, len(r.Hops))
 	for i, h := range r.Hops {
 		hops[i] = protocol.Hop{Peer: h.Peer.String(), Start: h.Start, End: h.End}
+	}
+	if s != nil {
+		m.own.swapLocked(s.held, hops)
+		s.route, s.held = hops, hops
 	}
 	return hops, blocks, nil
 }
@@ -654,6 +671,7 @@ type Session struct {
 	id      string
 	opts    InferOptions
 	route   []protocol.Hop
+	held    []protocol.Hop     // the route counted in m.own, until Close
 	history [][]shards.Tensors // history[h][s]: inputs hop h got at step s
 	steps   int
 	closed  bool
@@ -668,6 +686,13 @@ func (m *Mesh) NewSession(model cid.Cid, opts InferOptions) *Session {
 	return &Session{m: m, model: model, id: hex.EncodeToString(b[:]), opts: opts}
 }
 
+// setRoute makes route the session's, counted among this node's own
+// sessions on its peers (for routing) until it changes or Close.
+func (s *Session) setRoute(route []protocol.Hop) {
+	s.m.own.swap(s.held, route)
+	s.route, s.held = route, route
+}
+
 // Route is the session's current route.
 func (s *Session) Route() []protocol.Hop { return s.route }
 
@@ -680,7 +705,7 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 	start := time.Now()
 	info := &StepInfo{}
 	for attempt := 0; s.route == nil; attempt++ {
-		route, blocks, err := s.m.route(ctx, s.model, 0, 0, s.opts.Avoid, nil)
+		_, blocks, err := s.m.planRoute(ctx, s.model, 0, 0, s.opts.Avoid, nil, s)
 		if err != nil {
 			// A model the mesh serves but cannot cover right now (peers
 			// leaving and joining) is worth waiting for a little.
@@ -694,8 +719,7 @@ func (s *Session) Step(ctx context.Context, inputs shards.Tensors) (shards.Tenso
 				return nil, info, ctx.Err()
 			}
 		}
-		s.route = route
-		s.history = make([][]shards.Tensors, len(route))
+		s.history = make([][]shards.Tensors, len(s.route))
 	}
 	// from: the hop this attempt starts at; in: what it gets; d: the peers
 	// accusations put in doubt during this step.
@@ -823,7 +847,8 @@ func (s *Session) replace(ctx context.Context, r, f int, d *doubts) error {
 	}
 	route := append(append(append([]protocol.Hop{}, s.route[:f]...), hops...), s.route[last+1:]...)
 	history := append(append(append([][]shards.Tensors{}, s.history[:f]...), newHist...), s.history[last+1:]...)
-	s.route, s.history = route, history
+	s.setRoute(route)
+	s.history = history
 	return nil
 }
 
@@ -834,6 +859,8 @@ func (s *Session) Close() error {
 		return nil
 	}
 	s.closed = true
+	s.m.own.swap(s.held, nil)
+	s.held = nil
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	msg := &protocol.Message{Kind: protocol.KindClose, Header: protocol.Header{Requester: s.m.host.ID().String(),

@@ -45,10 +45,11 @@ func newFairQueue(slots, maxWaiting, perPeer int) *fairQueue {
 
 // acquire takes a compute slot for a step from peer p, waiting its turn
 // if none is free. busy is set, at once, when p already has perPeer steps
-// computing or waiting, or when maxWaiting steps wait already; err when
-// ctx ends first. On success the caller must call release with the
-// step's compute time.
-func (q *fairQueue) acquire(ctx context.Context, p peer.ID) (busy string, err error) {
+// computing or waiting, or when maxWaiting steps wait already, unless the
+// step is held: the next step of a session the hop already holds, which
+// waits however many do (see stage.holdStep); err when ctx ends first. On
+// success the caller must call release with the step's compute time.
+func (q *fairQueue) acquire(ctx context.Context, p peer.ID, held bool) (busy string, err error) {
 	q.mu.Lock()
 	s := q.peers[p]
 	if s == nil {
@@ -58,7 +59,7 @@ func (q *fairQueue) acquire(ctx context.Context, p peer.ID) (busy string, err er
 		s = &peerShare{used: q.vtime}
 		q.peers[p] = s
 	}
-	if n := s.running + len(s.waiters); n >= q.perPeer {
+	if n := s.running + len(s.waiters); n >= q.perPeer && !held {
 		q.mu.Unlock()
 		return fmt.Sprintf("%d steps in flight from this peer", n), nil
 	}
@@ -70,7 +71,7 @@ func (q *fairQueue) acquire(ctx context.Context, p peer.ID) (busy string, err er
 		q.mu.Unlock()
 		return "", nil
 	}
-	if q.waiting >= q.maxWaiting {
+	if q.waiting >= q.maxWaiting && !held {
 		q.forgetLocked(p, s)
 		busy = fmt.Sprintf("%d steps in flight and %d waiting", q.running, q.waiting)
 		q.mu.Unlock()

@@ -13,9 +13,13 @@ import (
 // waitTurn acquires in the background and reports on the channel when the
 // slot is granted (or why not).
 func waitTurn(q *fairQueue, ctx context.Context, p peer.ID) <-chan error {
+	return waitTurnHeld(q, ctx, p, false)
+}
+
+func waitTurnHeld(q *fairQueue, ctx context.Context, p peer.ID, held bool) <-chan error {
 	done := make(chan error, 1)
 	go func() {
-		busy, err := q.acquire(ctx, p)
+		busy, err := q.acquire(ctx, p, held)
 		if busy != "" {
 			err = errors.New("busy: " + busy)
 		}
@@ -55,7 +59,7 @@ func TestFairQueueLightPeerGoesNext(t *testing.T) {
 	q := newFairQueue(1, 16, 8)
 	ctx := context.Background()
 	heavy, light := peer.ID("heavy"), peer.ID("light")
-	if busy, err := q.acquire(ctx, heavy); busy != "" || err != nil {
+	if busy, err := q.acquire(ctx, heavy, false); busy != "" || err != nil {
 		t.Fatal(busy, err)
 	}
 	var heavyTurns []<-chan error
@@ -100,17 +104,17 @@ func TestFairQueueBusy(t *testing.T) {
 	q := newFairQueue(1, 2, 2)
 	ctx := context.Background()
 	a, b, c := peer.ID("a"), peer.ID("b"), peer.ID("c")
-	if busy, _ := q.acquire(ctx, a); busy != "" {
+	if busy, _ := q.acquire(ctx, a, false); busy != "" {
 		t.Fatal(busy)
 	}
 	turnA := waitTurn(q, ctx, a)
 	waitingIs(t, q, 1)
-	if busy, _ := q.acquire(ctx, a); !strings.Contains(busy, "from this peer") {
+	if busy, _ := q.acquire(ctx, a, false); !strings.Contains(busy, "from this peer") {
 		t.Fatalf("a third step from one peer with quota 2: %q", busy)
 	}
 	turnB := waitTurn(q, ctx, b)
 	waitingIs(t, q, 2)
-	if busy, _ := q.acquire(ctx, c); !strings.Contains(busy, "waiting") {
+	if busy, _ := q.acquire(ctx, c, false); !strings.Contains(busy, "waiting") {
 		t.Fatalf("a step past the queue's room: %q", busy)
 	}
 	// b has used nothing, a one step: b goes first.
@@ -129,17 +133,45 @@ func TestFairQueueBusy(t *testing.T) {
 	}
 }
 
+// A held step (the next step of a session the hop holds) waits past the
+// peer's quota and the queue's room, and still takes its fair turn; a
+// step that is not held is then refused.
+func TestFairQueueHeldStepsWait(t *testing.T) {
+	q := newFairQueue(1, 1, 1)
+	ctx := context.Background()
+	a, b, c := peer.ID("a"), peer.ID("b"), peer.ID("c")
+	if busy, _ := q.acquire(ctx, a, false); busy != "" {
+		t.Fatal(busy)
+	}
+	turnA := waitTurnHeld(q, ctx, a, true) // past a's quota of 1
+	waitingIs(t, q, 1)
+	turnB := waitTurnHeld(q, ctx, b, true) // past the queue's room of 1
+	waitingIs(t, q, 2)
+	if busy, _ := q.acquire(ctx, c, false); !strings.Contains(busy, "waiting") {
+		t.Fatalf("a step that is not held, past the queue's room: %q", busy)
+	}
+	q.release(a, 10)
+	if !granted(t, turnB) || granted(t, turnA) {
+		t.Fatal("b's held step should start before a's")
+	}
+	q.release(b, 10)
+	if !granted(t, turnA) {
+		t.Fatal("a's held step never started")
+	}
+	q.release(a, 10)
+}
+
 // A step whose deadline passes while it waits leaves the queue, and the
 // slot goes to the next.
 func TestFairQueueDeadlineWhileWaiting(t *testing.T) {
 	q := newFairQueue(1, 4, 4)
 	a, b := peer.ID("a"), peer.ID("b")
-	if busy, _ := q.acquire(context.Background(), a); busy != "" {
+	if busy, _ := q.acquire(context.Background(), a, false); busy != "" {
 		t.Fatal(busy)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
 	defer cancel()
-	if _, err := q.acquire(ctx, b); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := q.acquire(ctx, b, false); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("acquire past its deadline: %v", err)
 	}
 	if _, w, _ := q.load(); w != 0 {
@@ -160,12 +192,12 @@ func TestFairQueueNoCreditForIdle(t *testing.T) {
 	ctx := context.Background()
 	busyPeer, late := peer.ID("busy"), peer.ID("late")
 	for range 10 {
-		if b, _ := q.acquire(ctx, busyPeer); b != "" {
+		if b, _ := q.acquire(ctx, busyPeer, false); b != "" {
 			t.Fatal(b)
 		}
 		q.release(busyPeer, 1000)
 	}
-	if b, _ := q.acquire(ctx, busyPeer); b != "" {
+	if b, _ := q.acquire(ctx, busyPeer, false); b != "" {
 		t.Fatal(b)
 	}
 	lateTurns := []<-chan error{waitTurn(q, ctx, late)}

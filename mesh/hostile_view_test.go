@@ -24,6 +24,9 @@ type servingMesh struct {
 	providers []*modelProvider
 	model     *shards.Model
 	rt        *shards.Runtime
+	// coordEvery, if set, replaces the meshes' coordinate round interval
+	// (1 s).
+	coordEvery time.Duration
 }
 
 // newServingMesh builds a 4-block MLP and a runtime for it; meshes started
@@ -65,9 +68,13 @@ func (sm *servingMesh) start(t testing.TB, boot []peer.AddrInfo, serve *[2]int, 
 	t.Helper()
 	key, _ := newKey(t)
 	advert := Advert{Models: spans, Accelerators: []protocol.Accelerator{{Kind: "cpu", Name: "test", Cores: 2}}}
+	every := time.Second
+	if sm.coordEvery > 0 {
+		every = sm.coordEvery
+	}
 	ms, err := New(context.Background(), Config{Key: key, ListenAddrs: []string{"/ip4/127.0.0.1/udp/0/quic-v1"},
 		Bootstrap: boot, DHTMode: "server", RecordTTL: time.Minute, ViewRefresh: 300 * time.Millisecond,
-		CoordEvery: time.Second, Version: "test", Logger: slog.New(slog.DiscardHandler)}, func() Advert { return advert })
+		CoordEvery: every, Version: "test", Logger: slog.New(slog.DiscardHandler)}, func() Advert { return advert })
 	if err != nil {
 		t.Fatal(err)
 	}

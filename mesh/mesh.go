@@ -134,6 +134,7 @@ type Mesh struct {
 	view   *View
 	stage  *stage
 	bans   bans // peers that failed our requests, for a while
+	own    ownSessions
 	advert func() Advert
 	mdns   mdns.Service
 	// dhtWhy says why the DHT is in the mode it started in.

@@ -283,7 +283,7 @@ func (s *Session) ring(ctx context.Context, o RingOptions, toks *tokenQueue) err
 			if failovers > 0 {
 				dd = &d
 			}
-			route, blocks, err := s.m.route(ctx, s.model, 0, 0, s.opts.Avoid, dd)
+			_, blocks, err := s.m.planRoute(ctx, s.model, 0, 0, s.opts.Avoid, dd, s)
 			if err != nil {
 				if blocks == 0 || !errors.Is(err, ErrNoRoute) || failovers >= s.opts.MaxFailovers {
 					return err
@@ -296,7 +296,6 @@ func (s *Session) ring(ctx context.Context, o RingOptions, toks *tokenQueue) err
 					return ctx.Err()
 				}
 			}
-			s.route = route
 		}
 		if len(got)-from > protocol.MaxRingForced {
 			return fmt.Errorf("%w: %d (at most %d)", ErrRingReplay, len(got)-from, protocol.MaxRingForced)

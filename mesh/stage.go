@@ -218,6 +218,9 @@ type hopSession struct {
 	next     int  // the step it expects
 	lastUsed time.Time
 	busy     bool
+	// waiting is set while the session's next step waits for a compute
+	// slot (holdStep): one step per session waits past MaxWaiting.
+	waiting bool
 	// ran is closed when the running step (busy) ends.
 	ran chan struct{}
 	// beat sends a decode ring's heartbeat for the last step done here
@@ -762,7 +765,9 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 	st.mu.Lock()
 	q := st.compute
 	st.mu.Unlock()
-	why, err := q.acquire(ctx, from)
+	held := st.holdStep(requester, h)
+	why, err := q.acquire(ctx, from, held != nil)
+	st.unholdStep(held)
 	if why != "" {
 		st.fail(requester, h, protocol.CodeBusy, why)
 		return
@@ -839,6 +844,40 @@ func (st *stage) handleRequest(from peer.ID, msg *protocol.Message, refused erro
 	if err := st.send(ctx, requester, progress); err != nil {
 		st.m.log.Debug("progress not delivered", "requester", requester, "err", err)
 	}
+}
+
+// holdStep reports, as the session to release with unholdStep, whether
+// h is the next step of a session this hop holds, idle now, with no other
+// step of it waiting (nil if not). Such a step waits for a compute slot
+// however many wait: sessions are admitted against MaxSessions (and per
+// peer), each has at most one such step waiting, and refusing it busy
+// would only make its generation pause and send it again, the work the
+// same and the session's KV cache held meanwhile. Under load the waiting
+// bound then refuses what adds work: new sessions and single passes, which
+// routing sends elsewhere.
+func (st *stage) holdStep(requester peer.ID, h *protocol.Header) *hopSession {
+	if h.Session == "" || h.Step == 0 {
+		return nil
+	}
+	hop := h.Route[h.Hop]
+	key := sessionKey{requester: requester.String(), session: h.Session, model: h.Model, start: hop.Start, end: hop.End}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	hs := st.sessions[key]
+	if hs == nil || hs.busy || hs.waiting || hs.dropped || h.Step != hs.next {
+		return nil
+	}
+	hs.waiting = true
+	return hs
+}
+
+func (st *stage) unholdStep(hs *hopSession) {
+	if hs == nil {
+		return
+	}
+	st.mu.Lock()
+	hs.waiting = false
+	st.mu.Unlock()
 }
 
 func (st *stage) countStep() {
