@@ -106,6 +106,20 @@
 //     (30 s), so passes sent to it stall until the attempt's step timeout;
 //     after that, dials to it fail within 2 s (unreachable: banned and
 //     distrusted until its record expires).
+//   - Fresh loads (routing.fresh_load, on by default): a hop that
+//     finishes a pass tells its requester its load (passes running and
+//     queued), as the node's progress and result frames do; the requester
+//     routes on mesh.FreshLoad of that and the record's load, as the
+//     node's view does. The answer counts from when the hop sends it, a
+//     one-way leg early, and one that says what the record says is
+//     dropped (exact while the record stays the same).
+//   - Placement: mesh.Place and mesh.Rebalance with the node's
+//     PlaceRequest (Replicas, default 2, and mesh.DefaultPlaceSpread). A
+//     peer holds the blocks it serves (the node announces no others), and
+//     a moving peer, once it has fetched its new span, asks
+//     mesh.LastCopies on its view whether it would drop a block's last
+//     copy, and then keeps its old span instead. Summary.Blocks counts the
+//     blocks that lost their last online holder.
 //
 // # Scale
 //
@@ -120,9 +134,12 @@
 // from a seeded stream of its own, keeping up to eight drawn routes per
 // entry node, view, span and ban set, of which each request takes one at
 // random (drawing one per request would cost too much at 100k peers);
-// routing.spread: false passes no Rand, the mesh before spreading. mesh.Place
-// and mesh.Rebalance see the view through its per-block throughput totals
-// (mesh.AggregateCandidates), on which they answer as on the candidates.
+// routing.spread: false passes no Rand, the mesh before spreading. With
+// fresh loads the memo's key holds the loads routing assumes where they
+// differ from the records, so a busy mesh routes nearly every request
+// afresh. mesh.Place and mesh.Rebalance see the view through its per-block
+// throughput totals and copy counts (mesh.AggregateCopies), on which they
+// answer as on the candidates.
 //
 // # Files
 //

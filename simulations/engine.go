@@ -274,6 +274,7 @@ type sim struct {
 	capSum            []float64
 	capBase, capExtra float64
 	capSamples        int
+	flowSum           float64 // Σ over the samples of flowCapacity
 }
 
 func newSim(ctx context.Context, sc *Scenario) (*sim, error) {
@@ -525,11 +526,11 @@ func (s *sim) choose(p *simPeer, totals mesh.BlockTotals) {
 
 // placeRequest is what p asks mesh.Place and mesh.Rebalance, as a node
 // does (node.place): its span and speed (its block times times scale, see
-// mesh.AggregateCopies), the scenario's Replicas, and
-// mesh.DefaultPlaceSpread.
+// mesh.AggregateCopies), the scenario's Replicas and PlacementSpread
+// (the node's mesh.DefaultPlaceSpread by default).
 func (s *sim) placeRequest(p *simPeer, scale float64) mesh.PlaceRequest {
 	return mesh.PlaceRequest{Blocks: s.sc.Model.Blocks, Span: p.capacity, MyMicros: scaled(p.micros, scale), Self: p.id,
-		Replicas: s.sc.Replicas, Spread: mesh.DefaultPlaceSpread}
+		Replicas: s.sc.Replicas, Spread: *s.sc.PlacementSpread}
 }
 
 // scaled returns micros times scale (see mesh.AggregateCopies).
@@ -1756,7 +1757,9 @@ func (s *sim) collect() *Result {
 			sum.Blocks.LostS += float64(s.end-t) / 1e9
 		}
 	}
-	sum.Blocks.MinHolders = max(sum.Blocks.MinHolders, 0)
+	if h := int(slices.Min(s.covered)); sum.Blocks.MinHolders < 0 || h < sum.Blocks.MinHolders {
+		sum.Blocks.MinHolders = h // and at the end
+	}
 	sum.Events = s.events
 	for i := range s.reqs {
 		if r := &s.reqs[i]; r.live {

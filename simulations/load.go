@@ -135,6 +135,19 @@ func loadSpread(peers []peerLoad, blocks int) LoadSpread {
 // peer's span costs it less, so a mesh routing over partial spans may
 // exceed it; failovers, replays and resumed ring steps are extra work it
 // does not count, which keeps a saturated mesh below it.
+//
+// The mesh's capacity (Flow) counts partial spans: it is the most
+// requests/s the online peers could run through every block were each
+// peer's time split among its blocks as routes best split it, the
+// largest X for which a flow exists from the peers (p supplying
+// slots_p / (W_p × mean_{b in span} micros_p[b]) block passes per
+// second) to the blocks (each taking X), p's passes going only to the
+// blocks it holds: a max flow, by bisection on X. It is at least RPS and
+// at most the least block's Σ slots_p / (W_p × micros_p[b]), and the
+// throughput never exceeds it but for what runs beside the compute
+// (nothing does, in the model) and the window's edges. (A peer whose block
+// times differ across its span counts at their mean: exact in the
+// geography mode, where a class has one block time.)
 type Capacity struct {
 	// RPS is the bottleneck block's mean capacity, requests/s; Block that
 	// block.
@@ -143,6 +156,11 @@ type Capacity struct {
 	// Share is Summary.Throughput / RPS: near 1 at saturation when the
 	// mesh uses what it has; a run below saturation has a small one.
 	Share float64 `json:"throughput_share"`
+	// FlowRPS is the mesh's capacity with its work split over partial
+	// spans (the max flow above), averaged over the samples; FlowShare is
+	// Summary.Throughput / FlowRPS.
+	FlowRPS   float64 `json:"flow_rps"`
+	FlowShare float64 `json:"flow_share"`
 }
 
 // capacityDraws is how many draws estimate E[prompt] and E[output] (their
@@ -179,6 +197,7 @@ func (s *sim) sampleCapacity() {
 		s.capSum = make([]float64, s.sc.Model.Blocks)
 		s.capBase, s.capExtra = workUnits(&s.sc.Workload, uint64(s.sc.Seed))
 	}
+	supply := map[[2]int]float64{} // per span, the block passes/s its holders run
 	for _, p := range s.peers {
 		if !p.online || p.start >= p.end {
 			continue
@@ -191,8 +210,148 @@ func (s *sim) sampleCapacity() {
 		for b := p.start; b < p.end; b++ {
 			s.capSum[b] += per
 		}
+		supply[[2]int{p.start, p.end}] += per * float64(p.end-p.start)
 	}
+	s.flowSum += flowCapacity(supply, s.sc.Model.Blocks)
 	s.capSamples++
+}
+
+// flowCapacity is the largest X such that the spans' supplies (block
+// passes per second, each to be spent on its span's blocks only) can give
+// every one of blocks blocks X passes per second: a max flow from the
+// spans to the blocks, bisected on X to a relative 1e-6. 0 when some block
+// has no holder.
+func flowCapacity(supply map[[2]int]float64, blocks int) float64 {
+	spans := make([][2]int, 0, len(supply))
+	for sp := range supply {
+		spans = append(spans, sp)
+	}
+	slices.SortFunc(spans, func(a, b [2]int) int {
+		if a[0] != b[0] {
+			return a[0] - b[0]
+		}
+		return a[1] - b[1]
+	})
+	hi := math.Inf(1) // the least block's holders, each spending all on it
+	for b := range blocks {
+		sum := 0.0
+		for _, sp := range spans {
+			if sp[0] <= b && b < sp[1] {
+				sum += supply[sp]
+			}
+		}
+		hi = min(hi, sum)
+	}
+	if !(hi > 0) || math.IsInf(hi, 1) {
+		return 0
+	}
+	// Nodes: 0 the source, 1..n the spans, n+1..n+blocks the blocks, then
+	// the sink.
+	n := len(spans)
+	g := newFlowGraph(n + blocks + 2)
+	sink := n + blocks + 1
+	for i, sp := range spans {
+		g.add(0, 1+i, supply[sp])
+		for b := sp[0]; b < sp[1]; b++ {
+			g.add(1+i, n+1+b, math.Inf(1))
+		}
+	}
+	sinks := make([]int, blocks) // the block -> sink edges
+	for b := range blocks {
+		sinks[b] = g.add(n+1+b, sink, 0)
+	}
+	lo := 0.0
+	for hi-lo > 1e-6*hi {
+		x := (lo + hi) / 2
+		g.reset()
+		for _, e := range sinks {
+			g.cap[e] = x
+		}
+		if g.maxFlow(0, sink) >= x*float64(blocks)*(1-1e-9) {
+			lo = x
+		} else {
+			hi = x
+		}
+	}
+	return lo
+}
+
+// flowGraph is a flow network for Dinic's algorithm: edge e goes to[e],
+// its reverse is e^1.
+type flowGraph struct {
+	head       [][]int
+	to         []int
+	cap, orig  []float64
+	level, ptr []int
+}
+
+func newFlowGraph(n int) *flowGraph {
+	return &flowGraph{head: make([][]int, n), level: make([]int, n), ptr: make([]int, n)}
+}
+
+// add adds an edge u -> v of capacity c and returns its index.
+func (g *flowGraph) add(u, v int, c float64) int {
+	e := len(g.to)
+	g.head[u] = append(g.head[u], e)
+	g.head[v] = append(g.head[v], e+1)
+	g.to = append(g.to, v, u)
+	g.cap = append(g.cap, c, 0)
+	g.orig = append(g.orig, c, 0)
+	return e
+}
+
+// reset restores every capacity (sink edges are set after).
+func (g *flowGraph) reset() { copy(g.cap, g.orig) }
+
+func (g *flowGraph) maxFlow(s, t int) float64 {
+	const eps = 1e-12
+	total := 0.0
+	for {
+		for i := range g.level {
+			g.level[i] = -1
+		}
+		g.level[s] = 0
+		q := []int{s}
+		for len(q) > 0 {
+			u := q[0]
+			q = q[1:]
+			for _, e := range g.head[u] {
+				if v := g.to[e]; g.cap[e] > eps && g.level[v] < 0 {
+					g.level[v] = g.level[u] + 1
+					q = append(q, v)
+				}
+			}
+		}
+		if g.level[t] < 0 {
+			return total
+		}
+		clear(g.ptr)
+		for {
+			f := g.push(s, t, math.Inf(1))
+			if !(f > eps) {
+				break
+			}
+			total += f
+		}
+	}
+}
+
+func (g *flowGraph) push(u, t int, f float64) float64 {
+	if u == t {
+		return f
+	}
+	for ; g.ptr[u] < len(g.head[u]); g.ptr[u]++ {
+		e := g.head[u][g.ptr[u]]
+		v := g.to[e]
+		if g.cap[e] > 1e-12 && g.level[v] == g.level[u]+1 {
+			if d := g.push(v, t, min(f, g.cap[e])); d > 1e-12 {
+				g.cap[e] -= d
+				g.cap[e^1] += d
+				return d
+			}
+		}
+	}
+	return 0
 }
 
 // capacity is the run's Capacity at a throughput of tput requests/s.
@@ -209,6 +368,9 @@ func (s *sim) capacity(tput float64) Capacity {
 	}
 	if c.RPS > 0 {
 		c.Share = tput / c.RPS
+	}
+	if c.FlowRPS = s.flowSum / float64(s.capSamples); c.FlowRPS > 0 {
+		c.FlowShare = tput / c.FlowRPS
 	}
 	return c
 }

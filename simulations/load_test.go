@@ -3,6 +3,7 @@ package simulations
 import (
 	"context"
 	"math"
+	"math/rand/v2"
 	"strings"
 	"testing"
 )
@@ -77,6 +78,10 @@ workload: {rate: 1000, arrivals: uniform, generate: 0, prompt: {dist: const, mea
 	if c.Block != 3 || math.Abs(c.RPS-2000.0/3) > 1e-6 {
 		t.Errorf("capacity %+v, want 666.67 req/s at block 3", c)
 	}
+	// The spans do not overlap: no partial span helps.
+	if math.Abs(c.FlowRPS-2000.0/3) > 1e-3 || math.Abs(c.FlowShare-c.Share) > 1e-5 {
+		t.Errorf("flow capacity %+v, want 666.67 req/s", c)
+	}
 	// The queue at a2 grows without bound: it computes all the time.
 	if c.Share < 0.95 || c.Share > 1.0001 {
 		t.Errorf("throughput share %v of capacity, want 0.8..1 at saturation (throughput %v)", c.Share, r.Summary.Throughput)
@@ -93,5 +98,48 @@ workload: {rate: 1000, arrivals: uniform, generate: 0, prompt: {dist: const, mea
 	}
 	if md := string(reportMarkdown(r, nil)); !strings.Contains(md, "## Load spread") || !strings.Contains(md, "| Bottleneck capacity (block 3) | 667 req/s |") {
 		t.Errorf("report.md lacks the load section:\n%s", md)
+	}
+}
+
+// TestFlowCapacity: overlapping spans share the blocks they both hold. A
+// on [0, 2) and B on [1, 3), 10 block passes/s each: block 0 only A can
+// run, block 2 only B, and what each has left goes to block 1, so X <=
+// 20 - 2X, X = 20/3 requests/s, where each running its whole span gives
+// 5. A block nobody holds: 0. Many spans: never above the least block's
+// holders' total, never below the whole-span estimate.
+func TestFlowCapacity(t *testing.T) {
+	if got := flowCapacity(map[[2]int]float64{{0, 2}: 10, {1, 3}: 10}, 3); math.Abs(got-20.0/3) > 1e-4 {
+		t.Errorf("two overlapping spans: %v, want 6.667", got)
+	}
+	if got := flowCapacity(map[[2]int]float64{{0, 2}: 10, {1, 3}: 10}, 4); got != 0 {
+		t.Errorf("block 3 unheld: %v, want 0", got)
+	}
+	if got := flowCapacity(map[[2]int]float64{{0, 4}: 8}, 4); math.Abs(got-2) > 1e-5 {
+		t.Errorf("one span: %v, want 2", got)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 50 {
+		blocks := 2 + rng.IntN(30)
+		supply := map[[2]int]float64{}
+		for range 1 + rng.IntN(40) {
+			s := rng.IntN(blocks)
+			e := s + 1 + rng.IntN(blocks-s)
+			supply[[2]int{s, e}] += 1 + 100*rng.Float64()
+		}
+		hi, whole := math.Inf(1), math.Inf(1)
+		for b := range blocks {
+			all, per := 0.0, 0.0
+			for sp, v := range supply {
+				if sp[0] <= b && b < sp[1] {
+					all += v
+					per += v / float64(sp[1]-sp[0])
+				}
+			}
+			hi, whole = min(hi, all), min(whole, per)
+		}
+		got := flowCapacity(supply, blocks)
+		if got > hi*(1+1e-6) || got < whole*(1-1e-6) {
+			t.Errorf("%d blocks, %v: flow %v outside [%v, %v]", blocks, supply, got, whole, hi)
+		}
 	}
 }

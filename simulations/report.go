@@ -432,7 +432,8 @@ func Headline(r *Result) string {
 			fmtPercent(l.ServingP50), fmtPercent(l.ServingP99), worstRatio(l))
 	}
 	if c := &s.Capacity; c.Block >= 0 {
-		fmt.Fprintf(&b, "throughput %s of the bottleneck capacity, %s req/s (block %d)\n", fmtPercent(c.Share), fmtRate(c.RPS), c.Block)
+		fmt.Fprintf(&b, "throughput %s of the bottleneck capacity, %s req/s (block %d); %s of the mesh's over partial spans, %s req/s\n",
+			fmtPercent(c.Share), fmtRate(c.RPS), c.Block, fmtPercent(c.FlowShare), fmtRate(c.FlowRPS))
 	}
 	return b.String()
 }
@@ -483,10 +484,15 @@ func loadSection(s *Summary) string {
 	if c.Block >= 0 {
 		fmt.Fprintf(&b, "| Bottleneck capacity (block %d) | %s req/s |\n", c.Block, fmtRate(c.RPS))
 		fmt.Fprintf(&b, "| Throughput over that capacity | %s |\n", fmtPercent(c.Share))
+		fmt.Fprintf(&b, "| The mesh's capacity over partial spans | %s req/s |\n", fmtRate(c.FlowRPS))
+		fmt.Fprintf(&b, "| Throughput over that capacity | %s |\n", fmtPercent(c.FlowShare))
 		b.WriteString("\nThe capacity of a block is what its online holders could run of this workload, averaged over the samples: " +
 			"Σ slots / (block time × W), W = 1 + (mean prompt − 1) × prefill factor + generate share × (mean output − 1), " +
 			"the mean passes of a request in single-token pass times; the bottleneck is the block with the least. " +
-			"Throughput reaches it only when the offered load exceeds it.\n")
+			"Throughput reaches it only when the offered load exceeds it. " +
+			"A route may run part of a peer's span, which costs it less: the mesh's capacity over partial spans is the most " +
+			"requests/s the peers could run through every block with each one's time split among its blocks as routes best split it " +
+			"(a max flow), at least the bottleneck block's.\n")
 	}
 	return b.String()
 }

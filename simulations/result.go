@@ -121,7 +121,8 @@ type BlockLoss struct {
 	// peer holds them (as from the model's origin): in a mesh with no
 	// origin, a lost block stays lost.
 	LostS float64 `json:"lost_block_s"`
-	// MinHolders is the fewest online holders of any block at a sample.
+	// MinHolders is the fewest online holders of any block at a sample or
+	// at the end.
 	MinHolders int `json:"min_holders"`
 	// MovesGivenUp counts the rebalancing moves a peer gave up after
 	// fetching its new span: its view then said it held the last copy of

@@ -312,13 +312,11 @@ type Routing struct {
 	// arm of a comparison, in the same code.
 	Spread *bool `yaml:"spread"`
 	// FreshLoad folds the load each hop's answer says into the requester's
-	// view, as the node does (mesh.View's observeLoad, mesh.FreshLoad).
-	// false (nil: the default) routes on the records' loads alone, up to a
-	// record refresh old, as the simulator did before it modelled answers'
-	// loads. Not yet the default: with it, the calibration against real
-	// nodes (TestCalibrationAgainstRealNodes) routes 1 of its 101 routes
-	// otherwise than the real nodes, and saturated runs route every
-	// request afresh (the memo rarely hits), several times slower.
+	// view, as the node does (mesh.View's observeLoad, mesh.FreshLoad; nil:
+	// true). false routes on the records' loads alone, up to a record
+	// refresh old, as the simulator did before it modelled answers' loads.
+	// Saturated runs route nearly every request afresh with it (the route
+	// memo rarely hits), several times slower.
 	FreshLoad *bool `yaml:"fresh_load"`
 }
 
@@ -363,13 +361,15 @@ type Scenario struct {
 	// "node" passes mesh.Place and mesh.Rebalance as PlaceRequest.Replicas
 	// (default 2, the node's DefaultReplicas; 1: copies are not counted,
 	// placement weighs throughput alone, as before the node counted them).
-	// Every placement also passes mesh.DefaultPlaceSpread, as the node
-	// does.
-	Replicas int      `yaml:"replicas"`
-	Workload Workload `yaml:"workload"`
-	Churn    Churn    `yaml:"churn"`
-	DHT      DHT      `yaml:"dht"`
-	Routing  Routing  `yaml:"routing"`
+	Replicas int `yaml:"replicas"`
+	// PlacementSpread is the PlaceRequest.Spread placement "node" passes
+	// (nil: mesh.DefaultPlaceSpread, what the node passes; 0: exact ties
+	// only, going to the lowest start, as before the node spread joins).
+	PlacementSpread *float64 `yaml:"placement_spread"`
+	Workload        Workload `yaml:"workload"`
+	Churn           Churn    `yaml:"churn"`
+	DHT             DHT      `yaml:"dht"`
+	Routing         Routing  `yaml:"routing"`
 	// Arms are variants to run side by side (see Arm); Sweep a sweep the
 	// scenario is meant for. Run ignores both; (*Scenario).Arm applies one.
 	Arms  []Arm      `yaml:"arms"`
@@ -564,7 +564,7 @@ func (s *Scenario) check() error {
 		s.Routing.Spread = &v
 	}
 	if s.Routing.FreshLoad == nil {
-		v := false
+		v := true
 		s.Routing.FreshLoad = &v
 	}
 	if s.Network.HopOverheadUS == nil {
@@ -584,6 +584,13 @@ func (s *Scenario) check() error {
 	def(&s.RebalanceS, 120)
 	if s.RebalanceS < 0 && s.RebalanceS != -1 {
 		return bad("rebalance_s", "must be > 0 or -1 (off), is %v", s.RebalanceS)
+	}
+	if s.PlacementSpread == nil {
+		v := mesh.DefaultPlaceSpread
+		s.PlacementSpread = &v
+	}
+	if v := *s.PlacementSpread; !(v >= 0) || !finite(v) {
+		return bad("placement_spread", "must be >= 0, is %v", v)
 	}
 	defI(&s.Replicas, defaultReplicas)
 	if s.Replicas < 1 {

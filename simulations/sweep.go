@@ -185,6 +185,10 @@ var sweepMetrics = func() []metric {
 			avail: func(s *Summary) bool { return s.Capacity.Block >= 0 }},
 		metric{name: "capacity_share", label: "Throughput over bottleneck capacity", kind: kindRatio,
 			get: func(s *Summary) float64 { return s.Capacity.Share }, avail: func(s *Summary) bool { return s.Capacity.Block >= 0 }},
+		metric{name: "flow_rps", label: "Mesh capacity over partial spans", unit: "req/s", kind: kindRate,
+			get: func(s *Summary) float64 { return s.Capacity.FlowRPS }, avail: func(s *Summary) bool { return s.Capacity.Block >= 0 }},
+		metric{name: "flow_share", label: "Throughput over the mesh capacity", kind: kindRatio,
+			get: func(s *Summary) float64 { return s.Capacity.FlowShare }, avail: func(s *Summary) bool { return s.Capacity.Block >= 0 }},
 	)
 }()
 
