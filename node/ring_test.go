@@ -142,10 +142,12 @@ func TestAPIDecodeLoop(t *testing.T) {
 func TestRingResumesAtABusyHop(t *testing.T) {
 	tm := startTestMesh(t, "0-4", "5-9")
 	narrow := tm.servers[1]
-	// One step at a time, two waiting, at most two from one peer (all of
-	// them come from the first hop): a third ring's step is refused busy.
-	narrow.mesh.Serve(narrow, mesh.StageConfig{MaxInFlight: 1, MaxWaiting: 2, MaxInFlightPerPeer: 2})
-	const gens, tokens = 4, 32
+	// One session at a time: a ring's first step there, which opens its
+	// session, is refused busy while another ring holds it. (The later
+	// steps of an open session wait for a slot rather than get busy: held
+	// steps.)
+	narrow.mesh.Serve(narrow, mesh.StageConfig{MaxInFlight: 1, MaxSessions: 1})
+	const gens, tokens = 4, 16
 	var wg sync.WaitGroup
 	results := make([]*GenerateResult, gens)
 	errs := make([]error, gens)
@@ -173,7 +175,7 @@ func TestRingResumesAtABusyHop(t *testing.T) {
 		}
 	}
 	st := narrow.mesh.StageStats()
-	t.Logf("%d rings through a hop that computes one step at a time: %d busy answers, %d steps resumed, %d rings restarted", gens, st.Busy, resumes, restarts)
+	t.Logf("%d rings through a hop that holds one session at a time: %d busy answers, %d steps resumed, %d rings restarted", gens, st.Busy, resumes, restarts)
 	if st.Busy == 0 || resumes == 0 {
 		t.Fatalf("the hop was never busy (%d) or no step resumed (%d): the test did not exercise resuming", st.Busy, resumes)
 	}
