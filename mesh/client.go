@@ -861,18 +861,26 @@ func (s *Session) Close() error {
 	s.closed = true
 	s.m.own.swap(s.held, nil)
 	s.held = nil
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
+	// The hops are told in the background, each on its own: a dead hop
+	// (the usual reason a ring restarts) costs a dial timeout, which
+	// neither the failover nor the other hops should wait for.
 	msg := &protocol.Message{Kind: protocol.KindClose, Header: protocol.Header{Requester: s.m.host.ID().String(),
 		Model: s.model.String(), Session: s.id}}
 	for _, h := range s.route {
 		if p, err := peer.Decode(h.Peer); err == nil {
-			s.m.stage.send(ctx, p, msg)
+			go func() {
+				ctx, cancel := context.WithTimeout(s.m.ctx, closeTimeout)
+				defer cancel()
+				s.m.stage.send(ctx, p, msg)
+			}()
 		}
 	}
 	s.history = nil
 	return nil
 }
+
+// closeTimeout bounds telling one hop that a session is over.
+const closeTimeout = 2 * time.Second
 
 func sortedNames(t shards.Tensors) []string {
 	names := make([]string, 0, len(t))

@@ -99,7 +99,7 @@ func TestFailoverKeepsGenerationsExact(t *testing.T) {
 		}
 		genStart := time.Now()
 		res, err := tm.requester.Generate(context.Background(), GenerateRequest{Model: tm.model.ID, Prompt: prompt, MaxTokens: tokens,
-			Sampling: sampling, Options: mesh.InferOptions{StepTimeout: 5 * time.Second}}, emit)
+			Sampling: sampling, Options: mesh.InferOptions{StepTimeout: 5 * time.Second, ProgressFloor: 500 * time.Millisecond}}, emit)
 		genTook := time.Since(genStart)
 		wg.Wait()
 		if testing.Verbose() && time.Since(genStart) > time.Second {

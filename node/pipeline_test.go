@@ -4,6 +4,7 @@ import (
 	"context"
 	"path/filepath"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -56,6 +57,10 @@ func startMeshOf(t *testing.T, m *shards.Model, spans ...string) *testMesh {
 // localSpan loads every block of m in this process, for reference runs.
 func localSpan(t testing.TB, m *shards.Model) *shards.Span {
 	t.Helper()
+	key := localSpanKey{t, m}
+	if sp, ok := localSpans.Load(key); ok {
+		return sp.(*shards.Span)
+	}
 	rt, err := shards.OpenRuntime(shards.RuntimeConfig{IntraOpThreads: 1})
 	if err != nil {
 		t.Fatal(err)
@@ -64,8 +69,21 @@ func localSpan(t testing.TB, m *shards.Model) *shards.Span {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { span.Close() })
+	localSpans.Store(key, span)
+	t.Cleanup(func() {
+		localSpans.Delete(key)
+		span.Close()
+	})
 	return span
+}
+
+// localSpans keeps, for the length of a test, the whole-model span each
+// local run of a model loads: loading it takes longer than a generation.
+var localSpans sync.Map // localSpanKey -> *shards.Span
+
+type localSpanKey struct {
+	t testing.TB
+	m *shards.Model
 }
 
 // localGenerate decodes n tokens greedily through the blocks in this
