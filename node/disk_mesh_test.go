@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/infermesh/infermesh/mesh"
+	"github.com/infermesh/infermesh/shards"
 	"github.com/infermesh/infermesh/shards/build"
 )
 
@@ -187,5 +189,39 @@ func TestDiskCapRefusesAPublishPastIt(t *testing.T) {
 	}
 	if st := n.Status().Disk; st.UsedBytes > limit || st.UsedBytes == 0 || st.Evictions != 0 {
 		t.Fatalf("disk status after the refused publish: %+v (cap %d)", st, limit)
+	}
+}
+
+// A pull past the cap is refused before any block is transferred: the
+// error names the cap, and the puller's store holds no block of the model.
+func TestDiskCapRefusesAPullBeforeFetching(t *testing.T) {
+	m, err := build.GPT(build.GPTConfig{Layers: 2, Dim: 32, Heads: 2, Context: 32, Seed: 17}, filepath.Join(t.TempDir(), "gpt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logA, logB syncBuffer
+	a := startDiskNode(t, t.TempDir(), nil, nil, 0, &logA)
+	t.Cleanup(func() { a.Close() })
+	if _, _, err := a.Publish(context.Background(), m.Dir); err != nil {
+		t.Fatal(err)
+	}
+	limit := m.Manifest.Blocks[0].Size + m.Manifest.Blocks[1].Size
+	b := startDiskNode(t, t.TempDir(), []string{a.Status().Addrs[0]}, nil, limit, &logB)
+	t.Cleanup(func() { b.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	fetched := 0
+	_, err = b.Pull(ctx, m.ID, 0, -1, func(mesh.FetchProgress) { fetched++ })
+	if !errors.Is(err, ErrDiskFull) || !strings.Contains(err.Error(), "--max-disk "+ByteSize(limit).String()) {
+		t.Fatalf("pulling %d bytes under a %d-byte cap: %v", m.Manifest.TotalSize(), limit, err)
+	}
+	for _, blk := range m.Manifest.Blocks {
+		c, _ := shards.ParseCID(blk.CID)
+		if ok, _ := b.store.Has(c); ok {
+			t.Fatalf("block %s was fetched before the pull was refused", blk.CID)
+		}
+	}
+	if fetched != 0 {
+		t.Fatalf("%d progress reports: something was transferred", fetched)
 	}
 }

@@ -90,6 +90,13 @@ func (n *Node) Pull(ctx context.Context, model cid.Cid, start, end int, progress
 		cids = append(cids, c)
 		size += b.Size
 	}
+	// Room under --max-disk is made (or refused) before any transfer, as
+	// for a span the node is to serve.
+	release, err := n.disk.reserve(ctx, man, cids, fmt.Sprintf("blocks %d-%d of model %s (pull)", start, end-1, model))
+	if err != nil {
+		return 0, err
+	}
+	defer release()
 	if err := n.mesh.FetchBlocks(ctx, cids, n.own, mesh.FetchOptions{Progress: progress}); err != nil {
 		return 0, err
 	}
