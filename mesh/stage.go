@@ -633,8 +633,11 @@ func (st *stage) send(ctx context.Context, to peer.ID, msg *protocol.Message) er
 	if (msg.Kind == protocol.KindProgress || msg.Kind == protocol.KindResult) && msg.Header.Load == nil {
 		// Every answer tells the requester how loaded this hop is now.
 		l := st.m.Load()
+		st.mu.Lock()
+		free := max(st.cfg.MaxSessions-len(st.sessions), 0)
+		st.mu.Unlock()
 		c := *msg
-		c.Header.Load = &protocol.HopLoad{InFlight: l.InFlight, Queued: l.Queued}
+		c.Header.Load = &protocol.HopLoad{InFlight: l.InFlight, Queued: l.Queued, FreeSessions: &free}
 		msg = &c
 	}
 	if to == st.m.host.ID() {

@@ -47,6 +47,11 @@ type View struct {
 // burst.
 const LoadHalfLife = 3 * time.Second
 
+// SessionsFullLoad is the queue FreshLoad gives a hop whose session table
+// is full: with RouteLoadSlots 4, its blocks count 17 times as slow, so
+// that another replica wins unless it is far worse.
+const SessionsFullLoad = 64
+
 // loadForget is the age past which an answer's load no longer counts.
 const loadForget = 10 * LoadHalfLife
 
@@ -63,7 +68,14 @@ type loadSeen struct {
 // 2^(-age/LoadHalfLife) of the difference, rounded (so the answer counts
 // in full at once, and fades into the record). Negative counts in seen
 // count as 0. It is pure.
+//
+// A hop that said it has no free session counts as SessionsFullLoad
+// requests waiting at least: a new session there would be answered busy,
+// so routes go elsewhere while the answer is fresh, and back as it fades.
 func FreshLoad(rec protocol.Load, seen protocol.HopLoad, age time.Duration) protocol.Load {
+	if seen.FreeSessions != nil && *seen.FreeSessions <= 0 {
+		seen.Queued = max(seen.Queued, SessionsFullLoad)
+	}
 	w := math.Exp2(-max(float64(age), 0) / float64(LoadHalfLife))
 	blend := func(r, s int) int {
 		s = min(max(s, 0), maxSeenLoad)

@@ -117,6 +117,10 @@ type Header struct {
 type HopLoad struct {
 	InFlight int `json:"in_flight"` // requests running
 	Queued   int `json:"queued"`    // requests waiting
+	// FreeSessions is how many more sessions (each holding its blocks' KV
+	// cache) the hop would open now; absent when not said. At 0 a new
+	// session there is answered busy.
+	FreeSessions *int `json:"free_sessions,omitempty"`
 }
 
 // Ring, on a session's request, runs the decode loop inside the route: the
