@@ -126,6 +126,10 @@ type PlaceRequest struct {
 	// good, the tie going to a hash of Self and the start (see Spreading).
 	// 0: only exact ties, and they go to the lowest start.
 	Spread float64
+	// NoReason leaves Placement.Reason empty, for a caller that only acts
+	// on the choice (the simulator, which places and rebalances peers by
+	// the hundred thousand): the same choice, without the formatting.
+	NoReason bool
 }
 
 // DefaultPlaceSpread is the Spread a node joining a live mesh uses: spans
@@ -152,8 +156,11 @@ type placeMesh struct {
 
 	copies   []int // how many of the other candidates hold each block
 	replicas int   // PlaceRequest.Replicas; copies count when > 1
+	hist     []int // copyHist without this node (when counted)
+	full     bool  // counted, and every block has Replicas copies already
 	spread   float64
 	self     peer.ID
+	noReason bool
 }
 
 // newPlaceMesh checks req and sums the candidates' throughputs.
@@ -184,7 +191,8 @@ func newPlaceMesh(cands []RouteCandidate, req PlaceRequest) (*placeMesh, error) 
 	order = slices.CompactFunc(order, func(a, b int) bool { return cands[a].Peer == cands[b].Peer })
 
 	pm := &placeMesh{blocks: req.Blocks, others: make([]float64, req.Blocks), mine: make([]float64, req.Blocks),
-		copies: make([]int, req.Blocks), replicas: req.Replicas, spread: req.Spread, self: req.Self}
+		copies: make([]int, req.Blocks), replicas: req.Replicas, spread: req.Spread, self: req.Self,
+		noReason: req.NoReason}
 	var all []float64 // advertised timings, for the median
 	for _, i := range order {
 		c := &cands[i]
@@ -198,6 +206,13 @@ func newPlaceMesh(cands []RouteCandidate, req PlaceRequest) (*placeMesh, error) 
 				all = append(all, m)
 			}
 		}
+	}
+	if pm.counted() {
+		pm.hist = make([]int, pm.replicas+1)
+		for _, c := range pm.copies {
+			pm.hist[min(c, pm.replicas)]++
+		}
+		pm.full = pm.hist[pm.replicas] == pm.blocks
 	}
 	switch len(req.MyMicros) {
 	case 0:
@@ -267,18 +282,31 @@ func placeZeros(v []float64) int {
 // counted reports whether copies count (Replicas > 1).
 func (pm *placeMesh) counted() bool { return pm.replicas > 1 }
 
-// sortedCopies writes into buf the per-block copy counts with this node on
-// [start, end), each capped at Replicas, in increasing order.
-func (pm *placeMesh) sortedCopies(start, end int, buf []int) []int {
-	buf = append(buf[:0], pm.copies...)
-	for b := range buf {
-		if b >= start && b < end {
-			buf[b]++
+// copyHist writes into buf the histogram of the per-block copy counts
+// with this node on [start, end), each capped at Replicas: buf[k] blocks
+// are held k times. Two histograms compare (placeCmpHist) as the sorted
+// capped counts they stand for compare leximin, without sorting.
+func (pm *placeMesh) copyHist(start, end int, buf []int) []int {
+	buf = append(buf[:0], pm.hist...)
+	for b := max(start, 0); b < min(end, pm.blocks); b++ {
+		if c := pm.copies[b]; c < pm.replicas {
+			buf[c]--
+			buf[c+1]++
 		}
-		buf[b] = min(buf[b], pm.replicas)
 	}
-	slices.Sort(buf)
 	return buf
+}
+
+// placeCmpHist compares two copy histograms of the same blocks as their
+// sorted capped counts compare leximin: the first count that differs
+// decides, fewer blocks at a lower count being better.
+func placeCmpHist(a, b []int) int {
+	for k := range a {
+		if a[k] != b[k] {
+			return cmp.Compare(b[k], a[k])
+		}
+	}
+	return 0
 }
 
 // short counts the blocks held by fewer than Replicas nodes with this node
@@ -321,7 +349,7 @@ func (pm *placeMesh) need(start, n int) int {
 // placeOption is one start weighed by best.
 type placeOption struct {
 	start  int
-	copies []int     // sorted capped copy counts (nil when not counted)
+	copies []int     // capped copy counts' histogram (nil when not counted)
 	need   int       // further spans needed (0 when not counted)
 	tput   []float64 // sorted totals
 }
@@ -329,17 +357,18 @@ type placeOption struct {
 // placeCmpCopies compares two options on copies alone: capped counts
 // leximin, then fewer further spans.
 func placeCmpCopies(a, b *placeOption) int {
-	if c := slices.Compare(a.copies, b.copies); c != 0 {
+	if c := placeCmpHist(a.copies, b.copies); c != 0 {
 		return c
 	}
 	return cmp.Compare(b.need, a.need)
 }
 
-// option weighs a span of n blocks from start.
-func (pm *placeMesh) option(start, n int) placeOption {
-	o := placeOption{start: start, tput: pm.sorted(start, start+n, nil)}
-	if pm.counted() {
-		o.copies = pm.sortedCopies(start, start+n, nil)
+// option weighs a span of n blocks from start, writing its vectors into
+// tbuf and hbuf (nil: new ones).
+func (pm *placeMesh) option(start, n int, tbuf []float64, hbuf []int) placeOption {
+	o := placeOption{start: start, tput: pm.sorted(start, start+n, tbuf)}
+	if pm.counted() && !pm.full { // full: every option's counts are the same, none short
+		o.copies = pm.copyHist(start, start+n, hbuf)
 		o.need = pm.need(start, n)
 	}
 	return o
@@ -349,10 +378,21 @@ func (pm *placeMesh) option(start, n int) placeOption {
 // leximin throughput; near-ties spread by Self), and the sorted totals with
 // this node there.
 func (pm *placeMesh) best(n int) (int, []float64) {
-	opts := make([]placeOption, 0, pm.blocks-n+1)
+	m := pm.blocks - n + 1
+	opts := make([]placeOption, 0, m)
+	// One backing array each for the options' vectors.
+	tbuf := make([]float64, m*pm.blocks)
+	var hbuf []int
+	if pm.counted() && !pm.full {
+		hbuf = make([]int, m*(pm.replicas+1))
+	}
 	bi := 0
 	for s := 0; s+n <= pm.blocks; s++ {
-		opts = append(opts, pm.option(s, n))
+		var h []int
+		if hbuf != nil {
+			h = hbuf[s*(pm.replicas+1) : s*(pm.replicas+1) : (s+1)*(pm.replicas+1)]
+		}
+		opts = append(opts, pm.option(s, n, tbuf[s*pm.blocks:s*pm.blocks:(s+1)*pm.blocks], h))
 		o, b := &opts[s], &opts[bi]
 		if c := placeCmpCopies(o, b); c > 0 || c == 0 && placeLeximin(o.tput, b.tput) > 0 {
 			bi = s
@@ -415,6 +455,9 @@ func (pm *placeMesh) place(span int) Placement {
 	n := min(span, pm.blocks)
 	s, after := pm.best(n)
 	p := Placement{Start: s, End: s + n, Bottleneck: after[0], Before: slices.Min(pm.others)}
+	if pm.noReason {
+		return p
+	}
 	var sb strings.Builder
 	if n == pm.blocks {
 		fmt.Fprintf(&sb, "serve all %d blocks", pm.blocks)
@@ -467,42 +510,49 @@ func ShouldMove(cands []RouteCandidate, req PlaceRequest, current [2]int, margin
 		return Placement{Reason: err.Error()}, false
 	}
 	best := pm.place(req.Span)
+	// why formats a part of Reason (nothing with NoReason).
+	why := func(format string, a ...any) string {
+		if pm.noReason {
+			return ""
+		}
+		return fmt.Sprintf(format, a...)
+	}
 	cs, ce := max(current[0], 0), min(current[1], pm.blocks)
 	if ce <= cs {
-		best.Reason = "not serving yet: " + best.Reason
+		best.Reason = why("not serving yet: %s", best.Reason)
 		return best, true
 	}
 	if !(margin >= 1) {
 		margin = 1
 	}
 	if cs == best.Start && ce == best.End {
-		best.Reason = "stay: " + best.Reason
+		best.Reason = why("stay: %s", best.Reason)
 		return best, false
 	}
 	now := pm.sorted(cs, ce, nil)
 	after := pm.sorted(best.Start, best.End, nil)
-	stay := func(why string) (Placement, bool) {
-		best.Reason = fmt.Sprintf("stay on [%d, %d): %s", cs, ce, why)
+	stay := func(reason string) (Placement, bool) {
+		best.Reason = why("stay on [%d, %d): %s", cs, ce, reason)
 		return best, false
 	}
 	for b := cs; b < ce; b++ {
 		if pm.others[b] == 0 && (b < best.Start || b >= best.End) {
-			return stay(fmt.Sprintf("only it serves block %d, which [%d, %d) would leave uncovered", b, best.Start, best.End))
+			return stay(why("only it serves block %d, which [%d, %d) would leave uncovered", b, best.Start, best.End))
 		}
 	}
 	zNow, zAfter := placeZeros(now), placeZeros(after)
 	if pm.counted() {
-		cNow := pm.sortedCopies(cs, ce, nil)
-		cAfter := pm.sortedCopies(best.Start, best.End, nil)
-		switch c := slices.Compare(cAfter, cNow); {
+		cNow := pm.copyHist(cs, ce, nil)
+		cAfter := pm.copyHist(best.Start, best.End, nil)
+		switch c := placeCmpHist(cAfter, cNow); {
 		case c < 0:
-			return stay(fmt.Sprintf("[%d, %d) would leave fewer copies of some block", best.Start, best.End))
+			return stay(why("[%d, %d) would leave fewer copies of some block", best.Start, best.End))
 		case c > 0:
-			gain := fmt.Sprintf("blocks held by fewer than %d nodes %d -> %d", pm.replicas, pm.short(cs, ce), pm.short(best.Start, best.End))
+			gain := why("blocks held by fewer than %d nodes %d -> %d", pm.replicas, pm.short(cs, ce), pm.short(best.Start, best.End))
 			if zAfter < zNow {
-				gain = fmt.Sprintf("unserved blocks %d -> %d", zNow, zAfter)
+				gain = why("unserved blocks %d -> %d", zNow, zAfter)
 			}
-			best.Reason = fmt.Sprintf("move from [%d, %d) (bottleneck %.4g passes/s, %s): %s", cs, ce, now[0], gain, best.Reason)
+			best.Reason = why("move from [%d, %d) (bottleneck %.4g passes/s, %s): %s", cs, ce, now[0], gain, best.Reason)
 			return best, true
 		}
 	}
@@ -511,20 +561,20 @@ func ShouldMove(cands []RouteCandidate, req PlaceRequest, current [2]int, margin
 	var gain string
 	switch {
 	case placeLeximin(after, now) <= 0:
-		return stay(fmt.Sprintf("[%d, %d) would not serve the mesh better", best.Start, best.End))
+		return stay(why("[%d, %d) would not serve the mesh better", best.Start, best.End))
 	case zNow > 0 && zAfter < zNow:
-		gain = fmt.Sprintf("unserved blocks %d -> %d", zNow, zAfter)
+		gain = why("unserved blocks %d -> %d", zNow, zAfter)
 	case zNow > 0:
-		return stay(fmt.Sprintf("%d blocks unserved either way", zNow))
+		return stay(why("%d blocks unserved either way", zNow))
 	case wAfter == 0:
-		gain = fmt.Sprintf("over %.3gx", margin)
+		gain = why("over %.3gx", margin)
 	case wAfter < wNow:
-		gain = fmt.Sprintf("blocks under %.3gx the bottleneck %d -> %d", margin, wNow, wAfter)
+		gain = why("blocks under %.3gx the bottleneck %d -> %d", margin, wNow, wAfter)
 	default:
-		return stay(fmt.Sprintf("[%d, %d) would take the bottleneck from %.4g to %.4g passes/s, not over %.3gx, and leave %d blocks under that",
+		return stay(why("[%d, %d) would take the bottleneck from %.4g to %.4g passes/s, not over %.3gx, and leave %d blocks under that",
 			best.Start, best.End, now[0], best.Bottleneck, margin, wAfter))
 	}
-	best.Reason = fmt.Sprintf("move from [%d, %d) (bottleneck %.4g passes/s, %s): %s", cs, ce, now[0], gain, best.Reason)
+	best.Reason = why("move from [%d, %d) (bottleneck %.4g passes/s, %s): %s", cs, ce, now[0], gain, best.Reason)
 	return best, true
 }
 

@@ -627,3 +627,59 @@ func TestLastCopies(t *testing.T) {
 		t.Errorf("moving [0, 8) -> [2, 4) with b on [5, 7): %v, want %v", got, want)
 	}
 }
+
+// placeCmpHist orders copy histograms as the sorted capped counts they
+// stand for compare (leximin), which is what placement weighs.
+func TestPlaceCmpHist(t *testing.T) {
+	rng := rand.New(rand.NewPCG(4, 4))
+	for range 2000 {
+		blocks, replicas := 1+rng.IntN(12), 2+rng.IntN(3)
+		pm := &placeMesh{blocks: blocks, replicas: replicas, copies: make([]int, blocks), hist: make([]int, replicas+1)}
+		for b := range pm.copies {
+			pm.copies[b] = rng.IntN(replicas + 2)
+			pm.hist[min(pm.copies[b], replicas)]++
+		}
+		sorted := func(s, e int) []int {
+			v := make([]int, blocks)
+			for b, c := range pm.copies {
+				if b >= s && b < e {
+					c++
+				}
+				v[b] = min(c, replicas)
+			}
+			slices.Sort(v)
+			return v
+		}
+		s1, s2 := rng.IntN(blocks), rng.IntN(blocks)
+		e1, e2 := s1+1+rng.IntN(blocks-s1), s2+1+rng.IntN(blocks-s2)
+		want := slices.Compare(sorted(s1, e1), sorted(s2, e2))
+		if got := placeCmpHist(pm.copyHist(s1, e1, nil), pm.copyHist(s2, e2, nil)); got != want {
+			t.Fatalf("copies %v (replicas %d), [%d, %d) against [%d, %d): %d, want %d", pm.copies, replicas, s1, e1, s2, e2, got, want)
+		}
+	}
+}
+
+// NoReason changes nothing but the Reason.
+func TestPlaceNoReason(t *testing.T) {
+	ids := routeIDs(t, 12)
+	for seed := range uint64(30) {
+		rng := rand.New(rand.NewPCG(seed, 9))
+		cands := randomMesh(rng, ids[:2+int(seed%10)], 40)
+		req := PlaceRequest{Blocks: 40, Span: 5 + int(seed%9), MyMicros: []float64{200}, Self: ids[11], Replicas: int(seed % 3),
+			Spread: float64(seed%2) * DefaultPlaceSpread}
+		quiet := req
+		quiet.NoReason = true
+		p, _ := Place(cands, req)
+		q, _ := Place(cands, quiet)
+		cur := [2]int{int(seed % 20), int(seed%20) + req.Span}
+		pm, pmove := ShouldMove(cands, req, cur, 1.2)
+		qm, qmove := ShouldMove(cands, quiet, cur, 1.2)
+		if p.Reason == "" || pm.Reason == "" || q.Reason != "" || qm.Reason != "" {
+			t.Fatalf("seed %d: reasons %q %q, quiet %q %q", seed, p.Reason, pm.Reason, q.Reason, qm.Reason)
+		}
+		p.Reason, pm.Reason = "", ""
+		if p != q || pm != qm || pmove != qmove {
+			t.Errorf("seed %d: %+v %+v %v, quiet %+v %+v %v", seed, p, pm, pmove, q, qm, qmove)
+		}
+	}
+}

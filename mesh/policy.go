@@ -435,6 +435,7 @@ func AggregateCopies(t BlockTotals, replicas int) ([]RouteCandidate, float64) {
 			scale = max(scale, tp/5e5)
 		}
 	}
+	ids := aggPeerIDs(len(t.Tput), replicas)
 	out := make([]RouteCandidate, 0, len(t.Tput))
 	micros := make([]float64, len(t.Tput))
 	for b, tp := range t.Tput {
@@ -444,7 +445,7 @@ func AggregateCopies(t BlockTotals, replicas int) ([]RouteCandidate, float64) {
 		k := min(t.Count[b], replicas)
 		micros[b] = scale * 1e6 * float64(k) / tp
 		for i := range k {
-			out = append(out, RouteCandidate{Peer: aggPeer(b, i), Start: b, End: b + 1, BlockMicros: micros[b : b+1]})
+			out = append(out, RouteCandidate{Peer: ids[b][i], Start: b, End: b + 1, BlockMicros: micros[b : b+1]})
 		}
 	}
 	return out, scale
@@ -457,22 +458,30 @@ var aggPeers struct {
 	ids [][]peer.ID
 }
 
-func aggPeer(b, k int) peer.ID {
+// aggPeerIDs returns the synthetic IDs of blocks [0, blocks), replicas
+// of each at least (see AggregateCopies).
+func aggPeerIDs(blocks, replicas int) [][]peer.ID {
 	aggPeers.Lock()
 	defer aggPeers.Unlock()
-	for len(aggPeers.ids) <= b {
+	for len(aggPeers.ids) < blocks {
 		aggPeers.ids = append(aggPeers.ids, nil)
 	}
-	ids := aggPeers.ids[b]
-	for len(ids) <= k {
-		id := "~agg/" + strconv.Itoa(b)
-		if len(ids) > 0 {
-			id += "/" + strconv.Itoa(len(ids))
+	for b := range blocks {
+		ids := aggPeers.ids[b]
+		if len(ids) >= replicas {
+			continue
 		}
-		ids = append(ids, peer.ID(id))
+		ids = slices.Clone(ids) // a caller may be reading the old one
+		for len(ids) < replicas {
+			id := "~agg/" + strconv.Itoa(b)
+			if len(ids) > 0 {
+				id += "/" + strconv.Itoa(len(ids))
+			}
+			ids = append(ids, peer.ID(id))
+		}
+		aggPeers.ids[b] = ids
 	}
-	aggPeers.ids[b] = ids
-	return ids[k]
+	return slices.Clone(aggPeers.ids[:blocks]) // the inner slices are never written again
 }
 
 // Accusations. A hop may report a fault of another hop (the next one
