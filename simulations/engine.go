@@ -530,7 +530,7 @@ func (s *sim) choose(p *simPeer, totals mesh.BlockTotals) {
 // (the node's mesh.DefaultPlaceSpread by default).
 func (s *sim) placeRequest(p *simPeer, scale float64) mesh.PlaceRequest {
 	return mesh.PlaceRequest{Blocks: s.sc.Model.Blocks, Span: p.capacity, MyMicros: scaled(p.micros, scale), Self: p.id,
-		Replicas: s.sc.Replicas, Spread: *s.sc.PlacementSpread}
+		Replicas: s.sc.Replicas, Spread: *s.sc.PlacementSpread, NoReason: true}
 }
 
 // scaled returns micros times scale (see mesh.AggregateCopies).
@@ -1619,7 +1619,7 @@ func (s *sim) rebalance(p *simPeer) {
 		return
 	}
 	v := s.currentView()
-	agg, scale := mesh.AggregateCopies(s.others(p, v.speeds), s.sc.Replicas)
+	agg, scale := mesh.AggregateCopies(s.others(p, v, v.speeds), s.sc.Replicas)
 	pl, move := mesh.Rebalance(agg, s.placeRequest(p, scale), [2]int{p.start, p.end})
 	if !move {
 		return
@@ -1636,9 +1636,8 @@ func (s *sim) rebalance(p *simPeer) {
 	s.q.push(event{t: s.now + fetch, kind: evMoved, a: peerIndex(p.id)})
 }
 
-// others is t, per-block totals of the current view, without p's record.
-func (s *sim) others(p *simPeer, t mesh.BlockTotals) mesh.BlockTotals {
-	v := s.currentView()
+// others is t, per-block totals of view v, without p's record.
+func (s *sim) others(p *simPeer, v *view, t mesh.BlockTotals) mesh.BlockTotals {
 	others := mesh.BlockTotals{Tput: slices.Clone(t.Tput), Count: slices.Clone(t.Count)}
 	if i := v.at[peerIndex(p.id)]; i >= 0 {
 		c := &v.cands[i]
@@ -1664,7 +1663,7 @@ func (s *sim) moved(p *simPeer) {
 	// it holds the last copy of a block it would drop (others may have
 	// moved off it meanwhile): then it stays (mesh.LastCopies).
 	v := s.currentView()
-	agg, _ := mesh.AggregateCopies(s.others(p, v.speeds), 1)
+	agg, _ := mesh.AggregateCopies(s.others(p, v, v.speeds), 1)
 	if lost := mesh.LastCopies(agg, mesh.PlaceRequest{Blocks: s.sc.Model.Blocks, Self: p.id}, [2]int{p.start, p.end}, [2]int{ns, ne}); len(lost) > 0 {
 		p.oldStart, p.oldEnd = p.start, p.end
 		s.keeps++

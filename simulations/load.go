@@ -219,8 +219,17 @@ func (s *sim) sampleCapacity() {
 // flowCapacity is the largest X such that the spans' supplies (block
 // passes per second, each to be spent on its span's blocks only) can give
 // every one of blocks blocks X passes per second: a max flow from the
-// spans to the blocks, bisected on X to a relative 1e-6. 0 when some block
-// has no holder.
+// spans to the blocks (source -> span: its supply; span -> its blocks:
+// unbounded; block -> sink: X). 0 when some block has no holder.
+//
+// It starts from X = the least block's holders' total, each spending all
+// on it (an upper bound), and goes down by Dinkelbach's rule: where the
+// max flow falls short of X × blocks, the min cut (the spans and blocks
+// the residual graph reaches from the source) leaves out spans whose
+// supply a is all the cut-off blocks can have, b blocks stay on the
+// source's side, and no X above a / (blocks - b) is feasible; that is the
+// next X. Each step cuts X down and the cuts are finitely many, so it
+// ends, at X*, in a few max flows.
 func flowCapacity(supply map[[2]int]float64, blocks int) float64 {
 	spans := make([][2]int, 0, len(supply))
 	for sp := range supply {
@@ -232,17 +241,17 @@ func flowCapacity(supply map[[2]int]float64, blocks int) float64 {
 		}
 		return a[1] - b[1]
 	})
-	hi := math.Inf(1) // the least block's holders, each spending all on it
+	x := math.Inf(1)
 	for b := range blocks {
-		sum := 0.0
+		all := 0.0
 		for _, sp := range spans {
 			if sp[0] <= b && b < sp[1] {
-				sum += supply[sp]
+				all += supply[sp]
 			}
 		}
-		hi = min(hi, sum)
+		x = min(x, all)
 	}
-	if !(hi > 0) || math.IsInf(hi, 1) {
+	if !(x > 0) || math.IsInf(x, 1) {
 		return 0
 	}
 	// Nodes: 0 the source, 1..n the spans, n+1..n+blocks the blocks, then
@@ -260,20 +269,33 @@ func flowCapacity(supply map[[2]int]float64, blocks int) float64 {
 	for b := range blocks {
 		sinks[b] = g.add(n+1+b, sink, 0)
 	}
-	lo := 0.0
-	for hi-lo > 1e-6*hi {
-		x := (lo + hi) / 2
+	for range 4 * (n + blocks) { // a bound the cuts never reach
 		g.reset()
 		for _, e := range sinks {
 			g.cap[e] = x
 		}
 		if g.maxFlow(0, sink) >= x*float64(blocks)*(1-1e-9) {
-			lo = x
-		} else {
-			hi = x
+			return x
 		}
+		// The min cut: what the last search of maxFlow reached.
+		a, b := 0.0, 0
+		for i, sp := range spans {
+			if g.level[1+i] < 0 {
+				a += supply[sp]
+			}
+		}
+		for k := range blocks {
+			if g.level[n+1+k] >= 0 {
+				b++
+			}
+		}
+		next := a / float64(blocks-b)
+		if b >= blocks || !(next < x) {
+			return x // rounding: no cut lowers it further
+		}
+		x = next
 	}
-	return lo
+	return x
 }
 
 // flowGraph is a flow network for Dinic's algorithm: edge e goes to[e],

@@ -118,7 +118,7 @@ func TestFlowCapacity(t *testing.T) {
 		t.Errorf("one span: %v, want 2", got)
 	}
 	rng := rand.New(rand.NewPCG(1, 2))
-	for range 50 {
+	for range 200 {
 		blocks := 2 + rng.IntN(30)
 		supply := map[[2]int]float64{}
 		for range 1 + rng.IntN(40) {
@@ -141,5 +141,34 @@ func TestFlowCapacity(t *testing.T) {
 		if got > hi*(1+1e-6) || got < whole*(1-1e-6) {
 			t.Errorf("%d blocks, %v: flow %v outside [%v, %v]", blocks, supply, got, whole, hi)
 		}
+		// The largest: feasible, and a little more is not (0 when, and
+		// only when, some block has no holder).
+		if got == 0 {
+			if hi != 0 {
+				t.Errorf("%d blocks, %v: flow 0, every block held", blocks, supply)
+			}
+			continue
+		}
+		if !flowFeasible(supply, blocks, got*(1-1e-9)) || flowFeasible(supply, blocks, got*(1+1e-6)) {
+			t.Errorf("%d blocks, %v: flow %v is not the largest feasible", blocks, supply, got)
+		}
 	}
+}
+
+// flowFeasible reports whether every block can get x passes/s from the
+// spans' supplies (a max flow, as flowCapacity's).
+func flowFeasible(supply map[[2]int]float64, blocks int, x float64) bool {
+	g := newFlowGraph(len(supply) + blocks + 2)
+	sink, i := len(supply)+blocks+1, 0
+	for sp, v := range supply {
+		i++
+		g.add(0, i, v)
+		for b := sp[0]; b < sp[1]; b++ {
+			g.add(i, len(supply)+1+b, math.Inf(1))
+		}
+	}
+	for b := range blocks {
+		g.add(len(supply)+1+b, sink, x)
+	}
+	return g.maxFlow(0, sink) >= x*float64(blocks)*(1-1e-9)
 }
