@@ -1196,7 +1196,8 @@ func (s *sim) atHop(id int32, h int) {
 		s.q.push(event{t: s.now + s.net.oneWay(p.ep, next.ep, s.actBytes*float64(r.tokens())), kind: evHop, a: id, b: int32(h + 1), e: r.epoch})
 		return
 	}
-	if r.gen && !slices.Contains(r.held, hp.peer) {
+	held := r.gen && slices.Contains(r.held, hp.peer)
+	if r.gen && !held {
 		// The step opens the session's state here.
 		if p.maxSessions >= 0 && p.sessions >= p.maxSessions {
 			s.failAt(id, h, s.now+s.net.oneWay(p.ep, en.ep, 0), mesh.FailBusy)
@@ -1213,7 +1214,11 @@ func (s *sim) atHop(id int32, h int) {
 	}
 	begin := s.now
 	if f := p.slots[slot]; f > s.now {
-		if p.queue == 0 || (p.queue > 0 && s.queued(p) >= p.queue) {
+		// The next step of a session held here waits however many do, as
+		// the stage server's held steps do (SPEC.md): only steps that open
+		// a session, and single passes, meet the queue's bound. (A queue
+		// of 0 is the stage server before it queued: busy at once.)
+		if p.queue == 0 || (p.queue > 0 && !held && s.queued(p) >= p.queue) {
 			s.failAt(id, h, s.now+s.net.oneWay(p.ep, en.ep, 0), mesh.FailBusy)
 			return
 		}
