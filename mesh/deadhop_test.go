@@ -158,6 +158,28 @@ func byteTokens(s string) []int64 {
 	return out
 }
 
+// deadHopMesh starts a requester and servers of a 6-block GPT: blocks 0-1
+// on dead (which stops answering once hang is set) and on backup, 2-3 and
+// 4-5 on one server each, every one in the requester's view.
+func deadHopMesh(t *testing.T) (sm *servingMesh, requester, dead, backup *Mesh, hang *atomic.Bool) {
+	t.Helper()
+	sm = newGPTServingMesh(t)
+	requester = sm.start(t, nil, nil)
+	boot := []peer.AddrInfo{addrInfo(requester)}
+	hang, release := &atomic.Bool{}, make(chan struct{})
+	t.Cleanup(func() { close(release) }) // before the meshes close (cleanups run last first)
+	dead = sm.serveWrapped(t, boot, 0, 2, gptSpan(sm, 0, 2, 100), func(s shards.Session) shards.Session {
+		return hangingSession{s, hang, release}
+	})
+	backup = sm.start(t, boot, &[2]int{0, 2}, gptSpan(sm, 0, 2, 100))
+	sm.start(t, boot, &[2]int{2, 4}, gptSpan(sm, 2, 4, 100))
+	sm.start(t, boot, &[2]int{4, 6}, gptSpan(sm, 4, 6, 100))
+	sm.connectAll(t)
+	requester.View().SetManifest(sm.model.ID, sm.model.Manifest)
+	viewOf(t, requester, sm, 4)
+	return sm, requester, dead, backup, hang
+}
+
 // Issue 12, finding 10: the first hop of a 3-hop generation stops
 // answering mid-generation without closing its connection (no disconnect
 // event comes). The requester fails it over at its progress deadline,
@@ -165,20 +187,7 @@ func byteTokens(s string) []int64 {
 // the 30 s step timeout: the generation completes with the tokens of an
 // undisturbed run, and the longest step is a few seconds.
 func TestDeadFirstHopFailsOverInAboutOneStep(t *testing.T) {
-	sm := newGPTServingMesh(t)
-	requester := sm.start(t, nil, nil)
-	boot := []peer.AddrInfo{addrInfo(requester)}
-	hang, release := &atomic.Bool{}, make(chan struct{})
-	t.Cleanup(func() { close(release) }) // before the meshes close (cleanups run last first)
-	dead := sm.serveWrapped(t, boot, 0, 2, gptSpan(sm, 0, 2, 100), func(s shards.Session) shards.Session {
-		return hangingSession{s, hang, release}
-	})
-	backup := sm.start(t, boot, &[2]int{0, 2}, gptSpan(sm, 0, 2, 100))
-	sm.start(t, boot, &[2]int{2, 4}, gptSpan(sm, 2, 4, 100))
-	sm.start(t, boot, &[2]int{4, 6}, gptSpan(sm, 4, 6, 100))
-	sm.connectAll(t)
-	requester.View().SetManifest(sm.model.ID, sm.model.Manifest)
-	viewOf(t, requester, sm, 4)
+	sm, requester, dead, backup, hang := deadHopMesh(t)
 
 	prompt := byteTokens("once upon a time, in a mesh")
 	const n, hangAt = 16, 6
@@ -310,20 +319,7 @@ func TestHopProgressTimeout(t *testing.T) {
 // after the first token they have all reported, so a hop that dies later
 // is failed over at the warm floor (2 s), not the cold one.
 func TestDeadFirstHopFailsOverInARingOnANewRoute(t *testing.T) {
-	sm := newGPTServingMesh(t)
-	requester := sm.start(t, nil, nil)
-	boot := []peer.AddrInfo{addrInfo(requester)}
-	hang, release := &atomic.Bool{}, make(chan struct{})
-	t.Cleanup(func() { close(release) })
-	dead := sm.serveWrapped(t, boot, 0, 2, gptSpan(sm, 0, 2, 100), func(s shards.Session) shards.Session {
-		return hangingSession{s, hang, release}
-	})
-	backup := sm.start(t, boot, &[2]int{0, 2}, gptSpan(sm, 0, 2, 100))
-	sm.start(t, boot, &[2]int{2, 4}, gptSpan(sm, 2, 4, 100))
-	sm.start(t, boot, &[2]int{4, 6}, gptSpan(sm, 4, 6, 100))
-	sm.connectAll(t)
-	requester.View().SetManifest(sm.model.ID, sm.model.Manifest)
-	viewOf(t, requester, sm, 4)
+	sm, requester, dead, backup, hang := deadHopMesh(t)
 
 	prompt := byteTokens("once upon a time, in a mesh")
 	const n, hangAt = 16, 4
