@@ -214,9 +214,9 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 			})
 		}
 	}})
-	m.host.SetStreamHandler(RecordProtocol, m.handleRecord)
-	m.host.SetStreamHandler(ManifestProtocol, m.handleManifest)
-	m.host.SetStreamHandler(BlocksProtocol, newBlockServer(m, cfg.Store).handle)
+	m.host.SetStreamHandler(RecordProtocol, m.unlessClosing(m.handleRecord))
+	m.host.SetStreamHandler(ManifestProtocol, m.unlessClosing(m.handleManifest))
+	m.host.SetStreamHandler(BlocksProtocol, m.unlessClosing(newBlockServer(m, cfg.Store).handle))
 	if err := m.connectBootstrap(ctx); err != nil {
 		return nil, err
 	}
@@ -463,19 +463,28 @@ func (m *Mesh) Close() error {
 	return m.shutdown()
 }
 
+// unlessClosing wraps a stream handler so that a mesh shutting down resets
+// new streams rather than serve them. Shutdown leaves the handlers in place
+// (the host's Close drops them): removing them while streams arrive raced
+// with the host's handling of those streams.
+func (m *Mesh) unlessClosing(h network.StreamHandler) network.StreamHandler {
+	return func(s network.Stream) {
+		if m.ctx.Err() != nil {
+			s.Reset()
+			return
+		}
+		h(s)
+	}
+}
+
 func (m *Mesh) shutdown() error {
 	m.cancel()
 	var errs []error
 	if m.mdns != nil {
 		errs = append(errs, m.mdns.Close())
 	}
-	if m.host != nil {
-		// Stop taking streams, then end our stage streams, whose readers
-		// are among the goroutines waited for below.
-		for _, p := range []libp2pprotocol.ID{protocol.StageProtocol, RecordProtocol, ManifestProtocol, BlocksProtocol} {
-			m.host.RemoveStreamHandler(p)
-		}
-	}
+	// New streams are reset from here on (unlessClosing); end our stage
+	// streams, whose readers are among the goroutines waited for below.
 	if m.stage != nil {
 		m.stage.closeAll()
 	}

@@ -255,7 +255,7 @@ func newStage(m *Mesh) *stage {
 		peerHeld: map[peer.ID]int64{}}
 	st.cfg.defaults()
 	st.compute = newFairQueue(st.cfg.MaxInFlight, st.cfg.MaxWaiting, st.cfg.MaxInFlightPerPeer)
-	m.host.SetStreamHandler(protocol.StageProtocol, st.handleStream)
+	m.host.SetStreamHandler(protocol.StageProtocol, m.unlessClosing(st.handleStream))
 	return st
 }
 
