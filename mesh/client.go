@@ -648,7 +648,7 @@ func (m *Mesh) awaitProgress(c *call, ctx context.Context, progress []shards.Ten
 // (best effort, in the background).
 func (m *Mesh) cancelRequest(id uint64, session string, route []protocol.Hop) {
 	msg := &protocol.Message{Kind: protocol.KindClose, Header: protocol.Header{ID: id, Requester: m.host.ID().String(), Session: session}}
-	m.wg.Go(func() {
+	m.spawn(func() {
 		ctx, cancel := context.WithTimeout(m.ctx, 2*time.Second)
 		defer cancel()
 		for _, h := range route {

@@ -149,6 +149,10 @@ type Mesh struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// spawnMu orders spawn against shutdown: every goroutine started on
+	// wg is started before shutdown waits for them, none after.
+	spawnMu  sync.Mutex
+	stopping bool
 }
 
 // New starts a node's mesh membership: host, DHT (bootstrapped from
@@ -205,7 +209,7 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 		if m.ctx.Err() == nil && m.view.serves(p) {
 			// Gone, or only idle? One quick dial tells: a peer that does
 			// not answer stays out of routes until it publishes again.
-			m.wg.Go(func() {
+			m.spawn(func() {
 				ctx, cancel := context.WithTimeout(m.ctx, linkDialTimeout)
 				defer cancel()
 				if err := m.host.Connect(ctx, peer.AddrInfo{ID: p}); err != nil && m.ctx.Err() == nil {
@@ -229,10 +233,10 @@ func New(ctx context.Context, cfg Config, advert func() Advert) (_ *Mesh, err er
 			return nil, fmt.Errorf("mdns: %w", err)
 		}
 	}
-	m.wg.Go(func() { m.coords.Run(m.ctx, m.connectedPeers, cfg.CoordEvery) })
-	m.wg.Go(m.republishLoop)
-	m.wg.Go(m.view.refreshLoop)
-	m.wg.Go(m.stage.expiryLoop)
+	m.spawn(func() { m.coords.Run(m.ctx, m.connectedPeers, cfg.CoordEvery) })
+	m.spawn(m.republishLoop)
+	m.spawn(m.view.refreshLoop)
+	m.spawn(m.stage.expiryLoop)
 	return m, nil
 }
 
@@ -463,6 +467,20 @@ func (m *Mesh) Close() error {
 	return m.shutdown()
 }
 
+// spawn runs f on a goroutine that shutdown waits for, unless shutdown
+// has begun; it reports whether f was started. (A sync.WaitGroup wants
+// every Add before the Wait that may see it reach zero: handlers starting
+// goroutines as the mesh shut down raced with that Wait.)
+func (m *Mesh) spawn(f func()) bool {
+	m.spawnMu.Lock()
+	defer m.spawnMu.Unlock()
+	if m.stopping {
+		return false
+	}
+	m.wg.Go(f)
+	return true
+}
+
 // unlessClosing wraps a stream handler so that a mesh shutting down resets
 // new streams rather than serve them. Shutdown leaves the handlers in place
 // (the host's Close drops them): removing them while streams arrive raced
@@ -488,6 +506,9 @@ func (m *Mesh) shutdown() error {
 	if m.stage != nil {
 		m.stage.closeAll()
 	}
+	m.spawnMu.Lock()
+	m.stopping = true
+	m.spawnMu.Unlock()
 	m.wg.Wait()
 	if m.coords != nil {
 		errs = append(errs, m.coords.Close())

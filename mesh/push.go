@@ -61,7 +61,7 @@ func (m *Mesh) handleRecord(s network.Stream) {
 		return
 	}
 	if m.view.learn(signer, rec) {
-		m.wg.Go(func() {
+		m.spawn(func() {
 			ctx, cancel := context.WithTimeout(m.ctx, pushTimeout)
 			defer cancel()
 			m.push(ctx, data, from, signer)

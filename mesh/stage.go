@@ -341,7 +341,7 @@ func (st *stage) readLoop(s network.Stream, l *link) {
 		}
 		if errors.Is(err, protocol.ErrRefused) {
 			if msg.Kind == protocol.KindRequest {
-				st.m.wg.Go(func() { st.handleRequest(from, msg, err) })
+				st.m.spawn(func() { st.handleRequest(from, msg, err) })
 			}
 			continue
 		}
@@ -368,10 +368,12 @@ func (st *stage) readLoop(s network.Stream, l *link) {
 			return
 		}
 		if held := holding; held > 0 {
-			st.m.wg.Go(func() {
+			if !st.m.spawn(func() {
 				defer st.unhold(from, held)
 				st.handleRequest(from, msg, nil)
-			})
+			}) {
+				st.unhold(from, held)
+			}
 			continue
 		}
 		st.dispatch(from, msg)
@@ -619,7 +621,7 @@ func fitsInputs(specs []shards.TensorSpec, metas []protocol.TensorMeta) error {
 func (st *stage) dispatch(from peer.ID, msg *protocol.Message) {
 	switch msg.Kind {
 	case protocol.KindRequest:
-		st.m.wg.Go(func() { st.handleRequest(from, msg, nil) })
+		st.m.spawn(func() { st.handleRequest(from, msg, nil) })
 	case protocol.KindClose:
 		st.closeSession(from, msg)
 	default:
@@ -679,7 +681,7 @@ func (st *stage) link(ctx context.Context, to peer.ID) (*link, error) {
 		// never race that, so an idle link is closed and replaced.
 		delete(st.links, to)
 		old := l
-		st.m.wg.Go(func() { old.mu.Lock(); old.s.Close(); old.mu.Unlock() })
+		st.m.spawn(func() { old.mu.Lock(); old.s.Close(); old.mu.Unlock() })
 		ok = false
 	}
 	st.mu.Unlock()
@@ -703,7 +705,9 @@ func (st *stage) link(ctx context.Context, to peer.ID) (*link, error) {
 	st.links[to] = l
 	// Frames also flow back on a stream we opened (a peer answers on any
 	// link), so read it too.
-	st.m.wg.Go(func() { st.readLoop(s, l) })
+	if !st.m.spawn(func() { st.readLoop(s, l) }) {
+		s.Reset() // shutting down
+	}
 	return l, nil
 }
 

@@ -367,14 +367,17 @@ func (v *View) startRefreshLocked(e *modelEntry) {
 	}
 	done := make(chan struct{})
 	e.inflight = done
-	v.m.wg.Go(func() {
+	if !v.m.spawn(func() {
 		err := v.refresh(v.m.ctx, e)
 		v.mu.Lock()
 		e.err = err
 		e.inflight = nil
 		v.mu.Unlock()
 		close(done)
-	})
+	}) {
+		e.err, e.inflight = context.Canceled, nil // shutting down
+		close(done)
+	}
 }
 
 // Bounds of one refresh: parallel record fetches, and how long to look for
