@@ -34,8 +34,7 @@ const ringBeat = 250 * time.Millisecond
 // deferBeat arms the heartbeat of a ring step done at this hop, replacing
 // the previous step's.
 func (st *stage) deferBeat(requester peer.ID, h *protocol.Header, progress *protocol.Message) {
-	hop := h.Route[h.Hop]
-	key := sessionKey{requester: requester.String(), session: h.Session, model: h.Model, start: hop.Start, end: hop.End}
+	key := sessionKeyOf(requester, h)
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	hs := st.sessions[key]

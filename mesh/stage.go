@@ -209,6 +209,13 @@ type sessionKey struct {
 	start, end                int
 }
 
+// sessionKeyOf is the key of the session a request's header names at its
+// hop (h.Hop, already checked against h.Route).
+func sessionKeyOf(requester peer.ID, h *protocol.Header) sessionKey {
+	hop := h.Route[h.Hop]
+	return sessionKey{requester: requester.String(), session: h.Session, model: h.Model, start: hop.Start, end: hop.End}
+}
+
 type hopSession struct {
 	sess shards.Session
 	// owner is the peer that opened it (the requester at the first hop,
@@ -866,8 +873,7 @@ func (st *stage) holdStep(requester peer.ID, h *protocol.Header) *hopSession {
 	if h.Session == "" || h.Step == 0 {
 		return nil
 	}
-	hop := h.Route[h.Hop]
-	key := sessionKey{requester: requester.String(), session: h.Session, model: h.Model, start: hop.Start, end: hop.End}
+	key := sessionKeyOf(requester, h)
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	hs := st.sessions[key]
@@ -946,8 +952,7 @@ func (st *stage) run(from, requester peer.ID, msg *protocol.Message) ([]protocol
 	if h.Session == "" {
 		out, err = runner.Run(inputs)
 	} else {
-		key := sessionKey{requester: requester.String(), session: h.Session, model: h.Model, start: hop.Start, end: hop.End}
-		hs, repeat, code, serr := st.session(key, from, runner, h.Step)
+		hs, repeat, code, serr := st.session(sessionKeyOf(requester, h), from, runner, h.Step)
 		if serr != nil {
 			return nil, code, serr
 		}
